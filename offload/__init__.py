@@ -1,0 +1,82 @@
+"""offload: run blocking, CPU-bound functions from async code without stalling the event loop.
+
+The names below are the whole public API. They load on first use, so a worker
+process (or ``import offload`` alone) does not pay for pydantic or anyio.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._decorator import OffloadedFunction as OffloadedFunction
+    from ._decorator import offload as offload
+    from ._errors import CallCancelled as CallCancelled
+    from ._errors import OffloadError as OffloadError
+    from ._errors import OffloadTimeout as OffloadTimeout
+    from ._errors import PoolClosed as PoolClosed
+    from ._errors import PoolOverloaded as PoolOverloaded
+    from ._errors import RemoteTraceback as RemoteTraceback
+    from ._errors import SerializationError as SerializationError
+    from ._errors import WorkerCrashed as WorkerCrashed
+    from ._executor import Executor as Executor
+    from ._offloader import Offloader as Offloader
+    from ._pools._thread import check_cancelled as check_cancelled
+    from ._settings import OffloadSettings as OffloadSettings
+    from ._settings import PoolSettings as PoolSettings
+    from ._stats import PoolStats as PoolStats
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "CallCancelled",
+    "Executor",
+    "OffloadError",
+    "OffloadSettings",
+    "OffloadTimeout",
+    "OffloadedFunction",
+    "Offloader",
+    "PoolClosed",
+    "PoolOverloaded",
+    "PoolSettings",
+    "PoolStats",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerCrashed",
+    "check_cancelled",
+    "offload",
+)
+
+_WHERE = {
+    "CallCancelled": "._errors",
+    "Executor": "._executor",
+    "OffloadError": "._errors",
+    "OffloadSettings": "._settings",
+    "OffloadTimeout": "._errors",
+    "OffloadedFunction": "._decorator",
+    "Offloader": "._offloader",
+    "PoolClosed": "._errors",
+    "PoolOverloaded": "._errors",
+    "PoolSettings": "._settings",
+    "PoolStats": "._stats",
+    "RemoteTraceback": "._errors",
+    "SerializationError": "._errors",
+    "WorkerCrashed": "._errors",
+    "check_cancelled": "._pools._thread",
+    "offload": "._decorator",
+}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _WHERE[name]
+    except KeyError:
+        raise AttributeError(f"module 'offload' has no attribute {name!r}") from None
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted((*globals(), *__all__))

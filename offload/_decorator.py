@@ -1,0 +1,120 @@
+"""``@offload``: turn a blocking function into an async one that runs in a pool."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import types
+from collections.abc import Callable
+from typing import Any, Generic, overload
+
+from ._default import current_offloader
+from ._executor import UNSET, Unset, check_sync_callable
+from ._types import P, T
+
+__all__ = ("OffloadedFunction", "offload")
+
+
+class OffloadedFunction(Generic[P, T]):
+    """A function decorated with :func:`offload`.
+
+    Awaiting a call runs the original function in a pool of the active Offloader
+    and returns its result. ``__wrapped__`` is the original, still callable
+    synchronously (in tests, or inside another worker).
+
+    It pickles as a reference to itself (module and qualified name), so a worker
+    process imports the module and runs the original function.
+    """
+
+    __offload_function__ = True
+
+    def __init__(
+        self, fn: Callable[P, T], *, kind: str | None, timeout: float | Unset | None
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self.__wrapped__ = fn
+        self._kind = kind
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<offloaded function {self.__module__}.{self.__wrapped__.__qualname__}>"
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run the function in its pool; see :meth:`offload.Executor.run`."""
+        offloader = await current_offloader()
+        executor = offloader.executor
+        if self._kind is not None:
+            executor = executor.pool(self._kind)
+        if self._timeout is not UNSET:
+            executor = executor.options(timeout=self._timeout)
+        return await executor.run(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        # Decorating a method: bind like a function does.
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _resolve, (self.__module__, self.__wrapped__.__qualname__)
+
+
+def _resolve(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+@overload
+def offload(fn: Callable[P, T], /) -> OffloadedFunction[P, T]: ...
+
+
+@overload
+def offload(
+    *, kind: str | None = None, timeout: float | None = None
+) -> Callable[[Callable[P, T]], OffloadedFunction[P, T]]: ...
+
+
+def offload(
+    fn: Callable[P, T] | None = None,
+    /,
+    *,
+    kind: str | None = None,
+    timeout: float | Unset | None = UNSET,
+) -> OffloadedFunction[P, T] | Callable[[Callable[P, T]], OffloadedFunction[P, T]]:
+    """Make a blocking function awaitable, running it in a pool.
+
+    ::
+
+        @offload                                  # the default pool
+        def checksum(data: bytes) -> str: ...
+
+        @offload(kind="process", timeout=5)       # a pool by name, a deadline
+        def resize(image: bytes, width: int) -> bytes: ...
+
+        small = await resize(image, 256)
+
+    :param kind: the pool: ``"thread"``, ``"process"`` or a pool named in the
+        settings; default: the settings' ``default_pool``. Checked at call time.
+    :param timeout: seconds from the call until :class:`~offload.OffloadTimeout`;
+        default: the pool's ``timeout`` setting
+    :raises TypeError: if the decorated object is not callable or is an async
+        function, or an option has the wrong type
+    """
+    if kind is not None and (not isinstance(kind, str) or not kind):
+        raise TypeError(f"kind must be a pool name such as 'thread' or 'process', not {kind!r}")
+    if timeout is not UNSET and timeout is not None and not _is_positive_number(timeout):
+        raise TypeError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+    def decorate(fn: Callable[P, T]) -> OffloadedFunction[P, T]:
+        check_sync_callable(fn)
+        return OffloadedFunction(fn, kind=kind, timeout=timeout)
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

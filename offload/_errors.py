@@ -1,0 +1,100 @@
+"""Every error offload raises itself.
+
+::
+
+    OffloadError
+    ├── OffloadTimeout (also TimeoutError)   the call's deadline passed
+    ├── WorkerCrashed                        the worker running this call died
+    ├── PoolOverloaded                       the pool's queue is full; refused at once
+    ├── PoolClosed                           the pool is shutting down or stopped
+    ├── SerializationError                   arguments, function or result would not pickle
+    └── CallCancelled                        raised inside an abandoned thread call
+
+An exception raised by the user's function is never wrapped: it reaches the caller
+as its own type, with the worker's formatted traceback as ``__cause__``
+(a :class:`RemoteTraceback`).
+"""
+
+from __future__ import annotations
+
+import signal
+
+__all__ = (
+    "CallCancelled",
+    "OffloadError",
+    "OffloadTimeout",
+    "PoolClosed",
+    "PoolOverloaded",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerCrashed",
+)
+
+
+class OffloadError(Exception):
+    """Base class of every error raised by offload itself."""
+
+
+class OffloadTimeout(OffloadError, TimeoutError):
+    """The call's deadline passed before it finished; the work was stopped."""
+
+
+class WorkerCrashed(OffloadError):
+    """The worker process running this call died (signal, ``os._exit``, out of memory).
+
+    :ivar pid: the process id of the dead worker
+    :ivar exitcode: its exit status: negative for a signal, as in :mod:`subprocess`;
+        ``None`` when it could not be read
+    """
+
+    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+        self.exitcode = exitcode
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_crash, (self.args[0], self.pid, self.exitcode))
+
+
+def _rebuild_crash(message: str, pid: int | None, exitcode: int | None) -> WorkerCrashed:
+    return WorkerCrashed(message, pid=pid, exitcode=exitcode)
+
+
+class PoolOverloaded(OffloadError):
+    """The pool's pending queue is full: the call was refused without waiting."""
+
+
+class PoolClosed(OffloadError):
+    """The pool is shutting down or stopped and accepts no calls."""
+
+
+class SerializationError(OffloadError):
+    """The function, its arguments or its result could not be pickled or unpickled."""
+
+
+class CallCancelled(OffloadError):
+    """Raised by :func:`offload.check_cancelled` inside a thread whose caller gave up."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the formatted traceback of an exception raised in a worker."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """Say how a process ended, naming the signal when there was one."""
+    if exitcode is None:
+        return "exit status unknown"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"killed by {name}"
+    return f"exited with code {exitcode}"

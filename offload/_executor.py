@@ -1,0 +1,132 @@
+"""``Executor``: what a route receives and ``async with Offloader(...)`` binds."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from enum import Enum
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
+
+from ._call import Call
+
+if TYPE_CHECKING:
+    from ._offloader import Offloader
+    from ._stats import PoolStats
+    from ._types import P
+
+__all__ = ("UNSET", "Executor", "Unset", "check_sync_callable")
+
+T = TypeVar("T")
+
+
+class Unset(Enum):
+    """Tells "not passed" apart from ``None`` (which means "no timeout")."""
+
+    UNSET = "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+
+def check_sync_callable(fn: object) -> None:
+    """:raises TypeError: if ``fn`` cannot run in a worker as a plain call"""
+    if not callable(fn):
+        raise TypeError(f"expected a function, got {type(fn).__name__} {fn!r}")
+    target = getattr(fn, "__wrapped__", fn) if _is_offloaded(fn) else fn
+    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+        raise TypeError(
+            f"{getattr(target, '__qualname__', target)!r} is an async function: offload runs "
+            "blocking, CPU-bound functions; await async functions directly"
+        )
+
+
+def _is_offloaded(fn: object) -> bool:
+    return getattr(type(fn), "__offload_function__", False) is True
+
+
+class Executor:
+    """Runs functions in one pool of an :class:`~offload.Offloader`.
+
+    ``await ex.run(fn, *args, **kwargs)`` runs ``fn`` in the pool and returns what
+    it returns; every keyword goes to ``fn``. Options are set on the executor,
+    never on the call, so they cannot clash with ``fn``'s own keywords::
+
+        await ex.run(resize, image, width=256)                 # the default pool
+        await ex.pool("thread").run(checksum, data)            # another pool
+        await ex.options(timeout=2).run(resize, image, 256)    # a deadline
+
+    Executors are cheap, immutable views: ``pool()`` and ``options()`` return new ones.
+    """
+
+    __slots__ = ("_offloader", "_pool_name", "_timeout")
+
+    def __init__(
+        self,
+        offloader: Offloader,
+        pool: str | None = None,
+        *,
+        timeout: float | Unset | None = UNSET,
+    ) -> None:
+        self._offloader = offloader
+        self._pool_name = pool if pool is not None else offloader.settings.default_pool
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        timeout = "" if self._timeout is UNSET else f", timeout={self._timeout!r}"
+        return f"<Executor pool={self._pool_name!r}{timeout}>"
+
+    @property
+    def pool_name(self) -> str:
+        """The name of the pool this executor runs calls in."""
+        return self._pool_name
+
+    @property
+    def offloader(self) -> Offloader:
+        return self._offloader
+
+    def pool(self, name: str) -> Executor:
+        """An executor bound to the pool ``name`` (``"thread"``, ``"process"`` or a named pool).
+
+        :raises LookupError: if there is no such pool; the message lists the pools
+        """
+        self._offloader.check_pool_name(name)
+        return Executor(self._offloader, name, timeout=self._timeout)
+
+    def options(self, *, timeout: float | Literal[Unset.UNSET] | None = UNSET) -> Executor:
+        """An executor whose calls use these options.
+
+        :param timeout: seconds from the call (queue wait included) until
+            :class:`~offload.OffloadTimeout`; ``None`` for no deadline; unset to use
+            the pool's ``timeout`` setting
+        """
+        if timeout is not None and timeout is not UNSET and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        return Executor(self._offloader, self._pool_name, timeout=timeout)
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run ``fn(*args, **kwargs)`` in this executor's pool and return its result.
+
+        An exception raised by ``fn`` reaches the caller as its own type; in a
+        process pool its traceback in the worker is attached as ``__cause__``.
+
+        Cancellation: if the calling task is cancelled, or the deadline passes, the
+        call stops as its pool allows: a queued call never starts, a process worker
+        running it is killed and replaced, a thread is abandoned (see
+        :func:`~offload.check_cancelled`).
+
+        :raises OffloadTimeout: the deadline passed
+        :raises PoolOverloaded: every worker is busy and ``max_pending`` calls wait
+        :raises PoolClosed: the Offloader is not running or is shutting down
+        :raises WorkerCrashed: the worker process died while running the call
+        :raises SerializationError: ``fn``, its arguments or its result would not pickle
+        :raises TypeError: ``fn`` is an async function or not callable
+        """
+        check_sync_callable(fn)
+        pool = self._offloader.get_pool(self._pool_name)
+        timeout = pool.settings.timeout if self._timeout is UNSET else self._timeout
+        result: T = await pool.run(Call(fn, args, kwargs, timeout))
+        return result
+
+    def stats(self) -> PoolStats:
+        """A snapshot of this executor's pool."""
+        return self._offloader.get_pool(self._pool_name).stats()

@@ -1,0 +1,163 @@
+"""``Offloader``: owns the pools, starts them, drains and stops them."""
+
+from __future__ import annotations
+
+import logging
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.lowlevel import RunVar
+
+from ._errors import PoolClosed
+from ._executor import Executor
+from ._pools import pool_class
+from ._settings import OffloadSettings
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ._pools._base import Pool
+    from ._stats import PoolStats
+
+__all__ = ("Offloader", "active_offloader")
+
+logger = logging.getLogger("offload")
+
+# The Offloaders whose ``async with`` block is running on this event loop, newest
+# last. A RunVar, not a ContextVar: request tasks under a lifespan are not children
+# of the task that entered the Offloader, yet must find it.
+_running: RunVar[list[Offloader]] = RunVar("offload_running")
+# The Offloader entered by this task or an ancestor: wins when several run at once.
+_entered: ContextVar[Offloader | None] = ContextVar("offload_entered", default=None)
+
+
+def active_offloader() -> Offloader | None:
+    """The Offloader a decorated function should use here, if one is running."""
+    offloader = _entered.get()
+    if offloader is not None and offloader.running:
+        return offloader
+    running = _running.get(None)
+    return running[-1] if running else None
+
+
+class Offloader:
+    """Owns a set of pools: ``async with Offloader(settings) as ex:``.
+
+    Entering starts every pool (process workers are warm before the block runs)
+    and binds an :class:`Executor` for the default pool. Leaving stops new calls,
+    lets calls in flight finish for ``settings.shutdown_timeout`` seconds, then
+    cancels the rest and stops every worker. Leaving because of cancellation
+    skips the wait.
+
+    While the block runs, functions decorated with :func:`~offload.offload` use
+    this Offloader, from any task on the same event loop.
+
+    :param settings: the pools and shutdown timeout; default: ``OffloadSettings()``,
+        read from the environment
+    """
+
+    def __init__(self, settings: OffloadSettings | None = None) -> None:
+        self.settings = settings if settings is not None else OffloadSettings()
+        self._pools: dict[str, Pool] = {}
+        self._task_group: TaskGroup | None = None
+        self._running = False
+        self._started = False
+        self._register = True
+        self._entered_token: Token[Offloader | None] | None = None
+        self.executor = Executor(self)
+
+    def __repr__(self) -> str:
+        state = "running" if self._running else "stopped" if self._started else "new"
+        return f"<Offloader {state} pools={list(self.settings.pool_settings())}>"
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def check_pool_name(self, name: str) -> None:
+        """:raises LookupError: if the settings define no pool called ``name``"""
+        if name not in self.settings.pool_settings():
+            raise LookupError(
+                f"no pool named {name!r}; pools: {', '.join(self.settings.pool_settings())}"
+            )
+
+    def get_pool(self, name: str) -> Pool:
+        """The running pool called ``name``.
+
+        :raises LookupError: if there is no such pool
+        :raises PoolClosed: if the Offloader is not running
+        """
+        pool = self._pools.get(name)
+        if pool is None or not self._running:
+            self.check_pool_name(name)
+            state = "has stopped" if self._started else "has not started"
+            raise PoolClosed(
+                f"pool {name!r}: the Offloader {state}; "
+                "run calls inside `async with Offloader(...)`"
+            )
+        return pool
+
+    def stats(self) -> dict[str, PoolStats]:
+        """A snapshot of every pool, by name."""
+        return {name: pool.stats() for name, pool in self._pools.items()}
+
+    async def __aenter__(self) -> Executor:
+        if self._started:
+            raise RuntimeError("an Offloader can be entered only once; make a new one")
+        self._started = True
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        try:
+            for name, settings in self.settings.pool_settings().items():
+                assert settings.kind is not None
+                self._pools[name] = pool_class(settings.kind)(name, settings, self._task_group)
+            async with anyio.create_task_group() as tg:
+                for pool in self._pools.values():
+                    tg.start_soon(pool.start)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self._close_pools(0)
+                self._task_group.cancel_scope.cancel()
+                await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._running = True
+        if self._register:
+            running = _running.get(None)
+            if running is None:
+                running = []
+                _running.set(running)
+            running.append(self)
+            self._entered_token = _entered.set(self)
+        return self.executor
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self._running = False
+        if self._register:
+            running = _running.get(None)
+            if running is not None and self in running:
+                running.remove(self)
+            if self._entered_token is not None:
+                try:
+                    _entered.reset(self._entered_token)
+                except ValueError:  # left from another context than it was entered in
+                    pass
+        cancelled = exc_type is not None and issubclass(exc_type, anyio.get_cancelled_exc_class())
+        with anyio.CancelScope(shield=True):
+            await self._close_pools(0 if cancelled else self.settings.shutdown_timeout)
+        assert self._task_group is not None
+        # Left over: only watchers of processes that are gone, and replacements
+        # that will not start.
+        self._task_group.cancel_scope.cancel()
+        return await self._task_group.__aexit__(exc_type, exc, tb)
+
+    async def _close_pools(self, drain_timeout: float) -> None:
+        async with anyio.create_task_group() as tg:
+            for pool in self._pools.values():
+                tg.start_soon(pool.aclose, drain_timeout)

@@ -1,0 +1,31 @@
+"""Pool kinds, imported by name on first use so that ``import offload`` stays light
+and an optional kind (dask) costs nothing until a pool of that kind starts."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._base import Pool
+
+__all__ = ("pool_class",)
+
+_KINDS = {
+    "thread": ("offload._pools._thread", "ThreadPool"),
+    "process": ("offload._pools._process", "ProcessPool"),
+}
+
+
+def pool_class(kind: str) -> type[Pool]:
+    """The pool class of ``kind``.
+
+    :raises NotImplementedError: for a kind this version cannot run
+    """
+    try:
+        module_name, attr = _KINDS[kind]
+    except KeyError:
+        raise NotImplementedError(f"pools of kind {kind!r} are not available yet") from None
+    module = import_module(module_name)
+    cls: type[Pool] = getattr(module, attr)
+    return cls

@@ -1,0 +1,141 @@
+"""The one interface every pool kind implements, and the call lifecycle they share.
+
+A call's life is the same in every kind; only :meth:`Pool._execute` differs::
+
+    run(call) ── closed? ──> PoolClosed
+        │
+        ├─ CancelScope(deadline) ──────────────────────────────┐
+        │     _execute(call): wait for a slot, run, hand back  │ deadline passed ─> OffloadTimeout
+        │                                                      │ pool forced shut ─> PoolClosed
+        └─ counters and latency ───────────────────────────────┘
+
+``_execute`` must leave the pool sound whenever it is cancelled: a process pool
+kills the worker that was running the call, a thread pool abandons the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import anyio
+
+from .._errors import OffloadTimeout, PoolClosed, WorkerCrashed
+from .._stats import Counters, PoolStats
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from .._call import Call
+    from .._settings import Kind, PoolSettings
+
+__all__ = ("Pool",)
+
+logger = logging.getLogger("offload")
+
+
+class Pool(ABC):
+    """A set of workers of one kind that runs calls under deadlines."""
+
+    kind: ClassVar[Kind]
+
+    def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
+        self.name = name
+        self.settings = settings
+        self.max_workers = settings.resolved_max_workers(self.kind)
+        self.counters = Counters()
+        # Background work (replacing a killed worker, say) runs here, never in a caller.
+        self._task_group = task_group
+        self._inflight: set[anyio.CancelScope] = set()
+        self._closing = False
+        self._forced = False
+        self._drained: anyio.Event | None = None
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the workers; return once they can take calls."""
+
+    @abstractmethod
+    async def _execute(self, call: Call) -> Any:
+        """Run ``call`` on a worker, waiting in line for one; cancellation-safe."""
+
+    @abstractmethod
+    async def _stop(self) -> None:
+        """Stop every worker; nothing of the pool may outlive this."""
+
+    @abstractmethod
+    def _occupancy(self) -> tuple[int, int, int]:
+        """``(workers, busy, queued)`` right now."""
+
+    def stats(self) -> PoolStats:
+        workers, busy, queued = self._occupancy()
+        return self.counters.snapshot(
+            name=self.name, kind=self.kind, workers=workers, busy=busy, queued=queued
+        )
+
+    async def run(self, call: Call) -> Any:
+        """Run ``call`` and return its result, under its deadline.
+
+        :raises OffloadTimeout: the deadline passed; the work was stopped
+        :raises PoolClosed: the pool is closing, or was forced shut during the call
+        :raises PoolOverloaded: every worker is busy and the queue is full
+        :raises WorkerCrashed: the worker died while running the call
+        """
+        if self._closing:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        counters = self.counters
+        started = anyio.current_time()
+        with anyio.CancelScope(deadline=call.deadline) as scope:
+            self._inflight.add(scope)
+            try:
+                result = await self._execute(call)
+            except anyio.get_cancelled_exc_class():
+                if not scope.cancel_called:
+                    counters.cancelled += 1
+                raise
+            except WorkerCrashed:
+                counters.crashed += 1
+                raise
+            except BaseException:
+                counters.failed += 1
+                raise
+            finally:
+                self._inflight.discard(scope)
+                counters.latencies.append(anyio.current_time() - started)
+                if self._drained is not None and not self._inflight:
+                    self._drained.set()
+            counters.completed += 1
+            return result
+        # Only reached when our own scope swallowed the cancellation.
+        if self._forced:
+            raise PoolClosed(f"pool {self.name!r} was shut down before {call.name} finished")
+        counters.timed_out += 1
+        raise OffloadTimeout(f"{call.name} did not finish within {call.timeout:g} s")
+
+    async def aclose(self, drain_timeout: float) -> None:
+        """Refuse new calls, let calls in flight finish for ``drain_timeout`` seconds,
+        then cancel the rest (they get :class:`PoolClosed`) and stop the workers."""
+        self._closing = True
+        if self._inflight:
+            self._drained = anyio.Event()
+            with anyio.move_on_after(drain_timeout):
+                await self._drained.wait()
+        if self._inflight:
+            logger.warning(
+                "pool %r: %d calls still running after %g s; cancelling them",
+                self.name,
+                len(self._inflight),
+                drain_timeout,
+            )
+            self._forced = True
+            for scope in list(self._inflight):
+                scope.cancel()
+            # The cancelled callers unwind at their next checkpoint.
+            with anyio.move_on_after(5):
+                await self._drained.wait()  # type: ignore[union-attr]
+        await self._stop()

@@ -1,0 +1,454 @@
+"""The process pool: supervised worker processes, one socket each.
+
+::
+
+    caller task ──encode──> SlotQueue.get() ──> _Worker.send ──┐
+        ^                                                      │ socketpair
+        └── decode <── _Worker.recv <──────────────────────────┘ worker: _worker.py
+    watcher task (one per worker): pidfd readable ─> exited ─> replacement
+
+Unlike ``ProcessPoolExecutor`` and loky, the parent knows which call each worker
+runs, because a worker takes one call at a time from the task that holds it. So:
+
+- a call past its deadline, or cancelled, kills only its own worker (SIGTERM, then
+  SIGKILL after a grace period) and a replacement starts in the background;
+- a worker that dies fails only the call it was running (:class:`WorkerCrashed`);
+- the caller's task does the socket I/O itself, waiting on the event loop, so a
+  round trip costs no thread hop.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+
+from .._errors import (
+    OffloadError,
+    PoolClosed,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashed,
+    describe_exit,
+)
+from . import _wire
+from ._base import Pool
+from ._slots import SlotQueue
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from .._call import Call
+    from .._settings import PoolSettings
+
+__all__ = ("ProcessPool",)
+
+logger = logging.getLogger("offload")
+
+_BOOT = "from offload._pools._worker import main; main()"
+#: seconds a worker may take to start (interpreter, sys.path, initializer)
+START_TIMEOUT = 60.0
+#: seconds between SIGTERM and SIGKILL for a worker being stopped
+KILL_GRACE = 1.0
+#: seconds a caller waits for a dead worker's exit status before reporting without it
+EXIT_STATUS_WAIT = 2.0
+
+_live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
+
+
+class _Worker:
+    """The parent's handle on one worker process."""
+
+    __slots__ = ("calls", "exited", "pid", "pidfd", "proc", "ready", "retiring", "sock")
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.sock = sock
+        self.pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                self.pidfd = os.pidfd_open(proc.pid)
+        self.exited = anyio.Event()
+        self.calls = 0
+        self.ready = False  # said it was ready; its exit then calls for a replacement
+        self.retiring = False  # recycled: its replacement is already on the way
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def send(self, parts: list[_wire.Buffer]) -> None:
+        sock = self.sock
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            try:
+                sent = sock.sendmsg(views)
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+                continue
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
+
+    async def _recv_exactly(self, size: int) -> bytearray:
+        sock = self.sock
+        buf = bytearray(size)
+        view = memoryview(buf)
+        got = 0
+        while got < size:
+            try:
+                n = sock.recv_into(view[got:])
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+                continue
+            if not n:
+                raise EOFError("worker closed its channel")
+            got += n
+        return buf
+
+    async def recv(self) -> tuple[bytearray, list[bytearray]]:
+        length, count = _wire.HEADER.unpack(await self._recv_exactly(_wire.HEADER.size))
+        sizes: tuple[int, ...] = ()
+        if count:
+            sizes = struct.unpack(f"!{count}Q", await self._recv_exactly(8 * count))
+        data = await self._recv_exactly(length)
+        return data, [await self._recv_exactly(size) for size in sizes]
+
+    async def wait_exit(self) -> None:
+        """Return once the process has exited, and reap it."""
+        if self.pidfd is not None:
+            await anyio.wait_readable(self.pidfd)
+        else:
+            while self.proc.poll() is None:  # noqa: ASYNC110 (no pidfd to wait on)
+                await anyio.sleep(0.05)
+        self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def close(self) -> None:
+        anyio.notify_closing(self.sock)
+        self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def function_blob(fn: Callable[..., Any]) -> bytes:
+    """``fn`` pickled for a worker: by reference when the worker can import it,
+    else by value with cloudpickle (lambdas, closures, ``__main__`` functions)."""
+    if getattr(type(fn), "__offload_function__", False):
+        if _importable(fn):
+            return pickle.dumps(fn, protocol=5)  # a reference; the worker unwraps it
+        fn = fn.__wrapped__  # type: ignore[attr-defined]
+    if _importable(fn):
+        try:
+            return pickle.dumps(fn, protocol=5)
+        except Exception:
+            pass
+    import cloudpickle
+
+    return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+
+
+def _importable(fn: object) -> bool:
+    # A worker has its own __main__, and cannot reach into a function's locals.
+    module = getattr(fn, "__module__", None)
+    return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
+
+
+def _encode_request(call: Call) -> list[_wire.Buffer]:
+    try:
+        blob = function_blob(call.fn)
+    except Exception as exc:
+        raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
+    request = (blob, call.args, call.kwargs)
+    try:
+        return _wire.encode(request)
+    except Exception:
+        pass
+    import cloudpickle  # arguments that plain pickle refuses: lambdas, closures
+
+    try:
+        return _wire.encode(request, cloudpickle.dumps)
+    except Exception as exc:
+        raise SerializationError(f"the arguments of {call.name} cannot be pickled: {exc}") from exc
+
+
+def _decode_reply(call: Call, data: bytearray, buffers: list[bytearray]) -> Any:
+    try:
+        status, value = _wire.decode(data, buffers)
+    except Exception as exc:
+        raise SerializationError(f"the result of {call.name} cannot be unpickled: {exc}") from exc
+    if status == _wire.OK:
+        return value
+    if status == _wire.RAISED:
+        blob, tb = value
+        try:
+            error = pickle.loads(blob)
+        except Exception as exc:
+            raise SerializationError(
+                f"the exception raised by {call.name} cannot be unpickled: {exc}"
+            ) from RemoteTraceback(tb)
+        raise error from RemoteTraceback(tb)
+    if status == _wire.RAISED_UNPICKLABLE:
+        type_name, message, tb = value
+        raise OffloadError(
+            f"{call.name} raised {type_name}: {message} (the exception could not be pickled)"
+        ) from RemoteTraceback(tb)
+    if status == _wire.BAD_REQUEST:
+        raise SerializationError(
+            f"the worker could not unpickle the call to {call.name}"
+        ) from RemoteTraceback(value)
+    raise SerializationError(f"the result of {call.name} cannot be pickled") from RemoteTraceback(
+        value
+    )
+
+
+class ProcessPool(Pool):
+    kind = "process"
+
+    def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
+        super().__init__(name, settings, task_group)
+        self._slots: SlotQueue[_Worker] = SlotQueue(settings.max_pending, name)
+        self._ready: set[_Worker] = set()  # started, not retired: the pool's capacity
+        self._procs: set[_Worker] = set()  # every process not yet reaped
+        self._busy = 0
+        self._death_r = -1
+        self._death_w = -1
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        # Every worker holds the read end; only this process holds the write end.
+        # When this process dies, however it dies, the workers read EOF and exit.
+        self._death_r, self._death_w = os.pipe()
+        _live_pools.add(self)
+        errors: list[BaseException] = []
+
+        async def add() -> None:
+            try:
+                await self._add_worker()
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(self.max_workers):
+                tg.start_soon(add)
+        if errors:
+            await self._stop()
+            raise errors[0]
+
+    async def _spawn(self) -> _Worker:
+        parent, child = socket.socketpair()
+        try:
+            # Popen forks with vfork, which returns once the child has exec'd. The
+            # fork must happen on a thread that lives as long as the pool: Linux
+            # sends the parent-death signal when the *thread* that forked exits.
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [
+                    sys.executable,
+                    "-c",
+                    _BOOT,
+                    str(child.fileno()),
+                    str(self._death_r),
+                    str(os.getpid()),
+                ],
+                pass_fds=(child.fileno(), self._death_r),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        parent.setblocking(False)
+        worker = _Worker(proc, parent)
+        self._procs.add(worker)
+        self._task_group.start_soon(self._watch, worker, name=f"offload-watch-{worker.pid}")
+        return worker
+
+    async def _add_worker(self) -> None:
+        """Start one worker and, once it says it is ready, offer it to callers."""
+        worker = await self._spawn()
+        try:
+            with anyio.fail_after(START_TIMEOUT):
+                boot = (sys.path, self.settings.initializer, self.settings.initializer_args)
+                await worker.send(_wire.encode(boot))
+                status, value = _wire.decode(*await worker.recv())
+        except BaseException as exc:
+            self._kill(worker)
+            if isinstance(exc, (EOFError, OSError, TimeoutError)):
+                with anyio.move_on_after(EXIT_STATUS_WAIT, shield=True):
+                    await worker.exited.wait()
+                raise OffloadError(
+                    f"a worker of pool {self.name!r} failed to start "
+                    f"({describe_exit(worker.returncode)})"
+                ) from exc
+            raise
+        if status != _wire.OK:
+            self._kill(worker)
+            type_name, message, tb = value
+            raise OffloadError(
+                f"the initializer of pool {self.name!r} raised {type_name}: {message}"
+            ) from RemoteTraceback(tb)
+        if self._closing:
+            self._retire(worker)
+            return
+        logger.debug("pool %r: worker %d started", self.name, worker.pid)
+        worker.ready = True
+        self._ready.add(worker)
+        self._slots.put(worker)
+
+    async def _replace(self) -> None:
+        delay = 0.1
+        while not self._closing:
+            try:
+                await self._add_worker()
+                return
+            except Exception:
+                logger.exception("pool %r: could not start a replacement worker", self.name)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Notice the worker's exit, whenever and however it happens."""
+        with anyio.CancelScope(shield=True):
+            await worker.wait_exit()
+        self._procs.discard(worker)
+        worker.exited.set()
+        worker.close()
+        unexpected = worker in self._ready
+        self._ready.discard(worker)
+        self._slots.remove_idle(worker)
+        if unexpected:
+            logger.warning(
+                "pool %r: worker %d %s", self.name, worker.pid, describe_exit(worker.returncode)
+            )
+        if worker.ready and not worker.retiring and not self._closing:
+            self._task_group.start_soon(self._replace)
+
+    def _kill(self, worker: _Worker) -> None:
+        """Stop ``worker`` now: SIGTERM, and SIGKILL if it is still there after a grace."""
+        self._ready.discard(worker)
+        worker.signal(signal.SIGTERM)
+        self._task_group.start_soon(self._escalate, worker)
+
+    async def _escalate(self, worker: _Worker) -> None:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(KILL_GRACE):
+                await worker.exited.wait()
+                return
+            worker.signal(signal.SIGKILL)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Let an idle worker finish cleanly: closing its channel makes it exit."""
+        self._ready.discard(worker)
+        worker.retiring = True
+        worker.sock.shutdown(socket.SHUT_RDWR)
+        self._task_group.start_soon(self._escalate_after_close, worker)
+
+    async def _escalate_after_close(self, worker: _Worker) -> None:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(KILL_GRACE):
+                await worker.exited.wait()
+                return
+            self._kill(worker)
+
+    async def _stop(self) -> None:
+        self._slots.fail_waiters(PoolClosed(f"pool {self.name!r} is closed"))
+        for worker in self._slots.take_all_idle():
+            self._retire(worker)
+        for worker in list(self._ready):
+            self._kill(worker)
+        if self._death_w >= 0:
+            os.close(self._death_w)  # any worker left exits on its own now
+            os.close(self._death_r)
+            self._death_w = self._death_r = -1
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(KILL_GRACE * 3):
+                for worker in list(self._procs):
+                    await worker.exited.wait()
+            for worker in list(self._procs):
+                worker.signal(signal.SIGKILL)
+                await worker.exited.wait()
+        _live_pools.discard(self)
+
+    def kill_now(self) -> None:
+        """Last resort at interpreter exit: SIGKILL every worker and reap it."""
+        for worker in list(self._procs):
+            worker.signal(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                worker.proc.wait(timeout=5)
+
+    # -- calls -----------------------------------------------------------------
+
+    def _occupancy(self) -> tuple[int, int, int]:
+        return len(self._ready), self._busy, self._slots.queued
+
+    async def _execute(self, call: Call) -> Any:
+        request = _encode_request(call)
+        while True:
+            worker = await self._slots.get()
+            self._busy += 1
+            try:
+                try:
+                    await worker.send(request)
+                except (BrokenPipeError, ConnectionResetError):
+                    # It died while idle, before reading this call: try another.
+                    continue
+                data, buffers = await worker.recv()
+            except (EOFError, OSError):
+                with anyio.move_on_after(EXIT_STATUS_WAIT):
+                    await worker.exited.wait()
+                raise WorkerCrashed(
+                    f"the worker process {worker.pid} running {call.name} "
+                    f"{describe_exit(worker.returncode)}",
+                    pid=worker.pid,
+                    exitcode=worker.returncode,
+                ) from None
+            except BaseException:
+                # Cancelled mid-call (deadline, caller, shutdown): the worker is
+                # somewhere in the call, so it cannot be reused.
+                self._kill(worker)
+                raise
+            finally:
+                self._busy -= 1
+            self._release(worker)
+            return _decode_reply(call, data, buffers)
+
+    def _release(self, worker: _Worker) -> None:
+        worker.calls += 1
+        limit = self.settings.max_tasks_per_worker
+        if limit is not None and worker.calls >= limit and not self._closing:
+            self.counters.recycled += 1
+            self._retire(worker)
+            self._task_group.start_soon(self._replace)
+        else:
+            self._slots.put(worker)
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    for pool in list(_live_pools):
+        pool.kill_now()

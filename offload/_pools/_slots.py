@@ -1,0 +1,102 @@
+"""First-come, first-served hand-off of free slots (worker processes or thread tokens)."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Generic, TypeVar
+
+import anyio
+
+from .._errors import PoolOverloaded
+
+__all__ = ("SlotQueue",)
+
+S = TypeVar("S")
+
+
+class _Waiter(Generic[S]):
+    __slots__ = ("error", "event", "slot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.slot: S | None = None
+        self.error: BaseException | None = None
+
+
+class SlotQueue(Generic[S]):
+    """Free slots, and the calls waiting for one, in arrival order.
+
+    At most ``max_pending`` calls wait; the next one gets :class:`PoolOverloaded`
+    at once, so a burst of callers costs a bounded amount of memory.
+    """
+
+    def __init__(self, max_pending: int, pool_name: str) -> None:
+        self._free: list[S] = []
+        self._waiters: deque[_Waiter[S]] = deque()
+        self._max_pending = max_pending
+        self._pool_name = pool_name
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def idle(self) -> int:
+        return len(self._free)
+
+    def put(self, slot: S) -> None:
+        """Hand ``slot`` to the longest-waiting call, or keep it for the next one."""
+        if self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.slot = slot
+            waiter.event.set()
+        else:
+            self._free.append(slot)
+
+    def remove_idle(self, slot: S) -> bool:
+        """Take ``slot`` out of the free list; ``False`` if it was not there."""
+        try:
+            self._free.remove(slot)
+        except ValueError:
+            return False
+        return True
+
+    def take_all_idle(self) -> list[S]:
+        free, self._free = self._free, []
+        return free
+
+    def fail_waiters(self, error: BaseException) -> None:
+        """Wake every waiting call with ``error``."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.error = error
+            waiter.event.set()
+
+    async def get(self) -> S:
+        """A free slot, waiting in line for one if needed.
+
+        :raises PoolOverloaded: if ``max_pending`` calls are already waiting
+        """
+        if self._free:
+            # Most recently used first: its caches and pages are warm.
+            return self._free.pop()
+        if len(self._waiters) >= self._max_pending:
+            raise PoolOverloaded(
+                f"pool {self._pool_name!r} is full: every worker is busy and "
+                f"{self._max_pending} calls are waiting (max_pending)"
+            )
+        waiter: _Waiter[S] = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.slot is not None:
+                # Handed a slot in the same instant we were cancelled: pass it on.
+                self.put(waiter.slot)
+            elif waiter.error is None:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.slot is not None
+        return waiter.slot

@@ -1,0 +1,146 @@
+"""The worker process: read a call, run it, write the answer, repeat.
+
+Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID``.
+It imports neither anyio nor pydantic, so it starts in a few tens of milliseconds.
+
+It dies with its parent, however the parent dies: Linux delivers SIGKILL on the
+parent's death (``PR_SET_PDEATHSIG``), and on every platform a thread watches a
+pipe whose only writer is the parent, and exits when the pipe reaches EOF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import functools
+import importlib
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from ._wire import (
+    BAD_REQUEST,
+    BAD_RESULT,
+    OK,
+    RAISED,
+    RAISED_UNPICKLABLE,
+    decode,
+    encode,
+    recv_frame,
+    send_parts,
+)
+
+__all__ = ("main",)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main() -> None:
+    channel_fd, death_fd, parent_pid = (int(arg) for arg in sys.argv[1:4])
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # what happens to running calls, so a worker must not die of it mid-call.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(death_fd, parent_pid)
+    faulthandler.enable()  # a segfaulting function leaves its stack on stderr
+    sock = socket.socket(fileno=channel_fd)
+    sys_path, initializer, initializer_args = decode(*recv_frame(sock))
+    sys.path[:] = sys_path
+    if initializer is not None:
+        try:
+            _import_string(initializer)(*initializer_args)
+        except BaseException:
+            send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
+            sys.exit(1)
+    send_parts(sock, encode((OK, os.getpid())))
+    _serve(sock)
+
+
+def _serve(sock: socket.socket) -> None:
+    while True:
+        try:
+            data, buffers = recv_frame(sock)
+        except (EOFError, ConnectionError):
+            return  # the parent closed the channel: a clean stop
+        reply: tuple[int, Any]
+        try:
+            blob, args, kwargs = decode(data, buffers)
+            fn = _load_function(blob)
+        except BaseException:
+            reply = (BAD_REQUEST, traceback.format_exc())
+        else:
+            del data, buffers
+            try:
+                reply = (OK, fn(*args, **kwargs))
+            except BaseException as exc:
+                reply = _exception_reply(exc)
+            del args, kwargs
+        try:
+            parts = encode(reply)
+        except BaseException:
+            parts = encode((BAD_RESULT, traceback.format_exc()))
+        del reply
+        send_parts(sock, parts)
+        del parts
+
+
+@functools.lru_cache(maxsize=256)
+def _load_function(blob: bytes) -> Callable[..., Any]:
+    fn = pickle.loads(blob)
+    # A decorated function travels as a reference to the decorator's object;
+    # in the worker we run what it wraps.
+    if getattr(type(fn), "__offload_function__", False):
+        fn = fn.__wrapped__
+    return fn  # type: ignore[no-any-return]
+
+
+def _exception_reply(exc: BaseException) -> tuple[int, Any]:
+    tb = "".join(traceback.format_exception(exc))
+    try:
+        blob = pickle.dumps(exc, protocol=5)
+        pickle.loads(blob)  # the parent must be able to rebuild it, too
+    except BaseException:
+        return RAISED_UNPICKLABLE, _describe_exception(exc)
+    return RAISED, (blob, tb)
+
+
+def _describe_exception(exc: BaseException | None = None) -> tuple[str, str, str]:
+    if exc is None:
+        exc = sys.exc_info()[1]
+        assert exc is not None
+    kind = type(exc)
+    return (
+        f"{kind.__module__}.{kind.__qualname__}",
+        str(exc),
+        "".join(traceback.format_exception(exc)),
+    )
+
+
+def _import_string(path: str) -> Callable[..., Any]:
+    module, _, attr = path.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[no-any-return]
+
+
+def _die_with_parent(death_fd: int, parent_pid: int) -> None:
+    if sys.platform == "linux":
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent died before we could ask to die with it
+
+    def watch() -> None:
+        while os.read(death_fd, 1):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="offload-parent-watch", daemon=True).start()

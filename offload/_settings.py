@@ -1,0 +1,144 @@
+"""Configuration: ``OffloadSettings`` (environment, ``.env``) and ``PoolSettings``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ("Kind", "OffloadSettings", "PoolSettings")
+
+Kind = Literal["thread", "process", "dask"]
+
+#: the two pools every Offloader has; their kind is their name
+BUILTIN_POOLS: tuple[Kind, ...] = ("thread", "process")
+
+
+class PoolSettings(BaseModel):
+    """Settings of one pool.
+
+    Every field can come from the environment, e.g. ``OFFLOAD_PROCESS__MAX_WORKERS=4``
+    or, for a named pool, ``OFFLOAD_POOLS__ML__KIND=process``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind | None = Field(
+        default=None,
+        description="thread, process or dask; implied for the built-in thread and process pools",
+    )
+    max_workers: PositiveInt | None = Field(
+        default=None,
+        description="worker threads or processes; default: CPUs (cgroup-aware) for processes, "
+        "min(32, CPUs + 4) for threads",
+    )
+    max_pending: NonNegativeInt = Field(
+        default=1000,
+        description="calls allowed to wait for a worker; past that a call gets PoolOverloaded",
+    )
+    timeout: PositiveFloat | None = Field(
+        default=None,
+        description="seconds from the call (queue wait included) to OffloadTimeout; unset: none",
+    )
+    initializer: str | None = Field(
+        default=None,
+        description='"package.module:function" run once in each worker before its first call',
+    )
+    initializer_args: tuple[Any, ...] = Field(
+        default=(), description="positional arguments for the initializer"
+    )
+    max_tasks_per_worker: PositiveInt | None = Field(
+        default=None, description="replace a worker process after this many calls"
+    )
+    max_memory_per_worker: ByteSize | None = Field(
+        default=None,
+        description='replace a worker process whose resident memory passes this (bytes or "512MB")',
+    )
+    address: str | None = Field(default=None, description="scheduler address, for kind dask")
+
+    @field_validator("initializer")
+    @classmethod
+    def _check_import_string(cls, value: str | None) -> str | None:
+        if value is not None:
+            module, sep, attr = value.partition(":")
+            if not (sep and module and attr):
+                raise ValueError('must look like "package.module:function"')
+        return value
+
+    def resolved_max_workers(self, kind: Kind) -> int:
+        """``max_workers``, or the default for ``kind`` when unset."""
+        if self.max_workers is not None:
+            return self.max_workers
+        if kind == "thread":
+            return min(32, (os.cpu_count() or 1) + 4)
+        from loky import cpu_count
+
+        # loky's count honours cgroup CPU quotas, so a container limited to 2 CPUs
+        # does not start one worker per host core.
+        return max(1, int(cpu_count()))
+
+
+class OffloadSettings(BaseSettings):
+    """Settings of an :class:`~offload.Offloader`: its pools and its shutdown.
+
+    Read from the environment with the prefix ``OFFLOAD_`` and ``__`` between
+    nested names (``OFFLOAD_PROCESS__TIMEOUT=10``), and from a ``.env`` file.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="OFFLOAD_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    default_pool: str = Field(
+        default="process",
+        description="pool used by Executor.run and by a bare @offload",
+    )
+    thread: PoolSettings = Field(default_factory=lambda: PoolSettings(kind="thread"))
+    process: PoolSettings = Field(default_factory=lambda: PoolSettings(kind="process"))
+    pools: dict[str, PoolSettings] = Field(
+        default_factory=dict, description="named pools; each needs a kind"
+    )
+    shutdown_timeout: PositiveFloat = Field(
+        default=30.0,
+        description="seconds that shutdown waits for calls in flight before killing them",
+    )
+
+    @model_validator(mode="after")
+    def _check_pools(self) -> OffloadSettings:
+        for name in BUILTIN_POOLS:
+            pool: PoolSettings = getattr(self, name)
+            if pool.kind is None:
+                object.__setattr__(self, name, pool.model_copy(update={"kind": name}))
+            elif pool.kind != name:
+                raise ValueError(f"{name}.kind must be {name!r} (or unset), not {pool.kind!r}")
+        for pool_name, pool in self.pools.items():
+            if pool_name in BUILTIN_POOLS:
+                raise ValueError(f"pools.{pool_name}: the name is reserved for the built-in pool")
+            if pool.kind is None:
+                raise ValueError(f"pools.{pool_name}.kind is required (thread, process or dask)")
+        if self.default_pool not in self.pool_settings():
+            raise ValueError(
+                f"default_pool {self.default_pool!r} is not a pool; "
+                f"pools: {', '.join(self.pool_settings())}"
+            )
+        return self
+
+    def pool_settings(self) -> dict[str, PoolSettings]:
+        """Every pool by name, the built-in ones first."""
+        return {"thread": self.thread, "process": self.process, **self.pools}

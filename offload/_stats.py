@@ -1,0 +1,83 @@
+"""Pool statistics: the immutable record callers see and the counters pools keep."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = ("Counters", "PoolStats")
+
+#: how many recent call latencies the percentiles are computed over
+LATENCY_WINDOW = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """A snapshot of one pool.
+
+    Counts are totals since the pool started; latencies (seconds, from the call to
+    its outcome, queue wait included) cover the last 1024 calls that returned or raised.
+    """
+
+    name: str
+    kind: str
+    workers: int
+    busy: int
+    queued: int
+    completed: int
+    failed: int
+    timed_out: int
+    cancelled: int
+    crashed: int
+    recycled: int
+    latency_p50: float | None
+    latency_p90: float | None
+    latency_p99: float | None
+
+
+class Counters:
+    """What a pool counts as calls end; turned into a :class:`PoolStats` on demand."""
+
+    __slots__ = (
+        "cancelled",
+        "completed",
+        "crashed",
+        "failed",
+        "latencies",
+        "recycled",
+        "timed_out",
+    )
+
+    def __init__(self) -> None:
+        self.completed = 0
+        self.failed = 0
+        self.timed_out = 0
+        self.cancelled = 0
+        self.crashed = 0
+        self.recycled = 0
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+
+    def snapshot(self, *, name: str, kind: str, workers: int, busy: int, queued: int) -> PoolStats:
+        ordered = sorted(self.latencies)
+
+        def pct(q: float) -> float | None:
+            if not ordered:
+                return None
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return PoolStats(
+            name=name,
+            kind=kind,
+            workers=workers,
+            busy=busy,
+            queued=queued,
+            completed=self.completed,
+            failed=self.failed,
+            timed_out=self.timed_out,
+            cancelled=self.cancelled,
+            crashed=self.crashed,
+            recycled=self.recycled,
+            latency_p50=pct(0.50),
+            latency_p90=pct(0.90),
+            latency_p99=pct(0.99),
+        )
