@@ -46,7 +46,7 @@ from pathlib import Path
 
 import anyio.to_process
 import anyio.to_thread
-import loky  # type: ignore[import-untyped]
+import loky
 import pebble
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -131,19 +131,21 @@ async def thread_peers(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
     to_thread = partial(asyncio.to_thread, fn)
     anyio_thread = partial(anyio.to_thread.run_sync, fn)
     tpe_call = partial(asyncio.get_running_loop().run_in_executor, tpe, fn)
-    n_default = min(32, (os.cpu_count() or 1) + 4)
+    n_default = f"{min(32, (os.cpu_count() or 1) + 4)} workers (default executor)"
     return [
-        Contender("asyncio.to_thread", "thread", to_thread, f"{n_default} workers"),
+        Contender("asyncio.to_thread", "thread", to_thread, n_default),
         Contender("anyio.to_thread", "thread", anyio_thread, "40 workers (limiter)"),
         Contender("run_in_executor(ThreadPool)", "thread", tpe_call, "8 workers"),
     ]
 
 
 async def offload_pools(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    from offload import Offloader, OffloadSettings
+    from offload import Offloader, OffloadSettings, PoolSettings
 
     settings = OffloadSettings(
-        process={"max_workers": 2}, thread={"max_workers": 8}, default_pool="process"
+        process=PoolSettings(max_workers=2),
+        thread=PoolSettings(max_workers=8),
+        default_pool="process",
     )
     ex = await stack.enter_async_context(Offloader(settings))
     proc = partial(ex.pool("process").run, fn)
@@ -213,9 +215,7 @@ async def setup(stack: AsyncExitStack, skipped: dict[str, str]) -> list[Contende
         except Exception as exc:  # report it, bench the others
             skipped[factory.__name__] = why = f"{type(exc).__name__}: {exc}"
             trace = not isinstance(exc, ImportError)  # no traceback if just missing
-            log.warning(
-                "WARNING: skipping %s: %s", factory.__name__, why, exc_info=trace
-            )
+            log.warning("WARNING: skipping %s: %s", factory.__name__, why, exc_info=trace)
             continue
         contenders += new
     return contenders
@@ -259,8 +259,7 @@ def summarize(raw: Raw, meta: Meta) -> tuple[list[str], Summary]:
     for scenario, (_, _, key, lower) in SCENARIOS.items():
         rounds = raw[scenario]
         med = {
-            n: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            for n, rs in rounds.items()
+            n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in rounds.items()
         }
         best: dict[str, float] = {}
         for n, m in med.items():
@@ -332,8 +331,7 @@ def main() -> None:
         },
         "config": {**vars(args), "json": str(args.json), **constants},
         "contenders": {
-            n: {"family": c.family, "peer": c.peer, "note": c.note}
-            for n, c in meta.items()
+            n: {"family": c.family, "peer": c.peer, "note": c.note} for n, c in meta.items()
         },
         "skipped": skipped,
         "raw": raw,

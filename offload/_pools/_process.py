@@ -150,6 +150,7 @@ class _Worker:
         anyio.notify_closing(self.sock)
         self.sock.close()
         if self.pidfd is not None:
+            anyio.notify_closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
 
@@ -333,8 +334,17 @@ class ProcessPool(Pool):
 
     async def _watch(self, worker: _Worker) -> None:
         """Notice the worker's exit, whenever and however it happens."""
-        with anyio.CancelScope(shield=True):
-            await worker.wait_exit()
+        try:
+            with anyio.CancelScope(shield=True):
+                await worker.wait_exit()
+        except anyio.ClosedResourceError:
+            return  # _stop reaped it first
+        self._on_exit(worker)
+
+    def _on_exit(self, worker: _Worker) -> None:
+        if worker.exited.is_set():
+            return
+        worker.proc.poll()
         self._procs.discard(worker)
         worker.exited.set()
         worker.close()
@@ -385,13 +395,18 @@ class ProcessPool(Pool):
             os.close(self._death_w)  # any worker left exits on its own now
             os.close(self._death_r)
             self._death_w = self._death_r = -1
+        # Poll rather than wait for the watchers: at the end of asyncio.run they
+        # may already have been cancelled, natively, shield or not.
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(KILL_GRACE * 3):
-                for worker in list(self._procs):
-                    await worker.exited.wait()
+                while any(w.proc.poll() is None for w in self._procs):  # noqa: ASYNC110
+                    await anyio.sleep(0.005)
             for worker in list(self._procs):
                 worker.signal(signal.SIGKILL)
-                await worker.exited.wait()
+                with anyio.move_on_after(5):
+                    while worker.proc.poll() is None:  # noqa: ASYNC110
+                        await anyio.sleep(0.005)
+                self._on_exit(worker)
         _live_pools.discard(self)
 
     def kill_now(self) -> None:

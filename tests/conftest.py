@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import psutil
+import pytest
+
+from offload import Executor, Offloader, OffloadSettings
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("asyncio", id="asyncio"),
+        pytest.param("trio", id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    # Explicit, so that a missing trio fails loudly instead of halving the suite.
+    return str(request.param)
+
+
+@pytest.fixture
+def settings() -> OffloadSettings:
+    return OffloadSettings(
+        process={"max_workers": 2},
+        thread={"max_workers": 4},
+        shutdown_timeout=5,
+    )
+
+
+@pytest.fixture
+async def ex(settings: OffloadSettings) -> AsyncIterator[Executor]:
+    async with Offloader(settings) as executor:
+        yield executor
+
+
+def children() -> list[psutil.Process]:
+    """Live (non-zombie) child processes of this test process."""
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children() -> Iterator[None]:
+    """Every test must leave no worker process behind."""
+    before = {p.pid for p in children()}
+    yield
+    leftover = [p for p in children() if p.pid not in before]
+    if leftover:
+        # Do not let one test's leak fail the next: kill, then report.
+        for p in leftover:
+            p.kill()
+        pytest.fail(f"child processes left behind: {[p.pid for p in leftover]}")

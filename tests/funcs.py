@@ -1,0 +1,210 @@
+"""Module-level functions that worker processes import by reference."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from offload import offload
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def noop() -> None:
+    return None
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def echo(value: Any) -> Any:
+    return value
+
+
+def spin(seconds: float) -> int:
+    """Burn CPU for ``seconds``; returns the iteration count."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n
+
+
+def sleep_then(seconds: float, value: Any) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def touch_then(path: str, value: Any = None) -> Any:
+    Path(path).write_text("ran")
+    return value
+
+
+def exit_now(code: int = 3) -> None:
+    os._exit(code)
+
+
+def segfault() -> None:
+    ctypes.string_at(0)
+
+
+def kill_self(sig: int = signal.SIGKILL) -> None:
+    os.kill(os.getpid(), sig)
+
+
+class Boom(Exception):
+    pass
+
+
+def boom(message: str) -> None:
+    raise Boom(message)
+
+
+def return_lock() -> Any:
+    return threading.Lock()
+
+
+@offload
+def double(x: int) -> int:
+    return 2 * x
+
+
+@offload(kind="thread", timeout=5)
+def thread_double(x: int) -> int:
+    return 2 * x
+
+
+@offload(kind="process")
+def process_pid() -> int:
+    return os.getpid()
+
+
+# --- helpers for test_decorator / test_executor / pools/test_thread ---------------------
+
+#: generous safety bound for helpers that block on an event the test controls
+SAFETY_TIMEOUT = 10.0
+
+
+def kw(**kwargs: Any) -> dict[str, Any]:
+    """Return the keyword arguments it was called with, untouched."""
+    return kwargs
+
+
+def where() -> tuple[int, int]:
+    """(process id, thread id) of whoever runs this."""
+    return os.getpid(), threading.get_ident()
+
+
+def thread_ident() -> int:
+    return threading.get_ident()
+
+
+def signature_probe(a: int, b: str = "x", *args: int, c: float = 1.0, **kwargs: Any) -> str:
+    """A function with a rich signature."""
+    return f"{a}{b}{args}{c}{kwargs}"
+
+
+@offload()
+def triple(x: int) -> int:
+    """Three times ``x``."""
+    return 3 * x
+
+
+@offload
+def bare_where() -> tuple[int, int]:
+    """(pid, thread id) of whoever runs this; decorated with a bare ``@offload``."""
+    return os.getpid(), threading.get_ident()
+
+
+@offload(kind="process")
+def decorated_signature(a: int, b: str = "x", *args: int, c: float = 1.0, **kwargs: Any) -> str:
+    return f"{a}{b}{args}{c}{kwargs}"
+
+
+class Calc:
+    """A module-level class with offloaded methods (pickled with its instance)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+
+    @offload(kind="process")
+    def add(self, x: int) -> tuple[int, int]:
+        """(pid, base + x)."""
+        return os.getpid(), self.base + x
+
+    @offload(kind="thread")
+    def mul(self, x: int) -> tuple[int, int]:
+        """(thread id, base * x)."""
+        return threading.get_ident(), self.base * x
+
+
+def barrier_wait(barrier: threading.Barrier) -> int:
+    """Wait at ``barrier`` (a threading.Barrier with its own timeout); its arrival index."""
+    return barrier.wait()
+
+
+def block_on(
+    release: threading.Event,
+    started: threading.Event | None = None,
+    finished: threading.Event | None = None,
+    value: Any = None,
+) -> Any:
+    """Signal ``started``, block until ``release`` is set (or the safety bound), signal
+    ``finished`` on the way out, return ``value``."""
+    if started is not None:
+        started.set()
+    try:
+        release.wait(SAFETY_TIMEOUT)
+        return value
+    finally:
+        if finished is not None:
+            finished.set()
+
+
+def loop_until_cancelled(
+    started: threading.Event, saw_cancel: threading.Event, release: threading.Event
+) -> str:
+    """Call ``check_cancelled()`` until it raises; record that in ``saw_cancel``."""
+    from offload import CallCancelled, check_cancelled
+
+    started.set()
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            check_cancelled()
+        except CallCancelled:
+            saw_cancel.set()
+            raise
+        if release.wait(0.01):
+            return "released"
+    return "gave up"
+
+
+def check_cancelled_once() -> str:
+    """``check_cancelled()`` in a call nobody gave up on: must not raise."""
+    from offload import check_cancelled
+
+    check_cancelled()
+    return "ok"
+
+
+def sleep_getpid(seconds: float) -> int:
+    """Sleep, then return the worker's pid: concurrent calls land on distinct workers."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def write_pid_then_spin(path: str, seconds: float) -> int:
+    """Publish this worker's pid in ``path`` (atomically), then burn CPU."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, path)
+    return spin(seconds)
