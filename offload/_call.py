@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -22,7 +21,6 @@ def describe(fn: Callable[..., Any]) -> str:
     return f"{module}.{name}" if module else name
 
 
-@dataclass(slots=True)
 class Call:
     """A function with its arguments, and the deadline it must meet.
 
@@ -30,12 +28,25 @@ class Call:
     pool's queue counts against it.
     """
 
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    timeout: float | None = None
-    name: str = ""
-    deadline: float = field(init=False)
+    __slots__ = ("args", "deadline", "fn", "kwargs", "timeout")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None = None,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.timeout = timeout
+        self.deadline = math.inf if timeout is None else anyio.current_time() + timeout
+
+    @property
+    def name(self) -> str:
+        # Only errors and logs need it: not worth computing on every call.
+        return describe(self.fn)
 
     @property
     def target(self) -> Callable[..., Any]:
@@ -43,8 +54,3 @@ class Call:
         if getattr(type(self.fn), "__offload_function__", False):
             return self.fn.__wrapped__  # type: ignore[attr-defined,no-any-return]
         return self.fn
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            self.name = describe(self.fn)
-        self.deadline = math.inf if self.timeout is None else anyio.current_time() + self.timeout

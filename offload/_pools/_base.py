@@ -16,6 +16,7 @@ kills the worker that was running the call, a thread pool abandons the thread.
 from __future__ import annotations
 
 import logging
+import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -89,7 +90,7 @@ class Pool(ABC):
         if self._closing:
             raise PoolClosed(f"pool {self.name!r} is closed")
         counters = self.counters
-        started = anyio.current_time()
+        started = time.perf_counter()
         with anyio.CancelScope(deadline=call.deadline) as scope:
             self._inflight.add(scope)
             try:
@@ -106,7 +107,7 @@ class Pool(ABC):
                 raise
             finally:
                 self._inflight.discard(scope)
-                counters.latencies.append(anyio.current_time() - started)
+                counters.latencies.append(time.perf_counter() - started)
                 if self._drained is not None and not self._inflight:
                     self._drained.set()
             counters.completed += 1

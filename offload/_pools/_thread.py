@@ -1,7 +1,10 @@
-"""The thread pool: calls run in worker threads under the pool's own limit.
+"""The thread pool: calls run in the pool's own worker threads.
 
 It never uses anyio's default thread limiter, which FastAPI's sync routes and
 dependencies share: offloaded work cannot starve them, nor they it.
+
+A round trip is one queue put, one ``call_soon_threadsafe`` (asyncio) or
+``run_sync_soon`` (trio) back to the event loop, and no other hop.
 
 Cancellation: a thread cannot be killed. When a call's deadline passes or its
 caller is cancelled, the caller gets control back at once and the thread is
@@ -11,14 +14,13 @@ function can stop early by calling :func:`check_cancelled`.
 
 from __future__ import annotations
 
+import asyncio
+import queue
 import threading
-from functools import partial
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import anyio
-import anyio.from_thread
 import anyio.lowlevel
-import anyio.to_thread
 
 from .._errors import CallCancelled
 from ._base import Pool
@@ -45,43 +47,111 @@ def check_cancelled() -> None:
 
     :raises CallCancelled: if the call running in this thread was abandoned
     """
-    job: _ThreadJob | None = getattr(_local, "job", None)
+    job: _Job | None = getattr(_local, "job", None)
     if job is not None and job.abandoned:
         raise CallCancelled(f"{job.call.name} was abandoned by its caller")
 
 
-class _ThreadJob:
-    """A call as the worker thread sees it; the lock orders finish against abandon."""
+class _Job:
+    """A call as a worker thread sees it. The lock orders "finished" against
+    "abandoned", so exactly one of wake() or release() runs."""
 
-    __slots__ = ("abandoned", "call", "finished", "lock", "on_finish")
+    __slots__ = ("abandoned", "call", "error", "finished", "lock", "release", "result", "wake")
 
-    def __init__(self, call: Call) -> None:
+    def __init__(self, call: Call, release: Callable[[], None]) -> None:
         self.call = call
         self.lock = threading.Lock()
         self.finished = False
         self.abandoned = False
-        self.on_finish: partial[None] | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.wake: Callable[[], None] = _nothing
+        self.release = release  # hands the slot back once an abandoned job ends
 
-    def run(self) -> Any:
+    def run(self) -> None:
         _local.job = self
         try:
-            return self.call.target(*self.call.args, **self.call.kwargs)
+            self.result = self.call.target(*self.call.args, **self.call.kwargs)
+        except BaseException as exc:
+            self.error = exc
         finally:
             _local.job = None
-            with self.lock:
-                self.finished = True
-                on_finish = self.on_finish
-            if on_finish is not None:
-                on_finish()
+        with self.lock:
+            self.finished = True
+            abandoned = self.abandoned
+        if abandoned:
+            self.release()
+        else:
+            self.wake()
 
-    def abandon(self, on_finish: partial[None]) -> bool:
+    def abandon(self) -> bool:
         """Mark the job abandoned; ``False`` if it has already finished."""
         with self.lock:
-            if self.finished:
-                return False
-            self.abandoned = True
-            self.on_finish = on_finish
-            return True
+            if not self.finished:
+                self.abandoned = True
+            return self.abandoned
+
+
+def _nothing() -> None:
+    pass
+
+
+def _worker(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    while (job := jobs.get()) is not None:
+        job.run()
+        del job
+
+
+class _AsyncioBridge:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            pass
+
+    async def wait(self, job: _Job, jobs: queue.SimpleQueue[_Job | None]) -> None:
+        future = self.loop.create_future()
+
+        def done() -> None:
+            if not future.done():
+                future.set_result(None)
+
+        job.wake = lambda: self.call_soon_threadsafe(done)
+        jobs.put(job)
+        try:
+            await future
+        except asyncio.CancelledError:
+            job.abandon()
+            raise
+
+
+class _TrioBridge:
+    def __init__(self) -> None:
+        import trio
+
+        self.trio = trio
+        self.token = trio.lowlevel.current_trio_token()
+
+    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+        try:
+            self.token.run_sync_soon(fn)
+        except self.trio.RunFinishedError:
+            pass
+
+    async def wait(self, job: _Job, jobs: queue.SimpleQueue[_Job | None]) -> None:
+        lowlevel = self.trio.lowlevel
+        task = lowlevel.current_task()
+        job.wake = lambda: self.call_soon_threadsafe(lambda: lowlevel.reschedule(task))
+
+        def abort(_: object) -> Any:
+            # Finished already: its wake-up is on the way, and must find us waiting.
+            return lowlevel.Abort.SUCCEEDED if job.abandon() else lowlevel.Abort.FAILED
+
+        jobs.put(job)
+        await lowlevel.wait_task_rescheduled(abort)
 
 
 class ThreadPool(Pool):
@@ -90,47 +160,62 @@ class ThreadPool(Pool):
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
         self._slots: SlotQueue[int] = SlotQueue(settings.max_pending, name)
-        # anyio's own limiter is released when a thread is abandoned; our slots are
-        # the real bound, this one only keeps anyio from using its default limiter.
-        self._limiter = anyio.CapacityLimiter(self.max_workers)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._bridge: _AsyncioBridge | _TrioBridge | None = None
         self._running = 0
         self._abandoned = 0
 
     async def start(self) -> None:
+        try:
+            self._bridge = _AsyncioBridge()
+        except RuntimeError:  # no asyncio loop running: we are under trio
+            self._bridge = _TrioBridge()
         for slot in range(self.max_workers):
+            thread = threading.Thread(
+                target=_worker,
+                args=(self._jobs,),
+                name=f"offload-{self.name}-{slot}",
+                daemon=True,  # an abandoned call that never ends must not block exit
+            )
+            thread.start()
+            self._threads.append(thread)
             self._slots.put(slot)
         await anyio.lowlevel.checkpoint()
 
     async def _execute(self, call: Call) -> Any:
         slot = await self._slots.get()
-        job = _ThreadJob(call)
+        bridge = self._bridge
+        assert bridge is not None
+        job = _Job(call, lambda: bridge.call_soon_threadsafe(lambda: self._release(slot)))
         self._running += 1
         try:
-            return await anyio.to_thread.run_sync(
-                job.run, limiter=self._limiter, abandon_on_cancel=True
-            )
+            await bridge.wait(job, self._jobs)
+        except BaseException:
+            if job.abandoned:
+                self._abandoned += 1
+            else:
+                self._slots.put(slot)
+            raise
         finally:
             self._running -= 1
-            if job.finished or not job.abandon(
-                partial(self._release_abandoned, slot, anyio.lowlevel.current_token())
-            ):
-                self._slots.put(slot)
-            else:
-                self._abandoned += 1
+        self._slots.put(slot)
+        if job.error is not None:
+            try:
+                raise job.error
+            finally:
+                del job  # the traceback holds this frame: break the cycle
+        return job.result
 
-    def _release_abandoned(self, slot: int, token: anyio.lowlevel.EventLoopToken) -> None:
-        # Runs in the abandoned thread once the function has returned.
-        def release() -> None:
-            self._abandoned -= 1
-            self._slots.put(slot)
-
-        try:
-            anyio.from_thread.run_sync(release, token=token)
-        except Exception:  # the event loop is gone: so is everyone who could wait
-            pass
+    def _release(self, slot: int) -> None:
+        self._abandoned -= 1
+        self._slots.put(slot)
 
     async def _stop(self) -> None:
-        # Abandoned threads cannot be stopped; shutdown does not wait for them.
+        # Idle threads exit; an abandoned one exits once its call ends, and
+        # shutdown does not wait for it.
+        for _ in self._threads:
+            self._jobs.put(None)
         await anyio.lowlevel.checkpoint()
 
     def _occupancy(self) -> tuple[int, int, int]:
