@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import inspect
-from types import FunctionType
 from collections.abc import Callable
 from enum import Enum
+from types import FunctionType
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from ._call import Call
