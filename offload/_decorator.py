@@ -56,7 +56,17 @@ class OffloadedFunction(Generic[P, T]):
         return types.MethodType(self, instance)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return _resolve, (self.__module__, self.__wrapped__.__qualname__)
+        module, qualname = self.__module__, self.__wrapped__.__qualname__
+        if module == "__main__" or "<locals>" in qualname:
+            # A worker cannot import it: travel by value (cloudpickle takes the function).
+            return _rebuild, (self.__wrapped__, self._kind, self._timeout)
+        return _resolve, (module, qualname)
+
+
+def _rebuild(
+    fn: Callable[..., Any], kind: str | None, timeout: float | Unset | None
+) -> OffloadedFunction[..., Any]:
+    return OffloadedFunction(fn, kind=kind, timeout=timeout)
 
 
 def _resolve(module: str, qualname: str) -> Any:

@@ -113,14 +113,25 @@ class Offloader:
             for name, settings in self.settings.pool_settings().items():
                 assert settings.kind is not None
                 self._pools[name] = pool_class(settings.kind)(name, settings, self._task_group)
+            errors: list[Exception] = []
+
+            async def start(pool: Pool) -> None:
+                try:
+                    await pool.start()
+                except Exception as exc:
+                    errors.append(exc)
+
             async with anyio.create_task_group() as tg:
                 for pool in self._pools.values():
-                    tg.start_soon(pool.start)
-        except BaseException as exc:
+                    tg.start_soon(start, pool)
+            if errors:
+                # The first failure, as itself: an ExceptionGroup of one start
+                # error would only make the cause harder to catch and read.
+                raise errors[0]
+        except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._close_pools(0)
-                self._task_group.cancel_scope.cancel()
-                await self._task_group.__aexit__(type(exc), exc, exc.__traceback__)
+            await self._close_task_group()
             raise
         self._running = True
         if self._register:
@@ -151,11 +162,18 @@ class Offloader:
         cancelled = exc_type is not None and issubclass(exc_type, anyio.get_cancelled_exc_class())
         with anyio.CancelScope(shield=True):
             await self._close_pools(0 if cancelled else self.settings.shutdown_timeout)
+        await self._close_task_group()
+        return None
+
+    async def _close_task_group(self) -> None:
+        # Left in it: watchers of processes that are gone, replacements that will
+        # not start. The body's exception is not passed in: anyio would wrap it in
+        # an ExceptionGroup, and the user's own error must reach them as it is.
         assert self._task_group is not None
-        # Left over: only watchers of processes that are gone, and replacements
-        # that will not start.
-        self._task_group.cancel_scope.cancel()
-        return await self._task_group.__aexit__(exc_type, exc, tb)
+        scope = self._task_group.cancel_scope
+        scope.shield = True
+        scope.cancel()
+        await self._task_group.__aexit__(None, None, None)
 
     async def _close_pools(self, drain_timeout: float) -> None:
         async with anyio.create_task_group() as tg:

@@ -158,10 +158,6 @@ class _Worker:
 def function_blob(fn: Callable[..., Any]) -> bytes:
     """``fn`` pickled for a worker: by reference when the worker can import it,
     else by value with cloudpickle (lambdas, closures, ``__main__`` functions)."""
-    if getattr(type(fn), "__offload_function__", False):
-        if _importable(fn):
-            return pickle.dumps(fn, protocol=5)  # a reference; the worker unwraps it
-        fn = fn.__wrapped__  # type: ignore[attr-defined]
     if _importable(fn):
         try:
             return pickle.dumps(fn, protocol=5)

@@ -1,0 +1,3 @@
+from offload._demo import main
+
+main()
