@@ -20,12 +20,15 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
-from ._executor import Executor
 from ._offloader import Offloader
 from ._settings import OffloadSettings
+
+if TYPE_CHECKING:
+    from ._executor import Executor
 
 __all__ = ("main",)
 
@@ -42,11 +45,11 @@ def burn(steps: int) -> int:
 
 def calibrate(ms: float) -> tuple[int, float]:
     """Steps of :func:`burn` that take about ``ms`` alone, and their measured time."""
-    steps = 10_000
-    while (took := _timed(lambda: burn(steps))) < 0.02:
-        steps *= 2
-    steps = max(1, int(steps * ms / 1000 / took))
-    return steps, min(_timed(lambda: burn(steps)) for _ in range(3))
+    probe = 10_000
+    while (took := _timed(burn, probe)) < 0.02:
+        probe *= 2
+    steps = max(1, int(probe * ms / 1000 / took))
+    return steps, min(_timed(burn, steps) for _ in range(3))
 
 
 async def _heartbeat(lateness: list[float], stop: anyio.Event) -> None:
@@ -133,9 +136,9 @@ async def _demo(args: argparse.Namespace) -> None:
     print(f"\nideal: {ideal:.1f} tasks/s ({cpus} CPUs / {single * 1000:.1f} ms per task)")
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[int], object], arg: int) -> float:
     start = time.perf_counter()
-    fn()
+    fn(arg)
     return time.perf_counter() - start
 
 

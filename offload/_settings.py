@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from pydantic import (
     BaseModel,
@@ -18,7 +19,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ("Kind", "OffloadSettings", "PoolSettings")
+__all__ = ("Kind", "OffloadSettings", "PoolSettings", "PoolSettingsDict")
 
 Kind = Literal["thread", "process", "dask"]
 
@@ -90,6 +91,20 @@ class PoolSettings(BaseModel):
         return max(1, int(cpu_count()))
 
 
+class PoolSettingsDict(TypedDict, total=False):
+    """:class:`PoolSettings` as a plain dict, e.g. ``{"max_workers": 2}``: typed for mypy."""
+
+    kind: Kind
+    max_workers: int
+    max_pending: int
+    timeout: float | None
+    initializer: str | None
+    initializer_args: tuple[Any, ...]
+    max_tasks_per_worker: int | None
+    max_memory_per_worker: int | str | None
+    address: str | None
+
+
 class OffloadSettings(BaseSettings):
     """Settings of an :class:`~offload.Offloader`: its pools and its shutdown.
 
@@ -118,6 +133,20 @@ class OffloadSettings(BaseSettings):
         default=30.0,
         description="seconds that shutdown waits for calls in flight before killing them",
     )
+
+    if TYPE_CHECKING:
+        # What pydantic accepts, spelled out so that type checkers accept plain
+        # dicts for the pools too: OffloadSettings(process={"max_workers": 2}).
+        def __init__(
+            self,
+            *,
+            default_pool: str = ...,
+            thread: PoolSettings | PoolSettingsDict = ...,
+            process: PoolSettings | PoolSettingsDict = ...,
+            pools: Mapping[str, PoolSettings | PoolSettingsDict] = ...,
+            shutdown_timeout: float = ...,
+            _env_file: str | None = ...,
+        ) -> None: ...
 
     @model_validator(mode="after")
     def _check_pools(self) -> OffloadSettings:

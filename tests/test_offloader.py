@@ -14,10 +14,15 @@ class Oops(Exception):
 
 
 async def test_body_exception_propagates_unwrapped(settings: OffloadSettings) -> None:
-    with pytest.raises(Oops):
-        async with Offloader(settings) as ex:
+    offloader = Offloader(settings)
+
+    async def body() -> None:
+        async with offloader as ex:
             assert await ex.run(funcs.add, 1, 1) == 2
             raise Oops
+
+    with pytest.raises(Oops):
+        await body()
     assert not children()
 
 
