@@ -8,9 +8,7 @@ import types
 from collections.abc import Callable
 from typing import Any, Generic, overload
 
-from ._default import current_offloader
-from ._executor import UNSET, Unset, check_sync_callable
-from ._types import P, T
+from ._types import UNSET, P, T, Unset, check_sync_callable
 
 __all__ = ("OffloadedFunction", "offload")
 
@@ -27,6 +25,9 @@ class OffloadedFunction(Generic[P, T]):
     """
 
     __offload_function__ = True
+    __wrapped__: Callable[P, T]
+    __name__: str
+    __qualname__: str
 
     def __init__(
         self, fn: Callable[P, T], *, kind: str | None, timeout: float | Unset | None
@@ -41,13 +42,17 @@ class OffloadedFunction(Generic[P, T]):
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run the function in its pool; see :meth:`offload.Executor.run`."""
+        # Imported here, not at the top: a worker process imports the user's module,
+        # hence this one, and must not pay for anyio and pydantic it never uses.
+        from ._default import current_offloader
+
         offloader = await current_offloader()
         executor = offloader.executor
         if self._kind is not None:
             executor = executor.pool(self._kind)
         if self._timeout is not UNSET:
             executor = executor.options(timeout=self._timeout)
-        return await executor.run(self, *args, **kwargs)  # type: ignore[arg-type]
+        return await executor.run(self, *args, **kwargs)
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         # Decorating a method: bind like a function does.

@@ -2,54 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
-from enum import Enum
-from types import FunctionType
-from typing import TYPE_CHECKING, Final, Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar, overload
 
 from ._call import Call
+from ._types import UNSET, Unset, check_sync_callable
 
 if TYPE_CHECKING:
+    from ._decorator import OffloadedFunction
     from ._offloader import Offloader
     from ._stats import PoolStats
     from ._types import P
 
-__all__ = ("UNSET", "Executor", "Unset", "check_sync_callable")
+__all__ = ("Executor",)
 
 T = TypeVar("T")
-
-
-class Unset(Enum):
-    """Tells "not passed" apart from ``None`` (which means "no timeout")."""
-
-    UNSET = "UNSET"
-
-
-UNSET: Final = Unset.UNSET
-
-
-_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
-
-
-def check_sync_callable(fn: object) -> None:
-    """:raises TypeError: if ``fn`` cannot run in a worker as a plain call"""
-    if type(fn) is FunctionType:
-        # The common case, on every call: one flag test instead of inspect's walk.
-        if not fn.__code__.co_flags & _ASYNC_FLAGS:
-            return
-    elif not callable(fn):
-        raise TypeError(f"expected a function, got {type(fn).__name__} {fn!r}")
-    target = getattr(fn, "__wrapped__", fn) if _is_offloaded(fn) else fn
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        raise TypeError(
-            f"{getattr(target, '__qualname__', target)!r} is an async function: offload runs "
-            "blocking, CPU-bound functions; await async functions directly"
-        )
-
-
-def _is_offloaded(fn: object) -> bool:
-    return getattr(type(fn), "__offload_function__", False) is True
 
 
 class Executor:
@@ -110,6 +77,12 @@ class Executor:
         if timeout is not None and timeout is not UNSET and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         return Executor(self._offloader, self._pool_name, timeout=timeout)
+
+    @overload
+    async def run(self, fn: OffloadedFunction[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+
+    @overload
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
 
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(*args, **kwargs)`` in this executor's pool and return its result.

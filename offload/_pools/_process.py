@@ -26,11 +26,10 @@ import os
 import pickle
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -72,12 +71,23 @@ _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 class _Worker:
     """The parent's handle on one worker process."""
 
-    __slots__ = ("calls", "exited", "pid", "pidfd", "proc", "ready", "retiring", "sock")
+    __slots__ = (
+        "calls",
+        "exited",
+        "pid",
+        "pidfd",
+        "proc",
+        "ready",
+        "retiring",
+        "scratch",
+        "sock",
+    )
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.sock = sock
+        self.scratch = memoryview(bytearray(_wire.SCRATCH))
         self.pidfd: int | None = None
         if hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
@@ -93,44 +103,29 @@ class _Worker:
 
     async def send(self, parts: list[_wire.Buffer]) -> None:
         sock = self.sock
-        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        views: Sequence[_wire.Buffer] = parts
         while views:
             try:
-                sent = sock.sendmsg(views)
+                views = _wire.remaining(views, sock.sendmsg(views))
             except BlockingIOError:
                 await anyio.wait_writable(sock)
-                continue
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
 
-    async def _recv_exactly(self, size: int) -> bytearray:
+    async def recv(self) -> tuple[bytearray, list[bytearray]]:
         sock = self.sock
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
+        parser = _wire.parse_frame(self.scratch)
+        view = next(parser)
+        while True:
             try:
-                n = sock.recv_into(view[got:])
+                n = sock.recv_into(view)
             except BlockingIOError:
                 await anyio.wait_readable(sock)
                 continue
             if not n:
-                raise EOFError("worker closed its channel")
-            got += n
-        return buf
-
-    async def recv(self) -> tuple[bytearray, list[bytearray]]:
-        length, count = _wire.HEADER.unpack(await self._recv_exactly(_wire.HEADER.size))
-        sizes: tuple[int, ...] = ()
-        if count:
-            sizes = struct.unpack(f"!{count}Q", await self._recv_exactly(8 * count))
-        data = await self._recv_exactly(length)
-        return data, [await self._recv_exactly(size) for size in sizes]
+                raise EOFError("the worker closed its channel")
+            try:
+                view = parser.send(n)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
 
     async def wait_exit(self) -> None:
         """Return once the process has exited, and reap it."""

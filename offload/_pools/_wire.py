@@ -19,7 +19,7 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 __all__ = (
@@ -31,8 +31,9 @@ __all__ = (
     "RAISED_UNPICKLABLE",
     "decode",
     "encode",
-    "recv_exactly",
+    "parse_frame",
     "recv_frame",
+    "remaining",
     "send_parts",
 )
 
@@ -64,39 +65,76 @@ def decode(data: Buffer, buffers: Sequence[Buffer]) -> Any:
     return pickle.loads(data, buffers=buffers)
 
 
-def send_parts(sock: socket.socket, parts: list[Buffer]) -> None:
-    """Write every part on a blocking socket, as few system calls as it takes."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
+def remaining(parts: Sequence[Buffer], sent: int) -> list[Buffer]:
+    """What is left of ``parts`` once ``sent`` bytes of them are written."""
+    views: list[Buffer] = []
+    for part in parts:
+        size = len(part)
+        if sent >= size:
+            sent -= size
+            continue
+        views.append(memoryview(part)[sent:])
+        sent = 0
+    return views
+
+
+def send_parts(sock: socket.socket, parts: Sequence[Buffer]) -> None:
+    """Write every part on a blocking socket: one ``sendmsg`` unless it is large."""
+    views = parts
     while views:
-        sent = sock.sendmsg(views)
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+        views = remaining(views, sock.sendmsg(views))
 
 
-def recv_exactly(sock: socket.socket, size: int) -> bytearray:
-    """Read exactly ``size`` bytes from a blocking socket.
+#: bytes read at once into a reader's scratch buffer; larger frames are read in place
+SCRATCH = 1 << 16
 
-    :raises EOFError: the other side closed the connection first
+
+def parse_frame(
+    scratch: memoryview,
+) -> Generator[memoryview, int, tuple[bytearray, list[bytearray]]]:
+    """Read one frame, sans I/O: yields the view to read into next, is sent the
+    number of bytes read, returns the pickle and its buffers for :func:`decode`.
+
+    Parent and worker exchange one frame at a time, so a read never runs into the
+    next frame: the first read lands in ``scratch``, typically the whole frame in one
+    system call; the rest of a large frame is read straight into its own buffer.
     """
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
+    n = 0
+    while n < HEADER.size:
+        n += yield scratch[n:]
+    length, count = HEADER.unpack_from(scratch)
+    head = HEADER.size + 8 * count
+    if head > len(scratch):
+        raise ValueError(f"frame header announces {count} buffers")
+    while n < head:
+        n += yield scratch[n:]
+    sizes = struct.unpack_from(f"!{count}Q", scratch, HEADER.size) if count else ()
+    data = bytearray(length)
+    buffers = [bytearray(size) for size in sizes]
+    for part in (data, *buffers):
+        view = memoryview(part)
+        take = min(n - head, len(part))
+        view[:take] = scratch[head : head + take]
+        head += take
+        while take < len(part):
+            take += yield view[take:]
+    if head != n:
+        raise ValueError("frame longer than its header says")
+    return data, buffers
+
+
+def recv_frame(sock: socket.socket, scratch: memoryview) -> tuple[bytearray, list[bytearray]]:
+    """Read one frame from a blocking socket: its pickle and buffers, for :func:`decode`.
+
+    :raises EOFError: the other side closed the connection
+    """
+    parser = parse_frame(scratch)
+    view = next(parser)
+    while True:
+        n = sock.recv_into(view)
         if not n:
             raise EOFError("connection closed")
-        got += n
-    return buf
-
-
-def recv_frame(sock: socket.socket) -> tuple[bytearray, list[bytearray]]:
-    """Read one frame from a blocking socket: its pickle and its buffers, for :func:`decode`."""
-    length, count = HEADER.unpack(recv_exactly(sock, HEADER.size))
-    sizes = struct.unpack(f"!{count}Q", recv_exactly(sock, 8 * count)) if count else ()
-    data = recv_exactly(sock, length)
-    return data, [recv_exactly(sock, size) for size in sizes]
+        try:
+            view = parser.send(n)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]

@@ -30,6 +30,7 @@ from ._wire import (
     OK,
     RAISED,
     RAISED_UNPICKLABLE,
+    SCRATCH,
     decode,
     encode,
     recv_frame,
@@ -49,7 +50,8 @@ def main() -> None:
     _die_with_parent(death_fd, parent_pid)
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
-    sys_path, initializer, initializer_args = decode(*recv_frame(sock))
+    scratch = memoryview(bytearray(SCRATCH))
+    sys_path, initializer, initializer_args = decode(*recv_frame(sock, scratch))
     sys.path[:] = sys_path
     if initializer is not None:
         try:
@@ -58,13 +60,13 @@ def main() -> None:
             send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
             sys.exit(1)
     send_parts(sock, encode((OK, os.getpid())))
-    _serve(sock)
+    _serve(sock, scratch)
 
 
-def _serve(sock: socket.socket) -> None:
+def _serve(sock: socket.socket, scratch: memoryview) -> None:
     while True:
         try:
-            data, buffers = recv_frame(sock)
+            data, buffers = recv_frame(sock, scratch)
         except (EOFError, ConnectionError):
             return  # the parent closed the channel: a clean stop
         reply: tuple[int, Any]

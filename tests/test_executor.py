@@ -1,0 +1,281 @@
+"""``Executor`` and ``Offloader``: pools, options, keyword pass-through, lifecycle."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from offload import (
+    Executor,
+    Offloader,
+    OffloadError,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolClosed,
+    PoolStats,
+)
+
+from . import funcs
+
+MAIN_PID = os.getpid()
+
+
+def small(**kwargs: object) -> OffloadSettings:
+    base: dict[str, object] = {
+        "process": {"max_workers": 1},
+        "thread": {"max_workers": 2},
+        "shutdown_timeout": 5,
+    }
+    base.update(kwargs)
+    return OffloadSettings(**base)  # type: ignore[arg-type]
+
+
+# -- pools ------------------------------------------------------------------------------
+
+
+async def test_run_uses_default_pool(ex: Executor) -> None:
+    assert ex.pool_name == "process"
+    before = ex.offloader.stats()
+    pid = await ex.run(funcs.getpid)
+    after = ex.offloader.stats()
+    assert pid != MAIN_PID
+    assert after["process"].completed == before["process"].completed + 1
+    assert after["thread"].completed == before["thread"].completed
+    assert ex.stats().completed == after["process"].completed
+
+
+async def test_run_uses_configured_default_pool() -> None:
+    async with Offloader(small(default_pool="thread")) as ex:
+        assert ex.pool_name == "thread"
+        assert await ex.run(funcs.getpid) == MAIN_PID
+        assert ex.offloader.stats()["thread"].completed == 1
+        assert ex.offloader.stats()["process"].completed == 0
+
+
+async def test_thread_pool(ex: Executor) -> None:
+    tex = ex.pool("thread")
+    assert tex.pool_name == "thread"
+    assert ex.pool_name == "process"  # executors are immutable views
+    assert await tex.run(funcs.getpid) == MAIN_PID
+    assert await tex.run(funcs.thread_ident) != threading.get_ident()
+    assert tex.stats().completed == 2
+    assert ex.offloader.stats()["process"].completed == 0
+
+
+async def test_named_pool() -> None:
+    settings = small(pools={"io": {"kind": "thread", "max_workers": 2}})
+    async with Offloader(settings) as ex:
+        io = ex.pool("io")
+        assert io.pool_name == "io"
+        assert await io.run(funcs.add, 2, 3) == 5
+        assert await io.run(funcs.getpid) == MAIN_PID
+        stats = ex.offloader.stats()
+        assert set(stats) == {"thread", "process", "io"}
+        assert stats["io"].kind == "thread"
+        assert stats["io"].name == "io"
+        assert stats["io"].workers == 2
+        assert stats["io"].completed == 2
+        assert stats["thread"].completed == 0
+
+
+async def test_named_process_pool() -> None:
+    settings = small(pools={"ml": {"kind": "process", "max_workers": 1}})
+    async with Offloader(settings) as ex:
+        pid = await ex.pool("ml").run(funcs.getpid)
+        assert pid != MAIN_PID
+        assert pid != await ex.pool("process").run(funcs.getpid)
+        assert ex.offloader.stats()["ml"].completed == 1
+        assert ex.offloader.stats()["process"].completed == 1
+
+
+async def test_unknown_pool_lists_pools(ex: Executor) -> None:
+    with pytest.raises(LookupError) as info:
+        ex.pool("nope")
+    message = str(info.value)
+    assert "nope" in message
+    assert "thread" in message
+    assert "process" in message
+
+
+async def test_unknown_pool_lists_named_pools() -> None:
+    async with Offloader(small(pools={"io": {"kind": "thread"}})) as ex:
+        with pytest.raises(LookupError, match="io"):
+            ex.pool("nope")
+
+
+# -- options ------------------------------------------------------------------------------
+
+
+async def test_timeout_on_thread_call(ex: Executor) -> None:
+    release = threading.Event()
+    started = threading.Event()
+    try:
+        start = anyio.current_time()
+        with anyio.fail_after(5):
+            with pytest.raises(OffloadTimeout) as info:
+                await ex.pool("thread").options(timeout=0.2).run(funcs.block_on, release, started)
+        elapsed = anyio.current_time() - start
+    finally:
+        release.set()
+    assert started.is_set()
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, OffloadError)
+    assert elapsed < 1.0
+    assert ex.pool("thread").stats().timed_out == 1
+
+
+async def test_timeout_on_process_call(ex: Executor) -> None:
+    start = anyio.current_time()
+    with anyio.fail_after(5):
+        with pytest.raises(TimeoutError):
+            await ex.options(timeout=0.3).run(funcs.sleep_then, 30, "late")
+    assert anyio.current_time() - start < 1.5
+    assert ex.stats().timed_out == 1
+    # the pool is still usable
+    assert await ex.run(funcs.add, 1, 1) == 2
+
+
+async def test_options_keep_pool_and_pool_keeps_options(ex: Executor) -> None:
+    release = threading.Event()
+    try:
+        opt = ex.options(timeout=0.2).pool("thread")
+        assert opt.pool_name == "thread"
+        with anyio.fail_after(5):
+            with pytest.raises(OffloadTimeout):
+                await opt.run(funcs.block_on, release)
+    finally:
+        release.set()
+
+
+async def test_options_none_means_no_deadline() -> None:
+    async with Offloader(small(thread={"timeout": 0.1})) as ex:
+        tex = ex.pool("thread")
+        with anyio.fail_after(5):
+            release = threading.Event()
+            try:
+                with pytest.raises(OffloadTimeout):
+                    await tex.run(funcs.block_on, release)  # the pool's own timeout
+            finally:
+                release.set()
+            assert await tex.options(timeout=None).run(funcs.sleep_then, 0.2, "x") == "x"
+
+
+def test_options_bad_timeout() -> None:
+    executor = Offloader(small()).executor  # options() needs no running pools
+    for timeout in (0, -1, -0.1):
+        with pytest.raises(ValueError, match="timeout"):
+            executor.options(timeout=timeout)
+    assert executor.options(timeout=None).pool_name == "process"
+
+
+async def test_keywords_named_like_options_reach_fn(ex: Executor) -> None:
+    for pool in ("thread", "process"):
+        got = await ex.pool(pool).run(funcs.kw, timeout=0.001, kind="nope", fn="x", pool="y")
+        assert got == {"timeout": 0.001, "kind": "nope", "fn": "x", "pool": "y"}
+        got = await ex.pool(pool).options(timeout=5).run(funcs.kw, timeout=0, options=1)
+        assert got == {"timeout": 0, "options": 1}
+
+
+# -- what can run ----------------------------------------------------------------------------
+
+
+async def _coro() -> None:
+    pass
+
+
+async def _agen() -> AsyncIterator[int]:
+    yield 1
+
+
+async def test_async_function_rejected(ex: Executor) -> None:
+    for pool in ("thread", "process"):
+        with pytest.raises(TypeError, match="async"):
+            await ex.pool(pool).run(_coro)  # type: ignore[unused-coroutine]
+        with pytest.raises(TypeError, match="async"):
+            await ex.pool(pool).run(_agen)
+        with pytest.raises(TypeError):
+            await ex.pool(pool).run(3)  # type: ignore[call-overload]
+        assert ex.pool(pool).stats().completed == 0
+
+
+async def test_run_decorated_function(ex: Executor) -> None:
+    assert await ex.run(funcs.double, 3) == 6
+    for pool in ("thread", "process"):
+        assert await ex.pool(pool).run(funcs.double, 3) == 6
+        assert await ex.pool(pool).run(funcs.thread_double, 4) == 8  # its own kind is ignored
+    assert ex.pool("thread").stats().completed == 2
+    assert ex.pool("process").stats().completed == 3
+
+
+async def test_run_lambda_in_process_pool(ex: Executor) -> None:
+    assert await ex.run(lambda x: x + 1, 1) == 2
+
+
+async def test_user_exception_thread_and_process(ex: Executor) -> None:
+    for pool in ("thread", "process"):
+        with pytest.raises(funcs.Boom, match="bad"):
+            await ex.pool(pool).run(funcs.boom, "bad")
+        assert ex.pool(pool).stats().failed == 1
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+
+async def test_run_before_enter_raises_pool_closed() -> None:
+    off = Offloader(small())
+    with pytest.raises(PoolClosed, match="not started"):
+        await off.executor.run(funcs.add, 1, 2)
+    with pytest.raises(PoolClosed):
+        await off.executor.pool("thread").run(funcs.add, 1, 2)
+    with pytest.raises(LookupError):
+        off.executor.pool("nope")
+
+
+async def test_run_after_exit_raises_pool_closed() -> None:
+    off = Offloader(small())
+    async with off as ex:
+        assert await ex.run(funcs.add, 1, 2) == 3
+    for executor in (ex, ex.pool("thread"), off.executor):
+        with pytest.raises(PoolClosed, match="stopped"):
+            await executor.run(funcs.add, 1, 2)
+
+
+async def test_enter_twice_raises_runtime_error() -> None:
+    off = Offloader(small())
+    async with off:
+        with pytest.raises(RuntimeError):
+            async with off:
+                pass  # pragma: no cover
+        assert off.running  # the failed re-entry left it alone
+        assert await off.executor.run(funcs.add, 1, 2) == 3
+    with pytest.raises(RuntimeError):
+        async with off:
+            pass  # pragma: no cover
+    assert not off.running
+
+
+async def test_offloader_stats_returns_both_pools(ex: Executor) -> None:
+    stats = ex.offloader.stats()
+    assert set(stats) == {"thread", "process"}
+    for name, snapshot in stats.items():
+        assert isinstance(snapshot, PoolStats)
+        assert snapshot.name == name
+        assert snapshot.kind == name
+        assert snapshot.completed == 0
+        assert snapshot.busy == 0
+        assert snapshot.queued == 0
+    assert stats["process"].workers == 2  # the fixture's max_workers
+    assert stats["thread"].workers == 4
+
+
+async def test_enter_returns_bound_executor() -> None:
+    off = Offloader(small())
+    async with off as ex:
+        assert ex is off.executor
+        assert ex.offloader is off
+        assert off.running
+    assert not off.running

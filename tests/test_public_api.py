@@ -1,0 +1,128 @@
+"""The public names of ``offload``, and what ``import offload`` costs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import offload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PUBLIC = (
+    "CallCancelled",
+    "Executor",
+    "OffloadError",
+    "OffloadSettings",
+    "OffloadTimeout",
+    "OffloadedFunction",
+    "Offloader",
+    "PoolClosed",
+    "PoolOverloaded",
+    "PoolSettings",
+    "PoolStats",
+    "RemoteTraceback",
+    "SerializationError",
+    "WorkerCrashed",
+    "check_cancelled",
+    "offload",
+)
+
+HEAVY = ("fastapi", "starlette", "pydantic", "pydantic_settings", "anyio")
+
+
+def test_all_is_a_sorted_tuple_of_the_pinned_names() -> None:
+    assert isinstance(offload.__all__, tuple)
+    assert offload.__all__ == PUBLIC
+    assert list(offload.__all__) == sorted(set(offload.__all__))
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_every_name_resolves(name: str) -> None:
+    value = getattr(offload, name)
+    assert value is not None
+    assert name in dir(offload)
+    # the name is the object's own name, not something else
+    assert getattr(value, "__name__", name) == name
+
+
+def test_error_hierarchy() -> None:
+    for name in (
+        "CallCancelled",
+        "OffloadTimeout",
+        "PoolClosed",
+        "PoolOverloaded",
+        "SerializationError",
+        "WorkerCrashed",
+    ):
+        assert issubclass(getattr(offload, name), offload.OffloadError), name
+    assert issubclass(offload.OffloadTimeout, TimeoutError)
+    assert issubclass(offload.OffloadError, Exception)
+
+
+def test_unknown_name_raises_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="no_such_name"):
+        getattr(offload, "no_such_name")  # noqa: B009
+    assert not hasattr(offload, "_WHERE_NOT")
+
+
+def test_version() -> None:
+    assert isinstance(offload.__version__, str)
+    assert offload.__version__.count(".") >= 1
+
+
+def test_py_typed_marker() -> None:
+    package_dir = Path(offload.__file__).parent
+    assert (package_dir / "py.typed").is_file()
+
+
+def _loaded_after(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; which HEAVY modules are then loaded."""
+    script = (
+        f"import json, sys\n{code}\nprint(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    loaded: list[str] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_import_is_light() -> None:
+    assert _loaded_after("import offload") == []
+
+
+def test_names_load_lazily() -> None:
+    loaded = _loaded_after(
+        "import offload\nassert 'pydantic' not in sys.modules\noffload.OffloadSettings\n"
+    )
+    assert "pydantic" in loaded
+    assert "pydantic_settings" in loaded
+    loaded = _loaded_after("from offload import Offloader")
+    assert "anyio" in loaded
+
+
+def test_all_names_never_import_web_frameworks() -> None:
+    loaded = _loaded_after("import offload\nfor n in offload.__all__: getattr(offload, n)")
+    assert "fastapi" not in loaded
+    assert "starlette" not in loaded
+
+
+def test_errors_load_without_pydantic_or_anyio() -> None:
+    loaded = _loaded_after("from offload import OffloadError, WorkerCrashed, PoolClosed")
+    assert loaded == []
+
+
+def test_worker_module_is_light() -> None:
+    # a process worker starts with this module; it must not pay for pydantic or anyio
+    assert _loaded_after("import offload._pools._worker") == []
