@@ -15,8 +15,14 @@ LATENCY_WINDOW = 1024
 class PoolStats:
     """A snapshot of one pool.
 
-    Counts are totals since the pool started; latencies (seconds, from the call to
-    its outcome, queue wait included) cover the last 1024 calls that returned or raised.
+    ``workers`` are the workers ready to take calls, ``busy`` those running one (an
+    abandoned thread counts until it ends), ``queued`` the calls waiting for one.
+    Counts are totals since the pool started: a call ends ``completed``, ``failed``
+    (it raised, or would not pickle), ``timed_out``, ``cancelled`` (by its caller),
+    ``crashed`` (its worker died) or ``rejected`` (``PoolOverloaded``);
+    ``recycled`` counts workers replaced after ``max_tasks_per_worker`` calls.
+    Latencies (seconds, from the call to its outcome, queue wait included) cover the
+    last 1024 calls.
     """
 
     name: str
@@ -30,6 +36,7 @@ class PoolStats:
     cancelled: int
     crashed: int
     recycled: int
+    rejected: int
     latency_p50: float | None
     latency_p90: float | None
     latency_p99: float | None
@@ -45,6 +52,7 @@ class Counters:
         "failed",
         "latencies",
         "recycled",
+        "rejected",
         "timed_out",
     )
 
@@ -55,6 +63,7 @@ class Counters:
         self.cancelled = 0
         self.crashed = 0
         self.recycled = 0
+        self.rejected = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def snapshot(self, *, name: str, kind: str, workers: int, busy: int, queued: int) -> PoolStats:
@@ -77,6 +86,7 @@ class Counters:
             cancelled=self.cancelled,
             crashed=self.crashed,
             recycled=self.recycled,
+            rejected=self.rejected,
             latency_p50=pct(0.50),
             latency_p90=pct(0.90),
             latency_p99=pct(0.99),

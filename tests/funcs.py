@@ -208,3 +208,24 @@ def write_pid_then_spin(path: str, seconds: float) -> int:
     Path(tmp).write_text(str(os.getpid()))
     os.replace(tmp, path)
     return spin(seconds)
+
+
+_initialized: list[str] = []
+
+
+def remember(tag: str) -> None:
+    """An initializer: records that it ran in this worker."""
+    _initialized.append(tag)
+
+
+def initialized() -> tuple[int, list[str]]:
+    return os.getpid(), list(_initialized)
+
+
+_ballast: list[bytes] = []
+
+
+def grow(megabytes: int) -> int:
+    """Hold on to ``megabytes`` of memory in this worker; returns its pid."""
+    _ballast.append(b"x" * (megabytes << 20))
+    return os.getpid()

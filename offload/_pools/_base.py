@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 
-from .._errors import OffloadTimeout, PoolClosed, WorkerCrashed
+from .._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
 from .._stats import Counters, PoolStats
 
 if TYPE_CHECKING:
@@ -101,6 +101,9 @@ class Pool(ABC):
                 raise
             except WorkerCrashed:
                 counters.crashed += 1
+                raise
+            except PoolOverloaded:
+                counters.rejected += 1
                 raise
             except BaseException:
                 counters.failed += 1

@@ -65,6 +65,8 @@ KILL_GRACE = 1.0
 #: seconds a caller waits for a dead worker's exit status before reporting without it
 EXIT_STATUS_WAIT = 2.0
 
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
 
@@ -74,6 +76,7 @@ class _Worker:
     __slots__ = (
         "calls",
         "exited",
+        "held",
         "pid",
         "pidfd",
         "proc",
@@ -94,6 +97,7 @@ class _Worker:
                 self.pidfd = os.pidfd_open(proc.pid)
         self.exited = anyio.Event()
         self.calls = 0
+        self.held = False  # a caller is using the channel: only it may close it
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
 
@@ -136,14 +140,23 @@ class _Worker:
                 await anyio.sleep(0.05)
         self.proc.poll()
 
+    def rss(self) -> int:
+        """Resident memory of the worker in bytes; 0 if it cannot be read."""
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * _PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return 0
+
     def signal(self, sig: int) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)
 
     def close(self) -> None:
-        anyio.notify_closing(self.sock)
-        self.sock.close()
+        if self.sock.fileno() >= 0:
+            anyio.notify_closing(self.sock)
+            self.sock.close()
         if self.pidfd is not None:
             anyio.notify_closing(self.pidfd)
             os.close(self.pidfd)
@@ -338,7 +351,8 @@ class ProcessPool(Pool):
         worker.proc.poll()
         self._procs.discard(worker)
         worker.exited.set()
-        worker.close()
+        if not worker.held:
+            worker.close()  # else the caller holding it closes it, once done reading
         unexpected = worker in self._ready
         self._ready.discard(worker)
         self._slots.remove_idle(worker)
@@ -400,6 +414,25 @@ class ProcessPool(Pool):
                 self._on_exit(worker)
         _live_pools.discard(self)
 
+    def _worn_out(self, worker: _Worker) -> bool:
+        """Whether ``worker`` is due for replacement after its latest call."""
+        settings = self.settings
+        limit = settings.max_tasks_per_worker
+        if limit is not None and worker.calls >= limit:
+            logger.info("pool %r: recycling worker %d after %d calls", self.name, worker.pid, limit)
+            return True
+        memory = settings.max_memory_per_worker
+        if memory is not None and (rss := worker.rss()) > memory:
+            logger.info(
+                "pool %r: recycling worker %d: %d bytes resident, limit %d",
+                self.name,
+                worker.pid,
+                rss,
+                memory,
+            )
+            return True
+        return False
+
     def kill_now(self) -> None:
         """Last resort at interpreter exit: SIGKILL every worker and reap it."""
         for worker in list(self._procs):
@@ -416,6 +449,7 @@ class ProcessPool(Pool):
         request = _encode_request(call)
         while True:
             worker = await self._slots.get()
+            worker.held = True
             self._busy += 1
             try:
                 try:
@@ -424,7 +458,7 @@ class ProcessPool(Pool):
                     # It died while idle, before reading this call: try another.
                     continue
                 data, buffers = await worker.recv()
-            except (EOFError, OSError):
+            except (EOFError, OSError, anyio.ClosedResourceError):
                 with anyio.move_on_after(EXIT_STATUS_WAIT):
                     await worker.exited.wait()
                 raise WorkerCrashed(
@@ -440,13 +474,17 @@ class ProcessPool(Pool):
                 raise
             finally:
                 self._busy -= 1
+                worker.held = False
+                if worker.exited.is_set():
+                    worker.close()
             self._release(worker)
             return _decode_reply(call, data, buffers)
 
     def _release(self, worker: _Worker) -> None:
+        if worker not in self._ready:
+            return  # died or was stopped while the caller read its answer
         worker.calls += 1
-        limit = self.settings.max_tasks_per_worker
-        if limit is not None and worker.calls >= limit and not self._closing:
+        if self._worn_out(worker) and not self._closing:
             self.counters.recycled += 1
             self._retire(worker)
             self._task_group.start_soon(self._replace)
