@@ -367,28 +367,24 @@ class ProcessPool(Pool):
         """Stop ``worker`` now: SIGTERM, and SIGKILL if it is still there after a grace."""
         self._ready.discard(worker)
         worker.signal(signal.SIGTERM)
-        self._task_group.start_soon(self._escalate, worker)
-
-    async def _escalate(self, worker: _Worker) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(KILL_GRACE):
-                await worker.exited.wait()
-                return
-            worker.signal(signal.SIGKILL)
+        self._task_group.start_soon(
+            self._unless_gone, worker, lambda: worker.signal(signal.SIGKILL)
+        )
 
     def _retire(self, worker: _Worker) -> None:
         """Let an idle worker finish cleanly: closing its channel makes it exit."""
         self._ready.discard(worker)
         worker.retiring = True
-        worker.sock.shutdown(socket.SHUT_RDWR)
-        self._task_group.start_soon(self._escalate_after_close, worker)
+        with contextlib.suppress(OSError):
+            worker.sock.shutdown(socket.SHUT_RDWR)
+        self._task_group.start_soon(self._unless_gone, worker, lambda: self._kill(worker))
 
-    async def _escalate_after_close(self, worker: _Worker) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(KILL_GRACE):
-                await worker.exited.wait()
-                return
-            self._kill(worker)
+    async def _unless_gone(self, worker: _Worker, escalate: Callable[[], None]) -> None:
+        """Call ``escalate`` if ``worker`` is still alive after the grace period."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_GRACE):
+            await worker.exited.wait()
+            return
+        escalate()
 
     async def _stop(self) -> None:
         self._slots.fail_waiters(PoolClosed(f"pool {self.name!r} is closed"))
