@@ -229,3 +229,9 @@ def grow(megabytes: int) -> int:
     """Hold on to ``megabytes`` of memory in this worker; returns its pid."""
     _ballast.append(b"x" * (megabytes << 20))
     return os.getpid()
+
+
+def fail_if_exists(path: str) -> None:
+    """An initializer that fails while ``path`` exists."""
+    if os.path.exists(path):
+        raise RuntimeError(f"{path} exists")

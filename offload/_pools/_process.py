@@ -74,6 +74,7 @@ class _Worker:
     """The parent's handle on one worker process."""
 
     __slots__ = (
+        "call",
         "calls",
         "exited",
         "held",
@@ -97,6 +98,7 @@ class _Worker:
                 self.pidfd = os.pidfd_open(proc.pid)
         self.exited = anyio.Event()
         self.calls = 0
+        self.call: Call | None = None  # the call it runs, for the logs
         self.held = False  # a caller is using the channel: only it may close it
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
@@ -239,6 +241,7 @@ class ProcessPool(Pool):
         self._ready: set[_Worker] = set()  # started, not retired: the pool's capacity
         self._procs: set[_Worker] = set()  # every process not yet reaped
         self._busy = 0
+        self._broken: Exception | None = None  # why no worker could be started
         self._death_r = -1
         self._death_w = -1
 
@@ -320,21 +323,41 @@ class ProcessPool(Pool):
         if self._closing:
             self._retire(worker)
             return
-        logger.debug("pool %r: worker %d started", self.name, worker.pid)
+        logger.info("pool %r: worker %d started", self.name, worker.pid)
         worker.ready = True
         self._ready.add(worker)
         self._slots.put(worker)
 
     async def _replace(self) -> None:
+        """Start a worker in place of one that is gone, backing off while that fails.
+
+        While the pool has no worker at all and cannot start one, calls fail at once
+        with :class:`PoolClosed` (from the start error) instead of waiting for ever.
+        """
         delay = 0.1
         while not self._closing:
             try:
                 await self._add_worker()
+            except Exception as exc:
+                logger.error(
+                    "pool %r: could not start a replacement worker (retrying in %g s): %s",
+                    self.name,
+                    delay,
+                    exc,
+                )
+                if not self._ready:
+                    self._broken = exc
+                    self._slots.fail_waiters(self._broken_error())
+            else:
+                self._broken = None
                 return
-            except Exception:
-                logger.exception("pool %r: could not start a replacement worker", self.name)
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _broken_error(self) -> PoolClosed:
+        error = PoolClosed(f"pool {self.name!r} has no worker and cannot start one: {self._broken}")
+        error.__cause__ = self._broken
+        return error
 
     async def _watch(self, worker: _Worker) -> None:
         """Notice the worker's exit, whenever and however it happens."""
@@ -356,8 +379,15 @@ class ProcessPool(Pool):
         unexpected = worker in self._ready
         self._ready.discard(worker)
         self._slots.remove_idle(worker)
-        if unexpected:
+        if unexpected and worker.call is None:  # a crash mid-call is logged by its caller
             logger.warning(
+                "pool %r: idle worker %d %s",
+                self.name,
+                worker.pid,
+                describe_exit(worker.returncode),
+            )
+        else:
+            logger.debug(
                 "pool %r: worker %d %s", self.name, worker.pid, describe_exit(worker.returncode)
             )
         if worker.ready and not worker.retiring and not self._closing:
@@ -444,8 +474,15 @@ class ProcessPool(Pool):
     async def _execute(self, call: Call) -> Any:
         request = _encode_request(call)
         while True:
+            if self._broken is not None and not self._ready:
+                raise self._broken_error()
             worker = await self._slots.get()
+            if worker.proc.poll() is not None:
+                # Died while idle and its watcher has not run yet: not this call's fault.
+                self._on_exit(worker)
+                continue
             worker.held = True
+            worker.call = call
             self._busy += 1
             try:
                 try:
@@ -457,6 +494,13 @@ class ProcessPool(Pool):
             except (EOFError, OSError, anyio.ClosedResourceError):
                 with anyio.move_on_after(EXIT_STATUS_WAIT):
                     await worker.exited.wait()
+                logger.error(
+                    "pool %r: worker %d %s while running %s",
+                    self.name,
+                    worker.pid,
+                    describe_exit(worker.returncode),
+                    call.name,
+                )
                 raise WorkerCrashed(
                     f"the worker process {worker.pid} running {call.name} "
                     f"{describe_exit(worker.returncode)}",
@@ -466,11 +510,19 @@ class ProcessPool(Pool):
             except BaseException:
                 # Cancelled mid-call (deadline, caller, shutdown): the worker is
                 # somewhere in the call, so it cannot be reused.
+                logger.info(
+                    "pool %r: killing worker %d running %s (%s)",
+                    self.name,
+                    worker.pid,
+                    call.name,
+                    "deadline passed" if anyio.current_time() >= call.deadline else "cancelled",
+                )
                 self._kill(worker)
                 raise
             finally:
                 self._busy -= 1
                 worker.held = False
+                worker.call = None
                 if worker.exited.is_set():
                     worker.close()
             self._release(worker)

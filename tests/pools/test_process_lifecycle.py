@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import anyio
+import logging
+import os
+import signal
+from pathlib import Path
 
-from offload import Offloader, OffloadSettings
+import anyio
+import psutil
+import pytest
+
+from offload import Offloader, OffloadSettings, OffloadTimeout, PoolClosed, WorkerCrashed
 
 from .. import funcs
 from ..conftest import children
@@ -52,3 +59,56 @@ async def test_max_memory_per_worker_recycles_a_bloated_worker() -> None:
         assert await pool.run(funcs.grow, 200) == first  # this call completes...
         assert await pool.run(funcs.getpid) != first  # ...then the worker is replaced
         assert pool.stats().recycled == 1
+
+
+async def test_pool_that_cannot_replace_workers_fails_calls_fast(tmp_path: Path) -> None:
+    flag = tmp_path / "broken"
+    settings = OffloadSettings(
+        process={
+            "max_workers": 1,
+            "initializer": "tests.funcs:fail_if_exists",
+            "initializer_args": (str(flag),),
+        }
+    )
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        pid = await pool.run(funcs.getpid)
+        flag.write_text("")
+        os.kill(pid, signal.SIGKILL)
+        with anyio.fail_after(10):
+            while psutil.pid_exists(pid):  # until the pool has reaped it
+                await anyio.sleep(0.01)
+            while True:  # until the failed replacement is noticed
+                try:
+                    await pool.run(funcs.getpid)
+                except PoolClosed as exc:
+                    error = exc
+                    break
+                await anyio.sleep(0.05)
+        assert "cannot start" in str(error)
+        flag.unlink()
+        with anyio.fail_after(15):  # the back-off retries, and the pool heals
+            while True:
+                try:
+                    assert await pool.run(funcs.getpid) != pid
+                    break
+                except PoolClosed:
+                    await anyio.sleep(0.05)
+
+
+async def test_logs_name_the_pool_worker_and_function(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="offload")
+    async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+        pool = ex.pool("process")
+        with pytest.raises(OffloadTimeout):
+            await pool.options(timeout=0.3).run(funcs.spin, 10)
+        with pytest.raises(WorkerCrashed):
+            await pool.run(funcs.exit_now, 3)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("worker" in m and "started" in m and "'process'" in m for m in messages)
+    assert any(
+        "killing worker" in m and "tests.funcs.spin" in m and "deadline" in m for m in messages
+    )
+    assert any("exited with code 3" in m and "tests.funcs.exit_now" in m for m in messages)
