@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._pools._base import Pool
     from ._stats import PoolStats
 
-__all__ = ("Offloader", "active_offloader")
+__all__ = ("Offloader", "active_offloader", "newest_offloader")
 
 logger = logging.getLogger("offload")
 
@@ -31,6 +31,16 @@ logger = logging.getLogger("offload")
 _running: RunVar[list[Offloader]] = RunVar("offload_running")
 # The Offloader entered by this task or an ancestor: wins when several run at once.
 _entered: ContextVar[Offloader | None] = ContextVar("offload_entered", default=None)
+
+
+# Every Offloader running in this process, on any loop or thread, newest last: for
+# readers outside the event loop, such as a metrics scrape.
+_everywhere: list[Offloader] = []
+
+
+def newest_offloader() -> Offloader | None:
+    """The Offloader that started last among those running in this process."""
+    return _everywhere[-1] if _everywhere else None
 
 
 def active_offloader() -> Offloader | None:
@@ -134,6 +144,7 @@ class Offloader:
             await self._close_task_group()
             raise
         self._running = True
+        _everywhere.append(self)
         if self._register:
             running = _running.get(None)
             if running is None:
@@ -150,6 +161,8 @@ class Offloader:
         tb: TracebackType | None,
     ) -> bool | None:
         self._running = False
+        if self in _everywhere:
+            _everywhere.remove(self)
         if self._register:
             running = _running.get(None)
             if running is not None and self in running:

@@ -1,0 +1,98 @@
+"""Prometheus exposition of pool statistics (``pip install 'offload[metrics]'``).
+
+::
+
+    from prometheus_client import REGISTRY
+    from offload.prometheus import OffloadCollector
+
+    REGISTRY.register(OffloadCollector())     # the active Offloader, at each scrape
+
+Metrics, each labelled with ``pool``:
+
+- ``offload_calls_total{outcome=...}``: calls that ended, by outcome (completed,
+  failed, timed_out, cancelled, crashed, rejected);
+- ``offload_workers_recycled_total``: workers replaced after their limits;
+- ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
+- ``offload_call_latency_seconds{quantile=...}``: recent call latencies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ._offloader import Offloader
+    from ._stats import PoolStats
+
+__all__ = ("OffloadCollector",)
+
+_OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "crashed", "rejected")
+
+
+class OffloadCollector(Collector):
+    """Collects the statistics of one Offloader's pools at each scrape.
+
+    :param offloader: the Offloader to report on; by default the one returned by
+        ``get_offloader`` at scrape time
+    :param get_offloader: how to find it when ``offloader`` is not given; default:
+        every Offloader running in this process, newest last
+    """
+
+    def __init__(
+        self,
+        offloader: Offloader | None = None,
+        *,
+        get_offloader: Callable[[], Offloader | None] | None = None,
+    ) -> None:
+        self._offloader = offloader
+        self._get_offloader = get_offloader
+
+    def _stats(self) -> dict[str, PoolStats]:
+        offloader = self._offloader
+        if offloader is None:
+            from ._offloader import newest_offloader
+
+            offloader = (self._get_offloader or newest_offloader)()
+        return offloader.stats() if offloader is not None else {}
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        calls = CounterMetricFamily(
+            "offload_calls", "Calls that ended, by outcome.", labels=("pool", "outcome")
+        )
+        recycled = CounterMetricFamily(
+            "offload_workers_recycled", "Workers replaced after their limits.", labels=("pool",)
+        )
+        workers = GaugeMetricFamily("offload_workers", "Workers ready.", labels=("pool",))
+        busy = GaugeMetricFamily(
+            "offload_busy_workers", "Workers running a call.", labels=("pool",)
+        )
+        queued = GaugeMetricFamily(
+            "offload_queued_calls", "Calls waiting for a worker.", labels=("pool",)
+        )
+        latency = GaugeMetricFamily(
+            "offload_call_latency_seconds",
+            "Latency of recent calls (queue wait included), by quantile.",
+            labels=("pool", "quantile"),
+        )
+        for name, s in stats.items():
+            for outcome in _OUTCOMES:
+                calls.add_metric((name, outcome), getattr(s, outcome))
+            recycled.add_metric((name,), s.recycled)
+            workers.add_metric((name,), s.workers)
+            busy.add_metric((name,), s.busy)
+            queued.add_metric((name,), s.queued)
+            for quantile, value in (
+                ("0.5", s.latency_p50),
+                ("0.9", s.latency_p90),
+                ("0.99", s.latency_p99),
+            ):
+                if value is not None:
+                    latency.add_metric((name, quantile), value)
+        yield from (calls, recycled, workers, busy, queued, latency)
