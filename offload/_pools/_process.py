@@ -85,6 +85,7 @@ class _Worker:
         "retiring",
         "scratch",
         "sock",
+        "successor",
     )
 
     def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
@@ -102,6 +103,7 @@ class _Worker:
         self.held = False  # a caller is using the channel: only it may close it
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
+        self.successor = False  # its replacement was started before it retired
 
     @property
     def returncode(self) -> int | None:
@@ -390,7 +392,7 @@ class ProcessPool(Pool):
             logger.debug(
                 "pool %r: worker %d %s", self.name, worker.pid, describe_exit(worker.returncode)
             )
-        if worker.ready and not worker.retiring and not self._closing:
+        if worker.ready and not (worker.retiring or worker.successor or self._closing):
             self._task_group.start_soon(self._replace)
 
     def _kill(self, worker: _Worker) -> None:
@@ -532,11 +534,20 @@ class ProcessPool(Pool):
         if worker not in self._ready:
             return  # died or was stopped while the caller read its answer
         worker.calls += 1
-        if self._worn_out(worker) and not self._closing:
+        if self._closing:
+            self._slots.put(worker)
+        elif self._worn_out(worker):
             self.counters.recycled += 1
             self._retire(worker)
-            self._task_group.start_soon(self._replace)
+            if not worker.successor:
+                self._task_group.start_soon(self._replace)
         else:
+            limit = self.settings.max_tasks_per_worker
+            if limit is not None and worker.calls == limit - 1:
+                # One call to go: start its successor now, so that it is ready
+                # (or nearly) when this one retires, and capacity has no gap.
+                worker.successor = True
+                self._task_group.start_soon(self._replace)
             self._slots.put(worker)
 
 
