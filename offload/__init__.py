@@ -1,7 +1,9 @@
 """offload: run blocking, CPU-bound functions from async code without stalling the event loop.
 
 The names below are the whole public API. They load on first use, so a worker
-process (or ``import offload`` alone) does not pay for pydantic or anyio.
+process (or ``import offload`` alone) does not pay for pydantic or anyio, and only
+``lifespan`` and ``get_executor`` import FastAPI. More in the public modules
+``offload.fastapi`` and ``offload.prometheus``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from ._settings import OffloadSettings as OffloadSettings
     from ._settings import PoolSettings as PoolSettings
     from ._stats import PoolStats as PoolStats
+    from .fastapi import get_executor as get_executor
+    from .fastapi import lifespan as lifespan
 
 __version__ = "0.1.0"
 
@@ -45,6 +49,8 @@ __all__ = (
     "SerializationError",
     "WorkerCrashed",
     "check_cancelled",
+    "get_executor",
+    "lifespan",
     "offload",
 )
 
@@ -64,6 +70,8 @@ _WHERE = {
     "SerializationError": "._errors",
     "WorkerCrashed": "._errors",
     "check_cancelled": "._pools._thread",
+    "get_executor": ".fastapi",
+    "lifespan": ".fastapi",
     "offload": "._decorator",
 }
 

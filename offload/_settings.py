@@ -67,6 +67,13 @@ class PoolSettings(BaseModel):
         default=None,
         description='replace a worker process whose resident memory passes this (bytes or "512MB")',
     )
+    niceness: int = Field(
+        default=5,
+        ge=0,
+        le=19,
+        description="added to worker processes' nice value, so that the event loop wins "
+        "the CPU when both want it; 0 keeps the parent's priority",
+    )
     address: str | None = Field(default=None, description="scheduler address, for kind dask")
 
     @field_validator("initializer")
@@ -102,6 +109,7 @@ class PoolSettingsDict(TypedDict, total=False):
     initializer_args: tuple[Any, ...]
     max_tasks_per_worker: int | None
     max_memory_per_worker: int | str | None
+    niceness: int
     address: str | None
 
 

@@ -35,9 +35,13 @@ async def ex(settings: OffloadSettings) -> AsyncIterator[Executor]:
 
 
 def children() -> list[psutil.Process]:
-    """Live (non-zombie) child processes of this test process."""
+    """Live (non-zombie) child processes of this test process.
+
+    Direct children only: a server that a test starts has workers of its own, which
+    that test checks itself.
+    """
     alive = []
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process().children():
         try:
             if child.status() != psutil.STATUS_ZOMBIE:
                 alive.append(child)

@@ -235,3 +235,115 @@ def fail_if_exists(path: str) -> None:
     """An initializer that fails while ``path`` exists."""
     if os.path.exists(path):
         raise RuntimeError(f"{path} exists")
+
+
+# --- helpers for pools/test_fault_matrix ------------------------------------------------
+
+
+class UnpickleRefused(Exception):
+    """Raised by the objects below when unpickled in a process they refuse."""
+
+
+def _rebuild_here_only(pickled_in: int, tag: str) -> RefusesForeignReduce:
+    here = os.getpid()
+    if here != pickled_in:
+        raise UnpickleRefused(
+            f"{tag}: pickled in process {pickled_in}, refusing to unpickle in process {here}"
+        )
+    return RefusesForeignReduce(tag)
+
+
+class RefusesForeignReduce:
+    """Unpickles only in the process that pickled it: elsewhere its ``__reduce__``
+    reconstructor raises :class:`UnpickleRefused` (naming both pids)."""
+
+    def __init__(self, tag: str = "argument") -> None:
+        self.tag = tag
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_here_only, (os.getpid(), self.tag))
+
+
+class RefusesForeignSetstate:
+    """Same as :class:`RefusesForeignReduce`, but refuses in ``__setstate__``."""
+
+    def __init__(self, tag: str = "argument") -> None:
+        self.tag = tag
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tag": self.tag, "pid": os.getpid()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        here = os.getpid()
+        if here != state["pid"]:
+            raise UnpickleRefused(
+                f"{state['tag']}: pickled in process {state['pid']}, "
+                f"refusing to unpickle in process {here}"
+            )
+        self.tag = state["tag"]
+
+
+def _segfault_unless_in(pickled_in: int) -> SegfaultsForeignUnpickle:
+    if os.getpid() != pickled_in:
+        ctypes.string_at(0)
+    return SegfaultsForeignUnpickle()
+
+
+class SegfaultsForeignUnpickle:
+    """Segfaults the process that unpickles it, unless it is the one that pickled it."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_segfault_unless_in, (os.getpid(),))
+
+
+def return_refusing() -> RefusesForeignReduce:
+    """A result that pickles in the worker and refuses to unpickle in the parent."""
+    return RefusesForeignReduce("result")
+
+
+def raise_memory_error(message: str) -> None:
+    raise MemoryError(message)
+
+
+class LockedError(Exception):
+    """An exception that cannot be pickled: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_locked(message: str) -> None:
+    raise LockedError(message)
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be rebuilt: ``args`` holds only ``a``, ``__init__`` needs ``b``."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(a)
+        self.b = b
+
+
+def raise_two_arg(a: str, b: str) -> None:
+    raise TwoArgError(a, b)
+
+
+def write_pid_then_sleep(path: str, seconds: float) -> None:
+    """Publish this worker's pid in ``path`` (atomically), then block in ``time.sleep``."""
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, path)
+    time.sleep(seconds)
+
+
+class InitializerFailed(Exception):
+    pass
+
+
+def failing_initializer(message: str) -> None:
+    raise InitializerFailed(message)
+
+
+def crashing_initializer(code: int) -> None:
+    os._exit(code)

@@ -29,8 +29,11 @@ PUBLIC = (
     "SerializationError",
     "WorkerCrashed",
     "check_cancelled",
+    "get_executor",
+    "lifespan",
     "offload",
 )
+FASTAPI_NAMES = ("get_executor", "lifespan")
 
 HEAVY = ("fastapi", "starlette", "pydantic", "pydantic_settings", "anyio")
 
@@ -112,10 +115,19 @@ def test_names_load_lazily() -> None:
     assert "anyio" in loaded
 
 
-def test_all_names_never_import_web_frameworks() -> None:
-    loaded = _loaded_after("import offload\nfor n in offload.__all__: getattr(offload, n)")
+def test_core_names_never_import_web_frameworks() -> None:
+    loaded = _loaded_after(
+        "import offload\n"
+        f"for n in offload.__all__:\n    if n not in {FASTAPI_NAMES!r}: getattr(offload, n)"
+    )
     assert "fastapi" not in loaded
     assert "starlette" not in loaded
+    assert "fastapi" in _loaded_after("from offload import lifespan")
+
+
+def test_decorator_import_is_light() -> None:
+    # a worker imports the user's module, hence @offload: it must stay cheap there
+    assert _loaded_after("from offload import offload") == []
 
 
 def test_errors_load_without_pydantic_or_anyio() -> None:

@@ -303,7 +303,13 @@ class ProcessPool(Pool):
         worker = await self._spawn()
         try:
             with anyio.fail_after(START_TIMEOUT):
-                boot = (sys.path, self.settings.initializer, self.settings.initializer_args)
+                settings = self.settings
+                boot = (
+                    sys.path,
+                    settings.niceness,
+                    settings.initializer,
+                    settings.initializer_args,
+                )
                 await worker.send(_wire.encode(boot))
                 status, value = _wire.decode(*await worker.recv())
         except BaseException as exc:

@@ -51,8 +51,13 @@ def main() -> None:
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH))
-    sys_path, initializer, initializer_args = decode(*recv_frame(sock, scratch))
+    sys_path, niceness, initializer, initializer_args = decode(*recv_frame(sock, scratch))
     sys.path[:] = sys_path
+    if niceness:
+        try:
+            os.nice(niceness)
+        except OSError:
+            pass
     if initializer is not None:
         try:
             _import_string(initializer)(*initializer_args)

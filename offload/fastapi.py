@@ -1,0 +1,179 @@
+"""FastAPI integration: the pools live as long as the app.
+
+::
+
+    from fastapi import Depends, FastAPI
+    from offload import Executor, get_executor, lifespan
+    from offload.fastapi import add_exception_handlers
+
+    app = FastAPI(lifespan=lifespan)       # pools start with the app, drain on shutdown
+    add_exception_handlers(app)            # OffloadTimeout -> 504, PoolOverloaded -> 503, ...
+
+    @app.post("/resize")
+    async def route(data: bytes, executor: Executor = Depends(get_executor)):
+        return await executor.run(resize, data, 256)
+
+This is the only module that imports FastAPI or Starlette; ``import offload`` loads
+it only when one of its names is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
+from ._offloader import Offloader
+
+if TYPE_CHECKING:
+    from ._executor import Executor
+    from ._settings import OffloadSettings
+
+__all__ = ("Lifespan", "add_exception_handlers", "get_executor", "lifespan")
+
+logger = logging.getLogger("offload")
+
+#: the key of the Offloader in the lifespan state (``request.state.offload``)
+STATE_KEY = "offload"
+#: seconds a client is told to wait before retrying a 503
+RETRY_AFTER = 1
+
+AppLifespan = Callable[[Any], AbstractAsyncContextManager[Mapping[str, Any] | None]]
+
+
+class Lifespan:
+    """A FastAPI (or Starlette) lifespan that runs an :class:`~offload.Offloader`.
+
+    ``FastAPI(lifespan=lifespan)`` uses ``OffloadSettings()`` read from the
+    environment when the app starts. With explicit settings, or around the app's own
+    lifespan (which then runs with the pools already up, and whose state is kept)::
+
+        FastAPI(lifespan=Lifespan(OffloadSettings(process={"max_workers": 4}),
+                                  wraps=app_lifespan))
+
+    On shutdown the Offloader stops accepting calls, lets calls in flight finish for
+    ``shutdown_timeout`` seconds, then stops every worker.
+
+    :param settings: the Offloader's settings; default: ``OffloadSettings()`` at startup
+    :param wraps: the app's own lifespan, run inside this one
+    """
+
+    def __init__(
+        self, settings: OffloadSettings | None = None, *, wraps: AppLifespan | None = None
+    ) -> None:
+        self.settings = settings
+        self.wraps = wraps
+
+    def __call__(self, app: Any) -> AbstractAsyncContextManager[dict[str, Any]]:
+        return self._run(app)
+
+    @asynccontextmanager
+    async def _run(self, app: Any) -> AsyncIterator[dict[str, Any]]:
+        offloader = Offloader(self.settings)
+        async with offloader:
+            warn_if_oversubscribed(offloader.settings)
+            state: dict[str, Any] = {STATE_KEY: offloader}
+            if self.wraps is None:
+                yield state
+            else:
+                async with self.wraps(app) as inner:
+                    yield {**state, **(inner or {})}
+
+
+lifespan = Lifespan()
+"""``FastAPI(lifespan=lifespan)``: an Offloader from ``OffloadSettings()`` for the app's life."""
+
+
+def get_executor(request: Request) -> Executor:
+    """FastAPI dependency: ``executor: Executor = Depends(get_executor)``.
+
+    Returns an executor of the Offloader started by :data:`lifespan`, for the
+    default pool. It adds nothing to the OpenAPI schema.
+
+    :raises RuntimeError: if the app was not started with offload's lifespan
+    """
+    offloader = request.scope.get("state", {}).get(STATE_KEY)
+    if not isinstance(offloader, Offloader):
+        raise RuntimeError(
+            "no Offloader in the lifespan state: create the app with "
+            "FastAPI(lifespan=offload.lifespan), or wrap your own lifespan with "
+            "offload.fastapi.Lifespan(wraps=your_lifespan)"
+        )
+    return offloader.executor
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    """Answer offload's errors with the right status and a short JSON body.
+
+    ``OffloadTimeout`` -> 504, ``PoolOverloaded`` and ``PoolClosed`` -> 503 with
+    ``Retry-After``, ``WorkerCrashed`` -> 500. The body is FastAPI's
+    ``{"detail": ...}`` with a fixed message: nothing about the function, its
+    arguments or the worker leaks to the client. Exceptions raised by your own
+    functions are left to FastAPI's handlers.
+    """
+    app.add_exception_handler(OffloadTimeout, _timeout)
+    app.add_exception_handler(PoolOverloaded, _overloaded)
+    app.add_exception_handler(PoolClosed, _closed)
+    app.add_exception_handler(WorkerCrashed, _crashed)
+
+
+async def _timeout(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse({"detail": "the work took too long"}, status_code=504)
+
+
+async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": "server busy, try again later"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+async def _closed(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": "server unavailable, try again later"},
+        status_code=503,
+        headers={"Retry-After": str(RETRY_AFTER)},
+    )
+
+
+async def _crashed(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("request %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+
+def warn_if_oversubscribed(settings: OffloadSettings) -> None:
+    """Log a warning when the worker processes of this server outnumber the CPUs.
+
+    Counts every process pool of ``settings``, times ``WEB_CONCURRENCY`` (the
+    number of server processes, as uvicorn and gunicorn read it) when set, against
+    the CPUs this process may use (cgroup quotas included).
+    """
+    from loky import cpu_count
+
+    per_server = sum(
+        pool.resolved_max_workers("process")
+        for pool in settings.pool_settings().values()
+        if pool.kind == "process"
+    )
+    try:
+        servers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
+    except ValueError:
+        servers = 1
+    cpus = int(cpu_count())
+    if per_server * servers > cpus:
+        logger.warning(
+            "offload: %d worker processes per server x %d server processes = %d, "
+            "for %d CPUs: CPU-bound calls will compete; lower OFFLOAD_PROCESS__MAX_WORKERS "
+            "or the number of server processes",
+            per_server,
+            servers,
+            per_server * servers,
+            cpus,
+        )

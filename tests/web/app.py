@@ -1,0 +1,105 @@
+"""The app the web tests serve with a real uvicorn (or hypercorn) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.responses import Response
+
+from offload import Executor, OffloadSettings, PoolClosed, PoolOverloaded, get_executor
+from offload.fastapi import Lifespan, add_exception_handlers
+
+from .. import funcs
+
+SETTINGS = OffloadSettings(
+    process={"max_workers": 2},
+    thread={"max_workers": 2},
+    pools={"tiny": {"kind": "process", "max_workers": 1, "max_pending": 0}},
+    shutdown_timeout=10,
+)
+
+
+@asynccontextmanager
+async def app_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    # The app's own setup runs with the pools already up.
+    yield {"greeting": "hello"}
+
+
+app = FastAPI(lifespan=Lifespan(SETTINGS, wraps=app_lifespan))
+add_exception_handlers(app)
+
+if os.environ.get("TEST_BASE_HTTP_MIDDLEWARE"):
+
+    class Passthrough(BaseHTTPMiddleware):
+        async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+            return await call_next(request)
+
+    app.add_middleware(Passthrough)
+
+
+@app.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    return {"ok": True, "greeting": request.state.greeting}
+
+
+@app.get("/workers")
+async def workers(ex: Executor = Depends(get_executor)) -> dict[str, Any]:
+    stats = ex.offloader.stats()
+    return {name: {"workers": s.workers, "busy": s.busy} for name, s in stats.items()}
+
+
+@app.post("/add/{x}")
+async def add(x: int, ex: Executor = Depends(get_executor)) -> dict[str, int]:
+    return {"result": await ex.run(funcs.add, x, x), "decorated": await funcs.double(x)}
+
+
+@app.get("/sleep/{seconds}")
+async def sleep(seconds: float, ex: Executor = Depends(get_executor)) -> dict[str, Any]:
+    return {"result": await ex.run(funcs.sleep_then, seconds, "slept")}
+
+
+@app.get("/spin/{seconds}")
+async def spin(seconds: float, ex: Executor = Depends(get_executor)) -> dict[str, Any]:
+    return {"result": await ex.run(funcs.spin, seconds)}
+
+
+@app.get("/timeout")
+async def timeout(ex: Executor = Depends(get_executor)) -> None:
+    await ex.options(timeout=0.2).run(funcs.sleep_then, 5, None)
+
+
+@app.get("/crash")
+async def crash(ex: Executor = Depends(get_executor)) -> None:
+    await ex.run(funcs.exit_now, 3)
+
+
+@app.get("/overload")
+async def overload(ex: Executor = Depends(get_executor)) -> None:
+    tiny = ex.pool("tiny")
+    refused: PoolOverloaded | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tiny.run, funcs.sleep_then, 0.3, None)
+        while tiny.stats().busy == 0:
+            await anyio.sleep(0.01)
+        try:
+            await tiny.run(funcs.add, 1, 1)  # the only worker is busy, no queue: refused
+        except PoolOverloaded as exc:
+            refused = exc
+    if refused is not None:
+        raise refused
+
+
+@app.get("/closed")
+async def closed() -> None:
+    raise PoolClosed("pool 'process' is closed")
+
+
+@app.get("/user-error")
+async def user_error(ex: Executor = Depends(get_executor)) -> None:
+    await ex.run(funcs.boom, "secret detail")

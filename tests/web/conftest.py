@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass
+class Server:
+    """A real ASGI server process serving tests/web/app.py on 127.0.0.1."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+    workers_seen: set[int] = field(default_factory=set)
+
+    def worker_pids(self) -> set[int]:
+        pids = set()
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "offload._pools._worker" in " ".join(child.cmdline()):
+                    pids.add(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        self.workers_seen |= pids
+        return pids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+
+def start_server(
+    server: str = "uvicorn", env: dict[str, str] | None = None, app: str = "tests.web.app:app"
+) -> Server:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    if server == "uvicorn":
+        cmd = ["-m", "uvicorn", app, "--fd", str(fd), "--log-level", "warning"]
+    else:
+        cmd = ["-m", "hypercorn", app, "--bind", f"fd://{fd}", "--log-level", "warning"]
+    proc = subprocess.Popen(
+        [sys.executable, *cmd],
+        cwd=ROOT,
+        pass_fds=(fd,),
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+    listener.close()
+    running = Server(proc, f"http://127.0.0.1:{port}")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{running.url}/health", timeout=1).status_code == 200:
+                return running
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            running.stop(signal.SIGKILL)
+            raise RuntimeError(f"{server} did not start (exit {proc.returncode})")
+        time.sleep(0.05)
+
+
+def assert_gone(pids: set[int], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive:
+            return
+        assert time.monotonic() < deadline, f"processes still alive: {alive}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    running = start_server()
+    yield running
+    pids = running.worker_pids()
+    assert running.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once done
+    assert_gone(pids)
