@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from ._call import Call
 from ._types import UNSET, Unset, check_sync_callable
@@ -11,6 +12,7 @@ from ._types import UNSET, Unset, check_sync_callable
 if TYPE_CHECKING:
     from ._decorator import OffloadedFunction
     from ._offloader import Offloader
+    from ._pools._base import Pool
     from ._stats import PoolStats
     from ._types import P
 
@@ -65,7 +67,9 @@ class Executor:
         :raises LookupError: if there is no such pool; the message lists the pools
         """
         self._offloader.check_pool_name(name)
-        return Executor(self._offloader, name, timeout=self._timeout)
+        derived = copy.copy(self)
+        derived._pool_name = name
+        return derived
 
     def options(self, *, timeout: float | Literal[Unset.UNSET] | None = UNSET) -> Executor:
         """An executor whose calls use these options.
@@ -76,7 +80,9 @@ class Executor:
         """
         if timeout is not None and timeout is not UNSET and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
-        return Executor(self._offloader, self._pool_name, timeout=timeout)
+        derived = copy.copy(self)
+        derived._timeout = timeout
+        return derived
 
     @overload
     async def run(self, fn: OffloadedFunction[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
@@ -105,8 +111,12 @@ class Executor:
         check_sync_callable(fn)
         pool = self._offloader.get_pool(self._pool_name)
         timeout = pool.settings.timeout if self._timeout is UNSET else self._timeout
-        result: T = await pool.run(Call(fn, args, kwargs, timeout))
+        result: T = await self._submit(pool, Call(fn, args, kwargs, timeout))
         return result
+
+    async def _submit(self, pool: Pool, call: Call) -> Any:
+        """Where a call leaves the executor for its pool: a subclass may wrap it."""
+        return await pool.run(call)
 
     def stats(self) -> PoolStats:
         """A snapshot of this executor's pool."""

@@ -137,6 +137,10 @@ class OffloadSettings(BaseSettings):
     pools: dict[str, PoolSettings] = Field(
         default_factory=dict, description="named pools; each needs a kind"
     )
+    cancel_on_disconnect: bool = Field(
+        default=True,
+        description="FastAPI: cancel a request's offloaded calls when its client disconnects",
+    )
     shutdown_timeout: PositiveFloat = Field(
         default=30.0,
         description="seconds that shutdown waits for calls in flight before killing them",
@@ -153,6 +157,7 @@ class OffloadSettings(BaseSettings):
             process: PoolSettings | PoolSettingsDict = ...,
             pools: Mapping[str, PoolSettings | PoolSettingsDict] = ...,
             shutdown_timeout: float = ...,
+            cancel_on_disconnect: bool = ...,
             _env_file: str | None = ...,
         ) -> None: ...
 

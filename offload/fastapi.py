@@ -25,17 +25,22 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
+from ._executor import Executor
 from ._offloader import Offloader
 
 if TYPE_CHECKING:
-    from ._executor import Executor
+    from ._call import Call
+    from ._pools._base import Pool
     from ._settings import OffloadSettings
 
-__all__ = ("Lifespan", "add_exception_handlers", "get_executor", "lifespan")
+__all__ = ("Lifespan", "RequestExecutor", "add_exception_handlers", "get_executor", "lifespan")
+
 
 logger = logging.getLogger("offload")
 
@@ -94,7 +99,12 @@ def get_executor(request: Request) -> Executor:
     """FastAPI dependency: ``executor: Executor = Depends(get_executor)``.
 
     Returns an executor of the Offloader started by :data:`lifespan`, for the
-    default pool. It adds nothing to the OpenAPI schema.
+    default pool, bound to the request: when the client disconnects while a call
+    runs, the call is cancelled as by a deadline (a process worker running it is
+    killed) and raises Starlette's :class:`~starlette.requests.ClientDisconnect`,
+    which :func:`add_exception_handlers` answers with a bodiless 499. Turn this off
+    with ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to the
+    OpenAPI schema.
 
     :raises RuntimeError: if the app was not started with offload's lifespan
     """
@@ -105,7 +115,71 @@ def get_executor(request: Request) -> Executor:
             "FastAPI(lifespan=offload.lifespan), or wrap your own lifespan with "
             "offload.fastapi.Lifespan(wraps=your_lifespan)"
         )
-    return offloader.executor
+    if not offloader.settings.cancel_on_disconnect:
+        return offloader.executor
+    return RequestExecutor(offloader, request)
+
+
+class RequestExecutor(Executor):
+    """An :class:`~offload.Executor` whose calls end when the request's client leaves.
+
+    How it listens without touching the request body: the ASGI server answers
+    ``receive()`` with ``http.disconnect`` once the body has been read and the client
+    goes away (uvicorn, hypercorn; through ``BaseHTTPMiddleware`` too, which relays
+    its upstream ``receive`` once the body is consumed). So during each call, and only
+    once the body has been read (FastAPI reads it before the endpoint for body
+    parameters; a request without a body has nothing to read), a task waits on
+    ``request.receive()``. A request whose body nobody has read yet is not watched:
+    reading it would take it from the endpoint.
+    """
+
+    __slots__ = ("_request",)
+
+    def __init__(self, offloader: Offloader, request: Request) -> None:
+        super().__init__(offloader)
+        self._request = request
+
+    async def _submit(self, pool: Pool, call: Call) -> Any:
+        if not await _body_read(self._request):
+            return await pool.run(call)
+        result: Any = None
+        error: Exception | None = None
+        disconnected = False
+        async with anyio.create_task_group() as tg:
+            with anyio.CancelScope() as scope:
+
+                async def listen() -> None:
+                    nonlocal disconnected
+                    while (await self._request.receive())["type"] != "http.disconnect":
+                        pass
+                    disconnected = True
+                    scope.cancel()
+
+                tg.start_soon(listen)
+                try:
+                    result = await pool.run(call)
+                except Exception as exc:  # kept out of the task group: no ExceptionGroup
+                    error = exc
+            tg.cancel_scope.cancel()
+        if disconnected:
+            raise ClientDisconnect
+        if error is not None:
+            try:
+                raise error
+            finally:
+                del error
+        return result
+
+
+async def _body_read(request: Request) -> bool:
+    """Whether the request's body is read, reading it when there is none to read."""
+    if getattr(request, "_stream_consumed", False) or hasattr(request, "_body"):
+        return True
+    headers = request.headers
+    if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
+        return False
+    await request.body()  # one empty message; cached, so the endpoint still gets b""
+    return True
 
 
 def add_exception_handlers(app: FastAPI) -> None:
@@ -114,13 +188,15 @@ def add_exception_handlers(app: FastAPI) -> None:
     ``OffloadTimeout`` -> 504, ``PoolOverloaded`` and ``PoolClosed`` -> 503 with
     ``Retry-After``, ``WorkerCrashed`` -> 500. The body is FastAPI's
     ``{"detail": ...}`` with a fixed message: nothing about the function, its
-    arguments or the worker leaks to the client. Exceptions raised by your own
+    arguments or the worker leaks to the client. A call cancelled because its client
+    left (``ClientDisconnect``) gets a bodiless 499. Exceptions raised by your own
     functions are left to FastAPI's handlers.
     """
     app.add_exception_handler(OffloadTimeout, _timeout)
     app.add_exception_handler(PoolOverloaded, _overloaded)
     app.add_exception_handler(PoolClosed, _closed)
     app.add_exception_handler(WorkerCrashed, _crashed)
+    app.add_exception_handler(ClientDisconnect, _disconnected)
 
 
 async def _timeout(request: Request, exc: Exception) -> JSONResponse:
@@ -141,6 +217,11 @@ async def _closed(request: Request, exc: Exception) -> JSONResponse:
         status_code=503,
         headers={"Retry-After": str(RETRY_AFTER)},
     )
+
+
+async def _disconnected(request: Request, exc: Exception) -> Response:
+    # Nobody is left to read it: 499, nginx's "client closed request", for the logs.
+    return Response(status_code=499)
 
 
 async def _crashed(request: Request, exc: Exception) -> JSONResponse:

@@ -22,6 +22,7 @@ SETTINGS = OffloadSettings(
     thread={"max_workers": 2},
     pools={"tiny": {"kind": "process", "max_workers": 1, "max_pending": 0}},
     shutdown_timeout=10,
+    cancel_on_disconnect=not os.environ.get("TEST_NO_CANCEL"),
 )
 
 
@@ -103,3 +104,10 @@ async def closed() -> None:
 @app.get("/user-error")
 async def user_error(ex: Executor = Depends(get_executor)) -> None:
     await ex.run(funcs.boom, "secret detail")
+
+
+@app.post("/spin-body/{seconds}")
+async def spin_body(
+    seconds: float, payload: dict[str, Any], ex: Executor = Depends(get_executor)
+) -> dict[str, Any]:
+    return {"result": await ex.run(funcs.spin, seconds), "echo": payload}

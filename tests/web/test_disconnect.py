@@ -1,0 +1,111 @@
+"""A client that goes away cancels its request's offloaded call, on real servers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import pytest
+
+from .conftest import Server, assert_gone, start_server
+
+SERVERS = [
+    pytest.param(("uvicorn", {}), id="uvicorn"),
+    pytest.param(("uvicorn", {"TEST_BASE_HTTP_MIDDLEWARE": "1"}), id="uvicorn-basehttpmiddleware"),
+    pytest.param(("hypercorn", {}), id="hypercorn"),
+]
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def any_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    kind, env = request.param
+    running = start_server(kind, env)
+    yield running
+    pids = running.worker_pids()
+    running.stop()
+    assert_gone(pids)
+
+
+def busy(server: Server) -> int:
+    return int(httpx.get(f"{server.url}/workers").json()["process"]["busy"])
+
+
+def send_and_drop(server: Server, request: bytes) -> None:
+    """Send a raw HTTP request, wait until a worker runs it, then hang up."""
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        conn.sendall(request)
+        deadline = time.monotonic() + 10
+        while busy(server) != 1:
+            assert time.monotonic() < deadline, "the call never reached a worker"
+            time.sleep(0.02)
+
+
+def cpu_seconds(pids: set[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def assert_workers_go_idle(server: Server, before: set[int]) -> None:
+    deadline = time.monotonic() + 2
+    while busy(server) != 0:
+        assert time.monotonic() < deadline, "the call still runs 2 s after the disconnect"
+        time.sleep(0.02)
+    # The spinning worker was killed; the rest burn no CPU.
+    assert_gone(before - server.worker_pids(), timeout=2)
+    pids = server.worker_pids()
+    start = cpu_seconds(pids)
+    time.sleep(0.3)
+    assert cpu_seconds(pids) - start < 0.1
+
+
+def test_get_without_body(any_server: Server) -> None:
+    before = any_server.worker_pids()
+    send_and_drop(any_server, b"GET /spin/30 HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert_workers_go_idle(any_server, before)
+
+
+def test_post_with_body_read_by_fastapi(any_server: Server) -> None:
+    before = any_server.worker_pids()
+    body = json.dumps({"hello": "world"}).encode()
+    send_and_drop(
+        any_server,
+        b"POST /spin-body/30 HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body,
+    )
+    assert_workers_go_idle(any_server, before)
+
+
+def test_body_still_reaches_the_endpoint(any_server: Server) -> None:
+    response = httpx.post(f"{any_server.url}/spin-body/0.01", json={"a": 1}, timeout=10)
+    assert response.status_code == 200
+    assert response.json()["echo"] == {"a": 1}
+
+
+def test_calls_of_connected_clients_are_untouched(any_server: Server) -> None:
+    response = httpx.get(f"{any_server.url}/sleep/0.3", timeout=10)
+    assert response.json() == {"result": "slept"}
+
+
+def test_switched_off_in_settings() -> None:
+    server = start_server("uvicorn", {"TEST_NO_CANCEL": "1"})
+    try:
+        send_and_drop(server, b"GET /spin/1.5 HTTP/1.1\r\nHost: test\r\n\r\n")
+        time.sleep(0.5)
+        assert busy(server) == 1  # still running: nobody cancelled it
+    finally:
+        pids = server.worker_pids()
+        server.stop()
+        assert_gone(pids)
