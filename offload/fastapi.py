@@ -4,10 +4,10 @@
 
     from fastapi import Depends, FastAPI
     from offload import Executor, get_executor, lifespan
-    from offload.fastapi import add_exception_handlers
+    from offload.fastapi import install
 
     app = FastAPI(lifespan=lifespan)       # pools start with the app, drain on shutdown
-    add_exception_handlers(app)            # OffloadTimeout -> 504, PoolOverloaded -> 503, ...
+    install(app)                           # cancel on disconnect; 504, 503, 500 for errors
 
     @app.post("/resize")
     async def route(data: bytes, executor: Executor = Depends(get_executor)):
@@ -30,6 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
+from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
 from ._executor import Executor
 from ._offloader import Offloader
@@ -39,7 +40,15 @@ if TYPE_CHECKING:
     from ._pools._base import Pool
     from ._settings import OffloadSettings
 
-__all__ = ("Lifespan", "RequestExecutor", "add_exception_handlers", "get_executor", "lifespan")
+__all__ = (
+    "DisconnectMiddleware",
+    "Lifespan",
+    "RequestExecutor",
+    "add_exception_handlers",
+    "get_executor",
+    "install",
+    "lifespan",
+)
 
 
 logger = logging.getLogger("offload")
@@ -99,12 +108,13 @@ def get_executor(request: Request) -> Executor:
     """FastAPI dependency: ``executor: Executor = Depends(get_executor)``.
 
     Returns an executor of the Offloader started by :data:`lifespan`, for the
-    default pool, bound to the request: when the client disconnects while a call
-    runs, the call is cancelled as by a deadline (a process worker running it is
-    killed) and raises Starlette's :class:`~starlette.requests.ClientDisconnect`,
-    which :func:`add_exception_handlers` answers with a bodiless 499. Turn this off
-    with ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to the
-    OpenAPI schema.
+    default pool, bound to the request: with :func:`install` done, when the client
+    disconnects while a call runs, the call is cancelled as by a deadline (a process
+    worker running it is killed) and raises Starlette's
+    :class:`~starlette.requests.ClientDisconnect`, which :func:`add_exception_handlers`
+    answers with a bodiless 499. Turn this off with
+    ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to the OpenAPI
+    schema.
 
     :raises RuntimeError: if the app was not started with offload's lifespan
     """
@@ -117,42 +127,48 @@ def get_executor(request: Request) -> Executor:
         )
     if not offloader.settings.cancel_on_disconnect:
         return offloader.executor
-    return RequestExecutor(offloader, request)
+    watch = request.scope.get(WATCH_KEY)
+    if watch is None:
+        global _warned_no_watch
+        if not _warned_no_watch:
+            _warned_no_watch = True
+            logger.warning(
+                "offload: calls cannot be cancelled when clients disconnect: "
+                "call offload.fastapi.install(app) where the app is built"
+            )
+        return offloader.executor
+    return RequestExecutor(offloader, watch)
+
+
+_warned_no_watch = False
 
 
 class RequestExecutor(Executor):
     """An :class:`~offload.Executor` whose calls end when the request's client leaves.
 
-    How it listens without touching the request body: the ASGI server answers
-    ``receive()`` with ``http.disconnect`` once the body has been read and the client
-    goes away (uvicorn, hypercorn; through ``BaseHTTPMiddleware`` too, which relays
-    its upstream ``receive`` once the body is consumed). So during each call, and only
-    once the body has been read (FastAPI reads it before the endpoint for body
-    parameters; a request without a body has nothing to read), a task waits on
-    ``request.receive()``. A request whose body nobody has read yet is not watched:
-    reading it would take it from the endpoint.
+    While a call runs, a task waits for the request's :class:`Watch` (put in the
+    scope by :class:`DisconnectMiddleware`, which :func:`install` adds) to see the
+    client go; then the call is cancelled as by a deadline, and raises Starlette's
+    :class:`~starlette.requests.ClientDisconnect`.
     """
 
-    __slots__ = ("_request",)
+    __slots__ = ("_watch",)
 
-    def __init__(self, offloader: Offloader, request: Request) -> None:
+    def __init__(self, offloader: Offloader, watch: Watch) -> None:
         super().__init__(offloader)
-        self._request = request
+        self._watch = watch
 
     async def _submit(self, pool: Pool, call: Call) -> Any:
-        if not await _body_read(self._request):
-            return await pool.run(call)
         result: Any = None
         error: Exception | None = None
-        disconnected = False
+        gone = False
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope() as scope:
 
                 async def listen() -> None:
-                    nonlocal disconnected
-                    while (await self._request.receive())["type"] != "http.disconnect":
-                        pass
-                    disconnected = True
+                    nonlocal gone
+                    await self._watch.client_gone()
+                    gone = True
                     scope.cancel()
 
                 tg.start_soon(listen)
@@ -161,7 +177,7 @@ class RequestExecutor(Executor):
                 except Exception as exc:  # kept out of the task group: no ExceptionGroup
                     error = exc
             tg.cancel_scope.cancel()
-        if disconnected:
+        if gone:
             raise ClientDisconnect
         if error is not None:
             try:
@@ -171,15 +187,15 @@ class RequestExecutor(Executor):
         return result
 
 
-async def _body_read(request: Request) -> bool:
-    """Whether the request's body is read, reading it when there is none to read."""
-    if getattr(request, "_stream_consumed", False) or hasattr(request, "_body"):
-        return True
-    headers = request.headers
-    if "transfer-encoding" in headers or headers.get("content-length", "0") != "0":
-        return False
-    await request.body()  # one empty message; cached, so the endpoint still gets b""
-    return True
+def install(app: FastAPI) -> None:
+    """The one line that wires offload's HTTP behaviour into an app: ``install(app)``.
+
+    Adds :class:`DisconnectMiddleware` (so that calls made through
+    :func:`get_executor` are cancelled when the client leaves) and
+    :func:`add_exception_handlers`. Call it where the app is built, before it starts.
+    """
+    app.add_middleware(DisconnectMiddleware)
+    add_exception_handlers(app)
 
 
 def add_exception_handlers(app: FastAPI) -> None:

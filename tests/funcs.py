@@ -347,3 +347,8 @@ def failing_initializer(message: str) -> None:
 
 def crashing_initializer(code: int) -> None:
     os._exit(code)
+
+
+def sleep_then_touch(seconds: float, path: str) -> None:
+    time.sleep(seconds)
+    Path(path).write_text("done")

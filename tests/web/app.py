@@ -8,12 +8,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import BackgroundTasks, Depends, FastAPI, Request
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
 
 from offload import Executor, OffloadSettings, PoolClosed, PoolOverloaded, get_executor
-from offload.fastapi import Lifespan, add_exception_handlers
+from offload.fastapi import Lifespan, install
 
 from .. import funcs
 
@@ -33,7 +33,7 @@ async def app_lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
 
 
 app = FastAPI(lifespan=Lifespan(SETTINGS, wraps=app_lifespan))
-add_exception_handlers(app)
+install(app)
 
 if os.environ.get("TEST_BASE_HTTP_MIDDLEWARE"):
 
@@ -111,3 +111,17 @@ async def spin_body(
     seconds: float, payload: dict[str, Any], ex: Executor = Depends(get_executor)
 ) -> dict[str, Any]:
     return {"result": await ex.run(funcs.spin, seconds), "echo": payload}
+
+
+@app.post("/ignore-body/{seconds}")
+async def ignore_body(seconds: float, ex: Executor = Depends(get_executor)) -> dict[str, Any]:
+    # Has a body it never reads: the watch reads ahead to see the client leave.
+    return {"result": await ex.run(funcs.spin, seconds)}
+
+
+@app.get("/background")
+async def background(
+    path: str, tasks: BackgroundTasks, ex: Executor = Depends(get_executor)
+) -> None:
+    # After the response, the request is over: its calls must not count as abandoned.
+    tasks.add_task(ex.run, funcs.sleep_then_touch, 0.3, path)

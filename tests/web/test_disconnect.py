@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -109,3 +110,24 @@ def test_switched_off_in_settings() -> None:
         pids = server.worker_pids()
         server.stop()
         assert_gone(pids)
+
+
+def test_unread_body_is_read_ahead_and_still_watched(any_server: Server) -> None:
+    before = any_server.worker_pids()
+    send_and_drop(
+        any_server,
+        b"POST /ignore-body/30 HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nhello",
+    )
+    assert_workers_go_idle(any_server, before)
+
+
+def test_background_call_after_the_response_is_not_cancelled(
+    any_server: Server, tmp_path: Path
+) -> None:
+    marker = tmp_path / "done"
+    response = httpx.get(f"{any_server.url}/background", params={"path": str(marker)})
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the background call was cancelled"
+        time.sleep(0.05)

@@ -1,0 +1,115 @@
+"""Noticing that an HTTP client went away, without taking the request body from the app.
+
+An ASGI server answers ``receive()`` with ``http.disconnect`` once the body is read
+and the client leaves, but only if someone is calling ``receive()``; after the body
+nobody does. :class:`DisconnectMiddleware` puts a :class:`Watch` between the server
+and the app. The Watch is the only caller of the server's ``receive``, one call at a
+time; the app's ``receive`` gets every message in order, body chunks included, and
+then a repeatable ``http.disconnect`` (hypercorn delivers it only once). While an
+offloaded call runs, :meth:`Watch.client_gone` reads ahead: it queues body chunks the
+app has not asked for yet (up to 64 KiB; not when the client sent
+``Expect: 100-continue``, which reading would answer), then waits for the disconnect.
+
+``http.disconnect`` also arrives after a complete response (uvicorn returns it at
+once, keep-alive or not): that is the request ending, not the client leaving, so a
+call made after the response (a background task) is never cancelled.
+
+See docs/notes/asgi-disconnect.md for the servers' behaviour this relies on.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import anyio
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ("WATCH_KEY", "DisconnectMiddleware", "Watch")
+
+#: where the request's Watch lives in the ASGI scope
+WATCH_KEY = "offload.watch"
+#: request body bytes read ahead of the app, at most
+READ_AHEAD = 1 << 16
+
+
+class Watch:
+    """One request's view of its client: the app's ``receive``, and :meth:`client_gone`."""
+
+    def __init__(self, receive: Receive, scope: Scope) -> None:
+        self._upstream = receive
+        self._lock = anyio.Lock()
+        self._queue: deque[Message] = deque()
+        self._queued_bytes = 0
+        self._body_done = False
+        self._disconnected = False
+        self.response_done = False
+        self._gone = anyio.Event()
+        headers = dict(scope.get("headers") or [])
+        self._may_read_ahead = headers.get(b"expect", b"").lower() != b"100-continue"
+
+    async def _pull(self) -> None:
+        """Take one message from the server; the caller holds the lock."""
+        message = await self._upstream()
+        if message["type"] == "http.request":
+            self._queue.append(message)
+            self._queued_bytes += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._body_done = True
+        elif message["type"] == "http.disconnect":
+            self._disconnected = True
+            if not self.response_done:
+                self._gone.set()
+
+    async def receive(self) -> Message:
+        """The app's ``receive``: every message, in order."""
+        while True:
+            if self._queue:
+                message = self._queue.popleft()
+                self._queued_bytes -= len(message.get("body", b""))
+                return message
+            if self._disconnected:
+                return {"type": "http.disconnect"}
+            async with self._lock:
+                if not (self._queue or self._disconnected):
+                    await self._pull()
+
+    async def client_gone(self) -> None:
+        """Return once the client has left before the response was complete."""
+        while not self._gone.is_set():
+            reading_ahead = not self._body_done
+            if (
+                self.response_done
+                or self._disconnected
+                or (reading_ahead and not self._may_read_ahead)
+                or (reading_ahead and self._queued_bytes >= READ_AHEAD)
+            ):
+                # Nothing more to learn by reading: wait for the app to read on.
+                await self._gone.wait()
+                return
+            async with self._lock:
+                if not (self._gone.is_set() or self._disconnected):
+                    await self._pull()
+
+
+class DisconnectMiddleware:
+    """Pure ASGI middleware giving each HTTP request a :class:`Watch` in its scope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        watch = Watch(receive, scope)
+        scope[WATCH_KEY] = watch
+
+        async def watched_send(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                watch.response_done = True
+            await send(message)
+
+        await self.app(scope, watch.receive, watched_send)
