@@ -4,8 +4,9 @@ Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT
 It imports neither anyio nor pydantic, so it starts in a few tens of milliseconds.
 
 It dies with its parent, however the parent dies: Linux delivers SIGKILL on the
-parent's death (``PR_SET_PDEATHSIG``), and on every platform a thread watches a
-pipe whose only writer is the parent, and exits when the pipe reaches EOF.
+parent's death (``PR_SET_PDEATHSIG``); elsewhere a thread watches a pipe whose only
+writer is the parent, and exits when the pipe reaches EOF. An idle worker also
+exits when its channel reaches EOF.
 """
 
 from __future__ import annotations
@@ -137,13 +138,20 @@ def _import_string(path: str) -> Callable[..., Any]:
 
 
 def _die_with_parent(death_fd: int, parent_pid: int) -> None:
+    signalled = False
     if sys.platform == "linux":
         import ctypes
 
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            libc = ctypes.CDLL(None, use_errno=True)
+            signalled = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before we could ask to die with it
+    if signalled:
+        # No watcher thread then: a single-threaded process dies at once when
+        # killed, so the parent sees it dead (waitpid) as soon as it looks dead.
+        # An idle worker also leaves when its channel reaches EOF.
+        return
 
     def watch() -> None:
         while os.read(death_fd, 1):
