@@ -4,10 +4,11 @@ A call's life is the same in every kind; only :meth:`Pool._execute` differs::
 
     run(call) ── closed? ──> PoolClosed
         │
-        ├─ CancelScope(deadline) ──────────────────────────────┐
+        ├─ CancelScope(deadline), if there is one ─────────────┐
         │     _execute(call): wait for a slot, run, hand back  │ deadline passed ─> OffloadTimeout
-        │                                                      │ pool forced shut ─> PoolClosed
         └─ counters and latency ───────────────────────────────┘
+
+    aclose(drain) ── drain timed out ──> _abort(): every call in flight ─> PoolClosed
 
 ``_execute`` must leave the pool sound whenever it is cancelled: a process pool
 kills the worker that was running the call, a thread pool abandons the thread.
@@ -16,6 +17,7 @@ kills the worker that was running the call, a thread pool abandons the thread.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -48,7 +50,7 @@ class Pool(ABC):
         self.counters = Counters()
         # Background work (replacing a killed worker, say) runs here, never in a caller.
         self._task_group = task_group
-        self._inflight: set[anyio.CancelScope] = set()
+        self._inflight = 0  # calls between run() and their outcome
         self._closing = False
         self._forced = False
         self._drained: anyio.Event | None = None
@@ -91,55 +93,68 @@ class Pool(ABC):
             raise PoolClosed(f"pool {self.name!r} is closed")
         counters = self.counters
         started = time.perf_counter()
-        with anyio.CancelScope(deadline=call.deadline) as scope:
-            self._inflight.add(scope)
-            try:
+        self._inflight += 1
+        try:
+            if call.deadline == math.inf:
+                # No scope without a deadline: it costs more than a round trip's
+                # worth of bookkeeping, and shutdown reaches calls through _abort.
                 result = await self._execute(call)
-            except anyio.get_cancelled_exc_class():
-                if not scope.cancel_called:
-                    counters.cancelled += 1
-                raise
-            except WorkerCrashed:
-                counters.crashed += 1
-                raise
-            except PoolOverloaded:
-                counters.rejected += 1
-                raise
-            except BaseException:
-                counters.failed += 1
-                raise
-            finally:
-                self._inflight.discard(scope)
-                counters.latencies.append(time.perf_counter() - started)
-                if self._drained is not None and not self._inflight:
-                    self._drained.set()
-            counters.completed += 1
-            return result
-        # Only reached when our own scope swallowed the cancellation.
-        if self._forced:
-            raise PoolClosed(f"pool {self.name!r} was shut down before {call.name} finished")
-        counters.timed_out += 1
-        raise OffloadTimeout(f"{call.name} did not finish within {call.timeout:g} s")
+            else:
+                with anyio.CancelScope(deadline=call.deadline) as scope:
+                    result = await self._execute(call)
+                if scope.cancelled_caught:
+                    counters.timed_out += 1
+                    raise OffloadTimeout(f"{call.name} did not finish within {call.timeout:g} s")
+        except OffloadTimeout:
+            raise
+        except anyio.get_cancelled_exc_class():
+            counters.cancelled += 1
+            raise
+        except WorkerCrashed:
+            counters.crashed += 1
+            raise
+        except PoolOverloaded:
+            counters.rejected += 1
+            raise
+        except PoolClosed:
+            raise
+        except BaseException:
+            counters.failed += 1
+            raise
+        finally:
+            self._inflight -= 1
+            counters.latencies.append(time.perf_counter() - started)
+            if self._drained is not None and not self._inflight:
+                self._drained.set()
+        counters.completed += 1
+        return result
+
+    @abstractmethod
+    def _abort(self) -> None:
+        """Shutdown ran out of time: end every call in flight with :class:`PoolClosed`
+        (queued calls too), at once."""
+
+    def _closed_error(self) -> PoolClosed:
+        return PoolClosed(f"pool {self.name!r} was shut down before the call finished")
 
     async def aclose(self, drain_timeout: float) -> None:
         """Refuse new calls, let calls in flight finish for ``drain_timeout`` seconds,
-        then cancel the rest (they get :class:`PoolClosed`) and stop the workers."""
+        then end the rest (they get :class:`PoolClosed`) and stop the workers."""
         self._closing = True
+        self._drained = anyio.Event()
         if self._inflight:
-            self._drained = anyio.Event()
             with anyio.move_on_after(drain_timeout):
                 await self._drained.wait()
         if self._inflight:
             logger.warning(
-                "pool %r: %d calls still running after %g s; cancelling them",
+                "pool %r: %d calls still running after %g s; ending them",
                 self.name,
-                len(self._inflight),
+                self._inflight,
                 drain_timeout,
             )
             self._forced = True
-            for scope in list(self._inflight):
-                scope.cancel()
-            # The cancelled callers unwind at their next checkpoint.
+            self._abort()
+            # The callers unwind at their next checkpoint.
             with anyio.move_on_after(5):
-                await self._drained.wait()  # type: ignore[union-attr]
+                await self._drained.wait()
         await self._stop()

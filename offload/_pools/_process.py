@@ -347,6 +347,8 @@ class ProcessPool(Pool):
             try:
                 await self._add_worker()
             except Exception as exc:
+                if self._closing:
+                    return  # stopped by the shutdown itself: no failure to report
                 logger.error(
                     "pool %r: could not start a replacement worker (retrying in %g s): %s",
                     self.name,
@@ -448,6 +450,12 @@ class ProcessPool(Pool):
                 self._on_exit(worker)
         _live_pools.discard(self)
 
+    def _abort(self) -> None:
+        self._slots.fail_waiters(self._closed_error())
+        for worker in list(self._ready):
+            if worker.held:
+                self._kill(worker)
+
     def _worn_out(self, worker: _Worker) -> bool:
         """Whether ``worker`` is due for replacement after its latest call."""
         settings = self.settings
@@ -482,6 +490,8 @@ class ProcessPool(Pool):
     async def _execute(self, call: Call) -> Any:
         request = _encode_request(call)
         while True:
+            if self._forced:
+                raise self._closed_error()
             if self._broken is not None and not self._ready:
                 raise self._broken_error()
             worker = await self._slots.get()
@@ -500,6 +510,8 @@ class ProcessPool(Pool):
                     continue
                 data, buffers = await worker.recv()
             except (EOFError, OSError, anyio.ClosedResourceError):
+                if self._forced:  # killed by _abort
+                    raise self._closed_error() from None
                 with anyio.move_on_after(EXIT_STATUS_WAIT):
                     await worker.exited.wait()
                 logger.error(

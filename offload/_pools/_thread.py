@@ -165,6 +165,7 @@ class ThreadPool(Pool):
         self._bridge: _AsyncioBridge | _TrioBridge | None = None
         self._running = 0
         self._abandoned = 0
+        self._in_flight: set[_Job] = set()
 
     async def start(self) -> None:
         try:
@@ -189,6 +190,7 @@ class ThreadPool(Pool):
         assert bridge is not None
         job = _Job(call, lambda: bridge.call_soon_threadsafe(lambda: self._release(slot)))
         self._running += 1
+        self._in_flight.add(job)
         try:
             await bridge.wait(job, self._jobs)
         except BaseException:
@@ -199,6 +201,10 @@ class ThreadPool(Pool):
             raise
         finally:
             self._running -= 1
+            self._in_flight.discard(job)
+        if job.abandoned:  # by _abort, which woke us
+            self._abandoned += 1
+            raise self._closed_error()
         self._slots.put(slot)
         if job.error is not None:
             try:
@@ -206,6 +212,12 @@ class ThreadPool(Pool):
             finally:
                 del job  # the traceback holds this frame: break the cycle
         return job.result
+
+    def _abort(self) -> None:
+        self._slots.fail_waiters(self._closed_error())
+        for job in list(self._in_flight):
+            if job.abandon():
+                job.wake()  # the thread will not: it was abandoned
 
     def _release(self, slot: int) -> None:
         self._abandoned -= 1
