@@ -23,3 +23,24 @@ def test_quickstart_runs_as_written(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["75025", "3"]
+
+
+def test_fastapi_example_builds_an_app(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    quickstart = blocks[0].replace("anyio.run(main)", "pass  #")
+    module = tmp_path / "readme_app.py"
+    module.write_text(quickstart + "\n" + blocks[1])
+    check = (
+        "import readme_app\n"
+        "paths = {route.path for route in readme_app.app.routes}\n"
+        "assert '/fib/{n}' in paths, paths\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}"}
+    result = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
