@@ -9,3 +9,31 @@ from __future__ import annotations
 
 def noop() -> None:
     """Do nothing, so that calling it remotely costs only the round trip."""
+
+
+# --- the soak (benchmarks/soak.py) -----------------------------------------------------
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+class Boom(Exception):
+    """What ``boom`` raises: a user exception that must reach the caller as itself."""
+
+
+def boom(message: str) -> None:
+    raise Boom(message)
+
+
+def sleep_then(seconds: float, value: object) -> object:
+    import time
+
+    time.sleep(seconds)
+    return value
+
+
+def exit_now(code: int = 3) -> None:
+    import os
+
+    os._exit(code)

@@ -352,3 +352,9 @@ def crashing_initializer(code: int) -> None:
 def sleep_then_touch(seconds: float, path: str) -> None:
     time.sleep(seconds)
     Path(path).write_text("done")
+
+
+def sleep_if_exists(path: str, seconds: float) -> None:
+    """An initializer that takes ``seconds`` while ``path`` exists (a slow boot)."""
+    if os.path.exists(path):
+        time.sleep(seconds)

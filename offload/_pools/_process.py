@@ -223,7 +223,8 @@ def _decode_reply(call: Call, data: bytearray, buffers: list[bytearray]) -> Any:
     if status == _wire.RAISED_UNPICKLABLE:
         type_name, message, tb = value
         raise OffloadError(
-            f"{call.name} raised {type_name}: {message} (the exception could not be pickled)"
+            f"{call.name} raised {type_name}: {message} "
+            "(the exception could not be sent from the worker: it does not pickle and unpickle)"
         ) from RemoteTraceback(tb)
     if status == _wire.BAD_REQUEST:
         raise SerializationError(
@@ -347,7 +348,7 @@ class ProcessPool(Pool):
             try:
                 await self._add_worker()
             except Exception as exc:
-                if self._closing:
+                if self.closing:
                     return  # stopped by the shutdown itself: no failure to report
                 logger.error(
                     "pool %r: could not start a replacement worker (retrying in %g s): %s",
@@ -430,8 +431,9 @@ class ProcessPool(Pool):
         self._slots.fail_waiters(PoolClosed(f"pool {self.name!r} is closed"))
         for worker in self._slots.take_all_idle():
             self._retire(worker)
-        for worker in list(self._ready):
-            self._kill(worker)
+        for worker in list(self._procs):
+            if not worker.retiring:  # busy, or still starting: no reason to wait
+                self._kill(worker)
         if self._death_w >= 0:
             os.close(self._death_w)  # any worker left exits on its own now
             os.close(self._death_r)
