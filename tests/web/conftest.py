@@ -52,6 +52,9 @@ def start_server(
 ) -> Server:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # uvicorn takes an --fd socket for AF_UNIX and never sets TCP_NODELAY on its
+    # connections; Linux copies it from the listening socket, so set it here.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     listener.bind(("127.0.0.1", 0))
     listener.listen(64)
     port = listener.getsockname()[1]
