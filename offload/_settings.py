@@ -68,7 +68,7 @@ class PoolSettings(BaseModel):
         description='replace a worker process whose resident memory passes this (bytes or "512MB")',
     )
     niceness: int = Field(
-        default=5,
+        default=10,
         ge=0,
         le=19,
         description="added to worker processes' nice value, so that the event loop wins "

@@ -112,3 +112,11 @@ async def test_logs_name_the_pool_worker_and_function(
         "killing worker" in m and "tests.funcs.spin" in m and "deadline" in m for m in messages
     )
     assert any("exited with code 3" in m and "tests.funcs.exit_now" in m for m in messages)
+
+
+@pytest.mark.parametrize("niceness", [0, 10])
+async def test_workers_run_at_lower_priority(niceness: int) -> None:
+    settings = OffloadSettings(process={"max_workers": 1, "niceness": niceness})
+    async with Offloader(settings) as ex:
+        pid = await ex.pool("process").run(funcs.getpid)
+        assert psutil.Process(pid).nice() == min(19, psutil.Process().nice() + niceness)
