@@ -2,9 +2,9 @@
 
 ::
 
-    caller task ──encode──> SlotQueue.get() ──> _Worker.send ──┐
+    caller task ──encode──> SlotQueue.get() ──> WorkerHandle.send ──┐
         ^                                                      │ socketpair
-        └── decode <── _Worker.recv <──────────────────────────┘ worker: _worker.py
+        └── decode <── WorkerHandle.recv <──────────────────────────┘ worker: _worker.py
     watcher task (one per worker): pidfd readable ─> exited ─> replacement
 
 Unlike ``ProcessPoolExecutor`` and loky, the parent knows which call each worker
@@ -23,13 +23,12 @@ import atexit
 import contextlib
 import logging
 import os
-import pickle
 import signal
 import socket
 import subprocess
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -39,12 +38,13 @@ from .._errors import (
     OffloadError,
     PoolClosed,
     RemoteTraceback,
-    SerializationError,
     WorkerCrashed,
     describe_exit,
 )
 from . import _wire
 from ._base import Pool
+from ._codec import decode_reply, encode_request
+from ._handle import WorkerHandle
 from ._slots import SlotQueue
 
 if TYPE_CHECKING:
@@ -65,174 +65,7 @@ KILL_GRACE = 1.0
 #: seconds a caller waits for a dead worker's exit status before reporting without it
 EXIT_STATUS_WAIT = 2.0
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
-
-
-class _Worker:
-    """The parent's handle on one worker process."""
-
-    __slots__ = (
-        "call",
-        "calls",
-        "exited",
-        "held",
-        "pid",
-        "pidfd",
-        "proc",
-        "ready",
-        "retiring",
-        "scratch",
-        "sock",
-        "successor",
-    )
-
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.sock = sock
-        self.scratch = memoryview(bytearray(_wire.SCRATCH))
-        self.pidfd: int | None = None
-        if hasattr(os, "pidfd_open"):
-            with contextlib.suppress(OSError):
-                self.pidfd = os.pidfd_open(proc.pid)
-        self.exited = anyio.Event()
-        self.calls = 0
-        self.call: Call | None = None  # the call it runs, for the logs
-        self.held = False  # a caller is using the channel: only it may close it
-        self.ready = False  # said it was ready; its exit then calls for a replacement
-        self.retiring = False  # recycled: its replacement is already on the way
-        self.successor = False  # its replacement was started before it retired
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    async def send(self, parts: list[_wire.Buffer]) -> None:
-        sock = self.sock
-        views: Sequence[_wire.Buffer] = parts
-        while views:
-            try:
-                views = _wire.remaining(views, sock.sendmsg(views))
-            except BlockingIOError:
-                await anyio.wait_writable(sock)
-
-    async def recv(self) -> tuple[bytearray, list[bytearray]]:
-        sock = self.sock
-        parser = _wire.parse_frame(self.scratch)
-        view = next(parser)
-        while True:
-            try:
-                n = sock.recv_into(view)
-            except BlockingIOError:
-                await anyio.wait_readable(sock)
-                continue
-            if not n:
-                raise EOFError("the worker closed its channel")
-            try:
-                view = parser.send(n)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-
-    async def wait_exit(self) -> None:
-        """Return once the process has exited, and reap it."""
-        if self.pidfd is not None:
-            await anyio.wait_readable(self.pidfd)
-        else:
-            while self.proc.poll() is None:  # noqa: ASYNC110 (no pidfd to wait on)
-                await anyio.sleep(0.05)
-        self.proc.poll()
-
-    def rss(self) -> int:
-        """Resident memory of the worker in bytes; 0 if it cannot be read."""
-        try:
-            with open(f"/proc/{self.pid}/statm", "rb") as statm:
-                return int(statm.read().split()[1]) * _PAGE_SIZE
-        except (OSError, ValueError, IndexError):
-            return 0
-
-    def signal(self, sig: int) -> None:
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(sig)
-
-    def close(self) -> None:
-        if self.sock.fileno() >= 0:
-            anyio.notify_closing(self.sock)
-            self.sock.close()
-        if self.pidfd is not None:
-            anyio.notify_closing(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = None
-
-
-def function_blob(fn: Callable[..., Any]) -> bytes:
-    """``fn`` pickled for a worker: by reference when the worker can import it,
-    else by value with cloudpickle (lambdas, closures, ``__main__`` functions)."""
-    if _importable(fn):
-        try:
-            return pickle.dumps(fn, protocol=5)
-        except Exception:
-            pass
-    import cloudpickle
-
-    return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
-
-
-def _importable(fn: object) -> bool:
-    # A worker has its own __main__, and cannot reach into a function's locals.
-    module = getattr(fn, "__module__", None)
-    return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
-
-
-def _encode_request(call: Call) -> list[_wire.Buffer]:
-    try:
-        blob = function_blob(call.fn)
-    except Exception as exc:
-        raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
-    request = (blob, call.args, call.kwargs)
-    try:
-        return _wire.encode(request)
-    except Exception:
-        pass
-    import cloudpickle  # arguments that plain pickle refuses: lambdas, closures
-
-    try:
-        return _wire.encode(request, cloudpickle.dumps)
-    except Exception as exc:
-        raise SerializationError(f"the arguments of {call.name} cannot be pickled: {exc}") from exc
-
-
-def _decode_reply(call: Call, data: bytearray, buffers: list[bytearray]) -> Any:
-    try:
-        status, value = _wire.decode(data, buffers)
-    except Exception as exc:
-        raise SerializationError(f"the result of {call.name} cannot be unpickled: {exc}") from exc
-    if status == _wire.OK:
-        return value
-    if status == _wire.RAISED:
-        blob, tb = value
-        try:
-            error = pickle.loads(blob)
-        except Exception as exc:
-            raise SerializationError(
-                f"the exception raised by {call.name} cannot be unpickled: {exc}"
-            ) from RemoteTraceback(tb)
-        raise error from RemoteTraceback(tb)
-    if status == _wire.RAISED_UNPICKLABLE:
-        type_name, message, tb = value
-        raise OffloadError(
-            f"{call.name} raised {type_name}: {message} "
-            "(the exception could not be sent from the worker: it does not pickle and unpickle)"
-        ) from RemoteTraceback(tb)
-    if status == _wire.BAD_REQUEST:
-        raise SerializationError(
-            f"the worker could not unpickle the call to {call.name}"
-        ) from RemoteTraceback(value)
-    raise SerializationError(f"the result of {call.name} cannot be pickled") from RemoteTraceback(
-        value
-    )
 
 
 class ProcessPool(Pool):
@@ -240,9 +73,9 @@ class ProcessPool(Pool):
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
-        self._slots: SlotQueue[_Worker] = SlotQueue(settings.max_pending, name)
-        self._ready: set[_Worker] = set()  # started, not retired: the pool's capacity
-        self._procs: set[_Worker] = set()  # every process not yet reaped
+        self._slots: SlotQueue[WorkerHandle] = SlotQueue(settings.max_pending, name)
+        self._ready: set[WorkerHandle] = set()  # started, not retired: the pool's capacity
+        self._procs: set[WorkerHandle] = set()  # every process not yet reaped
         self._busy = 0
         self._broken: Exception | None = None  # why no worker could be started
         self._death_r = -1
@@ -270,7 +103,7 @@ class ProcessPool(Pool):
             await self._stop()
             raise errors[0]
 
-    async def _spawn(self) -> _Worker:
+    async def _spawn(self) -> WorkerHandle:
         parent, child = socket.socketpair()
         try:
             # Popen forks with vfork, which returns once the child has exec'd. The
@@ -294,7 +127,7 @@ class ProcessPool(Pool):
         finally:
             child.close()
         parent.setblocking(False)
-        worker = _Worker(proc, parent)
+        worker = WorkerHandle(proc, parent)
         self._procs.add(worker)
         self._task_group.start_soon(self._watch, worker, name=f"offload-watch-{worker.pid}")
         return worker
@@ -370,7 +203,7 @@ class ProcessPool(Pool):
         error.__cause__ = self._broken
         return error
 
-    async def _watch(self, worker: _Worker) -> None:
+    async def _watch(self, worker: WorkerHandle) -> None:
         """Notice the worker's exit, whenever and however it happens."""
         try:
             with anyio.CancelScope(shield=True):
@@ -379,7 +212,7 @@ class ProcessPool(Pool):
             return  # _stop reaped it first
         self._on_exit(worker)
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: WorkerHandle) -> None:
         if worker.exited.is_set():
             return
         worker.proc.poll()
@@ -404,7 +237,7 @@ class ProcessPool(Pool):
         if worker.ready and not (worker.retiring or worker.successor or self._closing):
             self._task_group.start_soon(self._replace)
 
-    def _kill(self, worker: _Worker) -> None:
+    def _kill(self, worker: WorkerHandle) -> None:
         """Stop ``worker`` now: SIGTERM, and SIGKILL if it is still there after a grace."""
         self._ready.discard(worker)
         worker.signal(signal.SIGTERM)
@@ -412,7 +245,7 @@ class ProcessPool(Pool):
             self._unless_gone, worker, lambda: worker.signal(signal.SIGKILL)
         )
 
-    def _retire(self, worker: _Worker) -> None:
+    def _retire(self, worker: WorkerHandle) -> None:
         """Let an idle worker finish cleanly: closing its channel makes it exit."""
         self._ready.discard(worker)
         worker.retiring = True
@@ -420,7 +253,7 @@ class ProcessPool(Pool):
             worker.sock.shutdown(socket.SHUT_RDWR)
         self._task_group.start_soon(self._unless_gone, worker, lambda: self._kill(worker))
 
-    async def _unless_gone(self, worker: _Worker, escalate: Callable[[], None]) -> None:
+    async def _unless_gone(self, worker: WorkerHandle, escalate: Callable[[], None]) -> None:
         """Call ``escalate`` if ``worker`` is still alive after the grace period."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(KILL_GRACE):
             await worker.exited.wait()
@@ -458,7 +291,7 @@ class ProcessPool(Pool):
             if worker.held:
                 self._kill(worker)
 
-    def _worn_out(self, worker: _Worker) -> bool:
+    def _worn_out(self, worker: WorkerHandle) -> bool:
         """Whether ``worker`` is due for replacement after its latest call."""
         settings = self.settings
         limit = settings.max_tasks_per_worker
@@ -490,7 +323,7 @@ class ProcessPool(Pool):
         return len(self._ready), self._busy, self._slots.queued
 
     async def _execute(self, call: Call) -> Any:
-        request = _encode_request(call)
+        request = encode_request(call)
         while True:
             if self._forced:
                 raise self._closed_error()
@@ -548,9 +381,9 @@ class ProcessPool(Pool):
                 if worker.exited.is_set():
                     worker.close()
             self._release(worker)
-            return _decode_reply(call, data, buffers)
+            return decode_reply(call, data, buffers)
 
-    def _release(self, worker: _Worker) -> None:
+    def _release(self, worker: WorkerHandle) -> None:
         if worker not in self._ready:
             return  # died or was stopped while the caller read its answer
         worker.calls += 1

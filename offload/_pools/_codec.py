@@ -1,0 +1,88 @@
+"""What travels to a worker and back: the call (function, arguments) and its outcome.
+
+Functions importable by name travel by reference; lambdas, closures and ``__main__``
+functions by value (cloudpickle). Arguments go through plain pickle, falling back to
+cloudpickle. Every failure is a :class:`SerializationError` naming the function.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .._errors import OffloadError, RemoteTraceback, SerializationError
+from . import _wire
+
+if TYPE_CHECKING:
+    from .._call import Call
+
+__all__ = ("decode_reply", "encode_request", "function_blob")
+
+
+def function_blob(fn: Callable[..., Any]) -> bytes:
+    """``fn`` pickled for a worker: by reference when the worker can import it,
+    else by value with cloudpickle (lambdas, closures, ``__main__`` functions)."""
+    if _importable(fn):
+        try:
+            return pickle.dumps(fn, protocol=5)
+        except Exception:
+            pass
+    import cloudpickle
+
+    return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+
+
+def _importable(fn: object) -> bool:
+    # A worker has its own __main__, and cannot reach into a function's locals.
+    module = getattr(fn, "__module__", None)
+    return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
+
+
+def encode_request(call: Call) -> list[_wire.Buffer]:
+    try:
+        blob = function_blob(call.fn)
+    except Exception as exc:
+        raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
+    request = (blob, call.args, call.kwargs)
+    try:
+        return _wire.encode(request)
+    except Exception:
+        pass
+    import cloudpickle  # arguments that plain pickle refuses: lambdas, closures
+
+    try:
+        return _wire.encode(request, cloudpickle.dumps)
+    except Exception as exc:
+        raise SerializationError(f"the arguments of {call.name} cannot be pickled: {exc}") from exc
+
+
+def decode_reply(call: Call, data: bytearray, buffers: list[bytearray]) -> Any:
+    try:
+        status, value = _wire.decode(data, buffers)
+    except Exception as exc:
+        raise SerializationError(f"the result of {call.name} cannot be unpickled: {exc}") from exc
+    if status == _wire.OK:
+        return value
+    if status == _wire.RAISED:
+        blob, tb = value
+        try:
+            error = pickle.loads(blob)
+        except Exception as exc:
+            raise SerializationError(
+                f"the exception raised by {call.name} cannot be unpickled: {exc}"
+            ) from RemoteTraceback(tb)
+        raise error from RemoteTraceback(tb)
+    if status == _wire.RAISED_UNPICKLABLE:
+        type_name, message, tb = value
+        raise OffloadError(
+            f"{call.name} raised {type_name}: {message} "
+            "(the exception could not be sent from the worker: it does not pickle and unpickle)"
+        ) from RemoteTraceback(tb)
+    if status == _wire.BAD_REQUEST:
+        raise SerializationError(
+            f"the worker could not unpickle the call to {call.name}"
+        ) from RemoteTraceback(value)
+    raise SerializationError(f"the result of {call.name} cannot be pickled") from RemoteTraceback(
+        value
+    )

@@ -1,0 +1,118 @@
+"""The parent's handle on one worker process: its channel, its pid, its exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import anyio
+
+from . import _wire
+
+if TYPE_CHECKING:
+    from .._call import Call
+
+__all__ = ("WorkerHandle",)
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class WorkerHandle:
+    """The parent's handle on one worker process."""
+
+    __slots__ = (
+        "call",
+        "calls",
+        "exited",
+        "held",
+        "pid",
+        "pidfd",
+        "proc",
+        "ready",
+        "retiring",
+        "scratch",
+        "sock",
+        "successor",
+    )
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self.sock = sock
+        self.scratch = memoryview(bytearray(_wire.SCRATCH))
+        self.pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            with contextlib.suppress(OSError):
+                self.pidfd = os.pidfd_open(proc.pid)
+        self.exited = anyio.Event()
+        self.calls = 0
+        self.call: Call | None = None  # the call it runs, for the logs
+        self.held = False  # a caller is using the channel: only it may close it
+        self.ready = False  # said it was ready; its exit then calls for a replacement
+        self.retiring = False  # recycled: its replacement is already on the way
+        self.successor = False  # its replacement was started before it retired
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode
+
+    async def send(self, parts: list[_wire.Buffer]) -> None:
+        sock = self.sock
+        views: Sequence[_wire.Buffer] = parts
+        while views:
+            try:
+                views = _wire.remaining(views, sock.sendmsg(views))
+            except BlockingIOError:
+                await anyio.wait_writable(sock)
+
+    async def recv(self) -> tuple[bytearray, list[bytearray]]:
+        sock = self.sock
+        parser = _wire.parse_frame(self.scratch)
+        view = next(parser)
+        while True:
+            try:
+                n = sock.recv_into(view)
+            except BlockingIOError:
+                await anyio.wait_readable(sock)
+                continue
+            if not n:
+                raise EOFError("the worker closed its channel")
+            try:
+                view = parser.send(n)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+
+    async def wait_exit(self) -> None:
+        """Return once the process has exited, and reap it."""
+        if self.pidfd is not None:
+            await anyio.wait_readable(self.pidfd)
+        else:
+            while self.proc.poll() is None:  # noqa: ASYNC110 (no pidfd to wait on)
+                await anyio.sleep(0.05)
+        self.proc.poll()
+
+    def rss(self) -> int:
+        """Resident memory of the worker in bytes; 0 if it cannot be read."""
+        try:
+            with open(f"/proc/{self.pid}/statm", "rb") as statm:
+                return int(statm.read().split()[1]) * _PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def signal(self, sig: int) -> None:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            anyio.notify_closing(self.sock)
+            self.sock.close()
+        if self.pidfd is not None:
+            anyio.notify_closing(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = None
