@@ -1,7 +1,7 @@
 """The example FastAPI app that ``python -m offload demo`` serves with uvicorn.
 
 It serves the same CPU-bound, pure-Python work (:func:`offload._demo.burn`, a
-fixed number of ``steps`` given as a query parameter) three ways, next to a
+fixed number of ``steps`` given as a query parameter) several ways, next to a
 ``/ping`` that answers at once:
 
 - ``GET /work/blocking``: an ``async def`` route that calls the function directly,
@@ -9,17 +9,20 @@ fixed number of ``steps`` given as a query parameter) three ways, next to a
 - ``GET /work/thread``: ``anyio.to_thread.run_sync``, what people usually do; the
   loop stays free, but the GIL still runs one thread of pure Python at a time;
 - ``GET /work/process``: offload's process pool, one worker per CPU, through the
-  ``get_executor`` dependency of :mod:`offload.fastapi`.
+  ``get_executor`` dependency of :mod:`offload.fastapi`;
+- ``GET /work/loky``: loky's reusable executor, one worker per CPU, created at the
+  first request (a peer for ``benchmarks/bench_fastapi.py``; the demo does not use it).
 
 Run it alone with ``uvicorn offload._demo_app:app`` (needs ``offload[demo]``).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations.
+import asyncio
 from typing import Annotated
 
 import anyio.to_thread
 from fastapi import Depends, FastAPI, Query
-from loky import cpu_count
+from loky import cpu_count, get_reusable_executor
 
 from ._demo import burn
 from ._executor import Executor
@@ -63,3 +66,10 @@ async def work_thread(steps: Steps) -> dict[str, int]:
 async def work_process(steps: Steps, executor: Executor = Depends(get_executor)) -> dict[str, int]:
     """The work in offload's process pool: the loop is free and the CPUs run in parallel."""
     return {"result": await executor.run(burn, steps)}
+
+
+@app.get("/work/loky")
+async def work_loky(steps: Steps) -> dict[str, int]:
+    """The work in loky's reusable executor (one worker per CPU, started at first use)."""
+    executor = get_reusable_executor(max_workers=int(cpu_count()))
+    return {"result": await asyncio.wrap_future(executor.submit(burn, steps))}

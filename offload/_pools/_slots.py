@@ -1,4 +1,4 @@
-"""First-come, first-served hand-off of free slots (worker processes or thread tokens)."""
+"""First-come, first-served hand-off of free worker processes to waiting calls."""
 
 from __future__ import annotations
 

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
-from .._errors import CallCancelled
+from .._errors import CallCancelled, PoolOverloaded
 from ._base import Pool
-from ._slots import SlotQueue
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -56,19 +55,39 @@ class _Job:
     """A call as a worker thread sees it. The lock orders "finished" against
     "abandoned", so exactly one of wake() or release() runs."""
 
-    __slots__ = ("abandoned", "call", "error", "finished", "lock", "release", "result", "wake")
+    __slots__ = (
+        "abandoned",
+        "call",
+        "error",
+        "finished",
+        "lock",
+        "release",
+        "result",
+        "started",
+        "waiting",
+        "wake",
+    )
 
-    def __init__(self, call: Call, release: Callable[[], None]) -> None:
+    def __init__(self, call: Call) -> None:
         self.call = call
         self.lock = threading.Lock()
+        self.started = False
         self.finished = False
         self.abandoned = False
+        self.waiting = False  # its caller waits for wake(): only the loop's thread reads it
         self.result: Any = None
         self.error: BaseException | None = None
         self.wake: Callable[[], None] = _nothing
-        self.release = release  # hands the slot back once an abandoned job ends
+        self.release: Callable[[], None] = _nothing  # once an abandoned job is done with
 
     def run(self) -> None:
+        with self.lock:
+            if self.abandoned:  # its caller left while it was queued: never start it
+                self.finished = True
+        if self.finished:
+            self.release()
+            return
+        self.started = True
         _local.job = self
         try:
             self.result = self.call.target(*self.call.args, **self.call.kwargs)
@@ -155,57 +174,64 @@ class _TrioBridge:
 
 
 class ThreadPool(Pool):
+    """``max_workers`` threads taking jobs from one queue.
+
+    The threads are the slots: a job waits in the queue until a thread is free, and
+    an abandoned job keeps its thread, hence its slot, until it really ends. At most
+    ``max_workers + max_pending`` jobs are in the pool, abandoned ones included; past
+    that a call gets :class:`PoolOverloaded` at once.
+    """
+
     kind = "thread"
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
-        self._slots: SlotQueue[int] = SlotQueue(settings.max_pending, name)
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._bridge: _AsyncioBridge | _TrioBridge | None = None
-        self._running = 0
-        self._abandoned = 0
-        self._in_flight: set[_Job] = set()
+        self._capacity = self.max_workers + settings.max_pending
+        self._in_pool: set[_Job] = set()  # queued, running, or abandoned and not done
 
     async def start(self) -> None:
         try:
             self._bridge = _AsyncioBridge()
         except RuntimeError:  # no asyncio loop running: we are under trio
             self._bridge = _TrioBridge()
-        for slot in range(self.max_workers):
+        for number in range(self.max_workers):
             thread = threading.Thread(
                 target=_worker,
                 args=(self._jobs,),
-                name=f"offload-{self.name}-{slot}",
+                name=f"offload-{self.name}-{number}",
                 daemon=True,  # an abandoned call that never ends must not block exit
             )
             thread.start()
             self._threads.append(thread)
-            self._slots.put(slot)
         await anyio.lowlevel.checkpoint()
 
     async def _execute(self, call: Call) -> Any:
-        slot = await self._slots.get()
+        in_pool = self._in_pool
+        if len(in_pool) >= self._capacity:
+            raise PoolOverloaded(
+                f"pool {self.name!r} is full: every thread is busy and "
+                f"{self.settings.max_pending} calls are waiting (max_pending)"
+            )
         bridge = self._bridge
         assert bridge is not None
-        job = _Job(call, lambda: bridge.call_soon_threadsafe(lambda: self._release(slot)))
-        self._running += 1
-        self._in_flight.add(job)
+        job = _Job(call)
+        job.release = lambda: bridge.call_soon_threadsafe(lambda: in_pool.discard(job))
+        in_pool.add(job)
+        job.waiting = True
         try:
             await bridge.wait(job, self._jobs)
         except BaseException:
-            if job.abandoned:
-                self._abandoned += 1
-            else:
-                self._slots.put(slot)
+            if not job.abandoned:  # it finished as we were cancelled
+                in_pool.discard(job)
             raise
         finally:
-            self._running -= 1
-            self._in_flight.discard(job)
-        if job.abandoned:  # by _abort, which woke us
-            self._abandoned += 1
+            job.waiting = False
+        if job.abandoned:  # by _abort, which woke us; the thread releases it
             raise self._closed_error()
-        self._slots.put(slot)
+        in_pool.discard(job)
         if job.error is not None:
             try:
                 raise job.error
@@ -214,14 +240,9 @@ class ThreadPool(Pool):
         return job.result
 
     def _abort(self) -> None:
-        self._slots.fail_waiters(self._closed_error())
-        for job in list(self._in_flight):
-            if job.abandon():
+        for job in list(self._in_pool):
+            if job.waiting and job.abandon():
                 job.wake()  # the thread will not: it was abandoned
-
-    def _release(self, slot: int) -> None:
-        self._abandoned -= 1
-        self._slots.put(slot)
 
     async def _stop(self) -> None:
         # Idle threads exit; an abandoned one exits once its call ends, and
@@ -231,4 +252,7 @@ class ThreadPool(Pool):
         await anyio.lowlevel.checkpoint()
 
     def _occupancy(self) -> tuple[int, int, int]:
-        return self.max_workers, self._running + self._abandoned, self._slots.queued
+        jobs = list(self._in_pool)
+        busy = sum(1 for job in jobs if job.started and not job.finished)
+        queued = sum(1 for job in jobs if not job.started and not job.abandoned)
+        return self.max_workers, busy, queued
