@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -25,6 +26,9 @@ class WorkerHandle:
     """The parent's handle on one worker process."""
 
     __slots__ = (
+        "_loop",
+        "_reader_on",
+        "_waiter",
         "call",
         "calls",
         "exited",
@@ -39,7 +43,12 @@ class WorkerHandle:
         "successor",
     )
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.sock = sock
@@ -55,6 +64,10 @@ class WorkerHandle:
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
         self.successor = False  # its replacement was started before it retired
+        # On asyncio the channel's reader stays registered between calls (see _readable).
+        self._loop = loop
+        self._reader_on = False
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def returncode(self) -> int | None:
@@ -77,7 +90,7 @@ class WorkerHandle:
             try:
                 n = sock.recv_into(view)
             except BlockingIOError:
-                await anyio.wait_readable(sock)
+                await self._readable()
                 continue
             if not n:
                 raise EOFError("the worker closed its channel")
@@ -85,6 +98,40 @@ class WorkerHandle:
                 view = parser.send(n)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
+
+    async def _readable(self) -> None:
+        """Wait until the channel has something to read.
+
+        On asyncio the reader callback stays registered from one call to the next:
+        ``anyio.wait_readable`` would add and remove it (two ``epoll_ctl`` calls and
+        their bookkeeping) on every round trip. Elsewhere, anyio's own wait.
+        """
+        loop = self._loop
+        if loop is None:
+            await anyio.wait_readable(self.sock)
+            return
+        waiter = self._waiter = loop.create_future()
+        if not self._reader_on:
+            loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reader_on = True
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _on_readable(self) -> None:
+        waiter = self._waiter
+        if waiter is None:
+            # Nobody waits (the caller was cancelled, or EOF lingers after a crash):
+            # stop watching, or the loop would call us on every turn.
+            self._stop_reader()
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def _stop_reader(self) -> None:
+        if self._reader_on and self._loop is not None:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reader_on = False
 
     async def wait_exit(self) -> None:
         """Return once the process has exited, and reap it."""
@@ -110,6 +157,9 @@ class WorkerHandle:
 
     def close(self) -> None:
         if self.sock.fileno() >= 0:
+            self._stop_reader()
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_exception(anyio.ClosedResourceError())
             anyio.notify_closing(self.sock)
             self.sock.close()
         if self.pidfd is not None:

@@ -19,6 +19,7 @@ runs, because a worker takes one call at a time from the task that holds it. So:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -86,6 +87,10 @@ class ProcessPool(Pool):
     async def start(self) -> None:
         # Every worker holds the read end; only this process holds the write end.
         # When this process dies, however it dies, the workers read EOF and exit.
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # trio
+            self._loop = None
         self._death_r, self._death_w = os.pipe()
         _live_pools.add(self)
         errors: list[BaseException] = []
@@ -127,7 +132,7 @@ class ProcessPool(Pool):
         finally:
             child.close()
         parent.setblocking(False)
-        worker = WorkerHandle(proc, parent)
+        worker = WorkerHandle(proc, parent, self._loop)
         self._procs.add(worker)
         self._task_group.start_soon(self._watch, worker, name=f"offload-watch-{worker.pid}")
         return worker
