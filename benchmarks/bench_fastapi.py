@@ -1,0 +1,671 @@
+"""The FastAPI demo's measurement as a benchmark: offload's process pool beside its peers.
+
+The demo app (:mod:`offload._demo_app`, on uvicorn) serves the same pure-Python CPU
+work (:func:`offload._demo.burn`, calibrated once to take ``--task-ms``) in several
+ways; for each mode a separate load process (:mod:`offload._demo_load`) has
+``--concurrency`` clients loop on it for ``--duration`` seconds while a pinger
+requests ``/ping`` every 10 ms. Modes:
+
+* ``idle``: the pinger alone (the baseline of the round);
+* ``blocking``: an ``async def`` route calling the function, on the event loop;
+* ``anyio-thread``: ``anyio.to_thread.run_sync``;
+* ``loky``: loky's reusable executor, one worker per CPU, through
+  ``asyncio.wrap_future``;
+* ``offload-process``: offload's process pool, one worker per CPU, at worker
+  niceness 0 and at the default niceness (10);
+* ``bare processes``, a reference without a server: one plain process per CPU
+  calling the function in a loop, what this machine sustains under load (its CPUs
+  slow down under sustained load, so it can stay well below the ideal).
+
+The niceness is read from ``OFFLOAD_PROCESS__NICENESS`` when the server starts, so
+two servers run side by side for the whole benchmark: one started with it set to 0,
+which serves the pings of ``idle`` and every mode but one, and one started without
+it, which serves ``offload-process`` at the default niceness. Each round first measures the time one
+task takes alone (this machine's CPU speed drifts), then runs every mode once in a
+shuffled order. Per mode and round: /ping p50 and p99, the p99 over the idle p99 of
+the same round, work requests answered per second, and that as a percent of the
+ideal (CPUs / one task's time alone in that round) and of the bare processes of the
+round. The table gives medians over rounds.
+
+Run from the repository root (table to stdout, progress to stderr, per-round numbers
+and the machine to benchmarks/results/fastapi.json unless ``--json``)::
+
+    python benchmarks/bench_fastapi.py --quick      # 1 round, 1.5 s per mode: < 60 s
+    python benchmarks/bench_fastapi.py              # 3 rounds, 5 s per mode: ~2 min
+
+Ctrl-C (or SIGTERM) stops it and every process it started. Needs fastapi, uvicorn
+and psutil (``pip install -e ".[demo,bench]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import random
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's offload
+
+from offload import PoolSettings
+from offload._demo import (
+    Children,
+    DemoError,
+    Phase,
+    Progress,
+    _positive,
+    _signals_ignored,
+    _terminated,
+    _timed,
+    burn,
+    calibrate,
+    start_server,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent
+NICENESS_VAR = "OFFLOAD_PROCESS__NICENESS"
+DEFAULT_NICENESS = PoolSettings().niceness
+#: the servers, by name: the value of NICENESS_VAR each starts with (None: unset)
+SERVERS: dict[str, str | None] = {"nice0": "0", "default": None}
+#: goals of the performance issue, for offload's process pool
+GOAL_P99_RATIO = 2.0
+GOAL_PCT_IDEAL = 85.0
+IDLE = "idle"
+BARE = "bare processes"
+#: one process of the bare reference: ``burn(steps)`` in a loop for ``seconds``; prints
+#: how many tasks it finished within them
+BARE_CODE = """\
+import sys, time
+from offload._demo import burn
+steps, seconds = int(sys.argv[1]), float(sys.argv[2])
+end = time.perf_counter() + seconds
+done = 0
+while time.perf_counter() < end:
+    burn(steps)
+    done += time.perf_counter() <= end
+print(done)
+"""
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str  # in the table and the JSON
+    route: str  # the load's phase: GET /work/<route>, or "idle" for the pinger alone
+    server: str | None  # a key of SERVERS; None: no server (the bare reference)
+    explain: str
+
+
+OFFLOAD_NICE0 = "offload-process, niceness 0"
+OFFLOAD_DEFAULT = f"offload-process, niceness {DEFAULT_NICENESS} (default)"
+MODES = (
+    Mode(IDLE, IDLE, "nice0", "the pinger alone, no work: the round's baseline"),
+    Mode(
+        BARE,
+        BARE,
+        None,
+        "reference, no server: one plain process per CPU calling the function in a loop; "
+        "what this machine sustains",
+    ),
+    Mode("blocking", "blocking", "nice0", "`async def` route calling the function"),
+    Mode("anyio-thread", "thread", "nice0", "`await anyio.to_thread.run_sync(burn, steps)`"),
+    Mode(
+        "loky",
+        "loky",
+        "nice0",
+        "`await asyncio.wrap_future(get_reusable_executor(max_workers=cpus)"
+        ".submit(burn, steps))`, workers at the server's priority",
+    ),
+    Mode(
+        OFFLOAD_NICE0,
+        "process",
+        "nice0",
+        f"offload's process pool, one worker per CPU, `{NICENESS_VAR}=0`",
+    ),
+    Mode(
+        OFFLOAD_DEFAULT,
+        "process",
+        "default",
+        f"offload's process pool, one worker per CPU, {NICENESS_VAR} unset",
+    ),
+)
+
+ROUTES = {IDLE: "none (/ping only)", BARE: "none (no server)"}
+Servers = dict[str, tuple[subprocess.Popen[bytes], int]]  # name -> (process, port)
+Round = dict[str, Any]
+
+
+@contextlib.contextmanager
+def environ(name: str, value: str | None) -> Iterator[None]:
+    """``os.environ[name]`` set to ``value`` (None: unset) for the block, then restored."""
+    old = os.environ.get(name)
+    try:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def single_task(steps: int) -> float:
+    """Seconds one task of ``steps`` takes alone, here: the fastest of 5."""
+    return min(_timed(burn, steps) for _ in range(5))
+
+
+def run_phase(
+    children: Children,
+    servers: Servers,
+    mode: Mode,
+    *,
+    steps: int,
+    args: argparse.Namespace,
+    progress: Progress,
+) -> Phase:
+    """One mode, by a load process of its own against the mode's server."""
+    if mode.server is None:
+        return run_bare(children, mode, steps=steps, args=args, progress=progress)
+    _, port = servers[mode.server]
+    load = children.start(
+        "load",
+        [
+            "-m",
+            "offload._demo_load",
+            *("--port", str(port), "--steps", str(steps)),
+            *("--duration", str(args.duration), "--concurrency", str(args.concurrency)),
+            *("--idle", "0", "--modes", mode.route),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert load.stdout is not None
+    fd = load.stdout.fileno()
+    phase: Phase | None = None
+    buffer = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        eof = False
+        while not eof:
+            if selector.select(timeout=0.1):
+                chunk = os.read(fd, 1 << 16)
+                eof = not chunk
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    record = json.loads(line)
+                    if record["event"] == "start":
+                        progress.start(mode.name, record["seconds"])
+                    elif record["event"] == "result":
+                        phase = Phase(
+                            mode.name,
+                            record["seconds"],
+                            record["ping_ms"],
+                            record["done"],
+                            record["errors"],
+                        )
+                        progress.finish_phase()
+            for name, (server, _) in servers.items():
+                if server.poll() is not None:
+                    raise DemoError(f"the {name} server exited with code {server.returncode}")
+            progress.draw()
+    load.stdout.close()
+    if load.wait() != 0 or phase is None:
+        raise DemoError(f"{mode.name}: the load process failed (exit code {load.returncode})")
+    return phase
+
+
+def run_bare(
+    children: Children, mode: Mode, *, steps: int, args: argparse.Namespace, progress: Progress
+) -> Phase:
+    """The bare reference: one process per CPU running the work, no server, no pinger."""
+    from loky import cpu_count
+
+    procs = [
+        children.start(
+            "bare", ["-c", BARE_CODE, str(steps), str(args.duration)], stdout=subprocess.PIPE
+        )
+        for _ in range(int(cpu_count()))
+    ]
+    progress.start(mode.name, args.duration)
+    done = 0
+    for proc in procs:
+        out, _ = proc.communicate(timeout=args.duration + 60)
+        if proc.returncode != 0:
+            raise DemoError(f"{mode.name}: a process failed (exit code {proc.returncode})")
+        done += int(out)
+    progress.finish_phase()
+    return Phase(mode.name, args.duration, [], done, 0)
+
+
+def measure(phase: Phase, idle: Phase | None, ideal: float) -> dict[str, Any]:
+    """The numbers of one mode in one round."""
+    if phase.name == BARE:
+        return {
+            "done": phase.done,
+            "req_per_s": phase.rate,
+            "pct_of_ideal": 100 * phase.rate / ideal,
+        }
+    p99 = phase.ping(0.99)
+    out: dict[str, Any] = {
+        "ping_p50_ms": phase.ping(0.50),
+        "ping_p90_ms": phase.ping(0.90),
+        "ping_p99_ms": p99,
+        "ping_max_ms": max(phase.ping_ms, default=float("nan")),
+        "pings": len(phase.ping_ms),
+        "errors": phase.errors,
+        "seconds": phase.seconds,
+    }
+    if phase.name != IDLE:
+        out["p99_vs_idle"] = p99 / idle.ping(0.99) if idle else float("nan")
+        out["done"] = phase.done
+        out["req_per_s"] = phase.rate
+        out["pct_of_ideal"] = 100 * phase.rate / ideal
+    return out
+
+
+def descendants(servers: Servers) -> list[psutil.Process]:
+    """The processes the running servers started, and theirs."""
+    procs = []
+    for server, _ in servers.values():
+        with contextlib.suppress(psutil.Error):
+            procs += psutil.Process(server.pid).children(recursive=True)
+    return procs
+
+
+def stop_leftovers(procs: Sequence[psutil.Process]) -> list[str]:
+    """Stop those of ``procs`` still running (SIGTERM, then SIGKILL); returns what they were.
+
+    Once the servers are stopped, only loky's are left: uvicorn re-raises the SIGTERM
+    after its graceful shutdown, so loky's atexit hook never stops its workers, which
+    would otherwise wait out their idle timeout (300 s), with loky's resource trackers
+    (which then warn of the server's semaphores, and remove them).
+    """
+    left = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                name = " ".join(proc.cmdline())
+                proc.terminate()
+                left.append((proc, name))
+    _, alive = psutil.wait_procs([proc for proc, _ in left], timeout=5)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=2)
+    return [name for _, name in left]
+
+
+def worker_niceness(servers: Servers) -> dict[str, Any]:
+    """Per server, the nice value of the server and of its workers, by kind."""
+    seen: dict[str, Any] = {}
+    for name, (server, _) in servers.items():
+        try:
+            parent = psutil.Process(server.pid)
+            kinds: dict[str, set[int]] = {"server": {int(parent.nice())}}
+            for child in parent.children(recursive=True):
+                cmdline = " ".join(child.cmdline())
+                kind = "other"
+                if "offload._pools._worker" in cmdline:
+                    kind = "offload worker"
+                elif "loky" in cmdline and "resource_tracker" not in cmdline:
+                    kind = "loky worker"
+                kinds.setdefault(kind, set()).add(int(child.nice()))
+        except psutil.Error as exc:
+            seen[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        seen[name] = {kind: sorted(values) for kind, values in kinds.items()}
+    return seen
+
+
+def check_niceness(seen: Mapping[str, Any]) -> list[str]:
+    """Warnings when the offload workers of a server do not run at its niceness."""
+    warnings = []
+    for name, value in SERVERS.items():
+        kinds = seen.get(name)
+        if not isinstance(kinds, dict) or "offload worker" not in kinds:
+            continue
+        base = kinds["server"][0]
+        want = min(19, base + (DEFAULT_NICENESS if value is None else int(value)))
+        if kinds["offload worker"] != [want]:
+            warnings.append(
+                f"the {name} server's offload workers run at nice {kinds['offload worker']}, "
+                f"not {want}"
+            )
+    return warnings
+
+
+def run_round(
+    children: Children,
+    servers: Servers,
+    *,
+    cpus: int,
+    steps: int,
+    rng: random.Random,
+    args: argparse.Namespace,
+    progress: Progress,
+) -> Round:
+    """One task alone (for the ideal), then every mode once, in a shuffled order."""
+    single = single_task(steps)
+    order = rng.sample(MODES, len(MODES))
+    phases = {
+        m.name: run_phase(children, servers, m, steps=steps, args=args, progress=progress)
+        for m in order
+    }
+    ideal = cpus / single
+    result: Round = {
+        "order": [m.name for m in order],
+        "single_task_ms": 1000 * single,
+        "single_task_ms_after": 1000 * single_task(steps),
+        "ideal_req_per_s": ideal,
+        "modes": {m.name: measure(phases[m.name], phases[IDLE], ideal) for m in MODES},
+    }
+    bare = result["modes"][BARE]["req_per_s"]
+    for m in MODES:
+        if m.name not in (IDLE, BARE):
+            result["modes"][m.name]["pct_of_bare"] = (
+                100 * result["modes"][m.name]["req_per_s"] / bare
+            )
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Calibrate, start the servers, run the rounds, stop everything; returns the numbers."""
+    from loky import cpu_count
+
+    cpus = int(cpu_count())
+    rng = random.Random(args.seed)
+    plan = {f"{m.name} #{r}": args.duration for r in range(args.rounds) for m in MODES}
+    progress = Progress(plan, sys.stderr)
+    rounds: list[Round] = []
+    servers: Servers = {}
+    leftovers: list[psutil.Process] = []
+    started = time.monotonic()
+    try:
+        progress.set("calibrating the work")
+        steps, _ = calibrate(args.task_ms)
+        try:
+            with Children() as children:
+                try:
+                    for name, value in SERVERS.items():
+                        progress.set(f"starting the {name} server")
+                        with environ(NICENESS_VAR, value):
+                            servers[name] = start_server(children)
+                    for r in range(args.rounds):
+                        progress.set(f"round {r + 1}/{args.rounds}: one task alone")
+                        rounds.append(
+                            run_round(
+                                children,
+                                servers,
+                                cpus=cpus,
+                                steps=steps,
+                                rng=rng,
+                                args=args,
+                                progress=progress,
+                            )
+                        )
+                    niceness = worker_niceness(servers)
+                    progress.set("stopping the servers")
+                finally:  # what the servers started, while they still run
+                    with _signals_ignored():
+                        leftovers = descendants(servers)
+        finally:  # the servers are stopped: stop what outlives them
+            with _signals_ignored():
+                stopped = stop_leftovers(leftovers)
+    except BaseException:
+        progress.close("stopped")
+        raise
+    progress.close(f"done in {time.monotonic() - started:.0f} s")
+    return {
+        "cpus": cpus,
+        "steps": steps,
+        "niceness_seen": niceness,
+        "stopped_after_servers": stopped,
+        "rounds": rounds,
+    }
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(rounds: Sequence[Round]) -> dict[str, dict[str, float]]:
+    """Per mode, the median over rounds of each number, and the min and max of some."""
+    summary: dict[str, dict[str, float]] = {}
+    for m in MODES:
+        per_round = [r["modes"][m.name] for r in rounds]
+        stats = {key: median([x[key] for x in per_round]) for key in per_round[0]}
+        for key in ("p99_vs_idle", "pct_of_ideal", "pct_of_bare"):
+            if key in per_round[0]:
+                stats[f"{key}_min"] = min(x[key] for x in per_round)
+                stats[f"{key}_max"] = max(x[key] for x in per_round)
+        stats["errors"] = sum(x.get("errors", 0) for x in per_round)
+        summary[m.name] = stats
+    return summary
+
+
+def md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
+    rounds: list[Round] = result["rounds"]
+    summary: dict[str, dict[str, float]] = result["summary"]
+    cpus, steps = result["cpus"], result["steps"]
+    singles = [r["single_task_ms"] for r in rounds]
+    afters = [r["single_task_ms_after"] for r in rounds]
+    out = [
+        f"# offload FastAPI benchmark: {args.rounds} rounds, {args.duration:g} s per mode, "
+        f"{args.concurrency} clients, {cpus} CPUs, Python {platform.python_version()}",
+        "",
+        f"One task = {steps:,} steps = {median(singles):.1f} ms alone (median over rounds, "
+        f"{min(singles):.1f}-{max(singles):.1f}); ideal = {cpus} CPUs / that, per round. "
+        "Medians over rounds of: ratio = /ping p99 / idle /ping p99, % of ideal, % of bare "
+        "= work req/s / bare processes' req/s, each of the same round.",
+        "",
+        md_row(
+            [
+                "mode",
+                "/ping p50 ms",
+                "/ping p99 ms",
+                "p99 / idle p99",
+                "rounds min-max",
+                "work req/s",
+                "% of ideal",
+                "rounds min-max",
+                "% of bare",
+                "rounds min-max",
+            ]
+        ),
+        md_row(["---"] + ["---:"] * 9),
+    ]
+    for m in MODES:
+        s = summary[m.name]
+        name = f"**{m.name}**" if m.route == "process" else m.name
+        ping = [f"{s['ping_p50_ms']:.1f}", f"{s['ping_p99_ms']:.1f}"] if m.name != BARE else []
+        if m.name == BARE:
+            cells = [name, "-", "-", "-", "-"]
+        elif m.name == IDLE:
+            cells = [name, *ping, "1.00x", "-"]
+        else:
+            cells = [name, *ping, *minmax(s, "p99_vs_idle", "{:.2f}x")]
+        if m.name == IDLE:
+            cells += ["-"] * 5
+        else:
+            cells += [f"{s['req_per_s']:.1f}", *minmax(s, "pct_of_ideal", "{:.0f}%")]
+            cells += ["100%", "-"] if m.name == BARE else minmax(s, "pct_of_bare", "{:.0f}%")
+        out.append(md_row(cells))
+    out.append("")
+    out += [f"- {m.name}: {m.explain}" for m in MODES]
+    out.append("")
+    out += goals(summary, rounds)
+    drift = max(max(singles) / min(singles), *(a / b for a, b in zip(afters, singles, strict=True)))
+    if drift > 1.25:
+        out.append(
+            f"- note: one task alone took {min(singles):.1f}-{max(singles):.1f} ms before the "
+            f"rounds and {min(afters):.1f}-{max(afters):.1f} ms after them: the CPU speed "
+            "drifted, so the percents are rough"
+        )
+    for m in MODES:
+        if summary[m.name]["errors"]:
+            out.append(f"- {m.name}: {summary[m.name]['errors']:.0f} requests failed")
+    out += [f"- WARNING: {w}" for w in result["warnings"]]
+    return "\n".join(out)
+
+
+def minmax(stats: Mapping[str, float], key: str, fmt: str) -> list[str]:
+    """Two cells: the median, and the min-max over rounds."""
+    low, high = fmt.format(stats[f"{key}_min"]), fmt.format(stats[f"{key}_max"])
+    return [fmt.format(stats[key]), f"{low.rstrip('x%')}-{high}"]
+
+
+def goals(summary: Mapping[str, Mapping[str, float]], rounds: Sequence[Round]) -> list[str]:
+    """The performance issue's goals, for offload's process pool at both niceness values."""
+    out = []
+    for name in (OFFLOAD_DEFAULT, OFFLOAD_NICE0):
+        s = summary[name]
+        ratio, pct, bare = s["p99_vs_idle"], s["pct_of_ideal"], s["pct_of_bare"]
+        out.append(
+            f"- goals, {name}: /ping p99 {ratio:.2f}x idle "
+            f"({'met' if ratio <= GOAL_P99_RATIO else 'not met'}: <= {GOAL_P99_RATIO:g}x), "
+            f"throughput {pct:.0f}% of ideal "
+            f"({'met' if pct >= GOAL_PCT_IDEAL else 'not met'}: >= {GOAL_PCT_IDEAL:g}%), "
+            f"{bare:.0f}% of the bare processes"
+        )
+    # Paired by round: both ran within seconds of each other, at the same CPU speed.
+    pairs = [(r["modes"][OFFLOAD_DEFAULT], r["modes"][OFFLOAD_NICE0]) for r in rounds]
+    lower = sum(d["p99_vs_idle"] < z["p99_vs_idle"] for d, z in pairs)
+    p99 = median([d["ping_p99_ms"] / z["ping_p99_ms"] for d, z in pairs])
+    rate = median([d["req_per_s"] / z["req_per_s"] for d, z in pairs])
+    out.append(
+        f"- niceness {DEFAULT_NICENESS} vs 0, paired by round: /ping p99 x{p99:.2f} "
+        f"(lower in {lower} of {len(pairs)} rounds), work req/s x{rate:.2f}"
+    )
+    return out
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def git_commit() -> str:
+    """The checkout's commit, with ``+dirty`` when its tracked files differ from it."""
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "-s", "-uno") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 round, 1.5 s per mode: < 60 s")
+    parser.add_argument(
+        "--rounds", type=_positive(int), help="rounds of every mode (default: 3, --quick: 1)"
+    )
+    parser.add_argument(
+        "--duration", type=_positive(float), help="seconds per mode (default: 5, --quick: 1.5)"
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive(int), default=8, help="work clients (default: 8)"
+    )
+    parser.add_argument(
+        "--task-ms", type=_positive(float), default=40.0, help="ms of CPU per task (default: 40)"
+    )
+    parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "fastapi.json")
+    parser.add_argument("--seed", type=int, default=random.randrange(2**32))
+    args = parser.parse_args(argv)
+    args.rounds = int(args.rounds or (1 if args.quick else 3))
+    args.duration = float(args.duration or (1.5 if args.quick else 5.0))
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)  # cleans up like Ctrl-C
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        print("interrupted: the servers and the load are stopped", file=sys.stderr)
+        sys.exit(130)
+    except DemoError as exc:
+        print(f"bench_fastapi: {exc}", file=sys.stderr)
+        sys.exit(1)
+    if result["stopped_after_servers"]:
+        print(
+            f"stopped {len(result['stopped_after_servers'])} processes the servers left behind",
+            file=sys.stderr,
+        )
+    result["summary"] = summarize(result["rounds"])
+    result["warnings"] = check_niceness(result["niceness_seen"])
+    print(render(result, args), flush=True)
+
+    report = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {
+            "nproc": os.cpu_count(),
+            "cpus": result["cpus"],
+            "cpu": cpu_model(),
+            "python": sys.version,
+            "platform": platform.platform(),
+            "commit": git_commit(),
+            "packages": {
+                d: version(d)
+                for d in ("offload", "anyio", "loky", "fastapi", "starlette", "uvicorn")
+            },
+        },
+        "config": {**vars(args), "json": str(args.json), "steps": result["steps"]},
+        "modes": {
+            m.name: {
+                "route": ROUTES.get(m.route, f"/work/{m.route}"),
+                "server": m.server,
+                NICENESS_VAR: SERVERS.get(m.server) if m.server else None,
+                "explain": m.explain,
+            }
+            for m in MODES
+        },
+        "niceness_seen": result["niceness_seen"],
+        "stopped_after_servers": result["stopped_after_servers"],
+        "warnings": result["warnings"],
+        "rounds": result["rounds"],
+        "summary": result["summary"],
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nraw results: {args.json}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
