@@ -46,7 +46,6 @@ import json
 import os
 import platform
 import random
-import selectors
 import signal
 import statistics
 import subprocess
@@ -74,6 +73,7 @@ from offload._demo import (
     _timed,
     burn,
     calibrate,
+    load_records,
     start_server,
 )
 
@@ -195,37 +195,20 @@ def run_phase(
         ],
         stdout=subprocess.PIPE,
     )
-    assert load.stdout is not None
-    fd = load.stdout.fileno()
     phase: Phase | None = None
-    buffer = b""
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        eof = False
-        while not eof:
-            if selector.select(timeout=0.1):
-                chunk = os.read(fd, 1 << 16)
-                eof = not chunk
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    record = json.loads(line)
-                    if record["event"] == "start":
-                        progress.start(mode.name, record["seconds"])
-                    elif record["event"] == "result":
-                        phase = Phase(
-                            mode.name,
-                            record["seconds"],
-                            record["ping_ms"],
-                            record["done"],
-                            record["errors"],
-                        )
-                        progress.finish_phase()
-            for name, (server, _) in servers.items():
-                if server.poll() is not None:
-                    raise DemoError(f"the {name} server exited with code {server.returncode}")
-            progress.draw()
-    load.stdout.close()
+    running = {name: server for name, (server, _) in servers.items()}
+    for record in load_records(load, running, progress):
+        if record["event"] == "start":
+            progress.start(mode.name, record["seconds"])
+        elif record["event"] == "result":
+            phase = Phase(
+                mode.name,
+                record["seconds"],
+                record["ping_ms"],
+                record["done"],
+                record["errors"],
+            )
+            progress.finish_phase()
     if load.wait() != 0 or phase is None:
         raise DemoError(f"{mode.name}: the load process failed (exit code {load.returncode})")
     return phase

@@ -462,9 +462,26 @@ def drive(
         ],
         stdout=subprocess.PIPE,
     )
+    phases: dict[str, Phase] = {}
+    for record in load_records(load, {"": server}, progress):
+        _handle(record, phases, progress)
+    if load.wait() != 0:
+        raise DemoError(f"the load process failed (exit code {load.returncode})")
+    return phases
+
+
+def load_records(
+    load: subprocess.Popen[bytes],
+    servers: Mapping[str, subprocess.Popen[bytes]],
+    progress: Progress,
+) -> Iterator[dict[str, Any]]:
+    """The JSON records the load process writes, as they come, until it closes its
+    output; redraws the progress bar meanwhile.
+
+    :raises DemoError: if one of ``servers`` exits first
+    """
     assert load.stdout is not None
     fd = load.stdout.fileno()
-    phases: dict[str, Phase] = {}
     buffer = b""
     with selectors.DefaultSelector() as selector:
         selector.register(fd, selectors.EVENT_READ)
@@ -476,13 +493,13 @@ def drive(
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
-                    _handle(json.loads(line), phases, progress)
-            if server.poll() is not None:
-                raise DemoError(f"the server exited with code {server.returncode}")
+                    yield json.loads(line)
+            for name, server in servers.items():
+                if server.poll() is not None:
+                    what = f"the {name} server" if name else "the server"
+                    raise DemoError(f"{what} exited with code {server.returncode}")
             progress.draw()
-    if load.wait() != 0:
-        raise DemoError(f"the load process failed (exit code {load.returncode})")
-    return phases
+    load.stdout.close()
 
 
 def _handle(record: dict[str, Any], phases: dict[str, Phase], progress: Progress) -> None:
