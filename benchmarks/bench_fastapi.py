@@ -11,16 +11,17 @@ requests ``/ping`` every 10 ms. Modes:
 * ``anyio-thread``: ``anyio.to_thread.run_sync``;
 * ``loky``: loky's reusable executor, one worker per CPU, through
   ``asyncio.wrap_future``;
-* ``offload-process``: offload's process pool, one worker per CPU, at worker
-  niceness 0 and at the default niceness (10);
+* ``offload-process``: offload's process pool, one worker per CPU, with its workers
+  at the server's priority, at the default (niceness 10), and under SCHED_IDLE;
 * ``bare processes``, a reference without a server: one plain process per CPU
   calling the function in a loop, what this machine sustains under load (its CPUs
   slow down under sustained load, so it can stay well below the ideal).
 
-The niceness is read from ``OFFLOAD_PROCESS__NICENESS`` when the server starts, so
-two servers run side by side for the whole benchmark: one started with it set to 0,
-which serves the pings of ``idle`` and every mode but one, and one started without
-it, which serves ``offload-process`` at the default niceness. Each round first measures the time one
+The workers' priority is read from ``OFFLOAD_PROCESS__NICENESS`` and
+``OFFLOAD_PROCESS__IDLE_PRIORITY`` when the server starts, so three servers run side
+by side for the whole benchmark: ``normal`` (niceness 0), which serves the pings of
+``idle`` and every mode but two, ``default`` (neither variable set: niceness 10) and
+``idle`` (idle priority on). Each round first measures the time one
 task takes alone (this machine's CPU speed drifts), then runs every mode once in a
 shuffled order. Per mode and round: /ping p50 and p99, the p99 over the idle p99 of
 the same round, work requests answered per second, and that as a percent of the
@@ -79,9 +80,13 @@ from offload._demo import (
 
 BENCH_DIR = Path(__file__).resolve().parent
 NICENESS_VAR = "OFFLOAD_PROCESS__NICENESS"
-DEFAULT_NICENESS = PoolSettings().niceness
-#: the servers, by name: the value of NICENESS_VAR each starts with (None: unset)
-SERVERS: dict[str, str | None] = {"nice0": "0", "default": None}
+IDLE_PRIORITY_VAR = "OFFLOAD_PROCESS__IDLE_PRIORITY"
+#: the servers, by name: the environment each starts with (variables not given: unset)
+SERVERS: dict[str, dict[str, str]] = {
+    "normal": {NICENESS_VAR: "0"},
+    "default": {},
+    "idle": {IDLE_PRIORITY_VAR: "true"},
+}
 #: goals of the performance issue, for offload's process pool
 GOAL_P99_RATIO = 2.0
 GOAL_PCT_IDEAL = 85.0
@@ -110,10 +115,11 @@ class Mode:
     explain: str
 
 
-OFFLOAD_NICE0 = "offload-process, niceness 0"
-OFFLOAD_DEFAULT = f"offload-process, niceness {DEFAULT_NICENESS} (default)"
+OFFLOAD_NORMAL = "offload-process, normal priority"
+OFFLOAD_DEFAULT = "offload-process, niceness 10 (default)"
+OFFLOAD_IDLE = "offload-process, SCHED_IDLE"
 MODES = (
-    Mode(IDLE, IDLE, "nice0", "the pinger alone, no work: the round's baseline"),
+    Mode(IDLE, IDLE, "normal", "the pinger alone, no work: the round's baseline"),
     Mode(
         BARE,
         BARE,
@@ -121,26 +127,33 @@ MODES = (
         "reference, no server: one plain process per CPU calling the function in a loop; "
         "what this machine sustains",
     ),
-    Mode("blocking", "blocking", "nice0", "`async def` route calling the function"),
-    Mode("anyio-thread", "thread", "nice0", "`await anyio.to_thread.run_sync(burn, steps)`"),
+    Mode("blocking", "blocking", "normal", "`async def` route calling the function"),
+    Mode("anyio-thread", "thread", "normal", "`await anyio.to_thread.run_sync(burn, steps)`"),
     Mode(
         "loky",
         "loky",
-        "nice0",
+        "normal",
         "`await asyncio.wrap_future(get_reusable_executor(max_workers=cpus)"
         ".submit(burn, steps))`, workers at the server's priority",
     ),
     Mode(
-        OFFLOAD_NICE0,
+        OFFLOAD_NORMAL,
         "process",
-        "nice0",
-        f"offload's process pool, one worker per CPU, `{NICENESS_VAR}=0`",
+        "normal",
+        f"offload's process pool, one worker per CPU, `{NICENESS_VAR}=0`: at the server's priority",
     ),
     Mode(
         OFFLOAD_DEFAULT,
         "process",
         "default",
-        f"offload's process pool, one worker per CPU, {NICENESS_VAR} unset",
+        "offload's process pool, one worker per CPU, default settings: workers at nice 10",
+    ),
+    Mode(
+        OFFLOAD_IDLE,
+        "process",
+        "idle",
+        f"offload's process pool, one worker per CPU, `{IDLE_PRIORITY_VAR}=true`: "
+        "workers under SCHED_IDLE",
     ),
 )
 
@@ -150,20 +163,18 @@ Round = dict[str, Any]
 
 
 @contextlib.contextmanager
-def environ(name: str, value: str | None) -> Iterator[None]:
-    """``os.environ[name]`` set to ``value`` (None: unset) for the block, then restored."""
-    old = os.environ.get(name)
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """The offload variables unset but ``values`` for the block, then restored."""
+    old = {k: v for k, v in os.environ.items() if k.startswith("OFFLOAD_")}
     try:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+        for name in old:
+            del os.environ[name]
+        os.environ.update(values)
         yield
     finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
+        for name in [k for k in os.environ if k.startswith("OFFLOAD_")]:
+            del os.environ[name]
+        os.environ.update(old)
 
 
 def single_task(steps: int) -> float:
@@ -295,13 +306,22 @@ def stop_leftovers(procs: Sequence[psutil.Process]) -> list[str]:
     return [name for _, name in left]
 
 
-def worker_niceness(servers: Servers) -> dict[str, Any]:
-    """Per server, the nice value of the server and of its workers, by kind."""
+def priority(pid: int) -> str:
+    """A process's scheduling policy and nice value, e.g. ``"idle, nice 0"``."""
+    policy = POLICIES.get(os.sched_getscheduler(pid), "other")
+    return f"{policy}, nice {psutil.Process(pid).nice()}"
+
+
+POLICIES = {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch", os.SCHED_IDLE: "idle"}
+
+
+def worker_priority(servers: Servers) -> dict[str, Any]:
+    """Per server, the priority of the server and of its workers, by kind."""
     seen: dict[str, Any] = {}
     for name, (server, _) in servers.items():
         try:
             parent = psutil.Process(server.pid)
-            kinds: dict[str, set[int]] = {"server": {int(parent.nice())}}
+            kinds: dict[str, set[str]] = {"server": {priority(parent.pid)}}
             for child in parent.children(recursive=True):
                 cmdline = " ".join(child.cmdline())
                 kind = "other"
@@ -309,27 +329,33 @@ def worker_niceness(servers: Servers) -> dict[str, Any]:
                     kind = "offload worker"
                 elif "loky" in cmdline and "resource_tracker" not in cmdline:
                     kind = "loky worker"
-                kinds.setdefault(kind, set()).add(int(child.nice()))
-        except psutil.Error as exc:
+                kinds.setdefault(kind, set()).add(priority(child.pid))
+        except (OSError, psutil.Error) as exc:
             seen[name] = f"{type(exc).__name__}: {exc}"
             continue
         seen[name] = {kind: sorted(values) for kind, values in kinds.items()}
     return seen
 
 
-def check_niceness(seen: Mapping[str, Any]) -> list[str]:
-    """Warnings when the offload workers of a server do not run at its niceness."""
+def check_priority(seen: Mapping[str, Any]) -> list[str]:
+    """Warnings when the offload workers of a server do not run at the priority set."""
     warnings = []
-    for name, value in SERVERS.items():
+    for name, env in SERVERS.items():
         kinds = seen.get(name)
         if not isinstance(kinds, dict) or "offload worker" not in kinds:
             continue
-        base = kinds["server"][0]
-        want = min(19, base + (DEFAULT_NICENESS if value is None else int(value)))
+        settings = PoolSettings(
+            niceness=int(env.get(NICENESS_VAR, PoolSettings().niceness)),
+            idle_priority=env.get(IDLE_PRIORITY_VAR, "false") == "true",
+        )
+        base = psutil.Process().nice()
+        want = (
+            f"{'idle' if settings.idle_priority else 'normal'}, "
+            f"nice {min(19, base + settings.niceness)}"
+        )
         if kinds["offload worker"] != [want]:
             warnings.append(
-                f"the {name} server's offload workers run at nice {kinds['offload worker']}, "
-                f"not {want}"
+                f"the {name} server's offload workers run at {kinds['offload worker']}, not {want}"
             )
     return warnings
 
@@ -386,9 +412,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             with Children() as children:
                 try:
-                    for name, value in SERVERS.items():
+                    for name, env in SERVERS.items():
                         progress.set(f"starting the {name} server")
-                        with environ(NICENESS_VAR, value):
+                        with environ(env):
                             servers[name] = start_server(children)
                     for r in range(args.rounds):
                         progress.set(f"round {r + 1}/{args.rounds}: one task alone")
@@ -403,7 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 progress=progress,
                             )
                         )
-                    niceness = worker_niceness(servers)
+                    seen = worker_priority(servers)
                     progress.set("stopping the servers")
                 finally:  # what the servers started, while they still run
                     with _signals_ignored():
@@ -418,7 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "cpus": cpus,
         "steps": steps,
-        "niceness_seen": niceness,
+        "priority_seen": seen,
         "stopped_after_servers": stopped,
         "rounds": rounds,
     }
@@ -522,9 +548,9 @@ def minmax(stats: Mapping[str, float], key: str, fmt: str) -> list[str]:
 
 
 def goals(summary: Mapping[str, Mapping[str, float]], rounds: Sequence[Round]) -> list[str]:
-    """The performance issue's goals, for offload's process pool at both niceness values."""
+    """The FastAPI issue's goals, for offload's process pool at each priority."""
     out = []
-    for name in (OFFLOAD_DEFAULT, OFFLOAD_NICE0):
+    for name in (OFFLOAD_DEFAULT, OFFLOAD_IDLE, OFFLOAD_NORMAL):
         s = summary[name]
         ratio, pct, bare = s["p99_vs_idle"], s["pct_of_ideal"], s["pct_of_bare"]
         out.append(
@@ -534,15 +560,16 @@ def goals(summary: Mapping[str, Mapping[str, float]], rounds: Sequence[Round]) -
             f"({'met' if pct >= GOAL_PCT_IDEAL else 'not met'}: >= {GOAL_PCT_IDEAL:g}%), "
             f"{bare:.0f}% of the bare processes"
         )
-    # Paired by round: both ran within seconds of each other, at the same CPU speed.
-    pairs = [(r["modes"][OFFLOAD_DEFAULT], r["modes"][OFFLOAD_NICE0]) for r in rounds]
-    lower = sum(d["p99_vs_idle"] < z["p99_vs_idle"] for d, z in pairs)
-    p99 = median([d["ping_p99_ms"] / z["ping_p99_ms"] for d, z in pairs])
-    rate = median([d["req_per_s"] / z["req_per_s"] for d, z in pairs])
-    out.append(
-        f"- niceness {DEFAULT_NICENESS} vs 0, paired by round: /ping p99 x{p99:.2f} "
-        f"(lower in {lower} of {len(pairs)} rounds), work req/s x{rate:.2f}"
-    )
+    # Paired by round: they ran within seconds of each other, at the same CPU speed.
+    for other in (OFFLOAD_IDLE, OFFLOAD_NORMAL):
+        pairs = [(r["modes"][OFFLOAD_DEFAULT], r["modes"][other]) for r in rounds]
+        lower = sum(d["p99_vs_idle"] < z["p99_vs_idle"] for d, z in pairs)
+        p99 = median([d["ping_p99_ms"] / z["ping_p99_ms"] for d, z in pairs])
+        rate = median([d["req_per_s"] / z["req_per_s"] for d, z in pairs])
+        out.append(
+            f"- default vs {other.partition(', ')[2]}, paired by round: /ping p99 "
+            f"x{p99:.2f} (lower in {lower} of {len(pairs)} rounds), work req/s x{rate:.2f}"
+        )
     return out
 
 
@@ -612,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
         )
     result["summary"] = summarize(result["rounds"])
-    result["warnings"] = check_niceness(result["niceness_seen"])
+    result["warnings"] = check_priority(result["priority_seen"])
     print(render(result, args), flush=True)
 
     report = {
@@ -634,12 +661,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             m.name: {
                 "route": ROUTES.get(m.route, f"/work/{m.route}"),
                 "server": m.server,
-                NICENESS_VAR: SERVERS.get(m.server) if m.server else None,
+                "environment": SERVERS[m.server] if m.server else None,
                 "explain": m.explain,
             }
             for m in MODES
         },
-        "niceness_seen": result["niceness_seen"],
+        "priority_seen": result["priority_seen"],
         "stopped_after_servers": result["stopped_after_servers"],
         "warnings": result["warnings"],
         "rounds": result["rounds"],

@@ -6,6 +6,13 @@ dependency). It runs an idle phase, where a pinger requests ``/ping`` every 10 m
 alone, then one phase per mode, where ``--concurrency`` clients loop on
 ``/work/<mode>?steps=N`` for ``--duration`` seconds while the pinger goes on.
 
+The pinger is a process of its own (this module with ``--pinger``, started by the
+load process and dying with it), like a health check from another machine: in the
+clients' event loop, a ping's answer would wait behind the clients' own work, and
+that measured 2-3x the idle p99 with a server that answered in time. Both processes
+schedule on ``time.monotonic()``, one clock for the whole machine: the load process
+tells the pinger when its window opens and how long it lasts.
+
 It writes one JSON object per line on stdout: ``{"event": "start", "phase": ...,
 "seconds": ...}`` when a phase's measured window opens, then ``{"event": "result",
 "phase": ..., "ping_ms": [...], "done": ..., "errors": ..., "seconds": ...}`` when it
@@ -18,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -103,72 +113,156 @@ def emit(**record: Any) -> None:
     sys.stdout.flush()
 
 
+#: seconds between telling the pinger of a window and the window's start
+LEAD = 0.05
+_NETWORK_ERRORS = (OSError, ValueError, asyncio.IncompleteReadError)
+
+
 async def run_phase(
-    phase: str, pinger: Connection, *, port: int, seconds: float, concurrency: int, steps: int
+    phase: str, pinger: Pinger, *, port: int, seconds: float, concurrency: int, steps: int
 ) -> None:
     """One phase: the pinger, plus ``concurrency`` clients unless ``phase`` is idle."""
     target = f"/work/{phase}?steps={steps}"
     clients = [] if phase == "idle" else [Connection(port) for _ in range(concurrency)]
-    warm_up = await asyncio.gather(*(c.get(target) for c in clients), pinger.get("/ping"))
+    warm_up = await asyncio.gather(*(c.get(target) for c in clients))
     for status, body in warm_up:
         if status != 200:
             raise RuntimeError(f"{phase}: HTTP {status}: {body.decode(errors='replace')}")
-    emit(event="start", phase=phase, seconds=seconds)
-    start = time.perf_counter()
+    start = time.monotonic() + LEAD
     deadline = start + seconds
-    pings: list[float] = []
+    pinged = asyncio.ensure_future(pinger.window(start, seconds))
+    await asyncio.sleep(LEAD)
+    emit(event="start", phase=phase, seconds=seconds)
     done = errors = 0
 
     async def client(conn: Connection) -> None:
         nonlocal done, errors
-        while time.perf_counter() < deadline:
+        while time.monotonic() < deadline:
             try:
                 status, _ = await conn.get(target)
-            except (OSError, ValueError, asyncio.IncompleteReadError):
+            except _NETWORK_ERRORS:
                 errors += 1
                 await asyncio.sleep(0.01)
                 continue
-            if time.perf_counter() <= deadline:
+            if time.monotonic() <= deadline:
                 if status == 200:
                     done += 1
                 else:
                     errors += 1
 
-    async def ping() -> None:
-        nonlocal errors
-        next_at = start
-        while (now := time.perf_counter()) < deadline:
-            if next_at > now:
-                await asyncio.sleep(next_at - now)
-            sent = time.perf_counter()
-            try:
-                status, _ = await pinger.get("/ping")
-            except (OSError, ValueError, asyncio.IncompleteReadError):
-                status = 0
-            if status == 200:
-                pings.append(time.perf_counter() - sent)
-            else:
-                errors += 1
-            next_at = max(next_at + PING_EVERY, time.perf_counter())
-
     try:
-        await asyncio.gather(ping(), *(client(c) for c in clients))
+        await asyncio.gather(*(client(c) for c in clients))
+        ping_ms, ping_errors = await pinged
     finally:
+        pinged.cancel()
         for conn in clients:
             conn.close()
     emit(
         event="result",
         phase=phase,
-        ping_ms=[round(p * 1000, 3) for p in pings],
+        ping_ms=ping_ms,
         done=done,
-        errors=errors,
+        errors=errors + ping_errors,
         seconds=seconds,
     )
 
 
-async def run(args: argparse.Namespace) -> None:
-    pinger = Connection(args.port)
+class Pinger:
+    """The pinger process, seen from the load process."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> Pinger:
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "offload._demo_load",
+            "--pinger",
+            "--port",
+            str(self.port),
+            "--parent",
+            str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+    async def window(self, start: float, seconds: float) -> tuple[list[float], int]:
+        """Pings from ``start`` (``time.monotonic()``) for ``seconds``: ms each, errors."""
+        assert self._proc is not None
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps({"start": start, "seconds": seconds}).encode() + b"\n")
+        await self._proc.stdin.drain()
+        line = await self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the pinger exited with code {await self._proc.wait()}")
+        record = json.loads(line)
+        return record["ping_ms"], record["errors"]
+
+
+async def _ping_window(conn: Connection, start: float, seconds: float) -> dict[str, Any]:
+    status, _ = await conn.get("/ping")  # the connection is warm when the window opens
+    if status != 200:
+        raise RuntimeError(f"/ping: HTTP {status}")
+    deadline = start + seconds
+    pings: list[float] = []
+    errors = 0
+    next_at = start
+    while (now := time.monotonic()) < deadline:
+        if next_at > now:
+            await asyncio.sleep(next_at - now)
+        sent = time.perf_counter()
+        try:
+            status, _ = await conn.get("/ping")
+        except _NETWORK_ERRORS:
+            status = 0
+        if status == 200:
+            pings.append(round((time.perf_counter() - sent) * 1000, 3))
+        else:
+            errors += 1
+        next_at = max(next_at + PING_EVERY, time.monotonic())
+    return {"ping_ms": pings, "errors": errors}
+
+
+def run_pinger(port: int, parent: int) -> None:
+    """The pinger process: one window per line of stdin, its pings as a line on stdout."""
+    _die_with(parent)
+    conn = Connection(port)
+    loop = asyncio.new_event_loop()
     try:
+        for line in sys.stdin:
+            window = json.loads(line)
+            emit(**loop.run_until_complete(_ping_window(conn, window["start"], window["seconds"])))
+    finally:
+        conn.close()
+        loop.close()
+
+
+def _die_with(parent: int) -> None:
+    """Linux: SIGKILL when ``parent`` dies, even in the middle of a window."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # it died before prctl
+        sys.exit(1)
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with Pinger(args.port) as pinger:
         if args.idle > 0:
             await run_phase(
                 "idle", pinger, port=args.port, seconds=args.idle, concurrency=0, steps=0
@@ -182,19 +276,25 @@ async def run(args: argparse.Namespace) -> None:
                 concurrency=args.concurrency,
                 steps=args.steps,
             )
-    finally:
-        pinger.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m offload._demo_load", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--steps", type=int, required=True, help="steps of the work per request")
+    parser.add_argument("--pinger", action="store_true", help="be the pinger process")
+    parser.add_argument("--parent", type=int, help="the pinger's parent process")
+    parser.add_argument("--steps", type=int, help="steps of the work per request")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per mode")
     parser.add_argument("--concurrency", type=int, default=8, help="clients per mode")
     parser.add_argument("--idle", type=float, default=2.0, help="seconds of the idle phase")
     parser.add_argument("--modes", default="blocking,thread,process")
-    asyncio.run(run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.pinger:
+        run_pinger(args.port, args.parent if args.parent is not None else os.getppid())
+        return
+    if args.steps is None:
+        parser.error("--steps is required")
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

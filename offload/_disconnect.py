@@ -40,15 +40,37 @@ class Watch:
 
     def __init__(self, receive: Receive, scope: Scope) -> None:
         self._upstream = receive
-        self._lock = anyio.Lock()
+        self._scope = scope
+        # Created on first use: most requests never need them, and every request
+        # would pay for anyio finding out which event loop runs.
+        self._lock_: anyio.Lock | None = None
+        self._gone_: anyio.Event | None = None
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
         self._body_done = False
         self._disconnected = False
         self.response_done = False
-        self._gone = anyio.Event()
-        headers = dict(scope.get("headers") or [])
-        self._may_read_ahead = headers.get(b"expect", b"").lower() != b"100-continue"
+
+    @property
+    def _lock(self) -> anyio.Lock:
+        if self._lock_ is None:
+            self._lock_ = anyio.Lock()
+        return self._lock_
+
+    @property
+    def _gone(self) -> anyio.Event:
+        if self._gone_ is None:
+            self._gone_ = anyio.Event()
+            if self._disconnected and not self.response_done:
+                self._gone_.set()
+        return self._gone_
+
+    @property
+    def _may_read_ahead(self) -> bool:
+        for name, value in self._scope.get("headers") or ():
+            if name == b"expect":
+                return bool(value.lower() != b"100-continue")
+        return True
 
     async def _pull(self) -> None:
         """Take one message from the server; the caller holds the lock."""
@@ -60,8 +82,8 @@ class Watch:
                 self._body_done = True
         elif message["type"] == "http.disconnect":
             self._disconnected = True
-            if not self.response_done:
-                self._gone.set()
+            if not self.response_done and self._gone_ is not None:
+                self._gone_.set()
 
     async def receive(self) -> Message:
         """The app's ``receive``: every message, in order."""

@@ -72,7 +72,15 @@ class PoolSettings(BaseModel):
         ge=0,
         le=19,
         description="added to worker processes' nice value, so that the event loop wins "
-        "the CPU when both want it; 0 keeps the parent's priority",
+        "the CPU when both want it; 0 keeps the parent's priority (no effect under "
+        "idle_priority)",
+    )
+    idle_priority: bool = Field(
+        default=False,
+        description="on Linux, run worker processes under the SCHED_IDLE policy: they "
+        "use the CPU only when no normal process wants it, and the event loop's thread "
+        "takes it from them at once when it wakes up (measured: less CPU stealing from "
+        "the loop, but lower throughput under HTTP load; see docs/benchmarks.md)",
     )
     address: str | None = Field(default=None, description="scheduler address, for kind dask")
 
@@ -110,6 +118,7 @@ class PoolSettingsDict(TypedDict, total=False):
     max_tasks_per_worker: int | None
     max_memory_per_worker: int | str | None
     niceness: int
+    idle_priority: bool
     address: str | None
 
 

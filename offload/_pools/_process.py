@@ -146,6 +146,7 @@ class ProcessPool(Pool):
                 boot = (
                     sys.path,
                     settings.niceness,
+                    settings.idle_priority,
                     settings.initializer,
                     settings.initializer_args,
                 )

@@ -11,7 +11,14 @@ import anyio
 import psutil
 import pytest
 
-from offload import Offloader, OffloadSettings, OffloadTimeout, PoolClosed, WorkerCrashed
+from offload import (
+    Offloader,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolClosed,
+    PoolSettings,
+    WorkerCrashed,
+)
 
 from .. import funcs
 from ..conftest import children
@@ -115,8 +122,18 @@ async def test_logs_name_the_pool_worker_and_function(
 
 
 @pytest.mark.parametrize("niceness", [0, 10])
-async def test_workers_run_at_lower_priority(niceness: int) -> None:
-    settings = OffloadSettings(process={"max_workers": 1, "niceness": niceness})
+@pytest.mark.parametrize("idle_priority", [False, True])
+async def test_workers_run_at_lower_priority(niceness: int, idle_priority: bool) -> None:
+    settings = OffloadSettings(
+        process={"max_workers": 1, "niceness": niceness, "idle_priority": idle_priority}
+    )
     async with Offloader(settings) as ex:
         pid = await ex.pool("process").run(funcs.getpid)
         assert psutil.Process(pid).nice() == min(19, psutil.Process().nice() + niceness)
+        policy = os.SCHED_IDLE if idle_priority else os.sched_getscheduler(0)
+        assert os.sched_getscheduler(pid) == policy
+
+
+def test_priority_defaults() -> None:
+    settings = PoolSettings()
+    assert (settings.niceness, settings.idle_priority) == (10, False)

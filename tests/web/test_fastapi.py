@@ -64,10 +64,10 @@ async def test_user_exceptions_pass_through_untouched(server: Server) -> None:
     assert "secret detail" not in response.text
 
 
-def test_get_executor_without_lifespan_says_how_to_wire_it() -> None:
+async def test_get_executor_without_lifespan_says_how_to_wire_it() -> None:
     request = Request({"type": "http", "method": "GET", "path": "/", "headers": []})
     with pytest.raises(RuntimeError, match=r"FastAPI\(lifespan=offload.lifespan\)"):
-        get_executor(request)
+        await get_executor(request)
 
 
 def test_dependency_adds_nothing_to_openapi() -> None:
