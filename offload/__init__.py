@@ -23,10 +23,12 @@ if TYPE_CHECKING:
     from ._errors import SerializationError as SerializationError
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._executor import Executor as Executor
+    from ._lag import LoopStats as LoopStats
     from ._offloader import Offloader as Offloader
     from ._pools._thread import check_cancelled as check_cancelled
     from ._settings import OffloadSettings as OffloadSettings
     from ._settings import PoolSettings as PoolSettings
+    from ._stats import OffloaderStats as OffloaderStats
     from ._stats import PoolStats as PoolStats
     from .fastapi import get_executor as get_executor
     from .fastapi import lifespan as lifespan
@@ -36,11 +38,13 @@ __version__ = "0.1.0"
 __all__ = (
     "CallCancelled",
     "Executor",
+    "LoopStats",
     "OffloadError",
     "OffloadSettings",
     "OffloadTimeout",
     "OffloadedFunction",
     "Offloader",
+    "OffloaderStats",
     "PoolClosed",
     "PoolOverloaded",
     "PoolSettings",
@@ -57,11 +61,13 @@ __all__ = (
 _WHERE = {
     "CallCancelled": "._errors",
     "Executor": "._executor",
+    "LoopStats": "._lag",
     "OffloadError": "._errors",
     "OffloadSettings": "._settings",
     "OffloadTimeout": "._errors",
     "OffloadedFunction": "._decorator",
     "Offloader": "._offloader",
+    "OffloaderStats": "._stats",
     "PoolClosed": "._errors",
     "PoolOverloaded": "._errors",
     "PoolSettings": "._settings",

@@ -8,18 +8,20 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from ._errors import PoolClosed
 from ._executor import Executor
+from ._lag import LagProbe
 from ._pools import pool_class
-from ._settings import OffloadSettings
+from ._settings import OffloadSettings, usable_cpus
+from ._stats import OffloaderStats
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ._pools._base import Pool
-    from ._stats import PoolStats
 
 __all__ = ("Offloader", "active_offloader", "newest_offloader")
 
@@ -72,6 +74,7 @@ class Offloader:
         self.settings = settings if settings is not None else OffloadSettings()
         self._pools: dict[str, Pool] = {}
         self._task_group: TaskGroup | None = None
+        self._lag: LagProbe | None = None
         self._running = False
         self._started = False
         self._register = True
@@ -109,14 +112,19 @@ class Offloader:
             )
         return pool
 
-    def stats(self) -> dict[str, PoolStats]:
-        """A snapshot of every pool, by name."""
-        return {name: pool.stats() for name, pool in self._pools.items()}
+    def stats(self) -> OffloaderStats:
+        """A snapshot of every pool, by name, with the event loop's lag as ``.loop``."""
+        return OffloaderStats(
+            {name: pool.stats() for name, pool in self._pools.items()},
+            self._lag.stats() if self._lag is not None else None,
+        )
 
     async def __aenter__(self) -> Executor:
         if self._started:
             raise RuntimeError("an Offloader can be entered only once; make a new one")
         self._started = True
+        # Reads cgroup files, once per process: not on the loop's thread.
+        await anyio.to_thread.run_sync(usable_cpus)
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
@@ -143,6 +151,9 @@ class Offloader:
                 await self._close_pools(0)
             await self._close_task_group()
             raise
+        if self.settings.lag_probe:
+            self._lag = LagProbe(self.settings.lag_probe_interval)
+            self._task_group.start_soon(self._lag.run, name="offload-lag-probe")
         self._running = True
         _everywhere.append(self)
         if self._register:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
@@ -99,11 +100,20 @@ class PoolSettings(BaseModel):
             return self.max_workers
         if kind == "thread":
             return min(32, (os.cpu_count() or 1) + 4)
-        from loky import cpu_count
+        return usable_cpus()
 
-        # loky's count honours cgroup CPU quotas, so a container limited to 2 CPUs
-        # does not start one worker per host core.
-        return max(1, int(cpu_count()))
+
+@functools.cache
+def usable_cpus() -> int:
+    """The CPUs this process may use, cgroup CPU quotas included (loky's count), so
+    a container limited to 2 CPUs does not start one worker per host core.
+
+    The first call reads files under /sys and /proc: an Offloader makes it in a
+    thread before it starts its pools.
+    """
+    from loky import cpu_count
+
+    return max(1, int(cpu_count()))
 
 
 class PoolSettingsDict(TypedDict, total=False):
@@ -150,6 +160,14 @@ class OffloadSettings(BaseSettings):
         default=True,
         description="FastAPI: cancel a request's offloaded calls when its client disconnects",
     )
+    lag_probe: bool = Field(
+        default=True,
+        description="measure the event loop's lag with a light probe task "
+        "(Offloader.stats().loop, Prometheus offload_event_loop_lag_seconds)",
+    )
+    lag_probe_interval: PositiveFloat = Field(
+        default=0.1, description="seconds between two wake-ups of the lag probe"
+    )
     shutdown_timeout: PositiveFloat = Field(
         default=30.0,
         description="seconds that shutdown waits for calls in flight before killing them",
@@ -167,6 +185,8 @@ class OffloadSettings(BaseSettings):
             pools: Mapping[str, PoolSettings | PoolSettingsDict] = ...,
             shutdown_timeout: float = ...,
             cancel_on_disconnect: bool = ...,
+            lag_probe: bool = ...,
+            lag_probe_interval: float = ...,
             _env_file: str | None = ...,
         ) -> None: ...
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-__all__ = ("Counters", "PoolStats")
+if TYPE_CHECKING:
+    from ._lag import LoopStats
+
+__all__ = ("Counters", "OffloaderStats", "PoolStats")
 
 #: how many recent call latencies the percentiles are computed over
 LATENCY_WINDOW = 1024
@@ -91,3 +95,15 @@ class Counters:
             latency_p90=pct(0.90),
             latency_p99=pct(0.99),
         )
+
+
+class OffloaderStats(dict[str, "PoolStats"]):
+    """:meth:`Offloader.stats() <offload.Offloader.stats>`: every pool's
+    :class:`PoolStats` by name, and ``loop``, the event loop's lag
+    (:class:`~offload.LoopStats`; None with ``lag_probe=False``)."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, pools: dict[str, PoolStats], loop: LoopStats | None) -> None:
+        super().__init__(pools)
+        self.loop = loop

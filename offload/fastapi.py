@@ -35,6 +35,7 @@ from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
 from ._executor import Executor
 from ._offloader import Offloader
+from ._settings import usable_cpus
 
 if TYPE_CHECKING:
     from ._call import Call
@@ -282,8 +283,6 @@ def warn_if_oversubscribed(settings: OffloadSettings) -> None:
     number of server processes, as uvicorn and gunicorn read it) when set, against
     the CPUs this process may use (cgroup quotas included).
     """
-    from loky import cpu_count
-
     per_server = sum(
         pool.resolved_max_workers("process")
         for pool in settings.pool_settings().values()
@@ -293,7 +292,7 @@ def warn_if_oversubscribed(settings: OffloadSettings) -> None:
         servers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
     except ValueError:
         servers = 1
-    cpus = int(cpu_count())
+    cpus = usable_cpus()
     if per_server * servers > cpus:
         logger.warning(
             "offload: %d worker processes per server x %d server processes = %d, "

@@ -13,7 +13,12 @@ Metrics, each labelled with ``pool``:
   failed, timed_out, cancelled, crashed, rejected);
 - ``offload_workers_recycled_total``: workers replaced after their limits;
 - ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
-- ``offload_call_latency_seconds{quantile=...}``: recent call latencies.
+- ``offload_call_latency_seconds{quantile=...}``: recent call latencies;
+
+and, without a ``pool`` label, from the Offloader's lag probe:
+
+- ``offload_event_loop_lag_seconds{quantile=...}``: how late the event loop ran a
+  timer, recently (quantiles 0.5, 0.9, 0.99 and 1, the max).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from ._offloader import Offloader
-    from ._stats import PoolStats
+    from ._stats import OffloaderStats
 
 __all__ = ("OffloadCollector",)
 
@@ -53,16 +58,31 @@ class OffloadCollector(Collector):
         self._offloader = offloader
         self._get_offloader = get_offloader
 
-    def _stats(self) -> dict[str, PoolStats]:
+    def _stats(self) -> OffloaderStats | None:
         offloader = self._offloader
         if offloader is None:
             from ._offloader import newest_offloader
 
             offloader = (self._get_offloader or newest_offloader)()
-        return offloader.stats() if offloader is not None else {}
+        return offloader.stats() if offloader is not None else None
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
+        lag = GaugeMetricFamily(
+            "offload_event_loop_lag_seconds",
+            "How late the event loop ran the lag probe's timer, recently, by quantile.",
+            labels=("quantile",),
+        )
+        loop = stats.loop if stats is not None else None
+        if loop is not None and loop.samples:
+            for quantile, value in (
+                ("0.5", loop.lag_p50),
+                ("0.9", loop.lag_p90),
+                ("0.99", loop.lag_p99),
+                ("1", loop.lag_max),
+            ):
+                assert value is not None
+                lag.add_metric((quantile,), value)
         calls = CounterMetricFamily(
             "offload_calls", "Calls that ended, by outcome.", labels=("pool", "outcome")
         )
@@ -81,7 +101,7 @@ class OffloadCollector(Collector):
             "Latency of recent calls (queue wait included), by quantile.",
             labels=("pool", "quantile"),
         )
-        for name, s in stats.items():
+        for name, s in (stats or {}).items():
             for outcome in _OUTCOMES:
                 calls.add_metric((name, outcome), getattr(s, outcome))
             recycled.add_metric((name,), s.recycled)
@@ -95,4 +115,4 @@ class OffloadCollector(Collector):
             ):
                 if value is not None:
                     latency.add_metric((name, quantile), value)
-        yield from (calls, recycled, workers, busy, queued, latency)
+        yield from (calls, recycled, workers, busy, queued, latency, lag)

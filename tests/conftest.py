@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import psutil
 import pytest
+from blockbuster import blockbuster_ctx
 
 from offload import Executor, Offloader, OffloadSettings
 
@@ -61,3 +62,24 @@ def no_leftover_children() -> Iterator[None]:
         for p in leftover:
             p.kill()
         pytest.fail(f"child processes left behind: {[p.pid for p in leftover]}")
+
+
+@pytest.fixture(autouse=True)
+def no_blocking_on_the_loop(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On asyncio, a blocking call made by offload's code in the event loop's thread
+    (sleep, blocking socket or file I/O, waiting for a process) fails the test.
+
+    blockbuster patches those functions and raises ``BlockingError`` when they are
+    called from a module of ``offload`` while an asyncio loop runs in the thread;
+    the tests' own blocking calls (a deliberate ``time.sleep``) are not scanned.
+    """
+    if (
+        "anyio_backend" not in request.fixturenames
+        or request.getfixturevalue("anyio_backend") != "asyncio"
+    ):
+        yield
+        return
+    with blockbuster_ctx(scanned_modules=["offload"]) as bb:
+        # /proc/<pid>/statm is made by the kernel on read: no disk, microseconds.
+        bb.functions["io.BufferedReader.read"].can_block_in("offload/_pools/_handle.py", "rss")
+        yield

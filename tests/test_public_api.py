@@ -16,11 +16,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = (
     "CallCancelled",
     "Executor",
+    "LoopStats",
     "OffloadError",
     "OffloadSettings",
     "OffloadTimeout",
     "OffloadedFunction",
     "Offloader",
+    "OffloaderStats",
     "PoolClosed",
     "PoolOverloaded",
     "PoolSettings",

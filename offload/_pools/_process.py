@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,10 +31,12 @@ import subprocess
 import sys
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 from .._errors import (
     OffloadError,
@@ -59,6 +62,14 @@ __all__ = ("ProcessPool",)
 logger = logging.getLogger("offload")
 
 _BOOT = "from offload._pools._worker import main; main()"
+
+
+@functools.cache
+def _spawner() -> ThreadPoolExecutor:
+    """The one thread that starts every worker process (see ``ProcessPool._spawn``)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-spawner")
+
+
 #: seconds a worker may take to start (interpreter, sys.path, initializer)
 START_TIMEOUT = 60.0
 #: seconds between SIGTERM and SIGKILL for a worker being stopped
@@ -110,22 +121,22 @@ class ProcessPool(Pool):
 
     async def _spawn(self) -> WorkerHandle:
         parent, child = socket.socketpair()
+        args = [sys.executable, "-c", _BOOT, str(child.fileno()), str(self._death_r)]
+        args.append(str(os.getpid()))
         try:
-            # Popen forks with vfork, which returns once the child has exec'd. The
-            # fork must happen on a thread that lives as long as the pool: Linux
-            # sends the parent-death signal when the *thread* that forked exits.
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                [
-                    sys.executable,
-                    "-c",
-                    _BOOT,
-                    str(child.fileno()),
-                    str(self._death_r),
-                    str(os.getpid()),
-                ],
+            # Popen blocks until the child has exec'd (it reads a pipe for exec
+            # errors), which the loop must not wait for. The fork happens on one
+            # long-lived spawner thread: Linux sends the parent-death signal when
+            # the *thread* that forked exits, and anyio's worker threads end after
+            # 10 idle seconds. to_thread.run_sync waits for the result even when
+            # cancelled, so a started process always reaches the pool.
+            future = _spawner().submit(
+                subprocess.Popen,
+                args,
                 pass_fds=(child.fileno(), self._death_r),
                 stdin=subprocess.DEVNULL,
             )
+            proc: subprocess.Popen[bytes] = await anyio.to_thread.run_sync(future.result)
         except BaseException:
             parent.close()
             raise
