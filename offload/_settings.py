@@ -68,6 +68,12 @@ class PoolSettings(BaseModel):
         default=None,
         description='replace a worker process whose resident memory passes this (bytes or "512MB")',
     )
+    max_payload: ByteSize = Field(
+        default=ByteSize(1 << 30),
+        gt=0,
+        description="largest pickled arguments or result of one process call, in bytes or "
+        'as "256MB"; a call over it fails alone with SerializationError',
+    )
     niceness: int = Field(
         default=10,
         ge=0,
@@ -127,6 +133,7 @@ class PoolSettingsDict(TypedDict, total=False):
     initializer_args: tuple[Any, ...]
     max_tasks_per_worker: int | None
     max_memory_per_worker: int | str | None
+    max_payload: int | str
     niceness: int
     idle_priority: bool
     address: str | None

@@ -358,3 +358,11 @@ def sleep_if_exists(path: str, seconds: float) -> None:
     """An initializer that takes ``seconds`` while ``path`` exists (a slow boot)."""
     if os.path.exists(path):
         time.sleep(seconds)
+
+
+def make_bytes(size: int) -> bytes:
+    return b"\xab" * size
+
+
+def bytes_and_size(data: bytes, *, extra: bytes = b"") -> tuple[int, int, str]:
+    return len(data), len(extra), type(data).__name__

@@ -39,25 +39,42 @@ def _importable(fn: object) -> bool:
     return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
 
 
-def encode_request(call: Call) -> list[_wire.Buffer]:
+def encode_request(call: Call, max_payload: int) -> list[_wire.Buffer]:
+    """The call as a frame for a worker.
+
+    :raises SerializationError: the function or arguments do not pickle, or take more
+        than ``max_payload`` bytes
+    """
     try:
         blob = function_blob(call.fn)
     except Exception as exc:
         raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
-    request = (blob, call.args, call.kwargs)
+    request = (
+        blob,
+        tuple(map(_wire.out_of_band, call.args)),
+        {name: _wire.out_of_band(value) for name, value in call.kwargs.items()},
+    )
     try:
-        return _wire.encode(request)
+        parts = _wire.encode(request)
     except Exception:
-        pass
-    import cloudpickle  # arguments that plain pickle refuses: lambdas, closures
+        try:  # arguments that plain pickle refuses: lambdas, closures
+            import cloudpickle
 
-    try:
-        return _wire.encode(request, cloudpickle.dumps)
-    except Exception as exc:
-        raise SerializationError(f"the arguments of {call.name} cannot be pickled: {exc}") from exc
+            parts = _wire.encode(request, cloudpickle.dumps)
+        except Exception as exc:
+            raise SerializationError(
+                f"the arguments of {call.name} cannot be pickled: {exc}"
+            ) from exc
+    size = _wire.frame_size(parts)
+    if size > max_payload:
+        raise SerializationError(
+            f"the call to {call.name} takes {size} bytes pickled, more than the pool's "
+            f"max_payload ({max_payload} bytes)"
+        )
+    return parts
 
 
-def decode_reply(call: Call, data: bytearray, buffers: list[bytearray]) -> Any:
+def decode_reply(call: Call, data: _wire.Received, buffers: list[_wire.Received]) -> Any:
     try:
         status, value = _wire.decode(data, buffers)
     except Exception as exc:
@@ -83,6 +100,11 @@ def decode_reply(call: Call, data: bytearray, buffers: list[bytearray]) -> Any:
         raise SerializationError(
             f"the worker could not unpickle the call to {call.name}"
         ) from RemoteTraceback(value)
+    if status == _wire.TOO_LARGE:
+        raise SerializationError(
+            f"the result of {call.name} takes {value[0]} bytes pickled, more than the pool's "
+            f"max_payload ({value[1]} bytes)"
+        )
     raise SerializationError(f"the result of {call.name} cannot be pickled") from RemoteTraceback(
         value
     )

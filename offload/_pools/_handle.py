@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 
 from . import _wire
 
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
 
 __all__ = ("WorkerHandle",)
 
+#: bytes one system call may move: while the worker keeps up on the other end, a
+#: single recv or send of a large frame would otherwise copy on and on
+CHUNK = 1 << 18
+#: bytes moved through a channel between two pauses for the rest of the event loop
+YIELD_EVERY = 1 << 20
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -76,20 +82,32 @@ class WorkerHandle:
     async def send(self, parts: list[_wire.Buffer]) -> None:
         sock = self.sock
         views: Sequence[_wire.Buffer] = parts
+        unyielded = 0
         while views:
             try:
-                views = _wire.remaining(views, sock.sendmsg(views))
+                sent = sock.sendmsg(_wire.head(views, CHUNK))
             except BlockingIOError:
+                unyielded = 0
                 await anyio.wait_writable(sock)
+                continue
+            views = _wire.remaining(views, sent)
+            unyielded += sent
+            if unyielded >= YIELD_EVERY and views:
+                # The worker drains the channel as fast as it is filled: without a
+                # pause a large frame would hold the loop to the end.
+                unyielded = 0
+                await anyio.lowlevel.checkpoint()
 
-    async def recv(self) -> tuple[bytearray, list[bytearray]]:
+    async def recv(self) -> tuple[_wire.Received, list[_wire.Received]]:
         sock = self.sock
         parser = _wire.parse_frame(self.scratch)
         view = next(parser)
+        unyielded = 0
         while True:
             try:
-                n = sock.recv_into(view)
+                n = sock.recv_into(view, min(len(view), CHUNK))
             except BlockingIOError:
+                unyielded = 0
                 await self._readable()
                 continue
             if not n:
@@ -98,6 +116,10 @@ class WorkerHandle:
                 view = parser.send(n)
             except StopIteration as done:
                 return done.value  # type: ignore[no-any-return]
+            unyielded += n
+            if unyielded >= YIELD_EVERY:
+                unyielded = 0  # as in send
+                await anyio.lowlevel.checkpoint()
 
     async def _readable(self) -> None:
         """Wait until the channel has something to read.

@@ -158,6 +158,7 @@ class ProcessPool(Pool):
                     sys.path,
                     settings.niceness,
                     settings.idle_priority,
+                    settings.max_payload,
                     settings.initializer,
                     settings.initializer_args,
                 )
@@ -340,7 +341,7 @@ class ProcessPool(Pool):
         return len(self._ready), self._busy, self._slots.queued
 
     async def _execute(self, call: Call) -> Any:
-        request = encode_request(call)
+        request = encode_request(call, self.settings.max_payload)
         while True:
             if self._forced:
                 raise self._closed_error()
@@ -398,6 +399,10 @@ class ProcessPool(Pool):
                 if worker.exited.is_set():
                     worker.close()
             self._release(worker)
+            if _wire.big((data, *buffers)):
+                # A large ``bytes`` is one copy, made by os.pread in a thread
+                # without the GIL; arrays are views on the received buffers.
+                return await anyio.to_thread.run_sync(decode_reply, call, data, buffers)
             return decode_reply(call, data, buffers)
 
     def _release(self, worker: WorkerHandle) -> None:

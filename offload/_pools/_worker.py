@@ -32,8 +32,11 @@ from ._wire import (
     RAISED,
     RAISED_UNPICKLABLE,
     SCRATCH,
+    TOO_LARGE,
     decode,
     encode,
+    frame_size,
+    out_of_band,
     recv_frame,
     send_parts,
 )
@@ -52,7 +55,7 @@ def main() -> None:
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH))
-    sys_path, niceness, idle_priority, initializer, initializer_args = decode(
+    sys_path, niceness, idle_priority, max_payload, initializer, initializer_args = decode(
         *recv_frame(sock, scratch)
     )
     sys.path[:] = sys_path
@@ -64,10 +67,10 @@ def main() -> None:
             send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
             sys.exit(1)
     send_parts(sock, encode((OK, os.getpid())))
-    _serve(sock, scratch)
+    _serve(sock, scratch, max_payload)
 
 
-def _serve(sock: socket.socket, scratch: memoryview) -> None:
+def _serve(sock: socket.socket, scratch: memoryview, max_payload: int) -> None:
     while True:
         try:
             data, buffers = recv_frame(sock, scratch)
@@ -82,7 +85,7 @@ def _serve(sock: socket.socket, scratch: memoryview) -> None:
         else:
             del data, buffers
             try:
-                reply = (OK, fn(*args, **kwargs))
+                reply = (OK, out_of_band(fn(*args, **kwargs)))
             except BaseException as exc:
                 reply = _exception_reply(exc)
             del args, kwargs
@@ -91,6 +94,9 @@ def _serve(sock: socket.socket, scratch: memoryview) -> None:
         except BaseException:
             parts = encode((BAD_RESULT, traceback.format_exc()))
         del reply
+        size = frame_size(parts)
+        if size > max_payload:
+            parts = encode((TOO_LARGE, (size, max_payload)))
         send_parts(sock, parts)
         del parts
 
