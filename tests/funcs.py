@@ -358,3 +358,16 @@ def sleep_if_exists(path: str, seconds: float) -> None:
     """An initializer that takes ``seconds`` while ``path`` exists (a slow boot)."""
     if os.path.exists(path):
         time.sleep(seconds)
+
+
+def wait_for_file(path: str, value: Any = None) -> Any:
+    """Block until ``path`` exists (or the safety bound), then return ``value``: a call
+    that holds its worker until the test lets it go, across processes and hosts."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+def random_token() -> str:
+    return os.urandom(8).hex()
