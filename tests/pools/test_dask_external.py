@@ -16,7 +16,14 @@ import pytest
 
 pytest.importorskip("distributed")
 
-from offload import Offloader, OffloadSettings, OffloadTimeout, PoolClosed, WorkerCrashed
+from offload import (
+    Offloader,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolClosed,
+    PoolSettings,
+    WorkerCrashed,
+)
 from offload._pools._dask import DaskPool
 
 from .. import funcs
@@ -116,11 +123,11 @@ def no_leftover_children(scheduler_address: str) -> Iterator[None]:
     assert not leftover, f"child processes left behind: {[p.pid for p in leftover]}"
 
 
-def settings(address: str | None, **pool: object) -> OffloadSettings:
+def settings(address: str | None, *, hard_cancel: bool = False) -> OffloadSettings:
     return OffloadSettings(
         process={"max_workers": 1},
         thread={"max_workers": 1},
-        pools={"remote": {"kind": "dask", "address": address, **pool}},
+        pools={"remote": PoolSettings(kind="dask", address=address, hard_cancel=hard_cancel)},
         shutdown_timeout=5,
     )
 
@@ -165,6 +172,7 @@ async def test_hard_cancel_restarts_the_remote_worker(
     async with Offloader(settings(scheduler_address, hard_cancel=True)) as ex:
         remote = ex.pool("remote")
         pool = ex.offloader.get_pool("remote")
+        assert isinstance(pool, DaskPool)
         with anyio.fail_after(BOOT):
             await pool._client.wait_for_workers(2)
         with pytest.raises(OffloadTimeout):
