@@ -46,15 +46,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def _is_resource_tracker(proc: Any) -> bool:
-    # multiprocessing's helper, started once per interpreter by the nannies' spawn
-    # context; it exits with the interpreter and belongs to no pool.
-    try:
-        return "resource_tracker" in " ".join(proc.cmdline())
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 async def dask_ex() -> AsyncIterator[Executor]:
     settings = OffloadSettings(
@@ -66,7 +57,7 @@ async def dask_ex() -> AsyncIterator[Executor]:
     before = {p.pid for p in children()}
     async with Offloader(settings) as ex:
         yield ex.pool("dask")
-    leftover = [p for p in children() if p.pid not in before and not _is_resource_tracker(p)]
+    leftover = [p for p in children() if p.pid not in before]
     assert not leftover, f"the embedded cluster left processes behind: {leftover}"
 
 
@@ -93,7 +84,7 @@ def no_leftover_children(dask_ex: Executor) -> Iterator[None]:
     before = {p.pid for p in children()}
     yield
     allowed = before | worker_pids(dask_ex)
-    leftover = [p for p in children() if p.pid not in allowed and not _is_resource_tracker(p)]
+    leftover = [p for p in children() if p.pid not in allowed]
     for p in leftover:
         p.kill()
     assert not leftover, f"child processes left behind: {[p.pid for p in leftover]}"
