@@ -89,7 +89,24 @@ class PoolSettings(BaseModel):
         "takes it from them at once when it wakes up (measured: less CPU stealing from "
         "the loop, but lower throughput under HTTP load; see docs/benchmarks.md)",
     )
-    address: str | None = Field(default=None, description="scheduler address, for kind dask")
+    address: str | None = Field(
+        default=None,
+        description="kind dask: the scheduler's address (tcp://host:8786); unset: "
+        "DASK_SCHEDULER_ADDRESS, else an embedded local cluster of max_workers processes",
+    )
+    hard_cancel: bool = Field(
+        default=False,
+        description="kind dask: when a running call is cancelled or passes its deadline, "
+        "restart the worker process running it (Dask cannot interrupt a task; other tasks "
+        "on that worker fail with WorkerCrashed). Process pools always stop the work; "
+        "threads cannot",
+    )
+
+    @model_validator(mode="after")
+    def _check_kind_options(self) -> PoolSettings:
+        if self.hard_cancel and self.kind == "thread":
+            raise ValueError("hard_cancel: a thread cannot be stopped; use kind process or dask")
+        return self
 
     @field_validator("initializer")
     @classmethod
@@ -137,6 +154,7 @@ class PoolSettingsDict(TypedDict, total=False):
     niceness: int
     idle_priority: bool
     address: str | None
+    hard_cancel: bool
 
 
 class OffloadSettings(BaseSettings):

@@ -39,16 +39,22 @@ def children() -> list[psutil.Process]:
     """Live (non-zombie) child processes of this test process.
 
     Direct children only: a server that a test starts has workers of its own, which
-    that test checks itself.
+    that test checks itself. Not multiprocessing's resource tracker: the embedded Dask
+    cluster's nannies start it (spawn does), once per interpreter; it belongs to no
+    pool and exits with the interpreter.
     """
     alive = []
     for child in psutil.Process().children():
         try:
-            if child.status() != psutil.STATUS_ZOMBIE:
+            if child.status() != psutil.STATUS_ZOMBIE and not _is_resource_tracker(child):
                 alive.append(child)
         except psutil.NoSuchProcess:
             pass
     return alive
+
+
+def _is_resource_tracker(proc: psutil.Process) -> bool:
+    return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
 
 
 @pytest.fixture(autouse=True)

@@ -366,3 +366,16 @@ def make_bytes(size: int) -> bytes:
 
 def bytes_and_size(data: bytes, *, extra: bytes = b"") -> tuple[int, int, str]:
     return len(data), len(extra), type(data).__name__
+
+
+def wait_for_file(path: str, value: Any = None) -> Any:
+    """Block until ``path`` exists (or the safety bound), then return ``value``: a call
+    that holds its worker until the test lets it go, across processes and hosts."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+def random_token() -> str:
+    return os.urandom(8).hex()

@@ -55,11 +55,3 @@ async def test_start_failure_leaves_nothing_behind() -> None:
         async with Offloader(settings):
             pytest.fail("the body must not run")
     assert not children()
-
-
-async def test_dask_kind_is_not_available_yet() -> None:
-    settings = OffloadSettings(pools={"cluster": {"kind": "dask"}})
-    with pytest.raises(NotImplementedError, match="dask"):
-        async with Offloader(settings):
-            pytest.fail("the body must not run")
-    assert not children()

@@ -37,7 +37,7 @@ PUBLIC = (
 )
 FASTAPI_NAMES = ("get_executor", "lifespan")
 
-HEAVY = ("fastapi", "starlette", "pydantic", "pydantic_settings", "anyio")
+HEAVY = ("fastapi", "starlette", "pydantic", "pydantic_settings", "anyio", "dask", "distributed")
 
 
 def test_all_is_a_sorted_tuple_of_the_pinned_names() -> None:
@@ -124,6 +124,8 @@ def test_core_names_never_import_web_frameworks() -> None:
     )
     assert "fastapi" not in loaded
     assert "starlette" not in loaded
+    assert "dask" not in loaded  # only a pool of kind dask imports it, when it starts
+    assert "distributed" not in loaded
     assert "fastapi" in _loaded_after("from offload import lifespan")
 
 

@@ -14,6 +14,7 @@ __all__ = ("pool_class",)
 _KINDS = {
     "thread": ("offload._pools._thread", "ThreadPool"),
     "process": ("offload._pools._process", "ProcessPool"),
+    "dask": ("offload._pools._dask", "DaskPool"),
 }
 
 

@@ -1,0 +1,219 @@
+"""The dask pool on an existing cluster: ``dask scheduler`` and ``dask worker`` run
+as subprocesses on 127.0.0.1, once for the module, and pools connect by address."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+pytest.importorskip("distributed")
+
+from offload import (
+    Offloader,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolClosed,
+    PoolSettings,
+    WorkerCrashed,
+)
+from offload._pools._dask import DaskPool
+
+from .. import funcs
+from ..conftest import children
+
+ROOT = Path(__file__).resolve().parents[2]
+#: seconds the scheduler and workers get to come up
+BOOT = 60.0
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A scheduler and two single-threaded workers (with nannies), as subprocesses."""
+    tmp = tmp_path_factory.mktemp("dask")
+    scheduler_file = tmp / "scheduler.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),  # user modules must be importable everywhere
+        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+    }
+    command = [sys.executable, "-m", "dask"]
+    scheduler = subprocess.Popen(
+        [
+            *command,
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            "127.0.0.1:0",
+            "--scheduler-file",
+            str(scheduler_file),
+        ],
+        env=env,
+        cwd=tmp,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    procs = [scheduler]
+    try:
+        deadline = time.monotonic() + BOOT
+        while not scheduler_file.exists():
+            assert scheduler.poll() is None, "dask scheduler exited"
+            assert time.monotonic() < deadline, "dask scheduler did not start"
+            time.sleep(0.05)
+        address = str(json.loads(scheduler_file.read_text())["address"])
+        procs.append(
+            subprocess.Popen(
+                [
+                    *command,
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nworkers",
+                    "2",
+                    "--nthreads",
+                    "1",
+                    "--dashboard-address",
+                    "127.0.0.1:0",
+                ],
+                env=env,
+                cwd=tmp,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        yield address
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children(scheduler_address: str) -> Iterator[None]:
+    """The cluster's two processes outlive each test; nothing else may."""
+    before = {p.pid for p in children()}
+    yield
+    leftover = [p for p in children() if p.pid not in before]
+    for p in leftover:
+        p.kill()
+    assert not leftover, f"child processes left behind: {[p.pid for p in leftover]}"
+
+
+def settings(address: str | None, *, hard_cancel: bool = False) -> OffloadSettings:
+    return OffloadSettings(
+        process={"max_workers": 1},
+        thread={"max_workers": 1},
+        pools={"remote": PoolSettings(kind="dask", address=address, hard_cancel=hard_cancel)},
+        shutdown_timeout=5,
+    )
+
+
+async def test_connects_by_address_and_runs_calls(scheduler_address: str) -> None:
+    async with Offloader(settings(scheduler_address)) as ex:
+        remote = ex.pool("remote")
+        pool = ex.offloader.get_pool("remote")
+        assert isinstance(pool, DaskPool)
+        assert pool._cluster is None  # nothing embedded
+        with anyio.fail_after(BOOT):
+            await pool._client.wait_for_workers(2)
+        assert await remote.run(funcs.add, 2, 3) == 5
+        assert await remote.run(lambda: "by value") == "by value"
+        pids = {await remote.run(funcs.sleep_getpid, 0.2) for _ in range(4)}
+        assert os.getpid() not in pids
+        with pytest.raises(funcs.Boom):
+            await remote.run(funcs.boom, "remote")
+        with pytest.raises(WorkerCrashed):
+            await remote.run(funcs.exit_now, 3)
+        assert remote.stats().workers == 2  # max_workers: the cluster's threads
+        with anyio.fail_after(BOOT):
+            await pool._client.wait_for_workers(2)
+        assert await remote.run(funcs.add, 1, 1) == 2
+
+
+async def test_honours_dask_scheduler_address(
+    scheduler_address: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", scheduler_address)
+    async with Offloader(settings(None)) as ex:
+        pool = ex.offloader.get_pool("remote")
+        assert isinstance(pool, DaskPool)
+        assert pool._cluster is None
+        assert await ex.pool("remote").run(funcs.add, 1, 2) == 3
+
+
+async def test_hard_cancel_restarts_the_remote_worker(
+    scheduler_address: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    async with Offloader(settings(scheduler_address, hard_cancel=True)) as ex:
+        remote = ex.pool("remote")
+        pool = ex.offloader.get_pool("remote")
+        assert isinstance(pool, DaskPool)
+        with anyio.fail_after(BOOT):
+            await pool._client.wait_for_workers(2)
+        with pytest.raises(OffloadTimeout):
+            await remote.options(timeout=1.0).run(funcs.sleep_then_touch, 4, str(marker))
+        with anyio.fail_after(BOOT):
+            while not remote.stats().recycled:
+                await anyio.sleep(0.05)
+            await pool._client.wait_for_workers(2)
+        await anyio.sleep(3.5)  # past the moment the task would have finished
+        assert not marker.exists(), "the task ran to its end: its worker was not restarted"
+        assert await remote.run(funcs.add, 1, 2) == 3
+
+
+async def test_forced_shutdown_ends_calls_with_pool_closed(
+    scheduler_address: str, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    outcome: list[BaseException] = []
+    offloader = Offloader(
+        OffloadSettings(
+            process={"max_workers": 1},
+            thread={"max_workers": 1},
+            pools={"remote": {"kind": "dask", "address": scheduler_address}},
+            shutdown_timeout=0.5,
+        )
+    )
+
+    async def call() -> None:
+        try:
+            await offloader.executor.pool("remote").run(funcs.wait_for_file, str(release))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    started = anyio.current_time()
+    async with anyio.create_task_group() as tg, offloader:
+        tg.start_soon(call)
+        with anyio.fail_after(BOOT):
+            while not offloader.stats()["remote"].busy:
+                await anyio.sleep(0.01)
+        # leaving drained for 0.5 s, then ended the call
+    release.write_text("")  # let the abandoned task end on its worker
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], PoolClosed)
+    assert anyio.current_time() - started < 20
