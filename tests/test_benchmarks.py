@@ -1,0 +1,97 @@
+"""The benchmark suite's ``--quick`` mode runs and reports every scenario.
+
+Benchmarks are not tests: no figure is checked here, only that the suite runs to
+the end without an error, measures every contender in every scenario (the loop-lag
+probe included), leaves no process behind and writes its JSON, Markdown and charts
+(into a temporary directory: the repository stays clean).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESS = {
+    "run_in_executor(ProcessPool)",
+    "pebble.ProcessPool",
+    "loky reusable executor",
+    "anyio.to_process",
+    "offload process pool",
+}
+THREAD = {
+    "asyncio.to_thread",
+    "anyio.to_thread",
+    "run_in_executor(ThreadPool)",
+    "offload thread pool",
+}
+PAYLOADS = [f"payload_{kind}_{size}MiB" for kind in ("bytes", "numpy") for size in (1, 16, 64)]
+# scenario -> the contenders it measures
+SCENARIOS = {
+    "latency": PROCESS | THREAD,
+    "throughput": PROCESS | THREAD,
+    **dict.fromkeys(PAYLOADS, PROCESS),
+    "scaling": PROCESS,
+    "first_call": PROCESS | THREAD,
+    "memory": PROCESS | THREAD,
+}
+CHARTS = [
+    "latency.png",
+    "throughput.png",
+    "payload_bytes.png",
+    "payload_numpy.png",
+    "scaling.png",
+    "first_call.png",
+    "memory.png",
+]
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(420)
+def test_quick_suite(tmp_path: Path) -> None:
+    before = _outputs_in_repo()
+    command = [
+        sys.executable,
+        "benchmarks/suite.py",
+        "--quick",
+        "--seed",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    report = json.loads((tmp_path / "suite.json").read_text())
+    assert report["skipped"] == {}
+    assert report["errors"] == []
+    assert report["leftover_children"] == []
+    for scenario, contenders in SCENARIOS.items():
+        rows = report["summary"][scenario]
+        assert set(rows) == contenders, scenario
+        for name, row in rows.items():
+            headline = report["scenarios"][scenario]["headline"]
+            assert row[headline] is not None, (scenario, name)
+            assert row["lag_p99_ms"] is not None, (scenario, name)
+            assert row["lag_max_ms"] >= row["lag_p99_ms"], (scenario, name)
+    assert len(report["targets"]) == 11
+    assert all(t["measured"] is not None for t in report["targets"])
+
+    page = (tmp_path / "suite.md").read_text()
+    assert "## Targets" in page
+    assert "loop lag p99 ms" in page
+    for chart in CHARTS:
+        assert (tmp_path / chart).stat().st_size > 10_000, chart
+        assert f"]({chart})" in page, chart
+    assert _outputs_in_repo() == before, "--out must leave the repository alone"
+
+
+def _outputs_in_repo() -> dict[str, int]:
+    """What the suite writes without --out, with modification times."""
+    paths = [ROOT / "benchmarks" / "results" / "suite.json", ROOT / "docs" / "benchmarks.md"]
+    paths += sorted((ROOT / "docs" / "benchmarks").glob("*"))
+    return {str(p): p.stat().st_mtime_ns for p in paths if p.exists()}
