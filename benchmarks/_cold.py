@@ -195,8 +195,8 @@ FIRST_CALL = Table(
     "first_call",
     "First call after start",
     "fresh child process each: creation to first no-op result (cold); start, then the "
-    "first call's own latency; library import apart. offload's two rows both start one "
-    "Offloader, which starts both of its pools",
+    "first call's own latency; library import apart; loop lag from creation to first "
+    "result. offload's two rows both start one Offloader, which starts both of its pools",
     (
         Column("cold_ms", "create to 1st result ms"),
         Column("start_ms", "start ms"),
@@ -212,7 +212,8 @@ MEMORY = Table(
     "fresh child process: resident memory of the caller's process and per worker "
     "process, MB (10^6 bytes); parent +RSS: over a bare child's, library import included; "
     "total = parent +RSS + workers x RSS/worker; USS counts only pages no other process "
-    "shares. offload's two rows are one Offloader, with both pools",
+    "shares; loop lag during the warm-up. offload's two rows are one Offloader, with both "
+    "pools",
     (
         Column("total_mb", "total"),
         Column("parent_rss_mb", "parent RSS"),

@@ -94,7 +94,6 @@ def measurement(kind: str, size_mib: int) -> Measurement:
         ),
         headline="p50_ms",
         lower_is_better=True,
-        families=("process",),
     )
     # 64 MiB takes 0.2-1 s per call: with --quick, one round only.
     return Measurement(scenario, ("process",), (table,), run, 1 if size_mib >= 64 else None)

@@ -23,6 +23,8 @@ def _median(values: list[float | None]) -> float | None:
 def summarize(raw: Raw, families: dict[str, str], peers: set[str], tables: list[Table]) -> Summary:
     """Medians over rounds of every metric, the headline's range and its ratio to the best peer.
 
+    The loop lag's maximum is the worst over rounds; its p99, like the rest, a median.
+
     ``families``: contender -> family; ``peers``: the contenders that are not offload.
     """
     summary: Summary = {}
@@ -32,6 +34,8 @@ def summarize(raw: Raw, families: dict[str, str], peers: set[str], tables: list[
         for name, rs in rounds.items():
             keys = dict.fromkeys(k for r in rs for k in r)
             med[name] = {k: _median([r.get(k) for r in rs]) for k in keys}
+            worst = [v for r in rs if (v := r.get("lag_max_ms")) is not None]
+            med[name]["lag_max_ms"] = max(worst) if worst else None  # the worst, not a median
             heads = [v for r in rs if (v := r.get(table.headline)) is not None]
             med[name]["rounds"] = float(len(rs))
             med[name]["headline_min"] = min(heads) if heads else None
@@ -173,6 +177,7 @@ def markdown(
     cfg, machine = report["config"], report["machine"]
     families = {n: c["family"] for n, c in report["contenders"].items()}
     peers = {n for n, c in report["contenders"].items() if c["peer"]}
+    load = machine["loadavg_1min"]
     pkgs = ", ".join(f"{k} {v}" for k, v in machine["packages"].items())
     out = []
     if cfg["quick"]:
@@ -184,11 +189,13 @@ def markdown(
         ]
     out += [
         f"{report['date']}, `{cfg['command']}` ({cfg['rounds']} rounds, seed {cfg['seed']}),"
-        f" {machine['nproc']} CPUs, {machine['platform']}, Python {machine['python_version']};"
+        f" {machine['nproc']} CPUs (1-minute load average {load[0]} before the run, {load[1]}"
+        " after it, the suite's own included),"
+        f" {machine['platform']}, Python {machine['python_version']};"
         f" {pkgs}. Process pools: {cfg['process_workers']} workers; thread pools:"
         f" {cfg['thread_workers']} threads (peers' defaults otherwise). Medians over rounds;"
         f" {RATIO}. Loop lag: how late a 1 ms sleep on the caller's event loop woke up"
-        " during the measurement.",
+        " during the measurement (p99: median over rounds; max: the worst of all rounds).",
         "",
     ]
     for name, why in report["skipped"].items():
@@ -206,7 +213,8 @@ def markdown(
     out.append("")
     for i, table in enumerate(tables):
         better = "lower" if table.lower_is_better else "higher"
-        out += [f"{h} {table.title}", "", f"{table.explain}; {better} is better.", ""]
+        explain = table.explain[0].upper() + table.explain[1:]
+        out += [f"{h} {table.title}", "", f"{explain}; {better} is better.", ""]
         out += table_markdown(table, report["summary"], families, peers)
         out.append("")
         chart = charts.get(table.key)

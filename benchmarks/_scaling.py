@@ -68,6 +68,5 @@ SCALING = Table(
     ),
     headline="efficiency",
     lower_is_better=False,
-    families=("process",),
 )
 MEASUREMENTS = [Measurement("scaling", ("process",), (SCALING,), scaling)]

@@ -33,7 +33,6 @@ class Table:
     columns: tuple[Column, ...]
     headline: str  # the metric that ratios and "rounds min-max" use
     lower_is_better: bool
-    families: tuple[str, ...] = ("thread", "process")
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,7 @@ def main() -> None:
     command = shlex.join(["python", "benchmarks/suite.py", *sys.argv[1:]])
 
     t0 = time.perf_counter()
+    load_before = os.getloadavg()
     skipped: dict[str, str] = {}
     errors: list[dict[str, Any]] = []
     spent: dict[str, float] = {}
@@ -203,6 +204,8 @@ def main() -> None:
             "python": sys.version,
             "python_version": platform.python_version(),
             "platform": platform.platform(terse=True),
+            # 1-minute load average before and after: above 0 means others used the CPUs
+            "loadavg_1min": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "packages": {
                 d: version(d) for d in ("offload", "anyio", "loky", "pebble", "numpy", "psutil")
             },
