@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from _scenario import Metrics, Table
@@ -220,5 +221,6 @@ def markdown(
         chart = charts.get(table.key)
         following = tables[i + 1].key if i + 1 < len(tables) else None
         if chart and charts.get(following or "") != chart:  # after a chart's last table
-            out += [f"![{table.title}]({chart})", ""]
+            alt = Path(chart).stem.replace("_", " ")
+            out += [f"![chart: {alt}]({chart})", ""]
     return "\n".join(out)

@@ -8,10 +8,14 @@ probe included), leaves no process behind and writes its JSON, Markdown and char
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +99,35 @@ def _outputs_in_repo() -> dict[str, int]:
     paths = [ROOT / "benchmarks" / "results" / "suite.json", ROOT / "docs" / "benchmarks.md"]
     paths += sorted((ROOT / "docs" / "benchmarks").glob("*"))
     return {str(p): p.stat().st_mtime_ns for p in paths if p.exists()}
+
+
+def _lagprobe() -> Any:
+    path = ROOT / "benchmarks" / "_lagprobe.py"
+    spec = importlib.util.spec_from_file_location("_lagprobe", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lag_probe_sees_a_blocked_loop() -> None:
+    """A loop blocked for 50 ms shows as 50 ms late, even if the probe never woke in between."""
+    lag_probe = _lagprobe().LagProbe
+
+    async def main() -> list[dict[str, float]]:
+        async with lag_probe() as idle:
+            await asyncio.sleep(0.05)
+        async with lag_probe() as blocked:
+            time.sleep(0.05)  # the whole block: the probe cannot run before it ends
+        async with lag_probe() as stalled:
+            await asyncio.sleep(0.01)
+            time.sleep(0.05)
+            await asyncio.sleep(0.01)
+        return [idle.summary(), blocked.summary(), stalled.summary()]
+
+    idle, blocked, stalled = asyncio.run(main())
+    assert idle["lag_samples"] >= 5
+    assert blocked["lag_max_ms"] >= 49
+    assert stalled["lag_max_ms"] >= 49
+    assert stalled["lag_samples"] >= 3
