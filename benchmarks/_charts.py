@@ -85,7 +85,7 @@ def _bars(
         xs = [max(floor, x) for x in xs]
         shown += xs
         bars = ax.barh(ys, xs, height=height, label=label)
-        texts = ["-" if v is None else f"{v:.3g}" for v in values]
+        texts = ["-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.3g}" for v in values]
         ax.bar_label(bars, texts, fontsize=7, padding=2)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()

@@ -15,7 +15,8 @@ which of issue 4's targets are met.
 Run from the repository root (needs ``pip install -e ".[bench]"``)::
 
     python benchmarks/suite.py --quick          # smoke run, under a minute
-    python benchmarks/suite.py [--rounds 7] [--seed N] [--out DIR] [--only SCENARIO ...]
+    python benchmarks/suite.py [--rounds 7] [--seed N] [--out DIR] [--only MEASUREMENT ...]
+    python benchmarks/suite.py --replot benchmarks/results/suite.json   # tables, charts again
 
 Without ``--out`` it writes ``benchmarks/results/suite.json``, ``docs/benchmarks/suite.md``
 and ``docs/benchmarks/*.png``, and replaces the results section of
@@ -171,19 +172,8 @@ def write_docs_section(text: str) -> None:
     DOCS_PAGE.write_text(f"{head}{BEGIN}\n\n{text}\n{END}{tail}")
 
 
-def main() -> None:
-    logging.basicConfig(format="%(message)s")
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
-    parser.add_argument("--rounds", type=int, help="default: 3 with --quick, else 7")
-    parser.add_argument("--seed", type=int, default=random.randrange(2**32))
-    parser.add_argument("--out", type=Path, help="write every output here, not in the repo")
-    names = [m.name for m in MEASUREMENTS]
-    parser.add_argument("--only", nargs="+", choices=names, help="run only these measurements")
-    args = parser.parse_args()
-    args.rounds = args.rounds or (3 if args.quick else 7)
-    command = shlex.join(["python", "benchmarks/suite.py", *sys.argv[1:]])
-
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the measurements; the report, JSON-ready."""
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     skipped: dict[str, str] = {}
@@ -193,11 +183,8 @@ def main() -> None:
     left = leftover_children()
     if left:
         log.error("ERROR: processes left behind: %s", left)
-    families = {c.name: c.family for c in contenders}
-    peers = {c.name for c in contenders if c.peer}
-    tables = [t for t in TABLES if t.key in raw]
-    summary = summarize(raw, families, peers, tables)
-    report: dict[str, Any] = {
+    spent["total"] = time.perf_counter() - t0
+    return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {
             "nproc": os.cpu_count(),
@@ -211,7 +198,7 @@ def main() -> None:
             },
         },
         "config": {
-            "command": command,
+            "command": shlex.join(["python", "benchmarks/suite.py", *sys.argv[1:]]),
             "quick": args.quick,
             "rounds": args.rounds,
             "seed": args.seed,
@@ -229,15 +216,6 @@ def main() -> None:
             "scaling_tasks_per_worker": _scaling.TASKS_PER_WORKER,
             "scaling_task_iterations": _scaling._iterations[0] if _scaling._iterations else None,
         },
-        "scenarios": {
-            t.key: {
-                "title": t.title,
-                "explain": t.explain,
-                "headline": t.headline,
-                "lower_is_better": t.lower_is_better,
-            }
-            for t in tables
-        },
         "contenders": {
             c.name: {"family": c.family, "peer": c.peer, "note": c.note} for c in contenders
         },
@@ -245,28 +223,72 @@ def main() -> None:
         "errors": errors,
         "leftover_children": left,
         "seconds_spent": spent,
-        "summary": summary,
-        "targets": check_targets(summary),
         "raw": raw,
     }
 
-    json_path = args.out / "suite.json" if args.out else BENCH_DIR / "results" / "suite.json"
-    docs_dir = args.out or REPO_ROOT / "docs" / "benchmarks"
+
+def publish(report: dict[str, Any], out: Path | None) -> str:
+    """Summarize a report's raw numbers and write the JSON, Markdown and charts.
+
+    Returns the Markdown page. ``out``: the directory for everything; None: the
+    repository's places, the docs page's results section included.
+    """
+    raw: Raw = report["raw"]
+    tables = [t for t in TABLES if t.key in raw]
+    families = {n: c["family"] for n, c in report["contenders"].items()}
+    peers = {n for n, c in report["contenders"].items() if c["peer"]}
+    summary = summarize(raw, families, peers, tables)
+    report["scenarios"] = {
+        t.key: {
+            "title": t.title,
+            "explain": t.explain,
+            "headline": t.headline,
+            "lower_is_better": t.lower_is_better,
+        }
+        for t in tables
+    }
+    report["summary"] = summary
+    report["targets"] = check_targets(summary)
+    json_path = out / "suite.json" if out else BENCH_DIR / "results" / "suite.json"
+    docs_dir = out or REPO_ROOT / "docs" / "benchmarks"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     docs_dir.mkdir(parents=True, exist_ok=True)
     charts = draw(report, tables, docs_dir)
     report["charts"] = sorted(set(charts.values()))
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    raw_last = {k: v for k, v in report.items() if k != "raw"} | {"raw": raw}  # long part last
+    json_path.write_text(json.dumps(raw_last, indent=2) + "\n")
     page = markdown(report, tables, charts, level=2)
     (docs_dir / "suite.md").write_text(f"# Benchmark suite: results\n\n{page}\n")
-    if args.out is None:
+    if out is None:
         rel = {k: f"benchmarks/{v}" for k, v in charts.items()}
         write_docs_section(markdown(report, tables, rel, level=3))
-    print(page)
-    print(f"\nresults: {json_path}, {docs_dir / 'suite.md'}, charts in {docs_dir}", file=sys.stderr)
-    where = ", ".join(f"{k} {v:.1f}" for k, v in spent.items())
-    print(f"suite done in {time.perf_counter() - t0:.1f} s ({where})", file=sys.stderr)
-    if errors or left:
+    print(f"results: {json_path}, {docs_dir / 'suite.md'}, charts in {docs_dir}", file=sys.stderr)
+    return page
+
+
+def main() -> None:
+    logging.basicConfig(format="%(message)s")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run, under a minute")
+    parser.add_argument("--rounds", type=int, help="default: 3 with --quick, else 7")
+    parser.add_argument("--seed", type=int, default=random.randrange(2**32))
+    parser.add_argument("--out", type=Path, help="write every output here, not in the repo")
+    names = [m.name for m in MEASUREMENTS]
+    parser.add_argument("--only", nargs="+", choices=names, help="run only these measurements")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="measure nothing: publish a suite.json again"
+    )
+    args = parser.parse_args()
+    args.rounds = args.rounds or (3 if args.quick else 7)
+
+    if args.replot:
+        publish(json.loads(args.replot.read_text()), args.out)
+        return
+    report = measure(args)
+    print(publish(report, args.out))
+    where = ", ".join(f"{k} {v:.1f}" for k, v in report["seconds_spent"].items())
+    print(f"suite done: {where} s", file=sys.stderr)
+    if report["errors"] or report["leftover_children"]:
         sys.exit(1)
 
 

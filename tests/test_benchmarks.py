@@ -91,6 +91,14 @@ def test_quick_suite(tmp_path: Path) -> None:
     for chart in CHARTS:
         assert (tmp_path / chart).stat().st_size > 10_000, chart
         assert f"]({chart})" in page, chart
+
+    # Publishing again from the JSON gives the same tables.
+    again = [sys.executable, "benchmarks/suite.py", "--replot", str(tmp_path / "suite.json")]
+    replot = subprocess.run(
+        [*again, "--out", str(tmp_path / "replot")], cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert replot.returncode == 0, replot.stderr[-5000:]
+    assert (tmp_path / "replot" / "suite.md").read_text() == page
     assert _outputs_in_repo() == before, "--out must leave the repository alone"
 
 
