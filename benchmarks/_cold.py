@@ -31,12 +31,12 @@ from typing import Any
 
 from _contenders import IMPORTS, NAMES, Contender, setup_paths, start_every_worker
 from _lagprobe import LagProbe
+from _procs import is_helper, leftovers
 from _scenario import Column, Measurement, Metrics, Results, Table
 
 CHILD = Path(__file__).resolve()
 CHILD_TIMEOUT_S = 120
 MB = 1e6
-HELPERS = ("resource_tracker", "semaphore_tracker", "forkserver")
 
 
 # --- the child -------------------------------------------------------------------------
@@ -69,15 +69,6 @@ async def phase_cold(name: str) -> Metrics:
     return {"cold_ms": cold * 1e3, **lag.summary()}
 
 
-def _is_helper(proc: Any) -> bool:
-    import psutil
-
-    try:
-        return any(h in " ".join(proc.cmdline()) for h in HELPERS)
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _memory(proc: Any, before: set[int]) -> Metrics:
     import psutil
 
@@ -86,7 +77,7 @@ def _memory(proc: Any, before: set[int]) -> Metrics:
     for child in proc.children(recursive=True):
         if child.pid in before:
             continue
-        if _is_helper(child):
+        if is_helper(child):
             helpers += 1
             continue
         try:
@@ -146,11 +137,7 @@ def child_main() -> None:
     else:
         out = asyncio.run(phase_started(args.contender, rss_base))
         out["rss_base_mb"] = rss_base
-    time.sleep(0.05)  # let pools' children finish exiting
-    # Resource trackers live until their parent exits: not left behind.
-    out["leftover"] = [
-        p.pid for p in psutil.Process().children(recursive=True) if not _is_helper(p)
-    ]
+    out["leftover"] = leftovers()
     print(json.dumps(out), flush=True)
 
 

@@ -56,6 +56,7 @@ from _contenders import (
     setup_paths,
     start_every_worker,
 )
+from _procs import leftovers
 from _report import Raw, check_targets, markdown, summarize
 
 if TYPE_CHECKING:
@@ -139,21 +140,6 @@ async def run(
     return contenders, raw
 
 
-def leftover_children() -> list[str]:
-    """Processes this run started that are still alive (resource trackers excepted)."""
-    import psutil
-
-    time.sleep(0.2)
-    left = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE and not _cold._is_helper(p):
-                left.append(f"{p.pid} {' '.join(p.cmdline())[:80]}")
-        except psutil.NoSuchProcess:
-            pass
-    return left
-
-
 def version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
@@ -180,7 +166,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     errors: list[dict[str, Any]] = []
     spent: dict[str, float] = {}
     contenders, raw = asyncio.run(run(args, skipped, errors, spent))
-    left = leftover_children()
+    left = leftovers()
     if left:
         log.error("ERROR: processes left behind: %s", left)
     spent["total"] = time.perf_counter() - t0
