@@ -37,3 +37,22 @@ def exit_now(code: int = 3) -> None:
     import os
 
     os._exit(code)
+
+
+# --- the suite (benchmarks/suite.py) ---------------------------------------------------
+
+
+def identity(x: object) -> object:
+    """Hand the argument back: a payload's round trip, both ways."""
+    return x
+
+
+def spin(iterations: int) -> float:
+    """Pure-Python work; returns the CPU seconds this thread spent on it."""
+    import time
+
+    t0 = time.thread_time()
+    total = 0
+    for i in range(iterations):
+        total += i * i % 7
+    return time.thread_time() - t0

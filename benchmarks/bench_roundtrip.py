@@ -7,12 +7,13 @@ Measures, from asyncio code, awaiting the no-op ``_funcs.noop`` in a worker:
 
 Contenders come in two families, each compared with its best non-offload peer:
 threads (``asyncio.to_thread``, ``anyio.to_thread``, ``run_in_executor`` on a
-``ThreadPoolExecutor(8)``, offload's thread pool of 8) and processes, 2 workers
-each (``run_in_executor`` on a ``ProcessPoolExecutor``, ``anyio.to_process``, loky's
-reusable executor, ``pebble.ProcessPool``, offload's process pool). Peers keep
-their default start method. Pools are created and warmed up once; each round runs
-every contender once per scenario in a shuffled order, so noise hits all alike,
-and the tables report medians over rounds. Without an importable offload the
+``ThreadPoolExecutor(8)``, offload's thread pool of 8) and processes, one worker
+per CPU each (``run_in_executor`` on a ``ProcessPoolExecutor``, ``anyio.to_process``, loky's
+reusable executor, ``pebble.ProcessPool``, offload's process pool): the suite's
+contenders (``_contenders.py``). Peers keep their default start method. Pools
+are created and warmed up once; each round runs every contender once per scenario
+in a shuffled order, so noise hits all alike, and the tables report medians over
+rounds. Without an importable offload the
 peers are still measured, with a warning.
 
 Run from the repository root (tables to stdout, progress to stderr, raw
@@ -30,7 +31,6 @@ import gc
 import importlib.metadata
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import random
@@ -38,19 +38,13 @@ import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import anyio.to_process
-import anyio.to_thread
-import loky
-import pebble
+from _contenders import BENCH_DIR, FACTORIES, setup_paths
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 log = logging.getLogger("bench_roundtrip")
 CONCURRENCY = 64
 WARMUP_CALLS = 10  # untimed calls before each measurement
@@ -61,17 +55,8 @@ SIZES = {
 }
 
 
-def _setup_paths() -> None:
-    """Make ``_funcs`` and the offload checkout importable here and in children."""
-    paths = [str(BENCH_DIR), str(REPO_ROOT)]
-    sys.path[:0] = [p for p in paths if p not in sys.path]
-    env = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join([p for p in paths if p not in env] + env)
+setup_paths()
 
-
-_setup_paths()
-
-Fn = Callable[[], None]
 Call = Callable[[], Awaitable[object]]
 
 
@@ -79,88 +64,9 @@ Call = Callable[[], Awaitable[object]]
 class Contender:
     name: str
     family: str  # "thread" or "process"
-    call: Call
+    call: Call  # awaits noop() in a worker
     note: str  # workers and start method, for the JSON
     peer: bool = True
-
-
-Factory = Callable[[AsyncExitStack, Fn], Awaitable[list[Contender]]]
-
-
-def mp_default() -> str:
-    return f"2 workers, {multiprocessing.get_start_method()} (multiprocessing default)"
-
-
-def wrapped(submit: Callable[[Fn], Future[None]], fn: Fn) -> Call:
-    """A call through a pool that hands back concurrent futures."""
-    return lambda: asyncio.wrap_future(submit(fn))
-
-
-async def stdlib_process(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    ppe = ProcessPoolExecutor(2)  # default context: what users get
-    stack.callback(ppe.shutdown, wait=True)
-    call = partial(asyncio.get_running_loop().run_in_executor, ppe, fn)
-    return [Contender("run_in_executor(ProcessPool)", "process", call, mp_default())]
-
-
-async def pebble_process(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    pool = pebble.ProcessPool(max_workers=2)
-    stack.callback(pool.join)
-    stack.callback(pool.close)  # callbacks run last-in first-out: close, then join
-    call = wrapped(pool.schedule, fn)
-    return [Contender("pebble.ProcessPool", "process", call, mp_default())]
-
-
-async def loky_process(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    ex = loky.get_reusable_executor(max_workers=2)
-    stack.callback(ex.shutdown, wait=True)
-    note = f"2 workers, {loky.backend.context.get_context().get_start_method()}"
-    call = wrapped(ex.submit, fn)
-    return [Contender("loky reusable executor", "process", call, note)]
-
-
-async def anyio_process(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    call = partial(anyio.to_process.run_sync, fn, limiter=anyio.CapacityLimiter(2))
-    note = "2 workers (limiter), subprocess: python -m anyio.to_process"
-    return [Contender("anyio.to_process", "process", call, note)]
-
-
-async def thread_peers(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    tpe = ThreadPoolExecutor(max_workers=8)
-    stack.callback(tpe.shutdown, wait=True)
-    to_thread = partial(asyncio.to_thread, fn)
-    anyio_thread = partial(anyio.to_thread.run_sync, fn)
-    tpe_call = partial(asyncio.get_running_loop().run_in_executor, tpe, fn)
-    n_default = f"{min(32, (os.cpu_count() or 1) + 4)} workers (default executor)"
-    return [
-        Contender("asyncio.to_thread", "thread", to_thread, n_default),
-        Contender("anyio.to_thread", "thread", anyio_thread, "40 workers (limiter)"),
-        Contender("run_in_executor(ThreadPool)", "thread", tpe_call, "8 workers"),
-    ]
-
-
-async def offload_pools(stack: AsyncExitStack, fn: Fn) -> list[Contender]:
-    from offload import Offloader, OffloadSettings, PoolSettings
-
-    settings = OffloadSettings(
-        process=PoolSettings(max_workers=2),
-        thread=PoolSettings(max_workers=8),
-        default_pool="process",
-    )
-    ex = await stack.enter_async_context(Offloader(settings))
-    proc = partial(ex.pool("process").run, fn)
-    thread = partial(ex.pool("thread").run, fn)
-    return [
-        Contender("offload process pool", "process", proc, "2 workers", peer=False),
-        Contender("offload thread pool", "thread", thread, "8 workers", peer=False),
-    ]
-
-
-# Fork-based pools first, before the other contenders start their threads.
-FACTORIES: list[Factory] = [
-    *(stdlib_process, pebble_process, loky_process, anyio_process),
-    *(thread_peers, offload_pools),
-]
 
 
 async def calls(c: Contender, n: int, concurrency: int = 1) -> None:
@@ -206,9 +112,12 @@ async def setup(stack: AsyncExitStack, skipped: dict[str, str]) -> list[Contende
     from _funcs import noop
 
     contenders: list[Contender] = []
-    for factory in FACTORIES:
+    for factory in FACTORIES:  # the suite's contenders, each awaiting noop
         try:
-            new = await factory(stack, noop)
+            new = [
+                Contender(c.name, c.family, partial(c.run, noop), c.note, c.peer)
+                for c in await factory(stack)
+            ]
             for c in new:  # start every worker: a few bursts wider than the pool
                 for _ in range(3):
                     await calls(c, 16, concurrency=16)

@@ -20,7 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "command",
     [
-        pytest.param(("mypy", "--strict", "offload", "tests"), id="mypy"),
+        pytest.param(("mypy", "--strict", "offload", "tests", "benchmarks"), id="mypy"),
         pytest.param(("ruff", "check", "offload", "tests", "benchmarks"), id="ruff-check"),
         pytest.param(
             ("ruff", "format", "--check", "offload", "tests", "benchmarks"), id="ruff-format"

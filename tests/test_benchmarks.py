@@ -1,0 +1,141 @@
+"""The benchmark suite's ``--quick`` mode runs and reports every scenario.
+
+Benchmarks are not tests: no figure is checked here, only that the suite runs to
+the end without an error, measures every contender in every scenario (the loop-lag
+probe included), leaves no process behind and writes its JSON, Markdown and charts
+(into a temporary directory: the repository stays clean).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROCESS = {
+    "run_in_executor(ProcessPool)",
+    "pebble.ProcessPool",
+    "loky reusable executor",
+    "anyio.to_process",
+    "offload process pool",
+}
+THREAD = {
+    "asyncio.to_thread",
+    "anyio.to_thread",
+    "run_in_executor(ThreadPool)",
+    "offload thread pool",
+}
+PAYLOADS = [f"payload_{kind}_{size}MiB" for kind in ("bytes", "numpy") for size in (1, 16, 64)]
+# scenario -> the contenders it measures
+SCENARIOS = {
+    "latency": PROCESS | THREAD,
+    "throughput": PROCESS | THREAD,
+    **dict.fromkeys(PAYLOADS, PROCESS),
+    "scaling": PROCESS,
+    "first_call": PROCESS | THREAD,
+    "memory": PROCESS | THREAD,
+}
+CHARTS = [
+    "latency.png",
+    "throughput.png",
+    "payload_bytes.png",
+    "payload_numpy.png",
+    "scaling.png",
+    "first_call.png",
+    "memory.png",
+]
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(420)
+def test_quick_suite(tmp_path: Path) -> None:
+    before = _outputs_in_repo()
+    command = [
+        sys.executable,
+        "benchmarks/suite.py",
+        "--quick",
+        "--seed",
+        "4",
+        "--out",
+        str(tmp_path),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-5000:]
+
+    report = json.loads((tmp_path / "suite.json").read_text())
+    assert report["skipped"] == {}
+    assert report["errors"] == []
+    assert report["leftover_children"] == []
+    for scenario, contenders in SCENARIOS.items():
+        rows = report["summary"][scenario]
+        assert set(rows) == contenders, scenario
+        for name, row in rows.items():
+            headline = report["scenarios"][scenario]["headline"]
+            assert row[headline] is not None, (scenario, name)
+            assert row["lag_p99_ms"] is not None, (scenario, name)
+            assert row["lag_max_ms"] >= row["lag_p99_ms"], (scenario, name)
+    assert len(report["targets"]) == 11
+    assert all(t["measured"] is not None for t in report["targets"])
+
+    page = (tmp_path / "suite.md").read_text()
+    assert "## Targets" in page
+    assert "loop lag p99 ms" in page
+    for chart in CHARTS:
+        assert (tmp_path / chart).stat().st_size > 10_000, chart
+        assert f"]({chart})" in page, chart
+
+    # Publishing again from the JSON gives the same tables.
+    again = [sys.executable, "benchmarks/suite.py", "--replot", str(tmp_path / "suite.json")]
+    replot = subprocess.run(
+        [*again, "--out", str(tmp_path / "replot")], cwd=ROOT, capture_output=True, timeout=120
+    )
+    assert replot.returncode == 0, replot.stderr[-5000:]
+    assert (tmp_path / "replot" / "suite.md").read_text() == page
+    assert _outputs_in_repo() == before, "--out must leave the repository alone"
+
+
+def _outputs_in_repo() -> dict[str, int]:
+    """What the suite writes without --out, with modification times."""
+    paths = [ROOT / "benchmarks" / "results" / "suite.json", ROOT / "docs" / "benchmarks.md"]
+    paths += sorted((ROOT / "docs" / "benchmarks").glob("*"))
+    return {str(p): p.stat().st_mtime_ns for p in paths if p.exists()}
+
+
+def _lagprobe() -> Any:
+    path = ROOT / "benchmarks" / "_lagprobe.py"
+    spec = importlib.util.spec_from_file_location("_lagprobe", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lag_probe_sees_a_blocked_loop() -> None:
+    """A loop blocked for 50 ms shows as 50 ms late, even if the probe never woke in between."""
+    lag_probe = _lagprobe().LagProbe
+
+    async def main() -> list[dict[str, float]]:
+        async with lag_probe() as idle:
+            await asyncio.sleep(0.05)
+        async with lag_probe() as blocked:
+            time.sleep(0.05)  # the whole block: the probe cannot run before it ends
+        async with lag_probe() as stalled:
+            await asyncio.sleep(0.01)
+            time.sleep(0.05)
+            await asyncio.sleep(0.01)
+        return [idle.summary(), blocked.summary(), stalled.summary()]
+
+    idle, blocked, stalled = asyncio.run(main())
+    assert idle["lag_samples"] >= 5
+    assert blocked["lag_max_ms"] >= 49
+    assert stalled["lag_max_ms"] >= 49
+    assert stalled["lag_samples"] >= 3
