@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from ._pools._base import Pool
+    from ._settings import Kind
 
 __all__ = ("Offloader", "active_offloader", "newest_offloader")
 
@@ -123,14 +124,15 @@ class Offloader:
         if self._started:
             raise RuntimeError("an Offloader can be entered only once; make a new one")
         self._started = True
-        # Reads cgroup files, once per process: not on the loop's thread.
-        await anyio.to_thread.run_sync(usable_cpus)
+        pools = self.settings.pool_settings()
+        # What takes long once per process, in a thread: the CPU count (cgroup files),
+        # importing the pools' modules (distributed's alone takes seconds).
+        classes = await anyio.to_thread.run_sync(_prepare, [s.kind for s in pools.values()])
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
-            for name, settings in self.settings.pool_settings().items():
-                assert settings.kind is not None
-                self._pools[name] = pool_class(settings.kind)(name, settings, self._task_group)
+            for (name, settings), cls in zip(pools.items(), classes, strict=True):
+                self._pools[name] = cls(name, settings, self._task_group)
             errors: list[Exception] = []
 
             async def start(pool: Pool) -> None:
@@ -203,3 +205,15 @@ class Offloader:
         async with anyio.create_task_group() as tg:
             for pool in self._pools.values():
                 tg.start_soon(pool.aclose, drain_timeout)
+
+
+def _prepare(kinds: list[Kind | None]) -> list[type[Pool]]:
+    usable_cpus()
+    classes = []
+    for kind in kinds:
+        assert kind is not None  # the settings gave every pool its kind
+        cls = pool_class(kind)
+        if cls not in classes:
+            cls.prepare()
+        classes.append(cls)
+    return classes

@@ -59,6 +59,11 @@ class Pool(ABC):
     def closing(self) -> bool:
         return self._closing
 
+    @classmethod
+    def prepare(cls) -> None:
+        """Once per process before a pool of this kind starts, in a thread: the slow,
+        one-off setup that must not hold the event loop."""
+
     @abstractmethod
     async def start(self) -> None:
         """Start the workers; return once they can take calls."""

@@ -95,6 +95,11 @@ class ProcessPool(Pool):
 
     # -- lifecycle -------------------------------------------------------------
 
+    @classmethod
+    def prepare(cls) -> None:
+        # Thread.start() waits for the new thread to run: not on the loop.
+        _spawner().submit(int).result()
+
     async def start(self) -> None:
         # Every worker holds the read end; only this process holds the write end.
         # When this process dies, however it dies, the workers read EOF and exit.
