@@ -187,6 +187,11 @@ class Pinger:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        # Its interpreter takes a while to start: a window opened before it listens
+        # would be half empty.
+        assert self._proc.stdout is not None
+        if json.loads(await self._proc.stdout.readline() or b"{}").get("ready") is not True:
+            raise RuntimeError(f"the pinger exited with code {await self._proc.wait()}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -241,6 +246,8 @@ def run_pinger(port: int, parent: int) -> None:
     conn = Connection(port)
     loop = asyncio.new_event_loop()
     try:
+        loop.run_until_complete(conn.get("/ping"))
+        emit(ready=True)
         for line in sys.stdin:
             window = json.loads(line)
             emit(**loop.run_until_complete(_ping_window(conn, window["start"], window["seconds"])))

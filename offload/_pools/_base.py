@@ -59,10 +59,10 @@ class Pool(ABC):
     def closing(self) -> bool:
         return self._closing
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook)
     def prepare(cls) -> None:
         """Once per process before a pool of this kind starts, in a thread: the slow,
-        one-off setup that must not hold the event loop."""
+        one-off setup that must not hold the event loop. (Most kinds need none.)"""
 
     @abstractmethod
     async def start(self) -> None:

@@ -64,6 +64,24 @@ logger = logging.getLogger("offload")
 _BOOT = "from offload._pools._worker import main; main()"
 
 
+def _start_worker(
+    args: list[str], fds: tuple[int, ...], settings: PoolSettings
+) -> subprocess.Popen[bytes]:
+    """Start a worker process, at once at its lower priority: the interpreter's start
+    (tens of milliseconds of CPU) must not compete with the event loop either."""
+    proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
+    if settings.niceness:
+        with contextlib.suppress(OSError):
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, base + settings.niceness))
+    if settings.idle_priority and hasattr(os, "SCHED_IDLE"):
+        # Under SCHED_IDLE a waking normal task preempts the worker at once; a nice
+        # value only shrinks its share (measured in docs/benchmarks.md).
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
+    return proc
+
+
 @functools.cache
 def _spawner() -> ThreadPoolExecutor:
     """The one thread that starts every worker process (see ``ProcessPool._spawn``)."""
@@ -136,10 +154,7 @@ class ProcessPool(Pool):
             # 10 idle seconds. to_thread.run_sync waits for the result even when
             # cancelled, so a started process always reaches the pool.
             future = _spawner().submit(
-                subprocess.Popen,
-                args,
-                pass_fds=(child.fileno(), self._death_r),
-                stdin=subprocess.DEVNULL,
+                _start_worker, args, (child.fileno(), self._death_r), self.settings
             )
             proc: subprocess.Popen[bytes] = await anyio.to_thread.run_sync(future.result)
         except BaseException:
@@ -161,8 +176,6 @@ class ProcessPool(Pool):
                 settings = self.settings
                 boot = (
                     sys.path,
-                    settings.niceness,
-                    settings.idle_priority,
                     settings.max_payload,
                     settings.initializer,
                     settings.initializer_args,

@@ -63,11 +63,11 @@ Received = bytearray | mmap.mmap
 #: ``bytes`` at least this long travel out of band too (pickle would copy them into
 #: its stream): top-level arguments and results, see :func:`out_of_band`
 BIG_BYTES = 1 << 16
-#: a buffer at least this large is read into a fresh mapping, not a bytearray:
+#: a buffer at least this large (4 MiB) is read into a fresh mapping, not a bytearray:
 #: bytearray(n) zero-fills n bytes at once, a mapping gets its pages as they are
 #: written; on Linux the mapping is a memfd's, so that the ``bytes`` made from it
 #: come from ``os.pread``, a copy made without holding the GIL
-BIG_BUFFER = 1 << 20
+BIG_BUFFER = 1 << 22
 
 
 class _OutOfBand:

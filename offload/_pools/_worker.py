@@ -55,11 +55,8 @@ def main() -> None:
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH))
-    sys_path, niceness, idle_priority, max_payload, initializer, initializer_args = decode(
-        *recv_frame(sock, scratch)
-    )
+    sys_path, max_payload, initializer, initializer_args = decode(*recv_frame(sock, scratch))
     sys.path[:] = sys_path
-    _lower_priority(niceness, idle_priority)
     if initializer is not None:
         try:
             _import_string(initializer)(*initializer_args)
@@ -131,21 +128,6 @@ def _describe_exception(exc: BaseException | None = None) -> tuple[str, str, str
         str(exc),
         "".join(traceback.format_exception(exc)),
     )
-
-
-def _lower_priority(niceness: int, idle_priority: bool) -> None:
-    """Let the parent's event loop win the CPU; threads started later inherit this.
-
-    Under SCHED_IDLE a waking normal task preempts the worker at once; a nice value
-    only shrinks the worker's share, and the loop can still wait most of a
-    scheduler slice for it: measured in docs/benchmarks.md.
-    """
-    if niceness:
-        with contextlib.suppress(OSError):
-            os.nice(niceness)
-    if idle_priority and hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def _import_string(path: str) -> Callable[..., Any]:

@@ -8,12 +8,17 @@ LocalCluster of two single-threaded worker processes; every wait is a bounded po
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
+import psutil
 import pytest
 
 pytest.importorskip("distributed")
@@ -33,7 +38,7 @@ from offload._pools._dask import SCATTER_THRESHOLD, DaskPool, version_mismatches
 
 from .. import funcs
 from ..conftest import children
-from .test_process_faults import wait_until
+from .test_process_faults import gone, script_env, wait_until
 
 WORKERS = 2
 PENDING = 2
@@ -319,3 +324,53 @@ def test_version_check() -> None:
     assert other == ["numpy: client 2.0, scheduler 2.0, worker tcp://w0 1.26"]
     fatal, _ = version_mismatches(_versions({**same, "offload": "0.1"}, same))
     assert fatal == ["offload: client 0.1, scheduler 0.1, worker tcp://w0 MISSING"]
+
+
+DASK_PARENT_SCRIPT = """
+import asyncio
+
+import psutil
+
+from offload import Offloader, OffloadSettings
+
+
+async def main():
+    settings = OffloadSettings(
+        process={"max_workers": 1},
+        thread={"max_workers": 1},
+        pools={"dask": {"kind": "dask", "max_workers": 2}},
+    )
+    async with Offloader(settings) as ex:
+        await ex.pool("dask").run(abs, -1)
+        pids = [p.pid for p in psutil.Process().children(recursive=True)]
+        print(" ".join(map(str, pids)), flush=True)
+        await asyncio.sleep(60)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+async def test_embedded_cluster_dies_with_killed_parent(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(DASK_PARENT_SCRIPT)
+    with subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            with anyio.fail_after(60):
+                line = await anyio.to_thread.run_sync(parent.stdout.readline)
+            pids = [int(p) for p in line.split()]
+            cmdlines = [" ".join(psutil.Process(pid).cmdline()) for pid in pids]
+            assert sum("multiprocessing" in c for c in cmdlines) >= WORKERS, cmdlines
+        finally:
+            parent.kill()
+            parent.wait(5)
+    assert parent.returncode == -signal.SIGKILL
+    await wait_until(
+        lambda: all(gone(pid) for pid in pids),
+        BOUND,
+        lambda: f"{[p for p in pids if not gone(p)]} outlived their killed parent",
+    )
