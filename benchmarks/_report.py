@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import statistics
 from dataclasses import dataclass
@@ -224,3 +225,11 @@ def markdown(
             alt = Path(chart).stem.replace("_", " ")
             out += [f"![chart: {alt}]({chart})", ""]
     return "\n".join(out)
+
+
+def version(dist: str) -> str:
+    """The installed version of ``dist``, for the machine's record."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

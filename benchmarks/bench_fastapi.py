@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -61,6 +60,8 @@ from typing import Any
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's offload
+
+from _report import version
 
 from offload import PoolSettings
 from offload._demo import (
@@ -571,13 +572,6 @@ def goals(summary: Mapping[str, Mapping[str, float]], rounds: Sequence[Round]) -
             f"x{p99:.2f} (lower in {lower} of {len(pairs)} rounds), work req/s x{rate:.2f}"
         )
     return out
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def git(*args: str) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.metadata
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from functools import partial
 from pathlib import Path
 
 from _contenders import BENCH_DIR, FACTORIES, setup_paths
+from _report import version
 
 log = logging.getLogger("bench_roundtrip")
 CONCURRENCY = 64
@@ -195,13 +195,6 @@ def summarize(raw: Raw, meta: Meta) -> tuple[list[str], Summary]:
             row.append(f"{med[n]['vs_best_peer']:.2f}x")
             out.append(md_row(row))
     return out, summary
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def main() -> None:

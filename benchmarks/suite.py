@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import logging
 import os
@@ -57,7 +56,7 @@ from _contenders import (
     start_every_worker,
 )
 from _procs import leftovers
-from _report import Raw, check_targets, markdown, summarize
+from _report import Raw, check_targets, markdown, summarize, version
 
 if TYPE_CHECKING:
     from _scenario import Measurement, Table
@@ -138,13 +137,6 @@ async def run(
             dt = time.perf_counter() - t0
             print(f"round {r + 1}/{args.rounds} done in {dt:.1f} s", file=sys.stderr)
     return contenders, raw
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def write_docs_section(text: str) -> None:
