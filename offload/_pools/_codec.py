@@ -8,7 +8,9 @@ cloudpickle. Every failure is a :class:`SerializationError` naming the function.
 from __future__ import annotations
 
 import pickle
+import weakref
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from .._errors import OffloadError, RemoteTraceback, SerializationError
@@ -23,14 +25,28 @@ __all__ = ("decode_reply", "encode_request", "function_blob")
 def function_blob(fn: Callable[..., Any]) -> bytes:
     """``fn`` pickled for a worker: by reference when the worker can import it,
     else by value with cloudpickle (lambdas, closures, ``__main__`` functions)."""
+    if type(fn) is FunctionType:
+        # A plain function by reference pickles to its name, the same bytes every
+        # call: cached. (Not methods, partials or instances: they carry state.)
+        blob = _by_reference.get(fn)
+        if blob is not None:
+            return blob
     if _importable(fn):
         try:
-            return pickle.dumps(fn, protocol=5)
+            blob = pickle.dumps(fn, protocol=5)
         except Exception:
             pass
+        else:
+            if type(fn) is FunctionType:
+                _by_reference[fn] = blob
+            return blob
     import cloudpickle
 
     return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+
+
+#: blobs of plain functions sent by reference; weak, so a module's functions can go
+_by_reference: weakref.WeakKeyDictionary[FunctionType, bytes] = weakref.WeakKeyDictionary()
 
 
 def _importable(fn: object) -> bool:
@@ -49,11 +65,12 @@ def encode_request(call: Call, max_payload: int) -> list[_wire.Buffer]:
         blob = function_blob(call.fn)
     except Exception as exc:
         raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
-    request = (
-        blob,
-        tuple(map(_wire.out_of_band, call.args)),
-        {name: _wire.out_of_band(value) for name, value in call.kwargs.items()},
-    )
+    args, kwargs = call.args, call.kwargs
+    if bytes in map(type, args):
+        args = tuple(map(_wire.out_of_band, args))
+    if kwargs and bytes in map(type, kwargs.values()):
+        kwargs = {name: _wire.out_of_band(value) for name, value in kwargs.items()}
+    request = (blob, args, kwargs)
     try:
         parts = _wire.encode(request)
     except Exception:

@@ -82,6 +82,13 @@ class WorkerHandle:
     async def send(self, parts: list[_wire.Buffer]) -> None:
         sock = self.sock
         views: Sequence[_wire.Buffer] = parts
+        if _wire.frame_size(parts) <= CHUNK:  # the usual frame: one system call
+            while views:
+                try:
+                    views = _wire.remaining(views, sock.sendmsg(views))
+                except BlockingIOError:
+                    await anyio.wait_writable(sock)
+            return
         unyielded = 0
         while views:
             try:

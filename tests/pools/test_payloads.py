@@ -3,6 +3,7 @@ loop stays free while they travel, and a payload over ``max_payload`` fails alon
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Any
@@ -149,3 +150,15 @@ async def test_no_descriptor_leaks_from_large_frames() -> None:
         await pool.run(funcs.add, 1, 1)
         after = len(os.listdir("/proc/self/fd"))
     assert after <= before + 1  # +1: a replacement's pidfd may be open, not more
+
+
+async def test_callables_with_state_are_pickled_anew_each_call(ex: Executor) -> None:
+    # Plain functions' pickles are cached; bound methods and partials carry state
+    # that may change between calls, and must not be.
+    pool = ex.pool("process")
+    calc = funcs.Calc(10)
+    assert (await calc.add(1))[1] == 11
+    calc.base = 20
+    assert (await calc.add(1))[1] == 21
+    assert await pool.run(functools.partial(funcs.add, 1), 2) == 3
+    assert await pool.run(functools.partial(funcs.add, 5), 2) == 7
