@@ -24,7 +24,7 @@ __all__ = ("WorkerHandle",)
 #: single recv or send of a large frame would otherwise copy on and on
 CHUNK = 1 << 18
 #: bytes moved through a channel between two pauses for the rest of the event loop
-YIELD_EVERY = 1 << 20
+YIELD_EVERY = 1 << 18
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 

@@ -1,0 +1,168 @@
+"""How late a 1 ms sleeper on the event loop wakes while offload does its heaviest work.
+
+Issue 8's scenarios, each in a fresh Offloader on asyncio, with anyio's backend
+imported first (as in any Starlette app):
+
+* ``start and stop``: entering and leaving an Offloader with both pools;
+* ``crash storm``: 20 calls whose worker exits (``os._exit``), then 20 calls killed
+  by their deadline, each worker replaced;
+* ``64 MiB payloads``: NumPy arrays and ``bytes`` of 64 MiB to a worker and back; the
+  results are kept until the end, so that freeing them (the caller's cost, ~5-20 ms
+  per 64 MB here) does not count;
+* ``dask embedded``: start of a dask pool on an embedded cluster, 20 calls, stop
+  (skipped without ``distributed``).
+
+Per scenario and round: p99 and max of the sleeper's lateness; the table gives medians
+over rounds (max: the worst round). Run from the repository root::
+
+    python benchmarks/bench_loop.py [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio._backends._asyncio  # noqa: F401 (imported by any Starlette app already)
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from offload import Offloader, OffloadSettings, OffloadTimeout, WorkerCrashed
+
+if TYPE_CHECKING:
+    from offload._settings import PoolSettingsDict
+
+MB = 1 << 20
+
+
+def exit_now() -> None:
+    os._exit(3)
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def echo(value: object) -> object:
+    return value
+
+
+def settings(**pools: PoolSettingsDict) -> OffloadSettings:
+    return OffloadSettings(
+        process={"max_workers": 2}, thread={"max_workers": 2}, pools=pools, lag_probe=False
+    )
+
+
+async def start_and_stop() -> None:
+    async with Offloader(settings()) as ex:
+        await ex.run(abs, -1)
+
+
+async def crash_storm() -> None:
+    async with Offloader(settings()) as ex:
+        pool = ex.pool("process")
+        for _ in range(20):
+            try:
+                await pool.run(exit_now)
+            except WorkerCrashed:
+                pass
+        deadline = pool.options(timeout=0.02)
+        for _ in range(20):
+            try:
+                await deadline.run(spin, 10)
+            except OffloadTimeout:
+                pass
+
+
+#: made before, and freed after, the measurement: allocating or freeing 64 MB takes
+#: milliseconds on whatever thread does it, the caller's cost
+PAYLOADS: list[object] = []
+KEPT: list[object] = []
+
+
+async def payloads() -> None:
+    async with Offloader(settings()) as ex:
+        pool = ex.pool("process")
+        for value in PAYLOADS * 2:
+            KEPT.append(await pool.run(echo, value))
+
+
+async def dask_embedded() -> None:
+    async with Offloader(settings(d={"kind": "dask", "max_workers": 2})) as ex:
+        for _ in range(20):
+            await ex.pool("d").run(abs, -1)
+
+
+async def lag_during(work: Callable[[], Awaitable[None]]) -> list[float]:
+    """Lateness (s) of each wake-up of a 1 ms sleeper while ``work`` runs."""
+    lates: list[float] = []
+    done = asyncio.Event()
+
+    async def sleeper() -> None:
+        while not done.is_set():
+            asked = time.perf_counter() + 0.001
+            await asyncio.sleep(0.001)
+            lates.append(time.perf_counter() - asked)
+
+    task = asyncio.create_task(sleeper())
+    await asyncio.sleep(0.01)
+    try:
+        await work()
+    finally:
+        done.set()
+        await task
+    return lates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", nargs="+", help="scenarios to run, by name")
+    args = parser.parse_args()
+    scenarios: dict[str, Callable[[], Awaitable[None]]] = {
+        "start and stop": start_and_stop,
+        "crash storm": crash_storm,
+        "64 MiB payloads": payloads,
+    }
+    if args.only:
+        scenarios = {k: v for k, v in scenarios.items() if k in args.only}
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        print("dask embedded: skipped (no distributed)", file=sys.stderr)
+    else:
+        if not args.only or "dask embedded" in args.only:
+            scenarios["dask embedded"] = dask_embedded
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in scenarios}
+    for r in range(args.rounds):
+        for name, work in scenarios.items():
+            PAYLOADS[:] = [np.ones(8 * MB), b"\x01" * (64 * MB)]
+            lates = sorted(asyncio.run(lag_during(work)))
+            PAYLOADS.clear()
+            KEPT.clear()
+            results[name].append((lates[int(0.99 * (len(lates) - 1))], lates[-1]))
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    print(f"# event-loop lag, 1 ms sleeper, {args.rounds} rounds, {os.cpu_count()} CPUs\n")
+    print("| scenario | lag p99 ms (median) | lag max ms (median) | lag max ms (worst) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, rounds in results.items():
+        p99 = statistics.median(p for p, _ in rounds) * 1e3
+        worst = [m for _, m in rounds]
+        print(
+            f"| {name} | {p99:.2f} | {statistics.median(worst) * 1e3:.2f} "
+            f"| {max(worst) * 1e3:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
