@@ -170,15 +170,15 @@ def remaining(parts: Sequence[Buffer], sent: int) -> list[Buffer]:
 
 
 def head(parts: Sequence[Buffer], limit: int) -> Sequence[Buffer]:
-    """The first ``limit`` bytes of ``parts`` (all of them if shorter)."""
+    """The first ``limit`` bytes of ``parts`` (all of them if shorter); like
+    :func:`remaining`, for the 1-D byte buffers :func:`encode` makes."""
     views: list[Buffer] = []
     for part in parts:
-        size = memoryview(part).nbytes
-        if size >= limit:
-            views.append(memoryview(part).cast("B")[:limit] if limit else b"")
+        if len(part) >= limit:
+            views.append(memoryview(part)[:limit])
             return views
         views.append(part)
-        limit -= size
+        limit -= len(part)
     return parts
 
 
