@@ -74,6 +74,13 @@ class PoolSettings(BaseModel):
         description="largest pickled arguments or result of one process call, in bytes or "
         'as "256MB"; a call over it fails alone with SerializationError',
     )
+    cross_memory: bool = Field(
+        default=True,
+        description="kind process, on Linux: buffers of 4 MiB and more (NumPy arrays, "
+        "bytes) are copied straight between the memories of the parent and the worker "
+        "(process_vm_readv/writev), one copy instead of two through the channel; off, "
+        "or where the system refuses it (seccomp, Yama scope 2), they go through the channel",
+    )
     niceness: int = Field(
         default=10,
         ge=0,
@@ -151,6 +158,7 @@ class PoolSettingsDict(TypedDict, total=False):
     max_tasks_per_worker: int | None
     max_memory_per_worker: int | str | None
     max_payload: int | str
+    cross_memory: bool
     niceness: int
     idle_priority: bool
     address: str | None

@@ -55,8 +55,8 @@ def _importable(fn: object) -> bool:
     return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
 
 
-def encode_request(call: Call, max_payload: int) -> list[_wire.Buffer]:
-    """The call as a frame for a worker.
+def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> _wire.Frame:
+    """The call as a frame for a worker (``cross_memory``: see :func:`_wire.encode`).
 
     :raises SerializationError: the function or arguments do not pickle, or take more
         than ``max_payload`` bytes
@@ -72,12 +72,12 @@ def encode_request(call: Call, max_payload: int) -> list[_wire.Buffer]:
         kwargs = {name: _wire.out_of_band(value) for name, value in kwargs.items()}
     request = (blob, args, kwargs)
     try:
-        parts = _wire.encode(request)
+        parts = _wire.encode(request, cross_memory=cross_memory)
     except Exception:
         try:  # arguments that plain pickle refuses: lambdas, closures
             import cloudpickle
 
-            parts = _wire.encode(request, cloudpickle.dumps)
+            parts = _wire.encode(request, cloudpickle.dumps, cross_memory)
         except Exception as exc:
             raise SerializationError(
                 f"the arguments of {call.name} cannot be pickled: {exc}"

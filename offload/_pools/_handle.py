@@ -82,7 +82,7 @@ class WorkerHandle:
     async def send(self, parts: list[_wire.Buffer]) -> None:
         sock = self.sock
         views: Sequence[_wire.Buffer] = parts
-        if _wire.frame_size(parts) <= CHUNK:  # the usual frame: one system call
+        if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
                     views = _wire.remaining(views, sock.sendmsg(views))
@@ -105,7 +105,7 @@ class WorkerHandle:
                 unyielded = 0
                 await anyio.lowlevel.checkpoint()
 
-    async def recv(self) -> tuple[_wire.Received, list[_wire.Received]]:
+    async def recv(self) -> tuple[_wire.Received, list[_wire.Received | _wire.Remote]]:
         sock = self.sock
         parser = _wire.parse_frame(self.scratch)
         view = next(parser)

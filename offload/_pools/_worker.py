@@ -33,11 +33,16 @@ from ._wire import (
     RAISED_UNPICKLABLE,
     SCRATCH,
     TOO_LARGE,
+    WRITE_TO,
     decode,
     encode,
     frame_size,
+    has_remote,
+    local,
+    make_room,
     out_of_band,
     recv_frame,
+    recv_go_ahead,
     send_parts,
 )
 
@@ -55,7 +60,9 @@ def main() -> None:
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH))
-    sys_path, max_payload, initializer, initializer_args = decode(*recv_frame(sock, scratch))
+    data, received = recv_frame(sock, scratch)
+    boot = decode(data, local(received))
+    sys_path, max_payload, cross_memory, initializer, initializer_args = boot
     sys.path[:] = sys_path
     if initializer is not None:
         try:
@@ -63,14 +70,26 @@ def main() -> None:
         except BaseException:
             send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
             sys.exit(1)
-    send_parts(sock, encode((OK, os.getpid())))
-    _serve(sock, scratch, max_payload)
+    probe = 0
+    if cross_memory:
+        from ._cma import PROBE, address_of
+
+        probe = address_of(PROBE)
+    send_parts(sock, encode((OK, (os.getpid(), probe))))
+    _serve(sock, scratch, max_payload, cross_memory)
 
 
-def _serve(sock: socket.socket, scratch: memoryview, max_payload: int) -> None:
+def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_memory: bool) -> None:
     while True:
         try:
-            data, buffers = recv_frame(sock, scratch)
+            data, received = recv_frame(sock, scratch)
+            if has_remote(received):
+                buffers, addresses = make_room(received)
+                send_parts(sock, encode((WRITE_TO, addresses)))
+                recv_go_ahead(sock)  # the parent wrote them
+            else:
+                buffers = local(received)
+            del received
         except (EOFError, ConnectionError):
             return  # the parent closed the channel: a clean stop
         reply: tuple[int, Any]
@@ -87,7 +106,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int) -> None:
                 reply = _exception_reply(exc)
             del args, kwargs
         try:
-            parts = encode(reply)
+            parts = encode(reply, cross_memory=cross_memory)
         except BaseException:
             parts = encode((BAD_RESULT, traceback.format_exc()))
         del reply
@@ -95,6 +114,11 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int) -> None:
         if size > max_payload:
             parts = encode((TOO_LARGE, (size, max_payload)))
         send_parts(sock, parts)
+        if parts.remote:
+            try:
+                recv_go_ahead(sock)  # the parent has read them
+            except (EOFError, ConnectionError):
+                return
         del parts
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -12,8 +14,16 @@ import anyio
 import numpy as np
 import pytest
 
-from offload import Executor, Offloader, OffloadSettings, PoolSettings, SerializationError
-from offload._pools import _wire
+from offload import (
+    Executor,
+    Offloader,
+    OffloadSettings,
+    PoolSettings,
+    SerializationError,
+    WorkerCrashed,
+)
+from offload._pools import _cma, _wire
+from offload._pools._process import ProcessPool
 
 from .. import funcs
 
@@ -68,6 +78,113 @@ async def test_large_bytes_as_keyword_and_result(ex: Executor) -> None:
     made = await pool.run(funcs.make_bytes, 5 * MB)
     assert type(made) is bytes
     assert made == b"\xab" * 5 * MB
+
+
+BIG = _wire.BIG_BUFFER  # from here on, buffers are copied between memories
+BIG_CASES: dict[str, Any] = {
+    "bytes": os.urandom(BIG),
+    "bytearray": bytearray(os.urandom(BIG + 1)),
+    "array": np.random.default_rng(1).random(BIG // 8 + 3),
+    "read-only array": read_only(np.arange(BIG // 4, dtype=np.int32)),
+    "Fortran-order array": np.asfortranarray(np.arange(BIG // 8, dtype=np.float64).reshape(-1, 8)),
+    "small and large together": {
+        "small": np.arange(10),
+        "large": np.ones(BIG // 8),
+        "bytes": b"\x07" * BIG,
+        "tiny": b"x",
+    },
+}
+
+
+def pool_of(ex: Executor) -> ProcessPool:
+    pool = ex.offloader.get_pool(ex.pool_name)
+    assert isinstance(pool, ProcessPool)
+    return pool
+
+
+def assert_same(back: Any, value: Any) -> None:
+    assert type(back) is type(value)
+    if isinstance(value, dict):
+        assert back.keys() == value.keys()
+        for key in value:
+            assert_same(back[key], value[key])
+    elif isinstance(value, np.ndarray):
+        assert (back.dtype, back.shape, back.flags.f_contiguous) == (
+            value.dtype,
+            value.shape,
+            value.flags.f_contiguous,
+        )
+        assert np.array_equal(back, value)
+    else:
+        assert back == value
+
+
+@pytest.mark.parametrize("cross_memory", [True, False], ids=["cross-memory", "channel"])
+@pytest.mark.parametrize("value", BIG_CASES.values(), ids=BIG_CASES)
+async def test_large_buffers_come_back_equal(value: Any, cross_memory: bool) -> None:
+    async with Offloader(process(cross_memory=cross_memory)) as ex:
+        pool = ex.pool("process")
+        # Linux allows a parent to read its children here: the fast path is taken.
+        assert pool_of(pool)._cross_memory is (cross_memory and sys.platform == "linux")
+        assert_same(await pool.run(funcs.echo, value), value)
+        assert_same(await pool.run(funcs.echo, value=value), value)  # a keyword too
+        stats = pool.stats()
+    assert (stats.completed, stats.crashed) == (2, 0)
+
+
+def zombie(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="copies between memories: Linux")
+@pytest.mark.parametrize("copy", ["deliver", "fetch"], ids=["argument", "result"])
+async def test_a_worker_killed_mid_copy_fails_that_call_alone(
+    monkeypatch: pytest.MonkeyPatch, copy: str
+) -> None:
+    shm_before = set(os.listdir("/dev/shm"))
+    real = getattr(_wire, copy)
+
+    def kill_then_copy(pid: int, *args: Any) -> Any:
+        # In the copying thread, the worker dies for real (SIGKILL) before the copy.
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while not zombie(pid):
+            assert time.monotonic() < deadline, f"worker {pid} did not die"
+            time.sleep(0.001)
+        return real(pid, *args)
+
+    async with Offloader(process()) as ex:
+        pool = ex.pool("process")
+        first = await pool.run(funcs.getpid)
+        with monkeypatch.context() as patch:
+            patch.setattr(_wire, copy, kill_then_copy)
+            # an argument to copy in, or a result to copy out
+            arg: Any = np.ones(BIG) if copy == "deliver" else BIG
+            fn: Any = funcs.echo if copy == "deliver" else funcs.make_bytes
+            with pytest.raises(WorkerCrashed, match=f"{first}.*killed by SIGKILL"):
+                await pool.run(fn, arg)
+        # A new worker serves the next calls, large ones included.
+        assert await pool.run(funcs.make_bytes, BIG) == b"\xab" * BIG
+        assert await pool.run(funcs.getpid) != first
+        stats = pool.stats()
+    assert (stats.workers, stats.crashed) == (1, 1)
+    # No shared memory segment involved, none left. (Semaphores: other processes'
+    # multiprocessing, running alongside.)
+    new = set(os.listdir("/dev/shm")) - shm_before
+    assert not [name for name in new if not name.startswith("sem.")]
+
+
+async def test_a_worker_whose_memory_cannot_be_read_gets_the_channel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_cma, "readable", lambda pid, address: False)
+    async with Offloader(process()) as ex:
+        pool = ex.pool("process")
+        assert not pool_of(pool)._cross_memory
+        value = np.arange(BIG, dtype=np.uint8)
+        assert_same(await pool.run(funcs.echo, value), value)
+        assert pool.stats().workers == 1
 
 
 async def lag_during(work: Any) -> float:
