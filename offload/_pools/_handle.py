@@ -151,8 +151,18 @@ class WorkerHandle:
     def _on_readable(self) -> None:
         waiter = self._waiter
         if waiter is None:
-            # Nobody waits (the caller was cancelled, or EOF lingers after a crash):
-            # stop watching, or the loop would call us on every turn.
+            # Readiness is level-triggered: the loop polls again before the caller
+            # it woke has read the answer, and calls us once more after it did. A
+            # peek tells that wake-up (nothing to read: stay registered, saving two
+            # epoll_ctl calls per call) from data or EOF nobody waits for (a
+            # cancelled caller, a crash): stop watching, or the loop would call us
+            # on every turn.
+            try:
+                self.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
             self._stop_reader()
         elif not waiter.done():
             waiter.set_result(None)
