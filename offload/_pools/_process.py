@@ -105,7 +105,9 @@ class ProcessPool(Pool):
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
-        self._slots: SlotQueue[WorkerHandle] = SlotQueue(settings.max_pending, name)
+        self._slots: SlotQueue[WorkerHandle] = SlotQueue(
+            settings.max_pending, name, self._start_job, self._abandon_job
+        )
         self._ready: set[WorkerHandle] = set()  # started, not retired: the pool's capacity
         self._procs: set[WorkerHandle] = set()  # every process not yet reaped
         self._busy = 0
@@ -378,22 +380,27 @@ class ProcessPool(Pool):
 
     async def _execute(self, call: Call) -> Any:
         request = encode_request(call, self.settings.max_payload, self._cross_memory)
+        job = None
+        if not request.remote and _wire.frame_size(request) <= _wire.SCRATCH:
+            job = _Job(call, request)  # whoever frees a worker may send it at once
         while True:
             if self._forced:
                 raise self._closed_error()
             if self._broken is not None and not self._ready:
                 raise self._broken_error()
-            worker = await self._slots.get()
-            if worker.proc.poll() is not None:
-                # Died while idle and its watcher has not run yet: not this call's fault.
-                self._on_exit(worker)
-                continue
-            worker.held = True
-            worker.call = call
-            self._busy += 1
+            worker, started = await self._slots.get(job)
+            if not started:
+                if worker.proc.poll() is not None:
+                    # Died while idle and its watcher has not run yet: not this call's fault.
+                    self._on_exit(worker)
+                    continue
+                self._claim(worker, call)
             try:
                 try:
-                    await worker.send(request)
+                    if not started:
+                        await worker.send(request)
+                    elif job is not None and job.unsent:
+                        await worker.send(job.unsent)
                 except (BrokenPipeError, ConnectionResetError):
                     # It died while idle, before reading this call: try another.
                     continue
@@ -429,17 +436,50 @@ class ProcessPool(Pool):
                 self._kill(worker)
                 raise
             finally:
-                self._busy -= 1
-                worker.held = False
-                worker.call = None
-                if worker.exited.is_set():
-                    worker.close()
+                self._unclaim(worker)
             self._release(worker)
             if _wire.big((data, *buffers)):
                 # A large ``bytes`` is one copy, made by os.pread in a thread
                 # without the GIL; arrays are views on the received buffers.
                 return await anyio.to_thread.run_sync(decode_reply, call, data, buffers)
             return decode_reply(call, data, buffers)
+
+    def _claim(self, worker: WorkerHandle, call: Call) -> None:
+        worker.held = True
+        worker.call = call
+        self._busy += 1
+
+    def _unclaim(self, worker: WorkerHandle) -> None:
+        self._busy -= 1
+        worker.held = False
+        worker.call = None
+        if worker.exited.is_set():
+            worker.close()
+
+    def _start_job(self, worker: WorkerHandle, job: _Job) -> bool:
+        """Send a waiting call's frame to the worker it is handed, now: its caller's
+        task runs a loop turn later, and the worker would idle until then (64 callers,
+        2 workers: ~15% more calls per second). Whether the call is on its way."""
+        if worker.proc.poll() is not None:
+            return False  # its caller deals with it, as with any dead idle worker
+        try:
+            sent = worker.sock.sendmsg(job.request)
+        except OSError:  # BlockingIOError, BrokenPipeError: the caller will see
+            return False
+        job.unsent = _wire.remaining(job.request, sent)
+        self._claim(worker, job.call)
+        return True
+
+    def _abandon_job(self, worker: WorkerHandle) -> None:
+        """The call started by :meth:`_start_job` was cancelled before its task ran."""
+        logger.info(
+            "pool %r: killing worker %d running %s (cancelled)",
+            self.name,
+            worker.pid,
+            worker.call.name if worker.call is not None else "a call",
+        )
+        self._kill(worker)
+        self._unclaim(worker)
 
     async def _exchange(
         self, worker: WorkerHandle, request: _wire.Frame
@@ -499,6 +539,17 @@ class ProcessPool(Pool):
                 worker.successor = True
                 self._task_group.start_soon(self._replace)
             self._slots.put(worker)
+
+
+class _Job:
+    """A waiting call, for :meth:`ProcessPool._start_job`."""
+
+    __slots__ = ("call", "request", "unsent")
+
+    def __init__(self, call: Call, request: _wire.Frame) -> None:
+        self.call = call
+        self.request = request
+        self.unsent: list[_wire.Buffer] = []
 
 
 @atexit.register

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import anyio
 
@@ -15,12 +16,14 @@ S = TypeVar("S")
 
 
 class _Waiter(Generic[S]):
-    __slots__ = ("error", "event", "slot")
+    __slots__ = ("error", "event", "job", "slot", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, job: Any) -> None:
         self.event = anyio.Event()
         self.slot: S | None = None
         self.error: BaseException | None = None
+        self.job = job
+        self.started = False
 
 
 class SlotQueue(Generic[S]):
@@ -30,11 +33,24 @@ class SlotQueue(Generic[S]):
     at once, so a burst of callers costs a bounded amount of memory.
     """
 
-    def __init__(self, max_pending: int, pool_name: str) -> None:
+    def __init__(
+        self,
+        max_pending: int,
+        pool_name: str,
+        start: Callable[[S, Any], bool] | None = None,
+        abandon: Callable[[S], None] | None = None,
+    ) -> None:
+        """``start(slot, job)``, if given, starts a waiting call's ``job`` on the slot
+        it is handed, at once, rather than when the call's task next runs (a loop
+        turn later, while the slot idles); it says whether it did. ``abandon(slot)``
+        then deals with a slot whose job started for a call cancelled before it ran.
+        """
         self._free: list[S] = []
         self._waiters: deque[_Waiter[S]] = deque()
         self._max_pending = max_pending
         self._pool_name = pool_name
+        self._start = start
+        self._abandon = abandon
 
     @property
     def queued(self) -> int:
@@ -49,6 +65,8 @@ class SlotQueue(Generic[S]):
         if self._waiters:
             waiter = self._waiters.popleft()
             waiter.slot = slot
+            if waiter.job is not None and self._start is not None:
+                waiter.started = self._start(slot, waiter.job)
             waiter.event.set()
         else:
             self._free.append(slot)
@@ -72,31 +90,36 @@ class SlotQueue(Generic[S]):
             waiter.error = error
             waiter.event.set()
 
-    async def get(self) -> S:
-        """A free slot, waiting in line for one if needed.
+    async def get(self, job: Any = None) -> tuple[S, bool]:
+        """A free slot, waiting in line for one if needed; and whether ``job`` was
+        started on it already (see ``start``).
 
         :raises PoolOverloaded: if ``max_pending`` calls are already waiting
         """
         if self._free:
             # Most recently used first: its caches and pages are warm.
-            return self._free.pop()
+            return self._free.pop(), False
         if len(self._waiters) >= self._max_pending:
             raise PoolOverloaded(
                 f"pool {self._pool_name!r} is full: every worker is busy and "
                 f"{self._max_pending} calls are waiting (max_pending)"
             )
-        waiter: _Waiter[S] = _Waiter()
+        waiter: _Waiter[S] = _Waiter(job)
         self._waiters.append(waiter)
         try:
             await waiter.event.wait()
         except BaseException:
-            if waiter.slot is not None:
+            if waiter.slot is None:
+                if waiter.error is None:
+                    self._waiters.remove(waiter)
+            elif waiter.started:
+                assert self._abandon is not None
+                self._abandon(waiter.slot)
+            else:
                 # Handed a slot in the same instant we were cancelled: pass it on.
                 self.put(waiter.slot)
-            elif waiter.error is None:
-                self._waiters.remove(waiter)
             raise
         if waiter.error is not None:
             raise waiter.error
         assert waiter.slot is not None
-        return waiter.slot
+        return waiter.slot, waiter.started

@@ -218,6 +218,41 @@ async def test_cancel_scope_stops_running_call_and_kills_its_worker(ex: Executor
     assert await pool.run(funcs.add, 3, 4) == 7
 
 
+async def test_call_started_on_hand_off_then_cancelled_kills_its_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiting call's frame is sent by whoever frees a worker (``_start_job``);
+    cancelled before its own task runs, the call is stopped like a running one."""
+    async with Offloader(settings(max_workers=1)) as ex:
+        pool = ex.pool("process")
+        impl = ex.offloader.get_pool("process")
+        first = await pool.run(funcs.getpid)
+        scope = anyio.CancelScope()
+        slots = impl._slots  # type: ignore[attr-defined]
+        real = slots._start
+
+        def start_then_cancel(worker: Any, job: Any) -> bool:
+            started: bool = real(worker, job)
+            scope.cancel()  # the waiting caller, before it runs again
+            return started
+
+        monkeypatch.setattr(slots, "_start", start_then_cancel)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, funcs.sleep_getpid, 0.2)  # holds the only worker
+            await wait_until(lambda: pool.stats().busy == 1, 5, "the worker busy")
+
+            async def waiter() -> None:
+                with scope:
+                    await pool.run(funcs.spin, 30)  # would burn 30 s of CPU
+
+            tg.start_soon(waiter)
+        assert scope.cancelled_caught
+        await wait_until(lambda: gone(first), 5, f"worker {first} stopped")
+        assert await pool.run(funcs.getpid) != first  # a new worker serves
+        stats = pool.stats()
+    assert (stats.cancelled, stats.completed, stats.crashed) == (1, 3, 0)
+
+
 # -- 3. a queued call past its deadline ------------------------------------------------
 
 
