@@ -71,6 +71,7 @@ try:
     from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
+    from distributed.versions import get_versions
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "pools of kind 'dask' need Dask distributed: pip install 'offload[dask]'"
@@ -232,6 +233,10 @@ class DaskPool(Pool):
         # The embedded cluster's host is started from the spawner thread, whose
         # start (Thread.start waits for the thread to run) must not be on the loop.
         _spawner().submit(int).result()
+        # The client sends its package versions when it connects, and _check_cluster
+        # asks for offload's: importlib.metadata reads and parses files (and imports
+        # email's parser the first time), ~30 ms on the loop; distributed caches them.
+        get_versions(packages=["offload"])
 
     async def start(self) -> None:
         try:
