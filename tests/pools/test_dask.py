@@ -149,15 +149,18 @@ def no_leftover_children(dask_ex: Executor) -> Iterator[None]:
 
 
 async def healed(ex: Executor) -> None:
-    """Wait until the cluster has its workers back and nothing of ours is in flight."""
+    """Wait until the cluster has its workers back, the pool sees them (its client's
+    view of the scheduler is refreshed every 2 s), and nothing of ours is in flight."""
     workers: list[str] = []
 
     async def whole() -> bool:
         workers[:] = await client_of(ex).run_on_scheduler(funcs.scheduler_workers)
-        return len(workers) == WORKERS and not pool_of(ex)._calls
+        return len(workers) == WORKERS == ex.stats().workers and not pool_of(ex)._calls
 
     await wait_until_async(
-        whole, BOUND, lambda: f"workers={workers} in flight={len(pool_of(ex)._calls)}"
+        whole,
+        BOUND,
+        lambda: f"workers={workers} seen={ex.stats().workers} in flight={len(pool_of(ex)._calls)}",
     )
 
 
