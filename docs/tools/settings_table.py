@@ -45,8 +45,8 @@ APPLIES_TO = {
     "initializer_args": "process",
     "max_tasks_per_worker": "process",
     "max_memory_per_worker": "process",
-    "niceness": "process",
-    "idle_priority": "process",
+    "niceness": "process, dask (embedded)",
+    "idle_priority": "process, dask (embedded)",
     "address": "dask",
 }
 #: what the model does not describe itself
@@ -148,6 +148,7 @@ def render() -> str:
         prefixes = {
             "all": ["THREAD__", "PROCESS__", "POOLS__<NAME>__"],
             "process": ["PROCESS__", "POOLS__<NAME>__"],
+            "process, dask (embedded)": ["PROCESS__", "POOLS__<NAME>__"],
             "dask": ["POOLS__<NAME>__"],
         }[applies]
         if name == "kind":
