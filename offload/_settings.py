@@ -87,14 +87,15 @@ class PoolSettings(BaseModel):
         le=19,
         description="added to worker processes' nice value, so that the event loop wins "
         "the CPU when both want it; 0 keeps the parent's priority (no effect under "
-        "idle_priority)",
+        "idle_priority); kind dask: to an embedded cluster's processes",
     )
     idle_priority: bool = Field(
         default=False,
         description="on Linux, run worker processes under the SCHED_IDLE policy: they "
         "use the CPU only when no normal process wants it, and the event loop's thread "
         "takes it from them at once when it wakes up (measured: less CPU stealing from "
-        "the loop, but lower throughput under HTTP load; see docs/benchmarks.md)",
+        "the loop, but lower throughput under HTTP load; see docs/benchmarks.md); kind "
+        "dask: an embedded cluster's processes",
     )
     address: str | None = Field(
         default=None,

@@ -39,9 +39,10 @@ def children() -> list[psutil.Process]:
     """Live (non-zombie) child processes of this test process.
 
     Direct children only: a server that a test starts has workers of its own, which
-    that test checks itself. Not multiprocessing's resource tracker: the embedded Dask
-    cluster's nannies start it (spawn does), once per interpreter; it belongs to no
-    pool and exits with the interpreter.
+    that test checks itself. Not multiprocessing's resource tracker: whatever uses
+    multiprocessing's spawn in this process starts it, once per interpreter; it
+    belongs to no pool and exits with the interpreter. (The embedded Dask cluster's
+    tracker is a child of the cluster's host process, not of this one.)
     """
     alive = []
     for child in psutil.Process().children():

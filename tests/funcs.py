@@ -379,3 +379,13 @@ def wait_for_file(path: str, value: Any = None) -> Any:
 
 def random_token() -> str:
     return os.urandom(8).hex()
+
+
+def scheduler_workers(dask_scheduler: Any) -> list[str]:
+    """Run on a Dask scheduler (``client.run_on_scheduler``): the workers it knows."""
+    return [str(address) for address in dask_scheduler.workers]
+
+
+def scheduler_task_keys(dask_scheduler: Any) -> list[str]:
+    """Run on a Dask scheduler: the keys of the tasks it holds."""
+    return [str(key) for key in dask_scheduler.tasks]

@@ -45,9 +45,12 @@ APPLIES_TO = {
     "initializer_args": "process",
     "max_tasks_per_worker": "process",
     "max_memory_per_worker": "process",
-    "niceness": "process",
-    "idle_priority": "process",
+    "max_payload": "process",
+    "cross_memory": "process",
+    "niceness": "process, dask (embedded)",
+    "idle_priority": "process, dask (embedded)",
     "address": "dask",
+    "hard_cancel": "dask",
 }
 #: what the model does not describe itself
 POOL_FIELDS = {
@@ -148,6 +151,7 @@ def render() -> str:
         prefixes = {
             "all": ["THREAD__", "PROCESS__", "POOLS__<NAME>__"],
             "process": ["PROCESS__", "POOLS__<NAME>__"],
+            "process, dask (embedded)": ["PROCESS__", "POOLS__<NAME>__"],
             "dask": ["POOLS__<NAME>__"],
         }[applies]
         if name == "kind":

@@ -11,8 +11,14 @@
 
 The asynchronous client lives on the Offloader's event loop: it is created in
 :meth:`DaskPool.start` and closed in :meth:`DaskPool._stop`. With no scheduler address
-the pool starts an embedded ``LocalCluster`` of ``max_workers`` single-threaded worker
-processes on 127.0.0.1, and stops it with the pool.
+the pool first starts an embedded ``LocalCluster`` of ``max_workers`` single-threaded
+worker processes on 127.0.0.1 in a host process of its own (``_dask_host``), so that
+its scheduler and nannies never run on the application's event loop; the client then
+connects to it by address, as to any cluster, and the host stops with the pool::
+
+    application (event loop: the client) ── stdin, report fd ──> host process
+                                                                  (scheduler, nannies)
+                                                                   └─> worker processes
 
 What Dask cannot do, and what the pool does instead (see docs/dask.md):
 
@@ -30,16 +36,22 @@ This module is imported only when a pool of kind dask starts, and on Dask worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import re
 import signal
+import subprocess
+import sys
 import traceback
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
 
 from .._errors import (
     OffloadError,
@@ -49,23 +61,24 @@ from .._errors import (
     WorkerCrashed,
 )
 from ._base import Pool
+from ._dask_host import host_config
+from ._process import _spawner, lower_priority
 
 try:
     import dask.config
     from dask.sizeof import sizeof
     from distributed import Client as _Client
-    from distributed import LocalCluster as _LocalCluster
     from distributed.client import FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
+    from distributed.versions import get_versions
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "pools of kind 'dask' need Dask distributed: pip install 'offload[dask]'"
     ) from exc
 
-# Their constructors are untyped: called through Any.
+# Its constructor is untyped: called through Any.
 Client: Any = _Client
-LocalCluster: Any = _LocalCluster
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -82,6 +95,9 @@ logger = logging.getLogger("offload")
 SCATTER_THRESHOLD = 1 << 20
 #: seconds to connect to a scheduler, or to start the embedded cluster
 CONNECT_TIMEOUT = 60.0
+#: seconds the embedded cluster's host may take to close it and exit once told to;
+#: then it is killed (its workers die with it)
+HOST_CLOSE_TIMEOUT = 10.0
 #: seconds the background clean-up of a cancelled call (cancel, restart) may take
 CANCEL_TIMEOUT = 30.0
 #: packages that must be the same on the client, the scheduler and every worker:
@@ -109,6 +125,20 @@ async def _kill_this_process() -> None:
 def _allowed_failures(dask_scheduler: Any) -> int:
     """Run on the scheduler: how often it retries a task whose worker died."""
     return int(dask_scheduler.allowed_failures)
+
+
+def _host_command(config: dict[str, Any]) -> list[str]:
+    return [sys.executable, "-m", "offload._pools._dask_host", json.dumps(config)]
+
+
+def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
+    """Start the embedded cluster's host (on the spawner thread): stdin a pipe that
+    only we hold, the report fd its own, stdout and stderr ours; at once at the pool's
+    lower priority, which its scheduler, nannies and workers inherit: the seconds of
+    CPU they take to start must not compete with the event loop."""
+    host = subprocess.Popen(args, stdin=subprocess.PIPE, pass_fds=(report_fd,))
+    lower_priority(host.pid, settings)
+    return host
 
 
 def _short(version: object, package: str) -> object:
@@ -180,7 +210,8 @@ class DaskPool(Pool):
         super().__init__(name, settings, task_group)
         # distributed is only partly typed: its client and futures are handled as Any.
         self._client: Any = None
-        self._cluster: Any = None
+        # The embedded cluster's host process; None for an external cluster.
+        self._host: subprocess.Popen[bytes] | None = None
         self._address: str | None = None
         self._calls: set[_InFlight] = set()
         self._capacity = self.max_workers + settings.max_pending
@@ -197,6 +228,16 @@ class DaskPool(Pool):
             or dask.config.get("scheduler-address", None)
         )
 
+    @classmethod
+    def prepare(cls) -> None:
+        # The embedded cluster's host is started from the spawner thread, whose
+        # start (Thread.start waits for the thread to run) must not be on the loop.
+        _spawner().submit(int).result()
+        # The client sends its package versions when it connects, and _check_cluster
+        # asks for offload's: importlib.metadata reads and parses files (and imports
+        # email's parser the first time), ~30 ms on the loop; distributed caches them.
+        get_versions(packages=["offload"])
+
     async def start(self) -> None:
         try:
             asyncio.get_running_loop()
@@ -209,18 +250,13 @@ class DaskPool(Pool):
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 if address is None:
-                    self._cluster = await self._start_cluster()
-                    address = self._cluster.scheduler_address
-                    self._client = await Client(
-                        self._cluster, asynchronous=True, set_as_default=False
-                    )
-                else:
-                    self._client = await Client(
-                        address,
-                        asynchronous=True,
-                        set_as_default=False,
-                        timeout=CONNECT_TIMEOUT,
-                    )
+                    address = await self._start_host()
+                self._client = await Client(
+                    address,
+                    asynchronous=True,
+                    set_as_default=False,
+                    timeout=CONNECT_TIMEOUT,
+                )
                 self._address = address
                 await self._check_cluster()
         except BaseException as exc:
@@ -229,41 +265,88 @@ class DaskPool(Pool):
             if isinstance(exc, (OSError, TimeoutError)):
                 raise OffloadError(
                     f"pool {self.name!r} could not connect to the dask scheduler "
-                    f"at {address or '(embedded cluster)'}: {exc}"
+                    f"at {address or '(embedded cluster)'}: "
+                    f"{exc or f'no answer within {CONNECT_TIMEOUT:.0f} s'}"
                 ) from exc
             raise
         logger.info(
             "pool %r: connected to the dask scheduler at %s (%s, %d calls in flight at most)",
             self.name,
             address,
-            "embedded cluster" if self._cluster is not None else "external cluster",
+            "external cluster"
+            if self._host is None
+            else f"embedded cluster in process {self._host.pid}",
             self._capacity,
         )
 
-    async def _start_cluster(self) -> Any:
-        # A worker restarted by hard_cancel would take down the calls queued on it
-        # with the one it ran; saturation 1.0 keeps queued tasks on the scheduler.
-        saturation = 1.0 if self.settings.hard_cancel else None
-        overrides = {} if saturation is None else {"distributed.scheduler.worker-saturation": 1.0}
-        with dask.config.set(overrides):
-            cluster = await LocalCluster(
+    async def _start_host(self) -> str:
+        """Start the embedded cluster's host process; return its scheduler's address.
+
+        Nothing here runs on the event loop for long: the fork happens on the spawner
+        thread, the address is read in a worker thread. The host is ``self._host`` as
+        soon as it exists, so that ``_stop`` ends it whatever happens next.
+        """
+        report_r, report_w = os.pipe()
+        report = os.fdopen(report_r, "rb")
+        try:
+            config = host_config(
                 n_workers=self.max_workers,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                asynchronous=True,
-                scheduler_kwargs={
-                    # A crash is reported at once, never retried on another worker.
-                    "allowed_failures": 0,
-                    # The scheduler's HTTP server (health, metrics) runs even without
-                    # a dashboard: on loopback, on a free port, never a fixed 8787.
-                    "dashboard": False,
-                    "dashboard_address": "127.0.0.1:0",
-                },
-                silence_logs=logging.WARNING,
+                hard_cancel=self.settings.hard_cancel,
+                report_fd=report_w,
+                close_timeout=HOST_CLOSE_TIMEOUT,
             )
-        return cluster
+            args = _host_command(config)
+            try:
+                # Popen waits for the child's exec: not on the loop. On the spawner
+                # thread, which never ends: Linux kills the host (PR_SET_PDEATHSIG)
+                # when the *thread* that started it ends. to_thread.run_sync waits for
+                # the result even when cancelled, so a started host always reaches us.
+                future = _spawner().submit(_spawn_host, args, report_w, self.settings)
+                host = self._host = await anyio.to_thread.run_sync(future.result)
+            finally:
+                os.close(report_w)  # the host's copy is its own: EOF when it exits
+            line = await self._read_report(host, report)
+        finally:
+            report.close()
+        if not line:
+            status = await self._exit_status(host)
+            raise OffloadError(
+                f"pool {self.name!r}: the embedded dask cluster did not start: its host "
+                f"process {host.pid} exited with status {status} (its error is on stderr)"
+            )
+        return str(json.loads(line)["address"])
+
+    @staticmethod
+    async def _read_report(host: subprocess.Popen[bytes], report: Any) -> bytes:
+        """The host's report line, read in a thread; b"" if the host exits first.
+
+        The read cannot be cancelled, so on cancellation (our caller, or start's
+        timeout) the host is killed: its end of the pipe closes and the read returns.
+        """
+        line = b""
+
+        async def kill_unless_reported() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                if not line:
+                    host.kill()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_unless_reported)
+            line = await anyio.to_thread.run_sync(report.readline)
+            tg.cancel_scope.cancel()
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return bytes(line)
+
+    @staticmethod
+    async def _exit_status(host: subprocess.Popen[bytes]) -> int | None:
+        """The host's exit status, waited for in a thread: it has closed its report fd,
+        so it is exiting; ``None`` if it takes more than a few seconds."""
+        try:
+            return await anyio.to_thread.run_sync(host.wait, 5.0)
+        except subprocess.TimeoutExpired:
+            return None
 
     async def _check_cluster(self) -> None:
         """Refuse a cluster whose versions differ from ours; warn about retries."""
@@ -283,7 +366,7 @@ class DaskPool(Pool):
                 self.name,
                 "\n  ".join(other),
             )
-        if self._cluster is None:
+        if self._host is None:  # an external cluster
             if self.settings.max_workers is None:
                 info = client.scheduler_info()
                 self.max_workers = max(1, int(info.get("total_threads") or 0))
@@ -303,13 +386,41 @@ class DaskPool(Pool):
                     )
 
     async def _stop(self) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(CONNECT_TIMEOUT):
-            client, self._client = self._client, None
-            cluster, self._cluster = self._cluster, None
+        client, self._client = self._client, None
+        host, self._host = self._host, None
+        with anyio.CancelScope(shield=True):
             if client is not None:
-                await client.close()
-            if cluster is not None:
-                await cluster.close()
+                with anyio.move_on_after(CONNECT_TIMEOUT):
+                    await client.close()
+            if host is not None:
+                await self._stop_host(host)
+
+    async def _stop_host(self, host: subprocess.Popen[bytes]) -> None:
+        """Close the host's stdin, its signal to close the cluster and exit; wait for
+        that in a thread, and kill it past the time it may take. Its workers die
+        with it in any case (see ``_dask_host``)."""
+        if host.stdin is not None:
+            with contextlib.suppress(OSError):
+                host.stdin.close()
+        try:
+            status = await anyio.to_thread.run_sync(host.wait, HOST_CLOSE_TIMEOUT + 5.0)
+        except subprocess.TimeoutExpired:
+            logger.warning(
+                "pool %r: the embedded dask cluster's host process %d did not exit "
+                "within %.0f s: killed",
+                self.name,
+                host.pid,
+                HOST_CLOSE_TIMEOUT + 5.0,
+            )
+            host.kill()
+            status = await anyio.to_thread.run_sync(host.wait)
+        if status not in (0, -signal.SIGKILL):
+            logger.warning(
+                "pool %r: the embedded dask cluster's host process %d exited with status %d",
+                self.name,
+                host.pid,
+                status,
+            )
 
     def _abort(self) -> None:
         self._forced = True
@@ -446,13 +557,8 @@ class DaskPool(Pool):
             "deadline passed" if anyio.current_time() >= call.deadline else "cancelled",
         )
         self.counters.recycled += 1
-        if self._cluster is not None:
-            # Our own worker processes: kill at once; the nanny starts a new one.
-            for nanny in list(self._cluster.workers.values()):
-                if getattr(nanny, "worker_address", None) == worker and nanny.pid:
-                    os.kill(nanny.pid, signal.SIGKILL)
-                    return
-        # Someone else's worker: it kills itself from its event loop, which is free
-        # while the task runs in its thread; its nanny starts a new one. (Dask's own
-        # restart_workers first waits up to 4 s for the task to end.)
+        # The worker kills itself from its event loop, which is free while the task
+        # runs in its thread; its nanny starts a new one. The same on the embedded
+        # cluster, whose workers are children of its host, not of this process.
+        # (Dask's own restart_workers first waits up to 4 s for the task to end.)
         await client.run(_kill_this_process, workers=[worker], wait=False)

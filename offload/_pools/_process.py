@@ -70,16 +70,24 @@ def _start_worker(
     """Start a worker process, at once at its lower priority: the interpreter's start
     (tens of milliseconds of CPU) must not compete with the event loop either."""
     proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
+    lower_priority(proc.pid, settings)
+    return proc
+
+
+def lower_priority(pid: int, settings: PoolSettings) -> None:
+    """Give a process just started its pool's ``niceness`` and ``idle_priority``.
+
+    Both are per thread on Linux: set while the new process has its one thread, they
+    reach every thread and child process it starts later."""
     if settings.niceness:
         with contextlib.suppress(OSError):
             base = os.getpriority(os.PRIO_PROCESS, 0)
-            os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, base + settings.niceness))
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, base + settings.niceness))
     if settings.idle_priority and hasattr(os, "SCHED_IDLE"):
         # Under SCHED_IDLE a waking normal task preempts the worker at once; a nice
         # value only shrinks its share (measured in docs/benchmarks.md).
         with contextlib.suppress(OSError):
-            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
-    return proc
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
 
 
 @functools.cache

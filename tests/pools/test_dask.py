@@ -2,7 +2,9 @@
 
 Dask's client runs on asyncio only, so these tests run on asyncio alone, except the
 one that checks the clear error under trio. The module-scoped Offloader owns a
-LocalCluster of two single-threaded worker processes; every wait is a bounded poll.
+LocalCluster of two single-threaded worker processes, which runs in a host process of
+its own: the tests ask it about its scheduler and workers through the client. Every
+wait is a bounded poll.
 """
 
 from __future__ import annotations
@@ -30,20 +32,24 @@ from offload import (
     OffloadSettings,
     OffloadTimeout,
     PoolOverloaded,
+    PoolSettings,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
 )
+from offload._pools import _dask
 from offload._pools._dask import SCATTER_THRESHOLD, DaskPool, version_mismatches
 
 from .. import funcs
 from ..conftest import children
-from .test_process_faults import gone, script_env, wait_until
+from .test_process_faults import gone, script_env, wait_until, wait_until_async
 
 WORKERS = 2
 PENDING = 2
 #: seconds a fault may take to be reported, or the cluster to heal
 BOUND = 15.0
+#: seconds an embedded cluster may take to start (interpreters, imports, on 2 busy CPUs)
+BOOT = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -51,19 +57,31 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
-async def dask_ex() -> AsyncIterator[Executor]:
-    settings = OffloadSettings(
+def dask_settings(**pool: Any) -> OffloadSettings:
+    return OffloadSettings(
         process={"max_workers": 1},
         thread={"max_workers": 1},
-        pools={"dask": {"kind": "dask", "max_workers": WORKERS, "max_pending": PENDING}},
+        pools={"dask": PoolSettings(kind="dask", **{"max_workers": WORKERS, **pool})},
         shutdown_timeout=5,
     )
+
+
+@pytest.fixture(scope="module")
+async def dask_ex() -> AsyncIterator[Executor]:
     before = {p.pid for p in children()}
-    async with Offloader(settings) as ex:
-        yield ex.pool("dask")
+    async with Offloader(dask_settings(max_pending=PENDING)) as ex:
+        executor = ex.pool("dask")
+        host = host_of(executor)
+        cluster = [host, *host.children(recursive=True)]
+        yield executor
     leftover = [p for p in children() if p.pid not in before]
     assert not leftover, f"the embedded cluster left processes behind: {leftover}"
+    # the host, its workers and whatever else it started: all gone, not orphaned
+    await wait_until(
+        lambda: all(gone(p.pid) for p in cluster),
+        BOUND,
+        lambda: f"{[p for p in cluster if not gone(p.pid)]} outlived the pool",
+    )
 
 
 def pool_of(ex: Executor) -> DaskPool:
@@ -72,41 +90,78 @@ def pool_of(ex: Executor) -> DaskPool:
     return pool
 
 
-def scheduler_of(ex: Executor) -> Any:
-    cluster = pool_of(ex)._cluster
-    assert cluster is not None
-    return cluster.scheduler
+def client_of(ex: Executor) -> Any:
+    client = pool_of(ex)._client
+    assert client is not None
+    return client
 
 
-def worker_pids(ex: Executor) -> set[int]:
-    cluster = pool_of(ex)._cluster
-    return {nanny.pid for nanny in cluster.workers.values() if nanny.pid}
+def host_of(ex: Executor) -> psutil.Process:
+    """The embedded cluster's host process: its scheduler and nannies run there."""
+    host = pool_of(ex)._host
+    assert host is not None
+    return psutil.Process(host.pid)
+
+
+def cluster_pids(host: psutil.Process) -> set[int]:
+    """The host and every process under it (workers, multiprocessing's helpers)."""
+    try:
+        return {host.pid} | {p.pid for p in host.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+async def worker_pids(ex: Executor) -> set[int]:
+    """The pids of the workers that answer now (one being restarted may not)."""
+    pids = await client_of(ex).run(os.getpid, on_error="return")
+    return {pid for pid in pids.values() if isinstance(pid, int)}
+
+
+async def keys_named(ex: Executor, prefix: str) -> list[str]:
+    """The keys of the scheduler's tasks that start with ``prefix``."""
+    keys = await client_of(ex).run_on_scheduler(funcs.scheduler_task_keys)
+    return [k for k in keys if k.startswith(prefix)]
+
+
+async def no_task_named(ex: Executor, prefix: str) -> None:
+    """Wait until the scheduler has forgotten every task named ``prefix``..."""
+
+    async def forgotten() -> bool:
+        return not await keys_named(ex, prefix)
+
+    await wait_until_async(forgotten, BOUND, f"the scheduler forgot {prefix}")
 
 
 @pytest.fixture(autouse=True)
 def no_leftover_children(dask_ex: Executor) -> Iterator[None]:
-    """The module's cluster outlives each test: only its current workers may remain."""
-    before = {p.pid for p in children()}
+    """The module's cluster outlives each test: only its host and whatever runs under
+    it (its current workers) may remain, among all the processes under this one."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
-    allowed = before | worker_pids(dask_ex)
+    allowed = before | cluster_pids(host_of(dask_ex))
     leftover = [p for p in children() if p.pid not in allowed]
+    for p in psutil.Process().children(recursive=True):
+        if p.pid not in allowed and p not in leftover and not gone(p.pid):
+            leftover.append(p)
     for p in leftover:
         p.kill()
-    assert not leftover, f"child processes left behind: {[p.pid for p in leftover]}"
+    assert not leftover, f"processes left behind: {[p.pid for p in leftover]}"
 
 
 async def healed(ex: Executor) -> None:
-    """Wait until the cluster has its workers back and nothing of ours is in flight."""
-    scheduler = scheduler_of(ex)
-    await wait_until(
-        lambda: len(scheduler.workers) == WORKERS and not pool_of(ex)._calls,
+    """Wait until the cluster has its workers back, the pool sees them (its client's
+    view of the scheduler is refreshed every 2 s), and nothing of ours is in flight."""
+    workers: list[str] = []
+
+    async def whole() -> bool:
+        workers[:] = await client_of(ex).run_on_scheduler(funcs.scheduler_workers)
+        return len(workers) == WORKERS == ex.stats().workers and not pool_of(ex)._calls
+
+    await wait_until_async(
+        whole,
         BOUND,
-        lambda: f"workers={list(scheduler.workers)} in flight={len(pool_of(ex)._calls)}",
+        lambda: f"workers={workers} seen={ex.stats().workers} in flight={len(pool_of(ex)._calls)}",
     )
-
-
-def keys_named(ex: Executor, prefix: str) -> list[str]:
-    return [str(k) for k in scheduler_of(ex).tasks if str(k).startswith(prefix)]
 
 
 # -- calls --------------------------------------------------------------------------
@@ -142,7 +197,9 @@ async def test_lambdas_and_closures_travel_by_value(dask_ex: Executor) -> None:
 async def test_calls_run_in_the_cluster_workers(dask_ex: Executor) -> None:
     pid = await dask_ex.run(funcs.getpid)
     assert pid != os.getpid()
-    assert pid in worker_pids(dask_ex)
+    assert pid in await worker_pids(dask_ex)
+    # the workers are the host's children, not ours
+    assert psutil.Process(pid).ppid() == host_of(dask_ex).pid
 
 
 async def test_user_exception_keeps_its_type_with_the_remote_traceback(
@@ -214,7 +271,7 @@ async def test_deadline_gives_offload_timeout_and_cancels_the_task(
     assert anyio.current_time() - started < 1.4  # the caller did not wait for the task
     assert dask_ex.stats().timed_out == before + 1
     # the future is cancelled: the scheduler forgets the task...
-    await wait_until(lambda: not keys_named(dask_ex, "sleep_then_touch"), BOUND, "forgotten")
+    await no_task_named(dask_ex, "sleep_then_touch")
     # ...but Dask cannot interrupt a running task: without hard_cancel it runs on.
     await wait_until(marker.exists, BOUND, "the abandoned task finished on its worker")
     await healed(dask_ex)
@@ -227,10 +284,22 @@ async def test_hard_cancel_restarts_the_worker_running_the_call(
     pool = pool_of(dask_ex)
     monkeypatch.setattr(pool, "settings", pool.settings.model_copy(update={"hard_cancel": True}))
     marker = tmp_path / "ran"
-    pids = worker_pids(dask_ex)
+    pids = await worker_pids(dask_ex)
+    assert len(pids) == WORKERS
     with pytest.raises(OffloadTimeout):
         await dask_ex.options(timeout=1.0).run(funcs.sleep_then_touch, 3, str(marker))
-    await wait_until(lambda: worker_pids(dask_ex) != pids, BOUND, "a worker was restarted")
+    timed_out = anyio.current_time()
+    await wait_until(
+        lambda: any(gone(pid) for pid in pids), BOUND, "the worker running the call was killed"
+    )
+    # killed through the scheduler, from its own event loop: long before the task's end
+    assert anyio.current_time() - timed_out < 1.5
+
+    async def replaced() -> bool:
+        now = await worker_pids(dask_ex)
+        return len(now) == WORKERS and len(now - pids) == 1
+
+    await wait_until_async(replaced, BOUND, "its nanny started a new worker")
     await healed(dask_ex)
     await anyio.sleep(2.5)  # past the moment the task would have finished
     assert not marker.exists(), "the task ran to its end: its worker was not stopped"
@@ -242,10 +311,14 @@ async def test_caller_cancellation_cancels_the_task(dask_ex: Executor, tmp_path:
     before = dask_ex.stats().cancelled
     async with anyio.create_task_group() as tg:
         tg.start_soon(dask_ex.run, funcs.wait_for_file, str(tmp_path / "never"))
-        await wait_until(lambda: bool(keys_named(dask_ex, "wait_for_file")), BOUND, "submitted")
+
+        async def submitted() -> bool:
+            return bool(await keys_named(dask_ex, "wait_for_file"))
+
+        await wait_until_async(submitted, BOUND, "submitted")
         tg.cancel_scope.cancel()
     assert dask_ex.stats().cancelled == before + 1
-    await wait_until(lambda: not keys_named(dask_ex, "wait_for_file"), BOUND, "forgotten")
+    await no_task_named(dask_ex, "wait_for_file")
     (tmp_path / "never").write_text("")  # let the abandoned task end
     await healed(dask_ex)
 
@@ -341,7 +414,8 @@ async def main():
         pools={"dask": {"kind": "dask", "max_workers": 2}},
     )
     async with Offloader(settings) as ex:
-        await ex.pool("dask").run(abs, -1)
+        # more than a pipe holds (64 KiB): it must reach our stdout, not stall
+        await ex.pool("dask").run(print, "from a worker " + "x" * 100_000, flush=True)
         pids = [p.pid for p in psutil.Process().children(recursive=True)]
         print(" ".join(map(str, pids)), flush=True)
         await asyncio.sleep(60)
@@ -360,11 +434,24 @@ async def test_embedded_cluster_dies_with_killed_parent(tmp_path: Path) -> None:
     ) as parent:
         try:
             assert parent.stdout is not None
-            with anyio.fail_after(60):
-                line = await anyio.to_thread.run_sync(parent.stdout.readline)
+            with anyio.fail_after(BOOT):  # abandoned on timeout; EOF once all are dead
+                printed = await anyio.to_thread.run_sync(
+                    parent.stdout.readline, abandon_on_cancel=True
+                )
+                line = await anyio.to_thread.run_sync(
+                    parent.stdout.readline, abandon_on_cancel=True
+                )
+            # a worker's stdout is the application's, as when the cluster lived there
+            assert printed == b"from a worker " + b"x" * 100_000 + b"\n"
             pids = [int(p) for p in line.split()]
-            cmdlines = [" ".join(psutil.Process(pid).cmdline()) for pid in pids]
-            assert sum("multiprocessing" in c for c in cmdlines) >= WORKERS, cmdlines
+            procs = {pid: psutil.Process(pid) for pid in pids}
+            cmdlines = {pid: " ".join(p.cmdline()) for pid, p in procs.items()}
+            hosts = [pid for pid, c in cmdlines.items() if "offload._pools._dask_host" in c]
+            assert len(hosts) == 1, cmdlines
+            assert procs[hosts[0]].ppid() == parent.pid
+            workers = [pid for pid, c in cmdlines.items() if "multiprocessing.spawn" in c]
+            assert len(workers) >= WORKERS, cmdlines
+            assert all(procs[pid].ppid() == hosts[0] for pid in workers)
         finally:
             parent.kill()
             parent.wait(5)
@@ -373,4 +460,129 @@ async def test_embedded_cluster_dies_with_killed_parent(tmp_path: Path) -> None:
         lambda: all(gone(pid) for pid in pids),
         BOUND,
         lambda: f"{[p for p in pids if not gone(p)]} outlived their killed parent",
+    )
+
+
+# -- the host's life ----------------------------------------------------------------
+
+
+async def test_the_host_exits_and_leaves_nothing_when_the_pool_stops() -> None:
+    async with Offloader(dask_settings(max_workers=1)) as ex:
+        executor = ex.pool("dask")
+        assert await executor.run(funcs.add, 1, 2) == 3
+        pool = pool_of(executor)
+        host = pool._host
+        assert host is not None
+        proc = psutil.Process(host.pid)
+        assert proc.ppid() == os.getpid()
+        tree = [proc, *proc.children(recursive=True)]
+        workers = await worker_pids(executor)
+        assert len(workers) == 1
+        assert workers <= {p.pid for p in tree}
+        # the host, and all it starts, at the pool's lower priority (niceness 10)
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
+        assert {p.nice() for p in tree} == {nice}
+    assert pool._host is None
+    # it closed its cluster and exited by itself when the pool closed its stdin
+    assert host.returncode == 0
+    await wait_until(
+        lambda: all(gone(p.pid) for p in tree),
+        BOUND,
+        lambda: f"{[p for p in tree if not gone(p.pid)]} outlived the pool",
+    )
+
+
+def spy_on_hosts(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every host process the pools start from now on, in a list."""
+    hosts: list[subprocess.Popen[bytes]] = []
+    spawn = _dask._spawn_host
+
+    def spy(*args: Any) -> subprocess.Popen[bytes]:
+        hosts.append(spawn(*args))
+        return hosts[-1]
+
+    monkeypatch.setattr(_dask, "_spawn_host", spy)
+    return hosts
+
+
+async def test_a_host_that_exits_at_start_fails_the_start_with_its_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hosts = spy_on_hosts(monkeypatch)
+    monkeypatch.setattr(
+        _dask, "_host_command", lambda config: [sys.executable, "-c", "import sys; sys.exit(3)"]
+    )
+    with pytest.raises(OffloadError, match=r"its host process \d+ exited with status 3"):
+        async with Offloader(dask_settings()):
+            pytest.fail("the body must not run")
+    (host,) = hosts
+    assert host.returncode == 3  # reaped: nothing left (the fixture checks the rest)
+
+
+async def test_a_cluster_that_cannot_start_fails_the_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The host's own failure path: distributed refuses to start the workers.
+    hosts = spy_on_hosts(monkeypatch)
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MULTIPROCESSING_METHOD", "no-such-method")
+    with pytest.raises(OffloadError, match="exited with status 1"):
+        async with Offloader(dask_settings()):
+            pytest.fail("the body must not run")
+    (host,) = hosts
+    assert host.returncode == 1
+
+
+HOLD_WORKER = """
+import os
+import time
+
+while not os.path.exists({release!r}):
+    time.sleep(0.02)
+"""
+
+
+async def test_cancelled_start_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every worker of the new cluster waits in its preload until `release` exists: the
+    # cluster cannot finish starting, so the cancellation lands while the pool waits
+    # for the host's address, with a worker process running under the host.
+    release = tmp_path / "release"
+    preload = tmp_path / "hold_worker.py"
+    preload.write_text(HOLD_WORKER.format(release=str(release)))
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", repr([str(preload)]))
+    hosts = spy_on_hosts(monkeypatch)
+    offloader = Offloader(dask_settings(max_workers=1))
+    tree: list[psutil.Process] = []
+
+    def holding() -> bool:
+        if not hosts:
+            return False
+        try:
+            host = psutil.Process(hosts[0].pid)
+            tree[:] = [host, *host.children(recursive=True)]
+            return any("multiprocessing.spawn" in " ".join(p.cmdline()) for p in tree[1:])
+        except psutil.NoSuchProcess:
+            return False
+
+    async def enter() -> None:
+        async with offloader:
+            pytest.fail("the start must not end")
+
+    try:
+        with anyio.fail_after(BOOT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(enter)
+                await wait_until(holding, BOOT, "the host started a worker")
+                started = anyio.current_time()
+                tg.cancel_scope.cancel()
+        assert anyio.current_time() - started < 5  # the pool did not wait for the cluster
+    finally:
+        release.write_text("")  # were a worker left, let it go on and be caught below
+    (host,) = hosts
+    assert host.returncode == -signal.SIGKILL  # killed by the pool: it had not reported
+    await wait_until(
+        lambda: all(gone(p.pid) for p in tree),
+        BOUND,
+        lambda: f"{[p for p in tree if not gone(p.pid)]} outlived the cancelled start",
     )

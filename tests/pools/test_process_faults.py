@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,18 @@ async def wait_until(
     """Poll ``cond`` every 10 ms; fail the test if it is not true within ``timeout`` s."""
     deadline = anyio.current_time() + timeout
     while not cond():
+        if anyio.current_time() > deadline:
+            detail = what() if callable(what) else what
+            pytest.fail(f"not true within {timeout} s: {detail}")
+        await anyio.sleep(0.01)
+
+
+async def wait_until_async(
+    cond: Callable[[], Awaitable[bool]], timeout: float, what: str | Callable[[], str]
+) -> None:
+    """``wait_until`` for a condition that must be awaited (asks another process)."""
+    deadline = anyio.current_time() + timeout
+    while not await cond():
         if anyio.current_time() > deadline:
             detail = what() if callable(what) else what
             pytest.fail(f"not true within {timeout} s: {detail}")
