@@ -106,7 +106,10 @@ def decode_reply(call: Call, data: _wire.Received, buffers: list[_wire.Received]
             raise SerializationError(
                 f"the exception raised by {call.name} cannot be unpickled: {exc}"
             ) from RemoteTraceback(tb)
-        raise error from RemoteTraceback(tb)
+        try:
+            raise error from RemoteTraceback(tb)
+        finally:
+            del error  # its traceback holds this frame: no cycle for the GC to find
     if status == _wire.RAISED_UNPICKLABLE:
         type_name, message, tb = value
         raise OffloadError(

@@ -15,6 +15,7 @@ function can stop early by calling :func:`check_cancelled`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
 import threading
 from collections.abc import Callable
@@ -78,14 +79,16 @@ class _Job:
         self.result: Any = None
         self.error: BaseException | None = None
         self.wake: Callable[[], None] = _nothing
-        self.release: Callable[[], None] = _nothing  # once an abandoned job is done with
+        # once an abandoned job is done with; given the job rather than closing over it:
+        # a job referring to itself would be a cycle, freed only by the cyclic GC
+        self.release: Callable[[_Job], None] = _ignore
 
     def run(self) -> None:
         with self.lock:
             if self.abandoned:  # its caller left while it was queued: never start it
                 self.finished = True
         if self.finished:
-            self.release()
+            self.release(self)
             return
         self.started = True
         _local.job = self
@@ -99,7 +102,7 @@ class _Job:
             self.finished = True
             abandoned = self.abandoned
         if abandoned:
-            self.release()
+            self.release(self)
         else:
             self.wake()
 
@@ -112,6 +115,10 @@ class _Job:
 
 
 def _nothing() -> None:
+    pass
+
+
+def _ignore(job: _Job) -> None:
     pass
 
 
@@ -218,7 +225,7 @@ class ThreadPool(Pool):
         bridge = self._bridge
         assert bridge is not None
         job = _Job(call)
-        job.release = lambda: bridge.call_soon_threadsafe(lambda: in_pool.discard(job))
+        job.release = self._release
         in_pool.add(job)
         job.waiting = True
         try:
@@ -233,11 +240,20 @@ class ThreadPool(Pool):
             raise self._closed_error()
         in_pool.discard(job)
         if job.error is not None:
+            # The error's traceback holds the frames of job.run (whose self is the
+            # job) and of this call: neither may hold the error, or only the cyclic
+            # GC could free them.
+            error, job.error = job.error, None
             try:
-                raise job.error
+                raise error
             finally:
-                del job  # the traceback holds this frame: break the cycle
+                del error, job
         return job.result
+
+    def _release(self, job: _Job) -> None:
+        """In the job's thread: an abandoned job is done, its slot free again."""
+        assert self._bridge is not None
+        self._bridge.call_soon_threadsafe(functools.partial(self._in_pool.discard, job))
 
     def _abort(self) -> None:
         for job in list(self._in_pool):
