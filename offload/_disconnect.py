@@ -40,7 +40,9 @@ class Watch:
 
     def __init__(self, receive: Receive, scope: Scope) -> None:
         self._upstream = receive
-        self._scope = scope
+        # The headers, not the scope: the scope holds the Watch, and a cycle
+        # between them would leave each request to the cyclic GC.
+        self._headers = scope.get("headers") or ()
         # Created on first use: most requests never need them, and every request
         # would pay for anyio finding out which event loop runs.
         self._lock_: anyio.Lock | None = None
@@ -67,7 +69,7 @@ class Watch:
 
     @property
     def _may_read_ahead(self) -> bool:
-        for name, value in self._scope.get("headers") or ():
+        for name, value in self._headers:
             if name == b"expect":
                 return bool(value.lower() != b"100-continue")
         return True
