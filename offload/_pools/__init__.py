@@ -4,7 +4,8 @@ and an optional kind (dask) costs nothing until a pool of that kind starts."""
 from __future__ import annotations
 
 from importlib import import_module
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # not typing's: workers import this package (see offload/__init__.py)
 
 if TYPE_CHECKING:
     from ._base import Pool

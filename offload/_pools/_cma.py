@@ -27,7 +27,10 @@ import mmap
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: see offload/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("PROBE", "address_of", "available", "huge_pages", "read", "readable", "write")
 

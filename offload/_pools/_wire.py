@@ -23,11 +23,13 @@ parent copies it in one system call:
 Both sides use :func:`encode`; the worker reads with :func:`recv_frame` on a
 blocking socket, the parent reads without blocking the event loop (see
 ``_handle.py``). This module imports neither anyio nor pydantic: workers load it.
+
+Workers import it at start: it keeps to the modules they load anyway (no typing, no
+contextlib), as does ``_worker.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import mmap
 import os
@@ -35,7 +37,10 @@ import pickle
 import socket
 import struct
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, SupportsIndex
+
+TYPE_CHECKING = False  # not typing's: see offload/__init__.py
+if TYPE_CHECKING:
+    from typing import Any, SupportsIndex
 
 __all__ = (
     "BAD_REQUEST",
@@ -165,8 +170,10 @@ def _new_buffer(size: int, as_bytes: bool) -> Received:
     mapping = _Mapping(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     mapping.fd = -1
     if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):
+        try:
             mapping.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass
     return mapping
 
 
@@ -324,8 +331,10 @@ def decode(data: Buffer, buffers: Sequence[Buffer]) -> Any:
                 # Unmapping 64 MB takes ~20 ms: here, in the decoding thread, rather
                 # than wherever the last reference goes. Arrays made on the mapping
                 # still export it, and keep it.
-                with contextlib.suppress(BufferError):
+                try:
                     part.close()
+                except BufferError:
+                    pass
 
 
 def big(buffers: Sequence[Buffer]) -> bool:

@@ -1,7 +1,8 @@
 """The worker process: read a call, run it, write the answer, repeat.
 
 Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID``.
-It imports neither anyio nor pydantic, so it starts in a few tens of milliseconds.
+It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
+in a few tens of milliseconds.
 
 It dies with its parent, however the parent dies: Linux delivers SIGKILL on the
 parent's death (``PR_SET_PDEATHSIG``); elsewhere a thread watches a pipe whose only
@@ -11,19 +12,15 @@ exits when its channel reaches EOF.
 
 from __future__ import annotations
 
-import contextlib
 import faulthandler
 import functools
-import importlib
 import os
 import pickle
 import signal
 import socket
 import sys
 import threading
-import traceback
 from collections.abc import Callable
-from typing import Any
 
 from ._wire import (
     BAD_REQUEST,
@@ -45,6 +42,10 @@ from ._wire import (
     recv_go_ahead,
     send_parts,
 )
+
+TYPE_CHECKING = False  # not typing's: see offload/__init__.py
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("main",)
 
@@ -97,7 +98,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             blob, args, kwargs = decode(data, buffers)
             fn = _load_function(blob)
         except BaseException:
-            reply = (BAD_REQUEST, traceback.format_exc())
+            reply = (BAD_REQUEST, _format_exc())
         else:
             del data, buffers
             try:
@@ -108,7 +109,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         try:
             parts = encode(reply, cross_memory=cross_memory)
         except BaseException:
-            parts = encode((BAD_RESULT, traceback.format_exc()))
+            parts = encode((BAD_RESULT, _format_exc()))
         del reply
         size = frame_size(parts)
         if size > max_payload:
@@ -133,7 +134,7 @@ def _load_function(blob: bytes) -> Callable[..., Any]:
 
 
 def _exception_reply(exc: BaseException) -> tuple[int, Any]:
-    tb = "".join(traceback.format_exception(exc))
+    tb = "".join(_format_exception(exc))
     try:
         blob = pickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # the parent must be able to rebuild it, too
@@ -150,12 +151,27 @@ def _describe_exception(exc: BaseException | None = None) -> tuple[str, str, str
     return (
         f"{kind.__module__}.{kind.__qualname__}",
         str(exc),
-        "".join(traceback.format_exception(exc)),
+        "".join(_format_exception(exc)),
     )
+
+
+# traceback and importlib load when first needed, not at every worker's start.
+def _format_exc() -> str:
+    import traceback
+
+    return traceback.format_exc()
+
+
+def _format_exception(exc: BaseException) -> list[str]:
+    import traceback
+
+    return traceback.format_exception(exc)
 
 
 def _import_string(path: str) -> Callable[..., Any]:
     module, _, attr = path.partition(":")
+    import importlib
+
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -167,9 +183,11 @@ def _die_with_parent(death_fd: int, parent_pid: int) -> None:
     if sys.platform == "linux":
         import ctypes
 
-        with contextlib.suppress(OSError, AttributeError):
+        try:
             libc = ctypes.CDLL(None, use_errno=True)
             signalled = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
+        except (OSError, AttributeError):
+            pass
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before we could ask to die with it
     if signalled:
