@@ -10,7 +10,10 @@ imported first (as in any Starlette app):
   results are kept until the end, so that freeing them (the caller's cost, ~5-20 ms
   per 64 MB here) does not count;
 * ``dask embedded``: start of a dask pool on an embedded cluster, 20 calls, stop
-  (skipped without ``distributed``).
+  (skipped without ``distributed``);
+* and, without offload, what the machine itself allows: ``floor: idle``, the sleeper
+  alone for 2 s; ``floor: interpreters starting``, while a thread starts 40 Python
+  interpreters at niceness 10, two at a time (what a crash storm's replacements do).
 
 Per scenario and round: p99 and max of the sleeper's lateness; the table gives medians
 over rounds (max: the worst round). Run from the repository root::
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -103,6 +108,29 @@ async def dask_embedded() -> None:
             await ex.pool("d").run(abs, -1)
 
 
+async def idle() -> None:
+    await asyncio.sleep(2)
+
+
+def _start_interpreters() -> None:
+    for _ in range(20):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", "import pickle, socket, struct"], stdin=subprocess.DEVNULL
+            )
+            for _ in range(2)
+        ]
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, proc.pid, 10)
+        for proc in procs:
+            proc.wait()
+
+
+async def interpreters_starting() -> None:
+    await asyncio.to_thread(_start_interpreters)
+
+
 async def lag_during(work: Callable[[], Awaitable[None]]) -> list[float]:
     """Lateness (s) of each wake-up of a 1 ms sleeper while ``work`` runs."""
     lates: list[float] = []
@@ -134,6 +162,8 @@ def main() -> None:
         "crash storm": crash_storm,
         "64 MiB payloads": payloads,
     }
+    scenarios["floor: idle"] = idle
+    scenarios["floor: interpreters starting"] = interpreters_starting
     if args.only:
         scenarios = {k: v for k, v in scenarios.items() if k in args.only}
     try:
