@@ -275,21 +275,30 @@ def local(buffers: Sequence[Received | Remote]) -> list[Received]:
     return mine
 
 
+def _with_room(
+    buffers: Sequence[Received | Remote],
+) -> tuple[list[Received], list[tuple[Received, Remote]]]:
+    """``buffers`` with room made for each :class:`Remote`, and (room, remote) pairs."""
+    mine: list[Received] = []
+    pairs: list[tuple[Received, Remote]] = []
+    for buf in buffers:
+        if isinstance(buf, Remote):
+            room = _new_buffer(buf.size, buf.as_bytes)
+            pairs.append((room, buf))
+            mine.append(room)
+        else:
+            mine.append(buf)
+    return mine, pairs
+
+
 def fetch(pid: int, buffers: Sequence[Received | Remote]) -> list[Received]:
     """The parent's side of a result: ``buffers`` with every :class:`Remote` read
     out of worker ``pid`` into a buffer of our own. Blocking: call in a thread."""
     from ._cma import address_of, read
 
-    local = [_new_buffer(buf.size, buf.as_bytes) if type(buf) is Remote else buf for buf in buffers]
-    read(
-        pid,
-        [
-            (address_of(mine), buf.address, buf.size)
-            for mine, buf in zip(local, buffers, strict=True)
-            if type(buf) is Remote
-        ],
-    )
-    return local  # type: ignore[return-value]
+    mine, pairs = _with_room(buffers)
+    read(pid, [(address_of(room), buf.address, buf.size) for room, buf in pairs])
+    return mine
 
 
 def make_room(buffers: Sequence[Received | Remote]) -> tuple[list[Received], list[int]]:
@@ -297,11 +306,8 @@ def make_room(buffers: Sequence[Received | Remote]) -> tuple[list[Received], lis
     by room for it, and the addresses of that room, for the parent to write to."""
     from ._cma import address_of
 
-    local = [_new_buffer(buf.size, buf.as_bytes) if type(buf) is Remote else buf for buf in buffers]
-    addresses = [
-        address_of(mine) for mine, buf in zip(local, buffers, strict=True) if type(buf) is Remote
-    ]
-    return local, addresses  # type: ignore[return-value]
+    mine, pairs = _with_room(buffers)
+    return mine, [address_of(room) for room, _ in pairs]
 
 
 def deliver(pid: int, remote: Sequence[memoryview], addresses: Sequence[int]) -> None:
