@@ -54,11 +54,14 @@ class Demo:
         except psutil.NoSuchProcess:
             return
         for child in descendants:
-            if child.pid not in self.seen:
-                try:
-                    self.seen[child.pid] = " ".join(child.cmdline())
-                except psutil.Error:
-                    self.seen[child.pid] = "?"
+            # Again at every look: seen between fork and exec, a child still shows its
+            # parent's command line.
+            try:
+                cmdline = " ".join(child.cmdline())
+            except psutil.Error:
+                cmdline = ""
+            if cmdline or child.pid not in self.seen:
+                self.seen[child.pid] = cmdline or "?"
 
     def watch(self, until: Callable[[], bool], timeout: float) -> None:
         """Record descendants until ``until()`` or the demo's exit; fail after ``timeout``."""
