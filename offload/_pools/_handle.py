@@ -149,20 +149,20 @@ class WorkerHandle:
             self._waiter = None
 
     def _on_readable(self) -> None:
-        # Readiness is level-triggered, and the loop polls again before the task it
-        # woke has read: the callback comes once more after the answer was taken,
-        # and would wake the caller's next wait (the next call's) for nothing. A
-        # peek tells such a stale wake-up (nothing to read) from data or EOF.
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return  # stale: stay registered, which saves two epoll_ctl calls a call
-        except OSError:
-            pass
         waiter = self._waiter
         if waiter is None:
-            # Data or EOF nobody waits for (a cancelled caller, a crash): stop
-            # watching, or the loop would call us on every turn.
+            # Readiness is level-triggered: the loop polls again before the caller
+            # it woke has read the answer, and calls us once more after it did. A
+            # peek tells that wake-up (nothing to read: stay registered, saving two
+            # epoll_ctl calls per call) from data or EOF nobody waits for (a
+            # cancelled caller, a crash): stop watching, or the loop would call us
+            # on every turn.
+            try:
+                self.sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
             self._stop_reader()
         elif not waiter.done():
             waiter.set_result(None)
