@@ -165,6 +165,9 @@ class WorkerHandle:
                 pass
             self._stop_reader()
         elif not waiter.done():
+            # Possibly that same stale repeat, waking the caller's next wait for
+            # nothing. Left alone on purpose: peeking here too made a lone caller's
+            # round trip slower (docs/design.md, "The process pool").
             waiter.set_result(None)
 
     def _stop_reader(self) -> None:
