@@ -194,10 +194,8 @@ class Frame(list[Buffer]):
     buffers left out of it, in their order (REMOTE entries)."""
 
     __slots__ = ("remote",)
-
-    def __init__(self, parts: Sequence[Buffer], remote: Sequence[memoryview] = ()) -> None:
-        super().__init__(parts)
-        self.remote = list(remote)
+    # No __init__ of its own: list's, in C, is on every call's path.
+    remote: list[memoryview]
 
 
 def encode(
@@ -225,7 +223,9 @@ def encode(
         else:
             table += _ENTRY.pack(size, 0)
             inline.append(raw)
-    return Frame([table, data, *inline], remote)
+    frame = Frame((table, data, *inline))
+    frame.remote = remote
+    return frame
 
 
 #: what the parent sends once it has copied a frame's REMOTE buffers
@@ -264,11 +264,13 @@ class Remote:
 
 
 def has_remote(buffers: Sequence[object]) -> bool:
-    return any(type(buf) is Remote for buf in buffers)
+    return bool(buffers) and any(type(buf) is Remote for buf in buffers)
 
 
 def local(buffers: Sequence[Received | Remote]) -> list[Received]:
     """The buffers of a frame that has no REMOTE ones (raises ValueError if it has)."""
+    if not buffers:
+        return []
     mine = [buf for buf in buffers if not isinstance(buf, Remote)]
     if len(mine) != len(buffers):
         raise ValueError("unexpected REMOTE buffer in this frame")
