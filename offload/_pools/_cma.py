@@ -76,22 +76,29 @@ def _libc() -> Any:
     return libc
 
 
+@functools.cache
+def _buffer_api() -> tuple[Any, Any]:
+    """``PyObject_GetBuffer`` and ``PyBuffer_Release``, their prototypes set once."""
+    get = ctypes.pythonapi.PyObject_GetBuffer
+    get.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+    release = ctypes.pythonapi.PyBuffer_Release
+    release.argtypes = (ctypes.POINTER(_PyBuffer),)
+    return get, release
+
+
 def address_of(buffer: Any) -> int:
     """Address of the first byte of a C-contiguous buffer (any object that has one).
 
     Valid while the buffer lives and is not resized: the callers hold a memoryview
     of it, whose export forbids a resize.
     """
+    get, release = _buffer_api()
     view = _PyBuffer()
-    get = ctypes.pythonapi.PyObject_GetBuffer
-    get.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
     if get(buffer, ctypes.byref(view), 0) != 0:  # PyBUF_SIMPLE: contiguous bytes
         raise BufferError("not a contiguous buffer")
     try:
         return view.buf or 0
     finally:
-        release = ctypes.pythonapi.PyBuffer_Release
-        release.argtypes = (ctypes.POINTER(_PyBuffer),)
         release(ctypes.byref(view))
 
 
