@@ -12,21 +12,24 @@ requests ``/ping`` every 10 ms. Modes:
 * ``loky``: loky's reusable executor, one worker per CPU, through
   ``asyncio.wrap_future``;
 * ``offload-process``: offload's process pool, one worker per CPU, with its workers
-  at the server's priority, at the default (niceness 10), and under SCHED_IDLE;
+  at the server's priority, at the default (niceness 10), and under SCHED_IDLE; and
+  at the default once more on uvicorn's plain asyncio and h11 (the other servers run
+  on what uvicorn picks when ``uvicorn[standard]`` is installed: uvloop and httptools);
 * ``bare processes``, a reference without a server: one plain process per CPU
   calling the function in a loop, what this machine sustains under load (its CPUs
   slow down under sustained load, so it can stay well below the ideal).
 
 The workers' priority is read from ``OFFLOAD_PROCESS__NICENESS`` and
-``OFFLOAD_PROCESS__IDLE_PRIORITY`` when the server starts, so three servers run side
+``OFFLOAD_PROCESS__IDLE_PRIORITY`` when the server starts, so four servers run side
 by side for the whole benchmark: ``normal`` (niceness 0), which serves the pings of
-``idle`` and every mode but two, ``default`` (neither variable set: niceness 10) and
-``idle`` (idle priority on). Each round first measures the time one
-task takes alone (this machine's CPU speed drifts), then runs every mode once in a
-shuffled order. Per mode and round: /ping p50 and p99, the p99 over the idle p99 of
-the same round, work requests answered per second, and that as a percent of the
-ideal (CPUs / one task's time alone in that round) and of the bare processes of the
-round. The table gives medians over rounds.
+``idle`` and every mode but three, ``default`` (neither variable set: niceness 10),
+``idle`` (idle priority on) and ``h11`` (as ``default``, on asyncio and h11). Each
+round first measures the time one task takes alone (this machine's CPU speed
+drifts), then runs every mode once in a shuffled order. Per mode and round: /ping
+p50 and p99, the p99 over the idle p99 of the same round, work requests answered per
+second, and that as a percent of the ideal (CPUs / one task's time alone in that
+round) and of the bare processes of the round, and the server process's own CPU
+time. The table gives medians over rounds.
 
 Run from the repository root (table to stdout, progress to stderr, per-round numbers
 and the machine to benchmarks/results/fastapi.json unless ``--json``)::
@@ -87,7 +90,10 @@ SERVERS: dict[str, dict[str, str]] = {
     "normal": {NICENESS_VAR: "0"},
     "default": {},
     "idle": {IDLE_PRIORITY_VAR: "true"},
+    "h11": {},
 }
+#: uvicorn's options per server; the others take uvicorn's choice: uvloop and httptools
+UVICORN_ARGS: dict[str, tuple[str, ...]] = {"h11": ("--loop", "asyncio", "--http", "h11")}
 #: goals of the performance issue, for offload's process pool
 GOAL_P99_RATIO = 2.0
 GOAL_PCT_IDEAL = 85.0
@@ -119,6 +125,7 @@ class Mode:
 OFFLOAD_NORMAL = "offload-process, normal priority"
 OFFLOAD_DEFAULT = "offload-process, niceness 10 (default)"
 OFFLOAD_IDLE = "offload-process, SCHED_IDLE"
+OFFLOAD_H11 = "offload-process, niceness 10, h11 on asyncio"
 MODES = (
     Mode(IDLE, IDLE, "normal", "the pinger alone, no work: the round's baseline"),
     Mode(
@@ -156,6 +163,13 @@ MODES = (
         f"offload's process pool, one worker per CPU, `{IDLE_PRIORITY_VAR}=true`: "
         "workers under SCHED_IDLE",
     ),
+    Mode(
+        OFFLOAD_H11,
+        "process",
+        "h11",
+        "as the default, with uvicorn on plain asyncio and h11 (`--loop asyncio --http h11`), "
+        "what it runs on without uvicorn[standard]",
+    ),
 )
 
 ROUTES = {IDLE: "none (/ping only)", BARE: "none (no server)"}
@@ -191,10 +205,11 @@ def run_phase(
     steps: int,
     args: argparse.Namespace,
     progress: Progress,
-) -> Phase:
-    """One mode, by a load process of its own against the mode's server."""
+) -> tuple[Phase, float]:
+    """One mode, by a load process of its own against the mode's server; returns what
+    the load measured and the server process's CPU time in the window (% of one CPU)."""
     if mode.server is None:
-        return run_bare(children, mode, steps=steps, args=args, progress=progress)
+        return run_bare(children, mode, steps=steps, args=args, progress=progress), float("nan")
     _, port = servers[mode.server]
     load = children.start(
         "load",
@@ -209,10 +224,14 @@ def run_phase(
     )
     phase: Phase | None = None
     running = {name: server for name, (server, _) in servers.items()}
+    server = psutil.Process(running[mode.server].pid)
+    cpu = window = 0.0
     for record in load_records(load, running, progress):
         if record["event"] == "start":
             progress.start(mode.name, record["seconds"])
+            cpu, window = server_cpu(server), time.monotonic()
         elif record["event"] == "result":
+            cpu = 100 * (server_cpu(server) - cpu) / (time.monotonic() - window)
             phase = Phase(
                 mode.name,
                 record["seconds"],
@@ -223,7 +242,13 @@ def run_phase(
             progress.finish_phase()
     if load.wait() != 0 or phase is None:
         raise DemoError(f"{mode.name}: the load process failed (exit code {load.returncode})")
-    return phase
+    return phase, cpu
+
+
+def server_cpu(server: psutil.Process) -> float:
+    """The CPU seconds of the server process itself (its threads; not its workers)."""
+    times = server.cpu_times()
+    return float(times.user + times.system)
 
 
 def run_bare(
@@ -249,8 +274,8 @@ def run_bare(
     return Phase(mode.name, args.duration, [], done, 0)
 
 
-def measure(phase: Phase, idle: Phase | None, ideal: float) -> dict[str, Any]:
-    """The numbers of one mode in one round."""
+def measure(phase: Phase, cpu_pct: float, *, idle: Phase, ideal: float) -> dict[str, Any]:
+    """The numbers of one mode in one round (``cpu_pct``: the server's CPU time)."""
     if phase.name == BARE:
         return {
             "done": phase.done,
@@ -266,9 +291,10 @@ def measure(phase: Phase, idle: Phase | None, ideal: float) -> dict[str, Any]:
         "pings": len(phase.ping_ms),
         "errors": phase.errors,
         "seconds": phase.seconds,
+        "server_cpu_pct": cpu_pct,
     }
     if phase.name != IDLE:
-        out["p99_vs_idle"] = p99 / idle.ping(0.99) if idle else float("nan")
+        out["p99_vs_idle"] = p99 / idle.ping(0.99)
         out["done"] = phase.done
         out["req_per_s"] = phase.rate
         out["pct_of_ideal"] = 100 * phase.rate / ideal
@@ -374,17 +400,19 @@ def run_round(
     """One task alone (for the ideal), then every mode once, in a shuffled order."""
     single = single_task(steps)
     order = rng.sample(MODES, len(MODES))
-    phases = {
+    measured = {
         m.name: run_phase(children, servers, m, steps=steps, args=args, progress=progress)
         for m in order
     }
+    idle, _ = measured[IDLE]
     ideal = cpus / single
+    modes = {m.name: measure(*measured[m.name], idle=idle, ideal=ideal) for m in MODES}
     result: Round = {
         "order": [m.name for m in order],
         "single_task_ms": 1000 * single,
         "single_task_ms_after": 1000 * single_task(steps),
         "ideal_req_per_s": ideal,
-        "modes": {m.name: measure(phases[m.name], phases[IDLE], ideal) for m in MODES},
+        "modes": modes,
     }
     bare = result["modes"][BARE]["req_per_s"]
     for m in MODES:
@@ -416,7 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for name, env in SERVERS.items():
                         progress.set(f"starting the {name} server")
                         with environ(env):
-                            servers[name] = start_server(children)
+                            servers[name] = start_server(children, UVICORN_ARGS.get(name, ()))
                     for r in range(args.rounds):
                         progress.set(f"round {r + 1}/{args.rounds}: one task alone")
                         rounds.append(
@@ -490,7 +518,8 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
         f"One task = {steps:,} steps = {median(singles):.1f} ms alone (median over rounds, "
         f"{min(singles):.1f}-{max(singles):.1f}); ideal = {cpus} CPUs / that, per round. "
         "Medians over rounds of: ratio = /ping p99 / idle /ping p99, % of ideal, % of bare "
-        "= work req/s / bare processes' req/s, each of the same round.",
+        "= work req/s / bare processes' req/s, each of the same round; server CPU % = "
+        "the server process's own CPU time in the window (not its workers'), in % of one CPU.",
         "",
         md_row(
             [
@@ -504,9 +533,10 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
                 "rounds min-max",
                 "% of bare",
                 "rounds min-max",
+                "server CPU %",
             ]
         ),
-        md_row(["---"] + ["---:"] * 9),
+        md_row(["---"] + ["---:"] * 10),
     ]
     for m in MODES:
         s = summary[m.name]
@@ -523,6 +553,7 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
         else:
             cells += [f"{s['req_per_s']:.1f}", *minmax(s, "pct_of_ideal", "{:.0f}%")]
             cells += ["100%", "-"] if m.name == BARE else minmax(s, "pct_of_bare", "{:.0f}%")
+        cells.append("-" if m.name == BARE else f"{s['server_cpu_pct']:.0f}%")
         out.append(md_row(cells))
     out.append("")
     out += [f"- {m.name}: {m.explain}" for m in MODES]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -8,16 +9,28 @@ from blockbuster import blockbuster_ctx
 
 from offload import Executor, Offloader, OffloadSettings
 
+Backend = str | tuple[str, dict[str, Any]]
+
 
 @pytest.fixture(
     params=[
         pytest.param("asyncio", id="asyncio"),
+        # what uvicorn runs on when uvloop is installed (uvicorn[standard], fastapi[standard])
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
         pytest.param("trio", id="trio"),
     ]
 )
-def anyio_backend(request: pytest.FixtureRequest) -> str:
-    # Explicit, so that a missing trio fails loudly instead of halving the suite.
-    return str(request.param)
+def anyio_backend(request: pytest.FixtureRequest) -> Backend:
+    # Explicit, so that a missing trio or uvloop fails loudly instead of shrinking the suite.
+    backend: Backend = request.param
+    return backend
+
+
+def loop_name(backend: Backend) -> str:
+    """``"asyncio"``, ``"uvloop"`` or ``"trio"``: a test's event loop, for scripts and reports."""
+    if isinstance(backend, str):
+        return backend
+    return "uvloop" if backend[1].get("use_uvloop") else backend[0]
 
 
 @pytest.fixture
@@ -82,7 +95,7 @@ def no_blocking_on_the_loop(request: pytest.FixtureRequest) -> Iterator[None]:
     """
     if (
         "anyio_backend" not in request.fixturenames
-        or request.getfixturevalue("anyio_backend") != "asyncio"
+        or loop_name(request.getfixturevalue("anyio_backend")) == "trio"
     ):
         yield
         return

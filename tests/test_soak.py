@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import funcs
+from .conftest import Backend, loop_name
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 CALLS = 2000
@@ -30,7 +31,7 @@ def soak_driver() -> Any:
     return importlib.import_module("_soak")
 
 
-async def test_soak(anyio_backend: str) -> None:
+async def test_soak(anyio_backend: Backend) -> None:
     driver = soak_driver()
     fns = driver.Funcs(
         add=funcs.add,
@@ -43,7 +44,7 @@ async def test_soak(anyio_backend: str) -> None:
         fns,
         calls=CALLS,
         seed=SEED,
-        backend=anyio_backend,
+        backend=loop_name(anyio_backend),
         concurrency=64,
         time_limit=50,
         rss_limit=RSS_LIMIT,

@@ -34,6 +34,7 @@ from offload import (
 )
 
 from .. import funcs
+from ..conftest import Backend, loop_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: appears in the command line of every worker process (see ``_process._BOOT``)
@@ -533,6 +534,10 @@ if sys.argv[1] == "trio":
     import trio
 
     trio.run(main)
+elif sys.argv[1] == "uvloop":
+    import uvloop
+
+    uvloop.run(main())
 else:
     import asyncio
 
@@ -561,6 +566,10 @@ if sys.argv[1] == "trio":
     import trio
 
     trio.run(main)
+elif sys.argv[1] == "uvloop":
+    import uvloop
+
+    uvloop.run(main())
 else:
     import asyncio
 
@@ -581,18 +590,18 @@ async def run_script(tmp_path: Path, source: str, *args: str, timeout: float = 3
     pytest.fail(f"the script did not exit within {timeout} s (killed)")
 
 
-async def test_main_function_in_script(tmp_path: Path, anyio_backend: str) -> None:
-    done = await run_script(tmp_path, MAIN_WITH_OFFLOADER, anyio_backend)
+async def test_main_function_in_script(tmp_path: Path, anyio_backend: Backend) -> None:
+    done = await run_script(tmp_path, MAIN_WITH_OFFLOADER, loop_name(anyio_backend))
     stdout, stderr = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 0, stderr
     assert stdout.split() == ["49", "True"], (stdout, stderr)
 
 
 async def test_decorated_main_function_default_offloader(
-    tmp_path: Path, anyio_backend: str
+    tmp_path: Path, anyio_backend: Backend
 ) -> None:
     started = time.perf_counter()
-    done = await run_script(tmp_path, MAIN_DECORATED_DEFAULT, anyio_backend, timeout=10)
+    done = await run_script(tmp_path, MAIN_DECORATED_DEFAULT, loop_name(anyio_backend), timeout=10)
     elapsed = time.perf_counter() - started
     stdout, stderr = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 0, stderr
@@ -707,15 +716,18 @@ async def main():
         await anyio.sleep(60)
 
 
-anyio.run(main, backend=sys.argv[1])
+if sys.argv[1] == "trio":
+    anyio.run(main, backend="trio")
+else:
+    anyio.run(main, backend="asyncio", backend_options={"use_uvloop": sys.argv[1] == "uvloop"})
 """
 
 
-async def test_workers_die_with_killed_parent(tmp_path: Path, anyio_backend: str) -> None:
+async def test_workers_die_with_killed_parent(tmp_path: Path, anyio_backend: Backend) -> None:
     script = tmp_path / "parent.py"
     script.write_text(PARENT_SCRIPT)
     process = await anyio.open_process(
-        [sys.executable, str(script), anyio_backend],
+        [sys.executable, str(script), loop_name(anyio_backend)],
         cwd=tmp_path,
         env=script_env(),
         stdin=None,

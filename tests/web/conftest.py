@@ -59,8 +59,11 @@ def start_server(
     listener.listen(64)
     port = listener.getsockname()[1]
     fd = listener.fileno()
-    if server == "uvicorn":
+    if server.startswith("uvicorn"):
+        # plain: h11 on asyncio; "uvicorn-standard": what uvicorn[standard] picks
+        loop, http = ("uvloop", "httptools") if server == "uvicorn-standard" else ("asyncio", "h11")
         cmd = ["-m", "uvicorn", app, "--fd", str(fd), "--log-level", "warning"]
+        cmd += ["--loop", loop, "--http", http]
     else:
         cmd = ["-m", "hypercorn", app, "--bind", f"fd://{fd}", "--log-level", "warning"]
     proc = subprocess.Popen(

@@ -17,6 +17,7 @@ from .conftest import Server, assert_gone, start_server
 
 SERVERS = [
     pytest.param(("uvicorn", {}), id="uvicorn"),
+    pytest.param(("uvicorn-standard", {}), id="uvicorn-uvloop-httptools"),
     pytest.param(("uvicorn", {"TEST_BASE_HTTP_MIDDLEWARE": "1"}), id="uvicorn-basehttpmiddleware"),
     pytest.param(("hypercorn", {}), id="hypercorn"),
 ]
