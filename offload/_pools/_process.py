@@ -139,6 +139,7 @@ class ProcessPool(Pool):
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:  # trio
             self._loop = None
+        self._slots.loop = self._loop
         self._death_r, self._death_w = os.pipe()
         _live_pools.add(self)
         errors: list[BaseException] = []
