@@ -56,3 +56,16 @@ def spin(iterations: int) -> float:
     for i in range(iterations):
         total += i * i % 7
     return time.thread_time() - t0
+
+
+# --- diagnostics (benchmarks/diagnose.py) ----------------------------------------------
+
+
+def timed_spin(iterations: int) -> tuple[int, float, float, float]:
+    """``spin`` with where and when it ran: (pid, start, end on ``time.time()``, CPU s)."""
+    import os
+    import time
+
+    start = time.time()
+    cpu = spin(iterations)
+    return os.getpid(), start, time.time(), cpu

@@ -1,0 +1,120 @@
+"""Two measurements behind statements in docs/benchmarks.md, for the next engineer.
+
+``python benchmarks/diagnose.py scaling-gaps``
+    The suite's scaling scenario (32 tasks of ~25 ms on 2 workers of offload's process
+    pool), with timestamps taken in the tasks: per worker, how long it waited between
+    two tasks, and when it finished; alternately with the suite's 1 ms lag probe on the
+    loop and without it (the probe's wake-ups take CPU from the workers); then one
+    caller alone, how long a call takes to
+    reach its worker and to come back, after a 25 ms task, a 1 ms task and a no-op.
+``python benchmarks/diagnose.py server-cost``
+    The demo server's own CPU time per ``GET /ping``, back to back and at one every
+    10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
+
+Needs ``pip install -e ".[bench]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's offload
+
+from _funcs import timed_spin
+from _lagprobe import LagProbe
+from _scaling import iterations
+
+from offload import Offloader, OffloadSettings
+
+WORKERS = 2
+
+
+async def scaling_gaps(runs: int) -> None:
+    n = iterations()
+    async with Offloader(OffloadSettings(process={"max_workers": WORKERS})) as ex:
+        pool = ex.pool("process")
+        await asyncio.gather(*(pool.run(timed_spin, n // 10) for _ in range(WORKERS)))
+        efficiency: dict[bool, list[float]] = {True: [], False: []}
+        for run in range(2 * runs):
+            probed = run % 2 == 0  # alternately with the suite's 1 ms lag probe, and without
+            t0 = time.time()
+            async with LagProbe() if probed else contextlib.nullcontext():
+                done = await asyncio.gather(*(pool.run(timed_spin, n) for _ in range(16 * WORKERS)))
+            wall = time.time() - t0
+            efficiency[probed].append(sum(d[3] for d in done) / WORKERS / wall)
+            line = f"{'with' if probed else 'no'} probe, efficiency {efficiency[probed][-1]:.3f}:"
+            for pid in sorted({d[0] for d in done}):
+                spans = sorted((s, e) for p, s, e, _ in done if p == pid)
+                waits = sum(b[0] - a[1] for a, b in itertools.pairwise(spans))
+                line += (
+                    f"  worker {pid}: {len(spans)} tasks, waited {1e3 * waits:.1f} ms between "
+                    f"them, done at {1e3 * (spans[-1][1] - t0):.0f} ms"
+                )
+            print(line)
+        for probed, values in efficiency.items():
+            print(
+                f"median efficiency {'with' if probed else 'without'} the lag probe: "
+                f"{statistics.median(values):.3f}"
+            )
+        for size, label in ((n, "25 ms task"), (n // 25, "1 ms task"), (0, "no-op")):
+            there, back = [], []
+            for _ in range(30):
+                sent = time.time()
+                _, start, end, _ = await pool.run(timed_spin, size)
+                there.append(start - sent)
+                back.append(time.time() - end)
+            print(
+                f"one caller, {label}: to the worker {1e3 * statistics.median(there):.3f} ms, "
+                f"back {1e3 * statistics.median(back):.3f} ms (medians of 30)"
+            )
+
+
+def server_cost(seconds: float) -> None:
+    import psutil
+
+    from offload._demo import Children, start_server
+    from offload._demo_load import PingConnection
+
+    servers = (("--loop", "asyncio", "--http", "h11"), ("--loop", "uvloop", "--http", "httptools"))
+    for args in servers:
+        with Children() as children:
+            server, port = start_server(children, args)
+            proc = psutil.Process(server.pid)
+            conn = PingConnection(port)
+            for gap in (0.0, 0.010):
+                before, t0, count = proc.cpu_times(), time.perf_counter(), 0
+                while time.perf_counter() - t0 < seconds:
+                    conn.get()
+                    count += 1
+                    if gap:
+                        time.sleep(gap)
+                after = proc.cpu_times()
+                cpu = after.user + after.system - before.user - before.system
+                print(
+                    f"{' '.join(args)}, {'back to back' if not gap else 'one every 10 ms'}: "
+                    f"{1e3 * cpu / count:.2f} ms of server CPU per /ping ({count} pings)"
+                )
+            conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("what", choices=["scaling-gaps", "server-cost"])
+    parser.add_argument("--runs", type=int, default=4, help="scaling runs")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per server-cost case")
+    args = parser.parse_args()
+    if args.what == "scaling-gaps":
+        asyncio.run(scaling_gaps(args.runs))
+    else:
+        server_cost(args.seconds)
+
+
+if __name__ == "__main__":
+    main()
