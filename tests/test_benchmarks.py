@@ -139,3 +139,26 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
     assert blocked["lag_max_ms"] >= 49
     assert stalled["lag_max_ms"] >= 49
     assert stalled["lag_samples"] >= 3
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["scaling-gaps", "--runs", "1"], ["median efficiency with the lag probe", "no-op"]),
+        (["server-cost", "--seconds", "0.3"], ["h11, one every 10 ms", "httptools, back to back"]),
+    ],
+)
+def test_diagnose_runs(args: list[str], expected: list[str]) -> None:
+    """The diagnostics docs/benchmarks.md cites run to the end and report every case."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/diagnose.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    for line in expected:
+        assert line in done.stdout, done.stdout
