@@ -40,6 +40,8 @@ __all__ = ("Connection", "main")
 HOST = "127.0.0.1"
 #: seconds between two pings
 PING_EVERY = 0.010
+#: seconds a ping may take before it counts as an error
+PING_TIMEOUT = 10.0
 
 
 class Connection:
@@ -233,7 +235,8 @@ class PingConnection:
     def get(self) -> int:
         """One ping; returns the status. (Re)connects when needed."""
         if self._sock is None:
-            self._sock = socket.create_connection((HOST, self.port))
+            # a server that stops answering costs that ping, not the whole window
+            self._sock = socket.create_connection((HOST, self.port), timeout=PING_TIMEOUT)
             self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             return self._exchange(self._sock)
