@@ -225,13 +225,13 @@ def run_phase(
     phase: Phase | None = None
     running = {name: server for name, (server, _) in servers.items()}
     server = psutil.Process(running[mode.server].pid)
-    cpu = window = 0.0
+    cpu_start = window = cpu_pct = 0.0
     for record in load_records(load, running, progress):
         if record["event"] == "start":
             progress.start(mode.name, record["seconds"])
-            cpu, window = server_cpu(server), time.monotonic()
+            cpu_start, window = server_cpu(server), time.monotonic()
         elif record["event"] == "result":
-            cpu = 100 * (server_cpu(server) - cpu) / (time.monotonic() - window)
+            cpu_pct = 100 * (server_cpu(server) - cpu_start) / (time.monotonic() - window)
             phase = Phase(
                 mode.name,
                 record["seconds"],
@@ -242,7 +242,7 @@ def run_phase(
             progress.finish_phase()
     if load.wait() != 0 or phase is None:
         raise DemoError(f"{mode.name}: the load process failed (exit code {load.returncode})")
-    return phase, cpu
+    return phase, cpu_pct
 
 
 def server_cpu(server: psutil.Process) -> float:
