@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -69,6 +70,20 @@ def children() -> list[psutil.Process]:
 
 def _is_resource_tracker(proc: psutil.Process) -> bool:
     return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dask_scratch_in_pytest_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Dask's schedulers and workers (embedded clusters, `dask worker`) keep their
+    scratch space in pytest's temporary directory, not in /tmp/dask-scratch-space,
+    which distributed leaves behind by design (lock files shared by every run)."""
+    old = os.environ.get("DASK_TEMPORARY_DIRECTORY")
+    os.environ["DASK_TEMPORARY_DIRECTORY"] = str(tmp_path_factory.mktemp("dask"))
+    yield
+    if old is None:
+        del os.environ["DASK_TEMPORARY_DIRECTORY"]
+    else:
+        os.environ["DASK_TEMPORARY_DIRECTORY"] = old
 
 
 @pytest.fixture(autouse=True)
