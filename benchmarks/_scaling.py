@@ -20,7 +20,7 @@ from _lagprobe import LagProbe
 from _scenario import Column, Measurement, Results, Table
 
 TASK_S = 0.025
-TASKS_PER_WORKER = {"quick": 4, "full": 16}
+TASKS_PER_WORKER = {"quick": 4, "full": 40}
 _iterations: list[int] = []
 
 

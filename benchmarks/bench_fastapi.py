@@ -18,6 +18,10 @@ requests ``/ping`` every 10 ms. Modes:
 * ``bare processes``, a reference without a server: one plain process per CPU
   calling the function in a loop, what this machine sustains under load (its CPUs
   slow down under sustained load, so it can stay well below the ideal).
+* ``floor: every CPU busy``, a reference for the pings: the pinger alone against the
+  idle server while one plain process per CPU (each in a session of its own, at
+  niceness 10) calls the function in a loop; what a ping gets when the CPUs are busy
+  with anything, before any work request reaches the server.
 
 The workers' priority is read from ``OFFLOAD_PROCESS__NICENESS`` and
 ``OFFLOAD_PROCESS__IDLE_PRIORITY`` when the server starts, so four servers run side
@@ -99,12 +103,16 @@ GOAL_P99_RATIO = 2.0
 GOAL_PCT_IDEAL = 85.0
 IDLE = "idle"
 BARE = "bare processes"
+FLOOR = "floor: every CPU busy"
+#: the floor's burners run this much longer than the pinger's window, to cover it whole
+FLOOR_MARGIN = 3.0
 #: one process of the bare reference: ``burn(steps)`` in a loop for ``seconds``; prints
 #: how many tasks it finished within them
 BARE_CODE = """\
-import sys, time
+import os, sys, time
 from offload._demo import burn
-steps, seconds = int(sys.argv[1]), float(sys.argv[2])
+steps, seconds, niceness = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+os.nice(niceness)
 end = time.perf_counter() + seconds
 done = 0
 while time.perf_counter() < end:
@@ -134,6 +142,14 @@ MODES = (
         None,
         "reference, no server: one plain process per CPU calling the function in a loop; "
         "what this machine sustains",
+    ),
+    Mode(
+        FLOOR,
+        FLOOR,
+        "normal",
+        "reference, no work requests: the pinger alone while one plain process per CPU "
+        "(each in a session of its own, at niceness 10) calls the function in a loop; "
+        "what the pings get with every CPU busy and the server otherwise idle",
     ),
     Mode("blocking", "blocking", "normal", "`async def` route calling the function"),
     Mode("anyio-thread", "thread", "normal", "`await anyio.to_thread.run_sync(burn, steps)`"),
@@ -211,6 +227,9 @@ def run_phase(
     if mode.server is None:
         return run_bare(children, mode, steps=steps, args=args, progress=progress), float("nan")
     _, port = servers[mode.server]
+    burners = []
+    if mode.route == FLOOR:
+        burners = start_burners(children, steps, args.duration + FLOOR_MARGIN, niceness=10)
     load = children.start(
         "load",
         [
@@ -218,7 +237,7 @@ def run_phase(
             "offload._demo_load",
             *("--port", str(port), "--steps", str(steps)),
             *("--duration", str(args.duration), "--concurrency", str(args.concurrency)),
-            *("--idle", "0", "--modes", mode.route),
+            *("--idle", "0", "--modes", IDLE if mode.route == FLOOR else mode.route),
         ],
         stdout=subprocess.PIPE,
     )
@@ -242,7 +261,26 @@ def run_phase(
             progress.finish_phase()
     if load.wait() != 0 or phase is None:
         raise DemoError(f"{mode.name}: the load process failed (exit code {load.returncode})")
+    for proc in burners:
+        proc.terminate()
+        proc.wait(timeout=60)
     return phase, cpu_pct
+
+
+def start_burners(
+    children: Children, steps: int, seconds: float, *, niceness: int = 0
+) -> list[subprocess.Popen[bytes]]:
+    """One process per CPU calling ``burn(steps)`` in a loop for ``seconds``."""
+    from loky import cpu_count
+
+    return [
+        children.start(
+            "bare",
+            ["-c", BARE_CODE, str(steps), str(seconds), str(niceness)],
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(int(cpu_count()))
+    ]
 
 
 def server_cpu(server: psutil.Process) -> float:
@@ -255,14 +293,7 @@ def run_bare(
     children: Children, mode: Mode, *, steps: int, args: argparse.Namespace, progress: Progress
 ) -> Phase:
     """The bare reference: one process per CPU running the work, no server, no pinger."""
-    from loky import cpu_count
-
-    procs = [
-        children.start(
-            "bare", ["-c", BARE_CODE, str(steps), str(args.duration)], stdout=subprocess.PIPE
-        )
-        for _ in range(int(cpu_count()))
-    ]
+    procs = start_burners(children, steps, args.duration)
     progress.start(mode.name, args.duration)
     done = 0
     for proc in procs:
@@ -295,6 +326,7 @@ def measure(phase: Phase, cpu_pct: float, *, idle: Phase, ideal: float) -> dict[
     }
     if phase.name != IDLE:
         out["p99_vs_idle"] = p99 / idle.ping(0.99)
+    if phase.name not in (IDLE, FLOOR):
         out["done"] = phase.done
         out["req_per_s"] = phase.rate
         out["pct_of_ideal"] = 100 * phase.rate / ideal
@@ -416,7 +448,7 @@ def run_round(
     }
     bare = result["modes"][BARE]["req_per_s"]
     for m in MODES:
-        if m.name not in (IDLE, BARE):
+        if m.name not in (IDLE, BARE, FLOOR):
             result["modes"][m.name]["pct_of_bare"] = (
                 100 * result["modes"][m.name]["req_per_s"] / bare
             )
@@ -548,7 +580,7 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
             cells = [name, *ping, "1.00x", "-"]
         else:
             cells = [name, *ping, *minmax(s, "p99_vs_idle", "{:.2f}x")]
-        if m.name == IDLE:
+        if m.name in (IDLE, FLOOR):
             cells += ["-"] * 5
         else:
             cells += [f"{s['req_per_s']:.1f}", *minmax(s, "pct_of_ideal", "{:.0f}%")]
@@ -581,7 +613,8 @@ def minmax(stats: Mapping[str, float], key: str, fmt: str) -> list[str]:
 
 def goals(summary: Mapping[str, Mapping[str, float]], rounds: Sequence[Round]) -> list[str]:
     """The FastAPI issue's goals, for offload's process pool at each priority."""
-    out = []
+    floor = summary[FLOOR]["p99_vs_idle"]
+    out = [f"- floor: /ping p99 {floor:.2f}x idle with every CPU busy and no work requests"]
     for name in (OFFLOAD_DEFAULT, OFFLOAD_IDLE, OFFLOAD_NORMAL):
         s = summary[name]
         ratio, pct, bare = s["p99_vs_idle"], s["pct_of_ideal"], s["pct_of_bare"]

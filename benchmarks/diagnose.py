@@ -1,12 +1,17 @@
 """Two measurements behind statements in docs/benchmarks.md, for the next engineer.
 
 ``python benchmarks/diagnose.py scaling-gaps``
-    The suite's scaling scenario (32 tasks of ~25 ms on 2 workers of offload's process
+    The suite's scaling scenario (40 tasks of ~25 ms per worker, 2 workers of offload's process
     pool), with timestamps taken in the tasks: per worker, how long it waited between
     two tasks, and when it finished; alternately with the suite's 1 ms lag probe on the
     loop and without it (the probe's wake-ups take CPU from the workers); then one
     caller alone, how long a call takes to
     reach its worker and to come back, after a 25 ms task, a 1 ms task and a no-op.
+``python benchmarks/diagnose.py scaling-floor``
+    The machine's own ceiling for that scenario: the same tasks, without the lag probe,
+    alternately on offload's pool and on the least a dispatcher can do (two forked
+    processes at niceness 10, one socket pair each, a blocking ``selectors`` loop that
+    sends the next task the moment an answer arrives: no event loop, no library).
 ``python benchmarks/diagnose.py server-cost``
     The demo server's own CPU time per ``GET /ping``, back to back and at one every
     10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
@@ -20,6 +25,10 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import os
+import pickle
+import selectors
+import socket
 import statistics
 import sys
 import time
@@ -29,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from _funcs import timed_spin
 from _lagprobe import LagProbe
-from _scaling import iterations
+from _scaling import TASKS_PER_WORKER, iterations
 
 from offload import Offloader, OffloadSettings
 
@@ -46,7 +55,9 @@ async def scaling_gaps(runs: int) -> None:
             probed = run % 2 == 0  # alternately with the suite's 1 ms lag probe, and without
             t0 = time.time()
             async with LagProbe() if probed else contextlib.nullcontext():
-                done = await asyncio.gather(*(pool.run(timed_spin, n) for _ in range(16 * WORKERS)))
+                done = await asyncio.gather(
+                    *(pool.run(timed_spin, n) for _ in range(TASKS_PER_WORKER["full"] * WORKERS))
+                )
             wall = time.time() - t0
             efficiency[probed].append(sum(d[3] for d in done) / WORKERS / wall)
             line = f"{'with' if probed else 'no'} probe, efficiency {efficiency[probed][-1]:.3f}:"
@@ -74,6 +85,75 @@ async def scaling_gaps(runs: int) -> None:
                 f"one caller, {label}: to the worker {1e3 * statistics.median(there):.3f} ms, "
                 f"back {1e3 * statistics.median(back):.3f} ms (medians of 30)"
             )
+
+
+def _floor_worker(sock: socket.socket) -> None:
+    os.nice(10)  # as offload's workers
+    while sock.recv(64):
+        sock.sendall(pickle.dumps(timed_spin(iterations())))
+    os._exit(0)
+
+
+def _floor_batch(socks: list[socket.socket], tasks: int) -> list[tuple[int, float, float, float]]:
+    """``tasks`` tasks on the forked workers: each gets the next the moment it answers."""
+    done: list[tuple[int, float, float, float]] = []
+    with selectors.DefaultSelector() as sel:
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+            sock.sendall(b"go")
+        sent = len(socks)
+        while len(done) < tasks:
+            for key, _ in sel.select():
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                done.append(pickle.loads(sock.recv(4096)))
+                if sent < tasks:
+                    sock.sendall(b"go")
+                    sent += 1
+    return done
+
+
+def fork_floor_workers() -> list[socket.socket]:
+    """The minimal dispatcher's workers, forked before any event loop or thread runs."""
+    iterations()  # measured once, here: the workers inherit it
+    socks = []
+    for _ in range(WORKERS):
+        ours, theirs = socket.socketpair()
+        if os.fork() == 0:
+            ours.close()
+            _floor_worker(theirs)
+        theirs.close()
+        socks.append(ours)
+    return socks
+
+
+async def scaling_floor(runs: int, socks: list[socket.socket]) -> None:
+    n = iterations()
+    tasks = TASKS_PER_WORKER["full"] * WORKERS
+    efficiency: dict[str, list[float]] = {"offload": [], "floor": []}
+    try:
+        async with Offloader(OffloadSettings(process={"max_workers": WORKERS})) as ex:
+            pool = ex.pool("process")
+            await asyncio.gather(*(pool.run(timed_spin, n // 10) for _ in range(WORKERS)))
+            for _ in range(runs):
+                for name in efficiency:
+                    t0 = time.time()
+                    if name == "offload":
+                        done = await asyncio.gather(
+                            *(pool.run(timed_spin, n) for _ in range(tasks))
+                        )
+                    else:
+                        done = _floor_batch(socks, tasks)
+                    wall = time.time() - t0
+                    efficiency[name].append(sum(d[3] for d in done) / WORKERS / wall)
+                    print(f"{name}: efficiency {efficiency[name][-1]:.3f}")
+    finally:
+        for sock in socks:
+            sock.close()
+        for _ in socks:
+            os.wait()
+    for name, values in efficiency.items():
+        print(f"median efficiency, {name}: {statistics.median(values):.3f}")
 
 
 def server_cost(seconds: float) -> None:
@@ -106,12 +186,14 @@ def server_cost(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("what", choices=["scaling-gaps", "server-cost"])
+    parser.add_argument("what", choices=["scaling-gaps", "scaling-floor", "server-cost"])
     parser.add_argument("--runs", type=int, default=4, help="scaling runs")
     parser.add_argument("--seconds", type=float, default=3.0, help="per server-cost case")
     args = parser.parse_args()
     if args.what == "scaling-gaps":
         asyncio.run(scaling_gaps(args.runs))
+    elif args.what == "scaling-floor":
+        asyncio.run(scaling_floor(args.runs, fork_floor_workers()))
     else:
         server_cost(args.seconds)
 

@@ -147,6 +147,7 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
     ("args", "expected"),
     [
         (["scaling-gaps", "--runs", "1"], ["median efficiency with the lag probe", "no-op"]),
+        (["scaling-floor", "--runs", "1"], ["median efficiency, offload", "efficiency, floor"]),
         (["server-cost", "--seconds", "0.3"], ["h11, one every 10 ms", "httptools, back to back"]),
     ],
 )
@@ -162,3 +163,35 @@ def test_diagnose_runs(args: list[str], expected: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-5000:]
     for line in expected:
         assert line in done.stdout, done.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
+    """``bench_fastapi.py`` measures every mode, its two references included, and says
+    how each offload priority stands against the issue's goals."""
+    out = tmp_path / "fastapi.json"
+    command = [sys.executable, "benchmarks/bench_fastapi.py", "--quick", "--duration", "0.4"]
+    done = subprocess.run(
+        [*command, "--seed", "3", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads(out.read_text())
+    (only_round,) = report["rounds"]
+    assert set(only_round["modes"]) == set(report["modes"])
+    assert report["warnings"] == [], report["warnings"]
+    floor = only_round["modes"]["floor: every CPU busy"]
+    assert floor["pings"] > 0
+    assert floor["p99_vs_idle"] > 0
+    assert "req_per_s" not in floor  # a reference for the pings only
+    assert only_round["modes"]["bare processes"]["req_per_s"] > 0
+    for name, mode in only_round["modes"].items():
+        if name.startswith("offload-process"):
+            assert mode["errors"] == 0, name
+            assert mode["done"] > 0, name
+    assert "- floor: /ping p99" in done.stdout
+    assert done.stdout.count("- goals, offload-process") == 3
