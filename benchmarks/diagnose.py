@@ -12,6 +12,10 @@
     alternately on offload's pool and on the least a dispatcher can do (two forked
     processes at niceness 10, one socket pair each, a blocking ``selectors`` loop that
     sends the next task the moment an answer arrives: no event loop, no library).
+``python benchmarks/diagnose.py cpu-pairs``
+    How long one ~25 ms task takes alone, and each of two run at once on the two CPUs,
+    alternately (plain forked processes, no library): whether "CPUs / one task's time"
+    is an ideal this machine can reach with every CPU busy.
 ``python benchmarks/diagnose.py server-cost``
     The demo server's own CPU time per ``GET /ping``, back to back and at one every
     10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
@@ -156,6 +160,32 @@ async def scaling_floor(runs: int, socks: list[socket.socket]) -> None:
         print(f"median efficiency, {name}: {statistics.median(values):.3f}")
 
 
+def cpu_pairs(runs: int) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    n = iterations()
+    alone: list[float] = []
+    paired: list[float] = []
+    with ProcessPoolExecutor(WORKERS, mp_context=get_context("fork")) as pool:
+        list(pool.map(_wall_spin, [n // 10] * WORKERS))  # both workers started
+        for _ in range(5 * runs):
+            alone.append(pool.submit(_wall_spin, n).result())
+            paired += pool.map(_wall_spin, [n] * WORKERS)
+    for name, values in (("alone", alone), (f"{WORKERS} at once", paired)):
+        print(
+            f"one task {name}: median {1e3 * statistics.median(values):.1f} ms "
+            f"(min {1e3 * min(values):.1f}, max {1e3 * max(values):.1f}, {len(values)} tasks)"
+        )
+    print(f"{WORKERS} at once / alone: {statistics.median(paired) / statistics.median(alone):.2f}")
+
+
+def _wall_spin(n: int) -> float:
+    t0 = time.perf_counter()
+    timed_spin(n)
+    return time.perf_counter() - t0
+
+
 def server_cost(seconds: float) -> None:
     import psutil
 
@@ -186,7 +216,9 @@ def server_cost(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("what", choices=["scaling-gaps", "scaling-floor", "server-cost"])
+    parser.add_argument(
+        "what", choices=["scaling-gaps", "scaling-floor", "cpu-pairs", "server-cost"]
+    )
     parser.add_argument("--runs", type=int, default=4, help="scaling runs")
     parser.add_argument("--seconds", type=float, default=3.0, help="per server-cost case")
     args = parser.parse_args()
@@ -194,6 +226,8 @@ def main() -> None:
         asyncio.run(scaling_gaps(args.runs))
     elif args.what == "scaling-floor":
         asyncio.run(scaling_floor(args.runs, fork_floor_workers()))
+    elif args.what == "cpu-pairs":
+        cpu_pairs(args.runs)
     else:
         server_cost(args.seconds)
 
