@@ -32,8 +32,9 @@ round first measures the time one task takes alone (this machine's CPU speed
 drifts), then runs every mode once in a shuffled order. Per mode and round: /ping
 p50 and p99, the p99 over the idle p99 of the same round, work requests answered per
 second, and that as a percent of the ideal (CPUs / one task's time alone in that
-round) and of the bare processes of the round, and the server process's own CPU
-time. The table gives medians over rounds.
+round) and of the bare processes of the round, the server process's own CPU time,
+and that of the processes it started (the workers of the mode's pool: how many of the
+CPUs the work itself got). The table gives medians over rounds.
 
 Run from the repository root (table to stdout, progress to stderr, per-round numbers
 and the machine to benchmarks/results/fastapi.json unless ``--json``)::
@@ -221,11 +222,13 @@ def run_phase(
     steps: int,
     args: argparse.Namespace,
     progress: Progress,
-) -> tuple[Phase, float]:
+) -> tuple[Phase, float, float]:
     """One mode, by a load process of its own against the mode's server; returns what
-    the load measured and the server process's CPU time in the window (% of one CPU)."""
+    the load measured, the server process's CPU time in the window (% of one CPU) and
+    that of the processes it started (its workers), in CPUs."""
     if mode.server is None:
-        return run_bare(children, mode, steps=steps, args=args, progress=progress), float("nan")
+        phase = run_bare(children, mode, steps=steps, args=args, progress=progress)
+        return phase, float("nan"), float("nan")
     _, port = servers[mode.server]
     burners = []
     if mode.route == FLOOR:
@@ -244,13 +247,19 @@ def run_phase(
     phase: Phase | None = None
     running = {name: server for name, (server, _) in servers.items()}
     server = psutil.Process(running[mode.server].pid)
-    cpu_start = window = cpu_pct = 0.0
+    cpu_start = window = cpu_pct = workers_cpus = 0.0
+    workers_start: dict[int, float] = {}
     for record in load_records(load, running, progress):
         if record["event"] == "start":
             progress.start(mode.name, record["seconds"])
             cpu_start, window = server_cpu(server), time.monotonic()
+            workers_start = descendants_cpu(server)
         elif record["event"] == "result":
-            cpu_pct = 100 * (server_cpu(server) - cpu_start) / (time.monotonic() - window)
+            seconds = time.monotonic() - window
+            cpu_pct = 100 * (server_cpu(server) - cpu_start) / seconds
+            workers = descendants_cpu(server)
+            workers_cpus = sum(t - workers_start.get(pid, 0.0) for pid, t in workers.items())
+            workers_cpus /= seconds
             phase = Phase(
                 mode.name,
                 record["seconds"],
@@ -264,7 +273,7 @@ def run_phase(
     for proc in burners:
         proc.terminate()
         proc.wait(timeout=60)
-    return phase, cpu_pct
+    return phase, cpu_pct, workers_cpus
 
 
 def start_burners(
@@ -281,6 +290,17 @@ def start_burners(
         )
         for _ in range(int(cpu_count()))
     ]
+
+
+def descendants_cpu(server: psutil.Process) -> dict[int, float]:
+    """The CPU seconds of each process the server started (a worker that exits in the
+    window takes its time with it: rare, and only ever an undercount)."""
+    used = {}
+    for proc in server.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            used[proc.pid] = float(times.user + times.system)
+    return used
 
 
 def server_cpu(server: psutil.Process) -> float:
@@ -305,8 +325,11 @@ def run_bare(
     return Phase(mode.name, args.duration, [], done, 0)
 
 
-def measure(phase: Phase, cpu_pct: float, *, idle: Phase, ideal: float) -> dict[str, Any]:
-    """The numbers of one mode in one round (``cpu_pct``: the server's CPU time)."""
+def measure(
+    phase: Phase, cpu_pct: float, workers_cpus: float, *, idle: Phase, ideal: float
+) -> dict[str, Any]:
+    """The numbers of one mode in one round (``cpu_pct``: the server's CPU time,
+    ``workers_cpus``: its workers')."""
     if phase.name == BARE:
         return {
             "done": phase.done,
@@ -323,6 +346,7 @@ def measure(phase: Phase, cpu_pct: float, *, idle: Phase, ideal: float) -> dict[
         "errors": phase.errors,
         "seconds": phase.seconds,
         "server_cpu_pct": cpu_pct,
+        "workers_cpus": workers_cpus,
     }
     if phase.name != IDLE:
         out["p99_vs_idle"] = p99 / idle.ping(0.99)
@@ -436,7 +460,7 @@ def run_round(
         m.name: run_phase(children, servers, m, steps=steps, args=args, progress=progress)
         for m in order
     }
-    idle, _ = measured[IDLE]
+    idle = measured[IDLE][0]
     ideal = cpus / single
     modes = {m.name: measure(*measured[m.name], idle=idle, ideal=ideal) for m in MODES}
     result: Round = {
@@ -551,7 +575,8 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
         f"{min(singles):.1f}-{max(singles):.1f}); ideal = {cpus} CPUs / that, per round. "
         "Medians over rounds of: ratio = /ping p99 / idle /ping p99, % of ideal, % of bare "
         "= work req/s / bare processes' req/s, each of the same round; server CPU % = "
-        "the server process's own CPU time in the window (not its workers'), in % of one CPU.",
+        "the server process's own CPU time in the window (not its workers'), in % of one CPU; "
+        "workers' CPUs = the CPU time of the processes the server started, over the window.",
         "",
         md_row(
             [
@@ -566,9 +591,10 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
                 "% of bare",
                 "rounds min-max",
                 "server CPU %",
+                "workers' CPUs",
             ]
         ),
-        md_row(["---"] + ["---:"] * 10),
+        md_row(["---"] + ["---:"] * 11),
     ]
     for m in MODES:
         s = summary[m.name]
@@ -586,6 +612,7 @@ def render(result: Mapping[str, Any], args: argparse.Namespace) -> str:
             cells += [f"{s['req_per_s']:.1f}", *minmax(s, "pct_of_ideal", "{:.0f}%")]
             cells += ["100%", "-"] if m.name == BARE else minmax(s, "pct_of_bare", "{:.0f}%")
         cells.append("-" if m.name == BARE else f"{s['server_cpu_pct']:.0f}%")
+        cells.append("-" if m.name in (BARE, IDLE, FLOOR) else f"{s['workers_cpus']:.2f}")
         out.append(md_row(cells))
     out.append("")
     out += [f"- {m.name}: {m.explain}" for m in MODES]

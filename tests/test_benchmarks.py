@@ -190,9 +190,11 @@ def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
     assert floor["p99_vs_idle"] > 0
     assert "req_per_s" not in floor  # a reference for the pings only
     assert only_round["modes"]["bare processes"]["req_per_s"] > 0
+    assert only_round["modes"]["blocking"]["server_cpu_pct"] > 50  # the work ran in the server
     for name, mode in only_round["modes"].items():
         if name.startswith("offload-process"):
             assert mode["errors"] == 0, name
             assert mode["done"] > 0, name
+            assert mode["workers_cpus"] > 0, name  # the work ran in the workers
     assert "- floor: /ping p99" in done.stdout
     assert done.stdout.count("- goals, offload-process") == 3
