@@ -16,6 +16,11 @@
     How long one ~25 ms task takes alone, and each of two run at once on the two CPUs,
     alternately (plain forked processes, no library): whether "CPUs / one task's time"
     is an ideal this machine can reach with every CPU busy.
+``python benchmarks/diagnose.py slices``
+    How late a 1 ms sleeper on the loop wakes, and how many ~25 ms calls two busy
+    workers finish a second, in rounds of 4 s, alternately: workers as by default
+    (niceness 10 and the longest time slice, see ``offload/_pools/_sched.py``), at
+    niceness 10 with the kernel's default slice, and under ``SCHED_IDLE``.
 ``python benchmarks/diagnose.py server-cost``
     The demo server's own CPU time per ``GET /ping``, back to back and at one every
     10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
@@ -186,6 +191,62 @@ def _wall_spin(n: int) -> float:
     return time.perf_counter() - t0
 
 
+SLICE_VARIANTS = ("default", "kernel's slice", "SCHED_IDLE")
+
+
+async def slices(runs: int) -> None:
+    from offload._pools import _sched
+
+    ask = _sched._ask_for_slice
+    n = iterations()
+    results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in SLICE_VARIANTS}
+    try:
+        for run in range(runs):
+            order = SLICE_VARIANTS if run % 2 == 0 else SLICE_VARIANTS[::-1]
+            for variant in order:
+                _sched._ask_for_slice = ask if variant == "default" else lambda pid, ns: None
+                results[variant].append(await _busy_workers(variant == "SCHED_IDLE", n))
+    finally:
+        _sched._ask_for_slice = ask
+    for variant, values in results.items():
+        print(
+            f"{variant}: lag p99 {statistics.median(v[0] for v in values):.2f} ms, "
+            f"max {statistics.median(v[1] for v in values):.2f} ms (median; "
+            f"worst {max(v[1] for v in values):.2f}), "
+            f"{statistics.median(v[2] for v in values):.1f} calls/s"
+        )
+
+
+async def _busy_workers(idle: bool, n: int, seconds: float = 4.0) -> tuple[float, float, float]:
+    """Lag p99 and max (ms) of a 1 ms sleeper while two workers compute, and calls/s."""
+    settings = OffloadSettings(
+        process={"max_workers": WORKERS, "idle_priority": idle}, lag_probe=False
+    )
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        await asyncio.gather(*(pool.run(timed_spin, n // 10) for _ in range(WORKERS)))
+        end = time.perf_counter() + seconds
+        done = 0
+
+        async def caller() -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                await pool.run(timed_spin, n)
+                done += 1
+
+        late: list[float] = []
+
+        async def sleeper() -> None:
+            while time.perf_counter() < end:
+                asked = time.perf_counter() + 0.001
+                await asyncio.sleep(0.001)
+                late.append(time.perf_counter() - asked)
+
+        await asyncio.gather(sleeper(), *(caller() for _ in range(WORKERS)))
+    late.sort()
+    return 1e3 * late[int(0.99 * len(late))], 1e3 * late[-1], done / seconds
+
+
 def server_cost(seconds: float) -> None:
     import psutil
 
@@ -217,7 +278,7 @@ def server_cost(seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
-        "what", choices=["scaling-gaps", "scaling-floor", "cpu-pairs", "server-cost"]
+        "what", choices=["scaling-gaps", "scaling-floor", "cpu-pairs", "slices", "server-cost"]
     )
     parser.add_argument("--runs", type=int, default=4, help="scaling runs")
     parser.add_argument("--seconds", type=float, default=3.0, help="per server-cost case")
@@ -228,6 +289,8 @@ def main() -> None:
         asyncio.run(scaling_floor(args.runs, fork_floor_workers()))
     elif args.what == "cpu-pairs":
         cpu_pairs(args.runs)
+    elif args.what == "slices":
+        asyncio.run(slices(args.runs))
     else:
         server_cost(args.seconds)
 

@@ -93,8 +93,9 @@ class PoolSettings(BaseModel):
         default=False,
         description="on Linux, run worker processes under the SCHED_IDLE policy: they "
         "use the CPU only when no normal process wants it, and the event loop's thread "
-        "takes it from them at once when it wakes up (measured: less CPU stealing from "
-        "the loop, but lower throughput under HTTP load; see docs/benchmarks.md); kind "
+        "takes it from them at once when it wakes up; but they get almost no CPU while "
+        "other processes of their scheduling group keep every CPU busy (measured: the "
+        "same throughput under HTTP load as the default; see docs/fastapi.md); kind "
         "dask: an embedded cluster's processes",
     )
     address: str | None = Field(

@@ -62,7 +62,8 @@ from .._errors import (
 )
 from ._base import Pool
 from ._dask_host import host_config
-from ._process import _spawner, lower_priority
+from ._process import _spawner
+from ._sched import lower_priority
 
 try:
     import dask.config

@@ -49,6 +49,7 @@ from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
 from ._handle import WorkerHandle
+from ._sched import lower_priority
 from ._slots import SlotQueue
 
 if TYPE_CHECKING:
@@ -72,22 +73,6 @@ def _start_worker(
     proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
     lower_priority(proc.pid, settings)
     return proc
-
-
-def lower_priority(pid: int, settings: PoolSettings) -> None:
-    """Give a process just started its pool's ``niceness`` and ``idle_priority``.
-
-    Both are per thread on Linux: set while the new process has its one thread, they
-    reach every thread and child process it starts later."""
-    if settings.niceness:
-        with contextlib.suppress(OSError):
-            base = os.getpriority(os.PRIO_PROCESS, 0)
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, base + settings.niceness))
-    if settings.idle_priority and hasattr(os, "SCHED_IDLE"):
-        # Under SCHED_IDLE a waking normal task preempts the worker at once; a nice
-        # value only shrinks its share (measured in docs/benchmarks.md).
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
 
 
 @functools.cache

@@ -39,6 +39,7 @@ from offload import (
 )
 from offload._pools import _dask
 from offload._pools._dask import SCATTER_THRESHOLD, DaskPool, version_mismatches
+from offload._pools._sched import LONG_SLICE_NS, time_slice
 
 from .. import funcs
 from ..conftest import children
@@ -482,6 +483,8 @@ async def test_the_host_exits_and_leaves_nothing_when_the_pool_stops() -> None:
         # the host, and all it starts, at the pool's lower priority (niceness 10)
         nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         assert {p.nice() for p in tree} == {nice}
+        if time_slice(os.getpid()) is not None:  # Linux 6.12+: and the long slice
+            assert {time_slice(p.pid) for p in tree} == {LONG_SLICE_NS}
     assert pool._host is None
     # it closed its cluster and exited by itself when the pool closed its stdin
     assert host.returncode == 0

@@ -19,6 +19,7 @@ from offload import (
     PoolSettings,
     WorkerCrashed,
 )
+from offload._pools._sched import LONG_SLICE_NS, time_slice
 
 from .. import funcs
 from ..conftest import children
@@ -132,6 +133,13 @@ async def test_workers_run_at_lower_priority(niceness: int, idle_priority: bool)
         assert psutil.Process(pid).nice() == min(19, psutil.Process().nice() + niceness)
         policy = os.SCHED_IDLE if idle_priority else os.sched_getscheduler(0)
         assert os.sched_getscheduler(pid) == policy
+        ours = time_slice(os.getpid())
+        if ours is None:
+            return  # a kernel that does not say (before Linux 6.12): nothing asked of it
+        # Below the loop, a worker asks for the longest slice, so that the loop's
+        # thread, waking with the default one, preempts it at once (_sched.py).
+        long = niceness and not idle_priority
+        assert time_slice(pid) == (LONG_SLICE_NS if long else ours)
 
 
 def test_priority_defaults() -> None:

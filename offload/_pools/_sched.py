@@ -1,0 +1,119 @@
+"""How worker processes are scheduled: below the event loop that waits for them.
+
+The parent sets it on a process it has just started, while that process has one
+thread: on Linux each of these is per thread and inherited, so it reaches every
+thread and child process the worker starts later (a Dask cluster's nannies and
+workers included).
+
+- ``niceness`` lowers the worker's weight: when the loop's thread and a worker both
+  want a CPU, the loop gets most of it.
+- A weight decides shares, not when a waking thread gets the CPU. Since Linux 6.12 the
+  scheduler (EEVDF) lets a task ask for its time slice (``sched_attr.sched_runtime``
+  of a normal task), and a waking task that asked for a shorter slice than the
+  running one preempts it at once (the kernel's ``PREEMPT_SHORT``); with equal
+  slices the running worker may finish its slice first, or run to the next tick
+  (4 ms at ``HZ=250``). So workers below the loop also ask for the longest slice,
+  100 ms: the loop's thread, with the default slice, takes the CPU from them the
+  moment it wakes up. Shares stay as the weights say. Older kernels ignore the
+  request. Measured in docs/benchmarks.md ("The event loop while workers compute").
+- ``idle_priority`` puts the worker under ``SCHED_IDLE``: any waking normal task
+  preempts it at once, and it gets almost no CPU while they keep every CPU busy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import platform
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .._settings import PoolSettings
+
+__all__ = ("lower_priority", "time_slice")
+
+#: what a worker below the loop asks for: the longest slice the kernel grants
+LONG_SLICE_NS = 100_000_000
+
+# sched_setattr(2) and sched_getattr(2) have no wrapper in os (nor in glibc).
+_SYSCALLS = {
+    "x86_64": (314, 315),
+    "aarch64": (274, 275),
+    "arm64": (274, 275),
+    "riscv64": (274, 275),
+    "loongarch64": (274, 275),
+    "ppc64le": (355, 356),
+    "ppc64": (355, 356),
+    "s390x": (345, 346),
+    "i686": (351, 352),
+    "i386": (351, 352),
+    "armv7l": (380, 381),
+}
+
+
+class _SchedAttr(ctypes.Structure):
+    """``struct sched_attr`` as of its first version (48 bytes)."""
+
+    _fields_ = (
+        ("size", ctypes.c_uint32),
+        ("sched_policy", ctypes.c_uint32),
+        ("sched_flags", ctypes.c_uint64),
+        ("sched_nice", ctypes.c_int32),
+        ("sched_priority", ctypes.c_uint32),
+        ("sched_runtime", ctypes.c_uint64),
+        ("sched_deadline", ctypes.c_uint64),
+        ("sched_period", ctypes.c_uint64),
+    )
+
+
+def lower_priority(pid: int, settings: PoolSettings) -> None:
+    """Put a process just started below the event loop, as its pool's settings say."""
+    with contextlib.suppress(OSError):  # the process may be gone already
+        if settings.niceness:
+            base = os.getpriority(os.PRIO_PROCESS, 0)
+            os.setpriority(os.PRIO_PROCESS, pid, min(19, base + settings.niceness))
+        if settings.idle_priority and hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+        elif settings.niceness:
+            _ask_for_slice(pid, LONG_SLICE_NS)
+
+
+def time_slice(pid: int) -> int | None:
+    """The time slice (ns) a normal process runs with, where the kernel tells it."""
+    calls = _syscalls()
+    if calls is None:
+        return None
+    attr = _SchedAttr()
+    if calls[0].syscall(calls[2], pid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+        return None
+    return attr.sched_runtime or None  # 0: a kernel without custom slices
+
+
+def _ask_for_slice(pid: int, nanoseconds: int) -> None:
+    calls = _syscalls()
+    if calls is None:
+        return
+    # sched_setattr sets the policy and the nice value too: pass what it has.
+    attr = _SchedAttr(
+        size=ctypes.sizeof(_SchedAttr),
+        sched_policy=os.SCHED_OTHER,
+        sched_nice=os.getpriority(os.PRIO_PROCESS, pid),
+        sched_runtime=nanoseconds,
+    )
+    calls[0].syscall(calls[1], pid, ctypes.byref(attr), 0)  # refused or ignored: no harm
+
+
+@functools.cache
+def _syscalls() -> tuple[ctypes.CDLL, int, int] | None:
+    """libc, and the numbers of sched_setattr and sched_getattr here, on Linux."""
+    numbers = _SYSCALLS.get(platform.machine()) if sys.platform == "linux" else None
+    if numbers is None:
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    return libc, *numbers
