@@ -87,7 +87,8 @@ def time_slice(pid: int) -> int | None:
     if calls is None:
         return None
     attr = _SchedAttr()
-    if calls[0].syscall(calls[2], pid, ctypes.byref(attr), ctypes.sizeof(attr), 0) != 0:
+    size = ctypes.c_uint(ctypes.sizeof(attr))
+    if _syscall(calls, calls[2], pid, ctypes.byref(attr), size, ctypes.c_uint(0)) != 0:
         return None
     return attr.sched_runtime or None  # 0: a kernel without custom slices
 
@@ -103,7 +104,14 @@ def _ask_for_slice(pid: int, nanoseconds: int) -> None:
         sched_nice=os.getpriority(os.PRIO_PROCESS, pid),
         sched_runtime=nanoseconds,
     )
-    calls[0].syscall(calls[1], pid, ctypes.byref(attr), 0)  # refused or ignored: no harm
+    # Refused (an odd kernel, a security module) or ignored (before 6.12): no harm.
+    _syscall(calls, calls[1], pid, ctypes.byref(attr), ctypes.c_uint(0))
+
+
+def _syscall(calls: tuple[ctypes.CDLL, int, int], number: int, pid: int, *args: object) -> int:
+    # syscall(2) is variadic and takes longs: plain ints would travel as C ints.
+    result: int = calls[0].syscall(ctypes.c_long(number), ctypes.c_long(pid), *args)
+    return result
 
 
 @functools.cache
