@@ -15,7 +15,8 @@ workers included).
   (4 ms at ``HZ=250``). So workers below the loop also ask for the longest slice,
   100 ms: the loop's thread, with the default slice, takes the CPU from them the
   moment it wakes up. Shares stay as the weights say. Older kernels ignore the
-  request. Measured in docs/benchmarks.md ("The event loop while workers compute").
+  request. Measured by ``python benchmarks/diagnose.py slices`` (docs/benchmarks.md,
+  "The event loop under offload's heaviest work").
 - ``idle_priority`` puts the worker under ``SCHED_IDLE``: any waking normal task
   preempts it at once, and it gets almost no CPU while they keep every CPU busy.
 """
