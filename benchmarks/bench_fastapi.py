@@ -227,8 +227,8 @@ def run_phase(
     the load measured, the server process's CPU time in the window (% of one CPU) and
     that of the processes it started (its workers), in CPUs."""
     if mode.server is None:
-        phase = run_bare(children, mode, steps=steps, args=args, progress=progress)
-        return phase, float("nan"), float("nan")
+        bare = run_bare(children, mode, steps=steps, args=args, progress=progress)
+        return bare, float("nan"), float("nan")
     _, port = servers[mode.server]
     burners = []
     if mode.route == FLOOR:

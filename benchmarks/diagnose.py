@@ -113,11 +113,11 @@ def _floor_batch(socks: list[socket.socket], tasks: int) -> list[tuple[int, floa
         sent = len(socks)
         while len(done) < tasks:
             for key, _ in sel.select():
-                sock = key.fileobj
-                assert isinstance(sock, socket.socket)
-                done.append(pickle.loads(sock.recv(4096)))
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                done.append(pickle.loads(ready.recv(4096)))
                 if sent < tasks:
-                    sock.sendall(b"go")
+                    ready.sendall(b"go")
                     sent += 1
     return done
 
@@ -204,7 +204,7 @@ async def slices(runs: int) -> None:
         for run in range(runs):
             order = SLICE_VARIANTS if run % 2 == 0 else SLICE_VARIANTS[::-1]
             for variant in order:
-                _sched._ask_for_slice = ask if variant == "default" else lambda pid, ns: None
+                _sched._ask_for_slice = ask if variant == "default" else _no_slice
                 results[variant].append(await _busy_workers(variant == "SCHED_IDLE", n))
     finally:
         _sched._ask_for_slice = ask
@@ -215,6 +215,10 @@ async def slices(runs: int) -> None:
             f"worst {max(v[1] for v in values):.2f}), "
             f"{statistics.median(v[2] for v in values):.1f} calls/s"
         )
+
+
+def _no_slice(pid: int, nanoseconds: int) -> None:
+    """Stands in for ``_sched._ask_for_slice``: workers keep the kernel's slice."""
 
 
 async def _busy_workers(idle: bool, n: int, seconds: float = 4.0) -> tuple[float, float, float]:
