@@ -199,3 +199,27 @@ def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
             assert mode["workers_cpus"] > 0, name  # the work ran in the workers
     assert "- floor: /ping p99" in done.stdout
     assert done.stdout.count("- goals, offload-process") == 3
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_loop_benchmark_runs() -> None:
+    """``bench_loop.py`` runs its offload scenarios and reports a lag for each."""
+    scenarios = ["start and stop", "busy workers", "crash storm", "64 MiB payloads"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_loop.py", "--rounds", "1", "--only", *scenarios],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    rows = {
+        cells[0]: [float(c) for c in cells[1:]]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| scenario", "| ---"))
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert set(rows) == set(scenarios), done.stdout
+    for name, (p99, median_max, worst) in rows.items():
+        assert 0 <= p99 <= median_max <= worst, name
