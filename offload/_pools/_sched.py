@@ -74,12 +74,12 @@ def lower_priority(pid: int, settings: PoolSettings) -> None:
     """Put a process just started below the event loop, as its pool's settings say."""
     with contextlib.suppress(OSError):  # the process may be gone already
         if settings.niceness:
-            base = os.getpriority(os.PRIO_PROCESS, 0)
-            os.setpriority(os.PRIO_PROCESS, pid, min(19, base + settings.niceness))
+            nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + settings.niceness)
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
         if settings.idle_priority and hasattr(os, "SCHED_IDLE"):
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
         elif settings.niceness:
-            _ask_for_slice(pid, LONG_SLICE_NS)
+            _ask_for_slice(pid, nice, LONG_SLICE_NS)
 
 
 def time_slice(pid: int) -> int | None:
@@ -94,7 +94,7 @@ def time_slice(pid: int) -> int | None:
     return attr.sched_runtime or None  # 0: a kernel without custom slices
 
 
-def _ask_for_slice(pid: int, nanoseconds: int) -> None:
+def _ask_for_slice(pid: int, nice: int, nanoseconds: int) -> None:
     calls = _syscalls()
     if calls is None:
         return
@@ -102,7 +102,7 @@ def _ask_for_slice(pid: int, nanoseconds: int) -> None:
     attr = _SchedAttr(
         size=ctypes.sizeof(_SchedAttr),
         sched_policy=os.SCHED_OTHER,
-        sched_nice=os.getpriority(os.PRIO_PROCESS, pid),
+        sched_nice=nice,
         sched_runtime=nanoseconds,
     )
     # Refused (an odd kernel, a security module) or ignored (before 6.12): no harm.
