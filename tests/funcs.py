@@ -52,6 +52,17 @@ def exit_now(code: int = 3) -> None:
     os._exit(code)
 
 
+def fork_then_exit(path: str, code: int) -> None:
+    """Fork a child that inherits every descriptor (the worker's channel too) and
+    lives until ``path`` exists (at most 60 s), then exit with ``code``."""
+    if os.fork() == 0:
+        deadline = time.monotonic() + 60
+        while not Path(path).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os._exit(0)
+    os._exit(code)
+
+
 def segfault() -> None:
     ctypes.string_at(0)
 

@@ -32,6 +32,7 @@ class WorkerHandle:
     """The parent's handle on one worker process."""
 
     __slots__ = (
+        "_into",
         "_loop",
         "_reader_on",
         "_waiter",
@@ -73,15 +74,29 @@ class WorkerHandle:
         # On asyncio the channel's reader stays registered between calls (see _readable).
         self._loop = loop
         self._reader_on = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[int] | None = None
+        self._into: tuple[memoryview, int] | None = None  # where the waiter's read goes
 
     @property
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    async def send(self, parts: list[_wire.Buffer]) -> None:
+    def send_some(self, parts: list[_wire.Buffer]) -> Sequence[_wire.Buffer]:
+        """Write what the channel takes of a frame of at most :data:`CHUNK` bytes at
+        once, without waiting; return the rest, for :meth:`send`. (A larger frame is
+        returned whole: :meth:`send` pauses for the loop while writing it.)"""
+        size = sum(map(len, parts))
+        if size > CHUNK:
+            return parts
+        try:
+            sent = self.sock.sendmsg(parts)
+        except BlockingIOError:
+            return parts
+        return _wire.remaining(parts, sent) if sent < size else ()
+
+    async def send(self, parts: Sequence[_wire.Buffer]) -> None:
         sock = self.sock
-        views: Sequence[_wire.Buffer] = parts
+        views = parts
         if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
@@ -106,69 +121,92 @@ class WorkerHandle:
                 await anyio.lowlevel.checkpoint()
 
     async def recv(self) -> tuple[_wire.Received, list[_wire.Received | _wire.Remote]]:
-        sock = self.sock
-        parser = _wire.parse_frame(self.scratch)
-        view = next(parser)
-        unyielded = 0
-        while True:
-            try:
-                n = sock.recv_into(view, min(len(view), CHUNK))
-            except BlockingIOError:
-                unyielded = 0
-                await self._readable()
-                continue
-            if not n:
-                raise EOFError("the worker closed its channel")
-            try:
+        scratch = self.scratch
+        # Not tried at once: the frame was just sent, the answer is not here yet.
+        n = await self._read_into(scratch, len(scratch), eager=False)
+        if not n:
+            raise EOFError("the worker closed its channel")
+        frame = _wire.whole_frame(scratch, n)
+        if frame is not None:
+            return frame
+        parser = _wire.parse_frame(scratch, n)
+        unyielded = n
+        try:
+            view = next(parser)
+            while True:
+                if unyielded >= YIELD_EVERY:
+                    # The worker fills the channel as fast as it is drained: without
+                    # a pause a large frame would hold the loop to the end.
+                    unyielded = 0
+                    await anyio.lowlevel.checkpoint()
+                n = await self._read_into(view, min(len(view), CHUNK))
+                if not n:
+                    raise EOFError("the worker closed its channel")
+                unyielded += n
                 view = parser.send(n)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
-            unyielded += n
-            if unyielded >= YIELD_EVERY:
-                unyielded = 0  # as in send
-                await anyio.lowlevel.checkpoint()
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
 
-    async def _readable(self) -> None:
-        """Wait until the channel has something to read.
+    async def _read_into(self, view: memoryview, nbytes: int, eager: bool = True) -> int:
+        """``sock.recv_into(view, nbytes)``, once the channel has something to read.
 
-        On asyncio the reader callback stays registered from one call to the next:
-        ``anyio.wait_readable`` would add and remove it (two ``epoll_ctl`` calls and
-        their bookkeeping) on every round trip. Elsewhere, anyio's own wait.
+        On asyncio the reader callback stays registered from one call to the next
+        (``anyio.wait_readable`` would add and remove it, two ``epoll_ctl`` calls and
+        their bookkeeping, on every round trip), and it reads for the waiting caller
+        (see :meth:`_on_readable`). Elsewhere, anyio's own wait.
         """
+        sock = self.sock
+        if eager:
+            try:
+                return sock.recv_into(view, nbytes)
+            except BlockingIOError:
+                pass
         loop = self._loop
         if loop is None:
-            await anyio.wait_readable(self.sock)
-            return
-        waiter = self._waiter = loop.create_future()
+            while True:
+                await anyio.wait_readable(sock)
+                try:
+                    return sock.recv_into(view, nbytes)
+                except BlockingIOError:
+                    continue
+        waiter: asyncio.Future[int] = loop.create_future()
+        self._waiter = waiter
+        self._into = view, nbytes
         if not self._reader_on:
-            loop.add_reader(self.sock.fileno(), self._on_readable)
+            loop.add_reader(sock.fileno(), self._on_readable)
             self._reader_on = True
         try:
-            await waiter
+            return await waiter
         finally:
-            self._waiter = None
+            self._waiter = self._into = None
 
     def _on_readable(self) -> None:
         waiter = self._waiter
         if waiter is None:
-            # Readiness is level-triggered: the loop polls again before the caller
-            # it woke has read the answer, and calls us once more after it did. A
-            # peek tells that wake-up (nothing to read: stay registered, saving two
-            # epoll_ctl calls per call) from data or EOF nobody waits for (a
-            # cancelled caller, a crash): stop watching, or the loop would call us
-            # on every turn.
+            # Data or EOF nobody waits for (a cancelled caller, a crash): stop
+            # watching, or the loop would call us on every turn. Readiness is
+            # level-triggered: left unread, it would be reported on every turn.
             try:
                 self.sock.recv(1, socket.MSG_PEEK)
             except BlockingIOError:
-                return
+                return  # not ready after all: stay registered
             except OSError:
                 pass
             self._stop_reader()
         elif not waiter.done():
-            # Possibly that same stale repeat, waking the caller's next wait for
-            # nothing. Left alone on purpose: peeking here too made a lone caller's
-            # round trip slower (docs/design.md, "The process pool").
-            waiter.set_result(None)
+            # Read now, in the turn the loop saw the data, not in the caller's task a
+            # turn later: left unread until then, the data would be reported once
+            # more and wake the caller's next wait for nothing (a loop turn, a future
+            # and a failed recv per call, for a lone caller).
+            assert self._into is not None
+            try:
+                n = self.sock.recv_into(*self._into)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                waiter.set_exception(exc)
+                return
+            waiter.set_result(n)
 
     def _stop_reader(self) -> None:
         if self._reader_on and self._loop is not None:

@@ -270,6 +270,11 @@ class ProcessPool(Pool):
         worker.exited.set()
         if not worker.held:
             worker.close()  # else the caller holding it closes it, once done reading
+        else:
+            # Its end of the channel may outlive it, in a process it forked: the
+            # caller reads what it wrote, then EOF, rather than wait for that process.
+            with contextlib.suppress(OSError):
+                worker.sock.shutdown(socket.SHUT_RD)
         unexpected = worker in self._ready
         self._ready.discard(worker)
         self._slots.remove_idle(worker)
@@ -386,23 +391,31 @@ class ProcessPool(Pool):
                 raise self._closed_error()
             if self._broken is not None and not self._ready:
                 raise self._broken_error()
-            worker, started = await self._slots.get(job)
+            worker = self._slots.take()
+            started = False
+            if worker is None:
+                worker, started = await self._slots.get(job)
             if not started:
-                if worker.proc.poll() is not None:
-                    # Died while idle and its watcher has not run yet: not this call's fault.
-                    self._on_exit(worker)
-                    continue
                 self._claim(worker, call)
             try:
                 try:
                     if not started:
-                        await worker.send(request)
+                        if unsent := worker.send_some(request):
+                            await worker.send(unsent)
                     elif job is not None and job.unsent:
                         await worker.send(job.unsent)
                 except (BrokenPipeError, ConnectionResetError):
-                    # It died while idle, before reading this call: try another.
+                    # It died while idle (its end of the channel is closed), before
+                    # reading this call, and its watcher has not run yet: try another.
                     continue
-                data, buffers = await self._exchange(worker, request)
+                if request.remote:
+                    data, buffers = await self._exchange(worker, request)
+                else:
+                    data, received = await worker.recv()
+                    if _wire.has_remote(received):
+                        data, buffers = await self._fetch(worker, data, received)
+                    else:
+                        buffers = _wire.local(received)
             except (EOFError, OSError, anyio.ClosedResourceError):
                 if self._forced:  # killed by _abort
                     raise self._closed_error() from None
@@ -436,7 +449,7 @@ class ProcessPool(Pool):
             finally:
                 self._unclaim(worker)
             self._release(worker)
-            if _wire.big((data, *buffers)):
+            if buffers and _wire.big((data, *buffers)):
                 # A large ``bytes`` is one copy, made by os.pread in a thread
                 # without the GIL; arrays are views on the received buffers.
                 return await anyio.to_thread.run_sync(decode_reply, call, data, buffers)
@@ -458,11 +471,9 @@ class ProcessPool(Pool):
         """Send a waiting call's frame to the worker it is handed, now: its caller's
         task runs a loop turn later, and the worker would idle until then (64 callers,
         2 workers, no-op: 10.3k -> 13.6k calls/s here). Whether the call is on its way."""
-        if worker.proc.poll() is not None:
-            return False  # its caller deals with it, as with any dead idle worker
         try:
             sent = worker.sock.sendmsg(job.request)
-        except OSError:  # BlockingIOError, BrokenPipeError: the caller will see
+        except OSError:  # BlockingIOError, or BrokenPipeError (dead): the caller will see
             return False
         job.unsent = _wire.remaining(job.request, sent)
         self._claim(worker, job.call)
@@ -482,19 +493,27 @@ class ProcessPool(Pool):
     async def _exchange(
         self, worker: WorkerHandle, request: _wire.Frame
     ) -> tuple[_wire.Received, list[_wire.Received]]:
-        """The rest of a call once its frame is sent: its REMOTE arguments written,
-        its answer read, REMOTE buffers included (see ``_wire.py``)."""
-        if request.remote:
-            data, received = await worker.recv()
-            status, addresses = _wire.decode(data, _wire.local(received))
-            assert status == _wire.WRITE_TO, status
-            await self._copy(
-                worker, functools.partial(_wire.deliver, worker.pid, request.remote, addresses)
-            )
-            await worker.send(_wire.GO_AHEAD)
+        """The rest of a call with REMOTE arguments once its frame is sent: they are
+        written, and its answer read, REMOTE buffers included (see ``_wire.py``)."""
+        data, received = await worker.recv()
+        status, addresses = _wire.decode(data, _wire.local(received))
+        assert status == _wire.WRITE_TO, status
+        await self._copy(
+            worker, functools.partial(_wire.deliver, worker.pid, request.remote, addresses)
+        )
+        await worker.send(_wire.GO_AHEAD)
         data, received = await worker.recv()
         if not _wire.has_remote(received):
             return data, _wire.local(received)
+        return await self._fetch(worker, data, received)
+
+    async def _fetch(
+        self,
+        worker: WorkerHandle,
+        data: _wire.Received,
+        received: list[_wire.Received | _wire.Remote],
+    ) -> tuple[_wire.Received, list[_wire.Received]]:
+        """An answer's REMOTE buffers, read out of the worker's memory."""
         buffers = await self._copy(worker, functools.partial(_wire.fetch, worker.pid, received))
         await worker.send(_wire.GO_AHEAD)
         return data, buffers

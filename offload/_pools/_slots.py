@@ -83,6 +83,11 @@ class SlotQueue(Generic[S]):
     def idle(self) -> int:
         return len(self._free)
 
+    def take(self) -> S | None:
+        """A free slot at once, or None: :meth:`get` without a coroutine."""
+        # Most recently used first: its caches and pages are warm.
+        return self._free.pop() if self._free else None
+
     def put(self, slot: S) -> None:
         """Hand ``slot`` to the longest-waiting call, or keep it for the next one."""
         if self._waiters:
@@ -120,8 +125,7 @@ class SlotQueue(Generic[S]):
         :raises PoolOverloaded: if ``max_pending`` calls are already waiting
         """
         if self._free:
-            # Most recently used first: its caches and pages are warm.
-            return self._free.pop(), False
+            return self._free.pop(), False  # as in take()
         if len(self._waiters) >= self._max_pending:
             raise PoolOverloaded(
                 f"pool {self._pool_name!r} is full: every worker is busy and "

@@ -70,6 +70,7 @@ __all__ = (
     "recv_go_ahead",
     "remaining",
     "send_parts",
+    "whole_frame",
 )
 
 # A worker answers every frame with (status, value):
@@ -328,6 +329,8 @@ def deliver(pid: int, remote: Sequence[memoryview], addresses: Sequence[int]) ->
 
 def decode(data: Buffer, buffers: Sequence[Buffer]) -> Any:
     """The object of a frame read by :func:`parse_frame`."""
+    if not buffers and type(data) is bytes:  # a small frame (whole_frame)
+        return pickle.loads(data)
     try:
         return pickle.loads(data, buffers=buffers)
     finally:
@@ -387,17 +390,29 @@ def send_parts(sock: socket.socket, parts: Sequence[Buffer]) -> None:
 SCRATCH = 1 << 16
 
 
+def whole_frame(scratch: memoryview, n: int) -> tuple[Received, list[Received | Remote]] | None:
+    """The frame in the first ``n`` bytes of ``scratch``, if they hold all of it and it
+    has no out-of-band buffer: the usual small call or answer, without the generator
+    of :func:`parse_frame`. None otherwise."""
+    if n < HEADER.size:
+        return None
+    length, count = HEADER.unpack_from(scratch)
+    if count or n != HEADER.size + length:
+        return None
+    return scratch[HEADER.size : n].tobytes(), []
+
+
 def parse_frame(
-    scratch: memoryview,
+    scratch: memoryview, n: int = 0
 ) -> Generator[memoryview, int, tuple[Received, list[Received | Remote]]]:
     """Read one frame, sans I/O: yields the view to read into next, is sent the
     number of bytes read, returns the pickle and its buffers for :func:`decode`.
+    ``n``: bytes of the frame already read into ``scratch``.
 
     Parent and worker exchange one frame at a time, so a read never runs into the
     next frame: the first read lands in ``scratch``, typically the whole frame in one
     system call; the rest of a large frame is read straight into its own buffer.
     """
-    n = 0
     while n < HEADER.size:
         n += yield scratch[n:]
     length, count = HEADER.unpack_from(scratch)
@@ -439,13 +454,19 @@ def recv_frame(
 
     :raises EOFError: the other side closed the connection
     """
-    parser = parse_frame(scratch)
-    view = next(parser)
-    while True:
-        n = sock.recv_into(view)
-        if not n:
-            raise EOFError("connection closed")
-        try:
+    n = sock.recv_into(scratch)
+    if not n:
+        raise EOFError("connection closed")
+    frame = whole_frame(scratch, n)
+    if frame is not None:
+        return frame
+    parser = parse_frame(scratch, n)
+    try:
+        view = next(parser)
+        while True:
+            n = sock.recv_into(view)
+            if not n:
+                raise EOFError("connection closed")
             view = parser.send(n)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]

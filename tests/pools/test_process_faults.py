@@ -372,6 +372,23 @@ async def test_crash_fails_only_its_call(crash: str, tmp_path: Path) -> None:
         assert await pool.run(funcs.add, 1, 1) == 2
 
 
+async def test_crash_is_reported_while_a_forked_child_holds_the_channel(
+    ex: Executor, tmp_path: Path
+) -> None:
+    # The child keeps the worker's end of the channel open: the caller must not wait
+    # for it to go, but learn of the crash from the worker's own exit.
+    release = tmp_path / "release"
+    pool = ex.pool("process")
+    try:
+        with anyio.fail_after(5):
+            with pytest.raises(WorkerCrashed) as info:
+                await pool.run(funcs.fork_then_exit, str(release), 5)
+        assert info.value.exitcode == 5
+        assert await pool.run(funcs.add, 2, 3) == 5
+    finally:
+        release.touch()
+
+
 # -- 5. repeated crashes ---------------------------------------------------------------
 
 
