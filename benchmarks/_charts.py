@@ -38,7 +38,7 @@ CHARTS = [
     Chart(
         "scaling.png",
         ("scaling",),
-        (("efficiency", "efficiency"),),
+        (("efficiency", "efficiency"), ("efficiency_probed", "under the lag probe")),
         "ideal / measured",
         target=0.95,
     ),

@@ -1,4 +1,4 @@
-"""Two measurements behind statements in docs/benchmarks.md, for the next engineer.
+"""Measurements behind statements in docs/benchmarks.md, for the next engineer.
 
 ``python benchmarks/diagnose.py scaling-gaps``
     The suite's scaling scenario (40 tasks of ~25 ms per worker, 2 workers of offload's process
@@ -21,6 +21,10 @@
     workers finish a second, in rounds of 4 s, alternately: workers as by default
     (niceness 10 and the longest time slice, see ``offload/_pools/_sched.py``), at
     niceness 10 with the kernel's default slice, and under ``SCHED_IDLE``.
+``python benchmarks/diagnose.py probe-cost``
+    What the suite's 1 ms lag probe costs the loop's process: CPU time per wake-up,
+    alternately on an idle machine and with one plain process per CPU burning CPU at
+    niceness 10 (as busy workers do), in rounds of 2 s.
 ``python benchmarks/diagnose.py server-cost``
     The demo server's own CPU time per ``GET /ping``, back to back and at one every
     10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
@@ -251,6 +255,48 @@ async def _busy_workers(idle: bool, n: int, seconds: float = 4.0) -> tuple[float
     return 1e3 * late[int(0.99 * len(late))], 1e3 * late[-1], done / seconds
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def _probe_cost(seconds: float) -> tuple[float, int]:
+    """µs of this process's CPU per wake-up of the probe, and the wake-ups."""
+    cpu = _cpu_seconds()
+    async with LagProbe() as probe:
+        await asyncio.sleep(seconds)
+    wakeups = len(probe.lateness)
+    return 1e6 * (_cpu_seconds() - cpu) / wakeups, wakeups
+
+
+def probe_cost(runs: int) -> None:
+    import subprocess
+
+    burn = "import os; os.nice(10)\nwhile True: pass"
+    costs: dict[str, list[float]] = {"idle": [], "every CPU busy": []}
+    for _ in range(runs):
+        for case, values in costs.items():
+            burners = []
+            if case != "idle":
+                burners = [
+                    subprocess.Popen([sys.executable, "-c", burn])
+                    for _ in range(os.cpu_count() or 1)
+                ]
+                time.sleep(0.3)  # let them start
+            try:
+                cost, wakeups = asyncio.run(_probe_cost(2.0))
+            finally:
+                for proc in burners:
+                    proc.kill()
+                    proc.wait()
+            values.append(cost)
+            print(f"{case}: {cost:.1f} µs of CPU per wake-up ({wakeups} wake-ups in 2 s)")
+    for case, values in costs.items():
+        print(f"median, {case}: {statistics.median(values):.1f} µs of CPU per wake-up")
+
+
 def server_cost(seconds: float) -> None:
     import psutil
 
@@ -282,7 +328,15 @@ def server_cost(seconds: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
-        "what", choices=["scaling-gaps", "scaling-floor", "cpu-pairs", "slices", "server-cost"]
+        "what",
+        choices=[
+            "scaling-gaps",
+            "scaling-floor",
+            "cpu-pairs",
+            "slices",
+            "probe-cost",
+            "server-cost",
+        ],
     )
     parser.add_argument("--runs", type=int, default=4, help="scaling runs")
     parser.add_argument("--seconds", type=float, default=3.0, help="per server-cost case")
@@ -295,6 +349,8 @@ def main() -> None:
         cpu_pairs(args.runs)
     elif args.what == "slices":
         asyncio.run(slices(args.runs))
+    elif args.what == "probe-cost":
+        probe_cost(args.runs)
     else:
         server_cost(args.seconds)
 

@@ -150,6 +150,7 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
         (["scaling-floor", "--runs", "1"], ["median efficiency, offload", "efficiency, floor"]),
         (["cpu-pairs", "--runs", "1"], ["one task alone: median", "2 at once / alone"]),
         (["slices", "--runs", "1"], ["default: lag p99", "kernel's slice: lag", "SCHED_IDLE: lag"]),
+        (["probe-cost", "--runs", "1"], ["median, idle: ", "median, every CPU busy: "]),
         (["server-cost", "--seconds", "0.3"], ["h11, one every 10 ms", "httptools, back to back"]),
     ],
 )
