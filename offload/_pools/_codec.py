@@ -82,7 +82,7 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
             raise SerializationError(
                 f"the arguments of {call.name} cannot be pickled: {exc}"
             ) from exc
-    size = _wire.frame_size(parts)
+    size = parts.size
     if size > max_payload:
         raise SerializationError(
             f"the call to {call.name} takes {size} bytes pickled, more than the pool's "

@@ -380,11 +380,7 @@ class ProcessPool(Pool):
     async def _execute(self, call: Call) -> Any:
         request = encode_request(call, self.settings.max_payload, self._cross_memory)
         job = None
-        if (
-            not self._slots.idle
-            and not request.remote
-            and _wire.frame_size(request) <= _wire.SCRATCH
-        ):
+        if not self._slots.idle and not request.remote and request.size <= _wire.SCRATCH:
             job = _Job(call, request)  # it will wait: whoever frees a worker may send it
         while True:
             if self._forced:

@@ -59,7 +59,6 @@ __all__ = (
     "deliver",
     "encode",
     "fetch",
-    "frame_size",
     "has_remote",
     "head",
     "local",
@@ -192,11 +191,13 @@ def _bytes_maker() -> Any:
 
 class Frame(list[Buffer]):
     """The parts of one frame, ready for :func:`send_parts`; ``remote``: the
-    buffers left out of it, in their order (REMOTE entries)."""
+    buffers left out of it, in their order (REMOTE entries); ``size``: its bytes,
+    the REMOTE buffers included."""
 
-    __slots__ = ("remote",)
+    __slots__ = ("remote", "size")
     # No __init__ of its own: list's, in C, is on every call's path.
     remote: list[memoryview]
+    size: int
 
 
 def encode(
@@ -209,12 +210,19 @@ def encode(
     """
     buffers: list[pickle.PickleBuffer] = []
     data = dumps(obj, protocol=5, buffer_callback=buffers.append)
+    if not buffers:  # the usual small frame: every call and answer of a no-op
+        frame = Frame((HEADER.pack(len(data), 0), data))
+        frame.remote = []
+        frame.size = HEADER.size + len(data)
+        return frame
     table = bytearray(HEADER.pack(len(data), len(buffers)))
     inline: list[Buffer] = []
     remote: list[memoryview] = []
+    total = len(data)
     for buf in buffers:
         raw = buf.raw()
         size = raw.nbytes
+        total += size
         if cross_memory and size >= BIG_BUFFER:
             from ._cma import address_of
 
@@ -226,6 +234,7 @@ def encode(
             inline.append(raw)
     frame = Frame((table, data, *inline))
     frame.remote = remote
+    frame.size = total + len(table)
     return frame
 
 
@@ -440,11 +449,6 @@ def parse_frame(
     if head != n:
         raise ValueError("frame longer than its header says")
     return data, buffers
-
-
-def frame_size(frame: Frame) -> int:
-    """Bytes of a frame made by :func:`encode`, its REMOTE buffers included."""
-    return sum(map(len, frame)) + sum(raw.nbytes for raw in frame.remote)
 
 
 def recv_frame(

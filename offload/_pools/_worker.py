@@ -33,7 +33,6 @@ from ._wire import (
     WRITE_TO,
     decode,
     encode,
-    frame_size,
     has_remote,
     local,
     make_room,
@@ -46,6 +45,8 @@ from ._wire import (
 TYPE_CHECKING = False  # not typing's: see offload/__init__.py
 if TYPE_CHECKING:
     from typing import Any
+
+    from ._wire import Received
 
 __all__ = ("main",)
 
@@ -84,7 +85,9 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
     while True:
         try:
             data, received = recv_frame(sock, scratch)
-            if has_remote(received):
+            if not received:  # no out-of-band buffer: the usual call
+                buffers: list[Received] = []
+            elif has_remote(received):
                 buffers, addresses = make_room(received)
                 send_parts(sock, encode((WRITE_TO, addresses)))
                 recv_go_ahead(sock)  # the parent wrote them
@@ -111,7 +114,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         except BaseException:
             parts = encode((BAD_RESULT, _format_exc()))
         del reply
-        size = frame_size(parts)
+        size = parts.size
         if size > max_payload:
             parts = encode((TOO_LARGE, (size, max_payload)))
         send_parts(sock, parts)
