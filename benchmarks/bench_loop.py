@@ -11,7 +11,12 @@ imported first (as in any Starlette app):
   per 64 MB here) does not count;
 * ``busy workers``: two callers keep both workers computing (25 ms calls) for 2 s;
 * ``dask embedded``: start of a dask pool on an embedded cluster, 20 calls, stop
-  (skipped without ``distributed``);
+  (skipped without ``distributed``), with distributed imported before the rounds, as
+  docs/dask.md tells applications to do;
+* ``floor: first import of distributed``: that import alone, in a thread as the
+  Offloader does it, in a fresh process each round: CPython holds the GIL through
+  parts of it (and a full garbage collection falls inside it), which no library
+  can change;
 * and, without offload, what the machine itself allows: ``floor: idle``, the sleeper
   alone for 2 s; ``floor: interpreters starting``, while a thread starts 40 Python
   interpreters at niceness 10, two at a time (what a crash storm's replacements do).
@@ -47,6 +52,7 @@ if TYPE_CHECKING:
     from offload._settings import PoolSettingsDict
 
 MB = 1 << 20
+FIRST_IMPORT_NAME = "floor: first import of distributed"
 
 
 def exit_now() -> None:
@@ -144,6 +150,31 @@ async def interpreters_starting() -> None:
     await asyncio.to_thread(_start_interpreters)
 
 
+FIRST_IMPORT = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[1])
+import bench_loop
+
+async def work():
+    await asyncio.to_thread(__import__, "distributed")
+
+lates = sorted(asyncio.run(bench_loop.lag_during(work)))
+print(lates[int(0.99 * (len(lates) - 1))], lates[-1])
+"""
+
+
+def first_import() -> tuple[float, float]:
+    """p99 and max lateness (s) while a fresh process imports distributed in a thread."""
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_IMPORT, str(Path(__file__).resolve().parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    p99, worst = done.stdout.split()
+    return float(p99), float(worst)
+
+
 async def lag_during(work: Callable[[], Awaitable[None]]) -> list[float]:
     """Lateness (s) of each wake-up of a 1 ms sleeper while ``work`` runs."""
     lates: list[float] = []
@@ -184,15 +215,20 @@ def main() -> None:
     if args.only:
         scenarios = {k: v for k, v in scenarios.items() if k in args.only}
     try:
-        import distributed  # noqa: F401
+        import distributed  # noqa: F401 (here, not in the first round: see the docstring)
     except ImportError:
         print("dask embedded: skipped (no distributed)", file=sys.stderr)
     else:
         if not args.only or "dask embedded" in args.only:
             scenarios["dask embedded"] = dask_embedded
+        if not args.only or FIRST_IMPORT_NAME in args.only:
+            scenarios[FIRST_IMPORT_NAME] = idle  # measured in a child, see first_import
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in scenarios}
     for r in range(args.rounds):
         for name, work in scenarios.items():
+            if name == FIRST_IMPORT_NAME:
+                results[name].append(first_import())
+                continue
             if work is payloads:
                 PAYLOADS[:] = [np.ones(8 * MB), b"\x01" * (64 * MB)]
             lates = sorted(asyncio.run(lag_during(work)))

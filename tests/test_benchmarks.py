@@ -206,7 +206,13 @@ def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_loop_benchmark_runs() -> None:
     """``bench_loop.py`` runs its offload scenarios and reports a lag for each."""
-    scenarios = ["start and stop", "busy workers", "crash storm", "64 MiB payloads"]
+    scenarios = [
+        "start and stop",
+        "busy workers",
+        "crash storm",
+        "64 MiB payloads",
+        "floor: first import of distributed",
+    ]
     done = subprocess.run(
         [sys.executable, "benchmarks/bench_loop.py", "--rounds", "1", "--only", *scenarios],
         cwd=ROOT,
