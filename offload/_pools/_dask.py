@@ -50,7 +50,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import (
@@ -62,8 +61,8 @@ from .._errors import (
 )
 from ._base import Pool
 from ._dask_host import host_config
-from ._process import _spawner
 from ._sched import lower_priority
+from ._spawner import spawner, wait_future
 
 try:
     import dask.config
@@ -233,7 +232,7 @@ class DaskPool(Pool):
     def prepare(cls) -> None:
         # The embedded cluster's host is started from the spawner thread, whose
         # start (Thread.start waits for the thread to run) must not be on the loop.
-        _spawner().submit(int).result()
+        spawner().submit(int).result()
         # The client sends its package versions when it connects, and _check_cluster
         # asks for offload's: importlib.metadata reads and parses files (and imports
         # email's parser the first time), ~30 ms on the loop; distributed caches them.
@@ -284,11 +283,11 @@ class DaskPool(Pool):
         """Start the embedded cluster's host process; return its scheduler's address.
 
         Nothing here runs on the event loop for long: the fork happens on the spawner
-        thread, the address is read in a worker thread. The host is ``self._host`` as
-        soon as it exists, so that ``_stop`` ends it whatever happens next.
+        thread, and the address is read from a non-blocking pipe. The host is
+        ``self._host`` as soon as it exists, so that ``_stop`` ends it whatever happens
+        next.
         """
         report_r, report_w = os.pipe()
-        report = os.fdopen(report_r, "rb")
         try:
             config = host_config(
                 n_workers=self.max_workers,
@@ -298,17 +297,15 @@ class DaskPool(Pool):
             )
             args = _host_command(config)
             try:
-                # Popen waits for the child's exec: not on the loop. On the spawner
-                # thread, which never ends: Linux kills the host (PR_SET_PDEATHSIG)
-                # when the *thread* that started it ends. to_thread.run_sync waits for
-                # the result even when cancelled, so a started host always reaches us.
-                future = _spawner().submit(_spawn_host, args, report_w, self.settings)
-                host = self._host = await anyio.to_thread.run_sync(future.result)
+                # On the spawner thread (see _spawner.py); waited for even when
+                # cancelled, so that a started host always reaches us.
+                future = spawner().submit(_spawn_host, args, report_w, self.settings)
+                host = self._host = await wait_future(future)
             finally:
                 os.close(report_w)  # the host's copy is its own: EOF when it exits
-            line = await self._read_report(host, report)
+            line = await self._read_report(host, report_r)
         finally:
-            report.close()
+            os.close(report_r)
         if not line:
             status = await self._exit_status(host)
             raise OffloadError(
@@ -318,27 +315,26 @@ class DaskPool(Pool):
         return str(json.loads(line)["address"])
 
     @staticmethod
-    async def _read_report(host: subprocess.Popen[bytes], report: Any) -> bytes:
-        """The host's report line, read in a thread; b"" if the host exits first.
-
-        The read cannot be cancelled, so on cancellation (our caller, or start's
-        timeout) the host is killed: its end of the pipe closes and the read returns.
-        """
+    async def _read_report(host: subprocess.Popen[bytes], fd: int) -> bytes:
+        """The host's report line; b"" if the host exits first. Cancelled (our caller,
+        or start's timeout), the host is killed: it has not reported, so nothing of
+        it is ours to stop cleanly yet."""
+        os.set_blocking(fd, False)
         line = b""
-
-        async def kill_unless_reported() -> None:
-            try:
-                await anyio.sleep_forever()
-            finally:
-                if not line:
-                    host.kill()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(kill_unless_reported)
-            line = await anyio.to_thread.run_sync(report.readline)
-            tg.cancel_scope.cancel()
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        return bytes(line)
+        try:
+            while not line.endswith(b"\n"):
+                await anyio.wait_readable(fd)
+                try:
+                    chunk = os.read(fd, 4096)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    break  # EOF: the host exited
+                line += chunk
+        except BaseException:
+            host.kill()
+            raise
+        return line
 
     @staticmethod
     async def _exit_status(host: subprocess.Popen[bytes]) -> int | None:

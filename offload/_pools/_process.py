@@ -31,7 +31,6 @@ import subprocess
 import sys
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -51,6 +50,7 @@ from ._codec import decode_reply, encode_request
 from ._handle import WorkerHandle
 from ._sched import lower_priority
 from ._slots import SlotQueue
+from ._spawner import spawner, wait_future
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -73,12 +73,6 @@ def _start_worker(
     proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
     lower_priority(proc.pid, settings)
     return proc
-
-
-@functools.cache
-def _spawner() -> ThreadPoolExecutor:
-    """The one thread that starts every worker process (see ``ProcessPool._spawn``)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-spawner")
 
 
 #: seconds a worker may take to start (interpreter, sys.path, initializer)
@@ -114,7 +108,7 @@ class ProcessPool(Pool):
     @classmethod
     def prepare(cls) -> None:
         # Thread.start() waits for the new thread to run: not on the loop.
-        _spawner().submit(int).result()
+        spawner().submit(int).result()
         _cma.available()  # cached: reads /proc
 
     async def start(self) -> None:
@@ -147,16 +141,12 @@ class ProcessPool(Pool):
         args = [sys.executable, "-c", _BOOT, str(child.fileno()), str(self._death_r)]
         args.append(str(os.getpid()))
         try:
-            # Popen blocks until the child has exec'd (it reads a pipe for exec
-            # errors), which the loop must not wait for. The fork happens on one
-            # long-lived spawner thread: Linux sends the parent-death signal when
-            # the *thread* that forked exits, and anyio's worker threads end after
-            # 10 idle seconds. to_thread.run_sync waits for the result even when
-            # cancelled, so a started process always reaches the pool.
-            future = _spawner().submit(
+            # On the spawner thread (see _spawner.py); waited for even when
+            # cancelled, so that a started process always reaches the pool.
+            future = spawner().submit(
                 _start_worker, args, (child.fileno(), self._death_r), self.settings
             )
-            proc: subprocess.Popen[bytes] = await anyio.to_thread.run_sync(future.result)
+            proc = await wait_future(future)
         except BaseException:
             parent.close()
             raise
