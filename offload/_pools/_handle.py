@@ -26,6 +26,9 @@ CHUNK = 1 << 18
 #: bytes moved through a channel between two pauses for the rest of the event loop
 YIELD_EVERY = 1 << 18
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+#: a send to a dead worker fails with EPIPE instead of raising SIGPIPE, even in an
+#: application that restored SIGPIPE's default action (Python ignores it)
+_NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 
 class WorkerHandle:
@@ -89,7 +92,7 @@ class WorkerHandle:
         if size > CHUNK:
             return parts
         try:
-            sent = self.sock.sendmsg(parts)
+            sent = self.sock.sendmsg(parts, (), _NO_SIGNAL)
         except BlockingIOError:
             return parts
         return _wire.remaining(parts, sent) if sent < size else ()
@@ -100,14 +103,14 @@ class WorkerHandle:
         if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
-                    views = _wire.remaining(views, sock.sendmsg(views))
+                    views = _wire.remaining(views, sock.sendmsg(views, (), _NO_SIGNAL))
                 except BlockingIOError:
                     await anyio.wait_writable(sock)
             return
         unyielded = 0
         while views:
             try:
-                sent = sock.sendmsg(_wire.head(views, CHUNK))
+                sent = sock.sendmsg(_wire.head(views, CHUNK), (), _NO_SIGNAL)
             except BlockingIOError:
                 unyielded = 0
                 await anyio.wait_writable(sock)

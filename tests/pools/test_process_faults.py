@@ -607,6 +607,52 @@ async def run_script(tmp_path: Path, source: str, *args: str, timeout: float = 3
     pytest.fail(f"the script did not exit within {timeout} s (killed)")
 
 
+IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT = """
+import os
+import signal
+import sys
+
+import anyio
+import psutil
+
+from offload import Offloader, OffloadSettings
+
+# What an application may do; Python itself ignores SIGPIPE.
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+async def main():
+    settings = OffloadSettings(process={"max_workers": 2}, lag_probe=False)
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        workers = psutil.Process().children()
+        assert len(workers) == 2, workers
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGKILL)
+        for worker in workers:
+            # Dead, left unreaped, and the loop never ran meanwhile: the pool still
+            # offers both to the next call, whose sends meet closed channels.
+            os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT)
+        print(await pool.run(abs, -7), pool.stats().crashed, flush=True)
+
+
+anyio.run(main, backend=sys.argv[1] if sys.argv[1] != "uvloop" else "asyncio")
+"""
+
+
+async def test_calls_skip_idle_workers_that_died_unseen(
+    tmp_path: Path, anyio_backend: Backend
+) -> None:
+    # A send to a dead worker fails with EPIPE, not SIGPIPE, even with SIGPIPE's
+    # default action restored: the call moves on and no call is failed.
+    done = await run_script(
+        tmp_path, IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT, loop_name(anyio_backend)
+    )
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, (done.returncode, stderr)
+    assert stdout.split() == ["7", "0"], (stdout, stderr)
+
+
 async def test_main_function_in_script(tmp_path: Path, anyio_backend: Backend) -> None:
     done = await run_script(tmp_path, MAIN_WITH_OFFLOADER, loop_name(anyio_backend))
     stdout, stderr = done.stdout.decode(), done.stderr.decode()
