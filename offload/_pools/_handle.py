@@ -74,7 +74,7 @@ class WorkerHandle:
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
         self.successor = False  # its replacement was started before it retired
-        # On asyncio the channel's reader stays registered between calls (see _readable).
+        # On asyncio the channel's reader stays registered between calls (see _read_into).
         self._loop = loop
         self._reader_on = False
         self._waiter: asyncio.Future[int] | None = None
