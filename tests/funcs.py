@@ -397,6 +397,11 @@ def scheduler_workers(dask_scheduler: Any) -> list[str]:
     return [str(address) for address in dask_scheduler.workers]
 
 
+def scheduler_worker_pids(dask_scheduler: Any) -> list[int]:
+    """Run on a Dask scheduler: the process ids of the workers it knows."""
+    return [int(worker.pid) for worker in dask_scheduler.workers.values()]
+
+
 def scheduler_task_keys(dask_scheduler: Any) -> list[str]:
     """Run on a Dask scheduler: the keys of the tasks it holds."""
     return [str(key) for key in dask_scheduler.tasks]

@@ -113,9 +113,11 @@ def cluster_pids(host: psutil.Process) -> set[int]:
 
 
 async def worker_pids(ex: Executor) -> set[int]:
-    """The pids of the workers that answer now (one being restarted may not)."""
-    pids = await client_of(ex).run(os.getpid, on_error="return")
-    return {pid for pid in pids.values() if isinstance(pid, int)}
+    """The pids of the workers the scheduler knows now. Asked of the scheduler, not of
+    the workers: ``client.run`` would also try a worker that has just died and that
+    the scheduler still lists, and wait for it up to Dask's 30 s connect timeout."""
+    pids: list[int] = await client_of(ex).run_on_scheduler(funcs.scheduler_worker_pids)
+    return set(pids)
 
 
 async def keys_named(ex: Executor, prefix: str) -> list[str]:
