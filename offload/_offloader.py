@@ -14,7 +14,12 @@ from anyio.lowlevel import RunVar
 from ._errors import PoolClosed
 from ._executor import Executor
 from ._lag import LagProbe
-from ._pools import pool_class
+
+# The built-in kinds come with the Offloader, not at its first start: an import holds
+# the GIL, and made in a thread while the loop ran, it made a 1 ms sleeper on the loop
+# wake up to 4 ms late at p99 (docs/design.md). The dask kind stays imported on first
+# use: distributed takes seconds, and is optional.
+from ._pools import _process, _thread, pool_class  # noqa: F401
 from ._settings import OffloadSettings, usable_cpus
 from ._stats import OffloaderStats
 
@@ -126,7 +131,7 @@ class Offloader:
         self._started = True
         pools = self.settings.pool_settings()
         # What takes long once per process, in a thread: the CPU count (cgroup files),
-        # importing the pools' modules (distributed's alone takes seconds).
+        # the spawner thread's start, importing distributed (seconds).
         classes = await anyio.to_thread.run_sync(_prepare, [s.kind for s in pools.values()])
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()

@@ -1,5 +1,6 @@
-"""Pool kinds, imported by name on first use so that ``import offload`` stays light
-and an optional kind (dask) costs nothing until a pool of that kind starts."""
+"""Pool kinds by name. ``import offload`` imports none of them; the thread and process
+kinds come with :class:`~offload.Offloader`, and an optional kind (dask) costs nothing
+until a pool of that kind starts."""
 
 from __future__ import annotations
 
