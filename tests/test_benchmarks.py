@@ -222,11 +222,13 @@ def test_loop_benchmark_runs() -> None:
     )
     assert done.returncode == 0, done.stderr[-5000:]
     rows = {
-        cells[0]: [float(c) for c in cells[1:]]
+        cells[0]: cells[1:]
         for line in done.stdout.splitlines()
         if line.startswith("| ") and not line.startswith(("| scenario", "| ---"))
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
     assert set(rows) == set(scenarios), done.stdout
-    for name, (p99, median_max, worst) in rows.items():
-        assert 0 <= p99 <= median_max <= worst, name
+    for name, (p99, median_max, worst, collections) in rows.items():
+        assert 0 <= float(p99) <= float(median_max) <= float(worst), name
+        if name != "floor: first import of distributed":  # measured in a child
+            assert int(collections.split()[0]) >= 0, name
