@@ -61,7 +61,7 @@ from .._errors import (
 )
 from ._base import Pool
 from ._dask_host import host_config
-from ._sched import lower_priority
+from ._sched import start_below
 from ._spawner import spawner, wait_future
 
 try:
@@ -133,12 +133,10 @@ def _host_command(config: dict[str, Any]) -> list[str]:
 
 def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
     """Start the embedded cluster's host (on the spawner thread): stdin a pipe that
-    only we hold, the report fd its own, stdout and stderr ours; at once at the pool's
-    lower priority, which its scheduler, nannies and workers inherit: the seconds of
-    CPU they take to start must not compete with the event loop."""
-    host = subprocess.Popen(args, stdin=subprocess.PIPE, pass_fds=(report_fd,))
-    lower_priority(host.pid, settings)
-    return host
+    only we hold, the report fd its own, stdout and stderr ours; below the event loop
+    from its start (``_sched.py``), as its scheduler, nannies and workers then are:
+    the seconds of CPU they take to start must not compete with the event loop."""
+    return start_below(args, settings, stdin=subprocess.PIPE, pass_fds=(report_fd,))
 
 
 def _short(version: object, package: str) -> object:

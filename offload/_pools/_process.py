@@ -48,7 +48,7 @@ from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
 from ._handle import WorkerHandle
-from ._sched import lower_priority
+from ._sched import start_below
 from ._slots import SlotQueue
 from ._spawner import spawner, wait_future
 
@@ -68,11 +68,8 @@ _BOOT = "from offload._pools._worker import main; main()"
 def _start_worker(
     args: list[str], fds: tuple[int, ...], settings: PoolSettings
 ) -> subprocess.Popen[bytes]:
-    """Start a worker process, at once at its lower priority: the interpreter's start
-    (tens of milliseconds of CPU) must not compete with the event loop either."""
-    proc = subprocess.Popen(args, pass_fds=fds, stdin=subprocess.DEVNULL)
-    lower_priority(proc.pid, settings)
-    return proc
+    """Start a worker process, below the event loop from its start (``_sched.py``)."""
+    return start_below(args, settings, pass_fds=fds, stdin=subprocess.DEVNULL)
 
 
 #: seconds a worker may take to start (interpreter, sys.path, initializer)

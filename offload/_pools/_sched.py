@@ -1,9 +1,12 @@
 """How worker processes are scheduled: below the event loop that waits for them.
 
-The parent sets it on a process it has just started, while that process has one
-thread: on Linux each of these is per thread and inherited, so it reaches every
-thread and child process the worker starts later (a Dask cluster's nannies and
-workers included).
+A process is below the loop from its first instruction (:func:`start_below`), not from
+when the parent gets to it after ``Popen`` returns: an interpreter's start takes tens
+of milliseconds of CPU (a Dask cluster's host, seconds), and traced (``perf``, sched_switch)
+on the 2-vCPU VM, a worker still at the loop's priority held the CPU the loop's thread
+was waiting for 4-7 ms at a time. On Linux each of these is per thread and inherited,
+so it reaches every thread and child process the worker starts later (a Dask
+cluster's nannies and workers included).
 
 - ``niceness`` lowers the worker's weight: when the loop's thread and a worker both
   want a CPU, the loop gets most of it.
@@ -28,13 +31,15 @@ import ctypes
 import functools
 import os
 import platform
+import shutil
+import subprocess
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .._settings import PoolSettings
 
-__all__ = ("lower_priority", "time_slice")
+__all__ = ("start_below", "time_slice")
 
 #: what a worker below the loop asks for: the longest slice the kernel grants
 LONG_SLICE_NS = 100_000_000
@@ -70,6 +75,40 @@ class _SchedAttr(ctypes.Structure):
     )
 
 
+def start_below(args: list[str], settings: PoolSettings, **popen: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(args, **popen)``, the process below the event loop as its
+    pool's settings say. Only on the spawner thread (``_spawner.py``), whose own time
+    slice it sets.
+
+    - The time slice is inherited: the spawner thread asks for the one the child must
+      have (the long one below the loop, else the kernel's) just before it forks.
+    - The nice value is inherited too, but the spawner runs at the loop's: the child
+      starts as ``nice -n N <args>``, which lowers itself before it execs Python. The
+      ``nice`` command is POSIX; where it is missing (a distroless image), the parent
+      lowers the process once ``Popen`` returns, as offload did before.
+    - ``SCHED_IDLE`` is set once ``Popen`` returns: until then the child runs at the
+      pool's niceness.
+    """
+    long = bool(settings.niceness) and not settings.idle_priority
+    with contextlib.suppress(OSError):
+        _ask_for_slice(0, os.getpriority(os.PRIO_PROCESS, 0), LONG_SLICE_NS if long else 0)
+    nice = _nice_command() if settings.niceness else None
+    if nice is not None:
+        args = [nice, "-n", str(settings.niceness), *args]
+    proc: subprocess.Popen[bytes] = subprocess.Popen(args, **popen)
+    if nice is None:
+        lower_priority(proc.pid, settings)
+    elif settings.idle_priority and hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):  # the process may be gone already
+            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
+    return proc
+
+
+@functools.cache
+def _nice_command() -> str | None:
+    return shutil.which("nice")
+
+
 def lower_priority(pid: int, settings: PoolSettings) -> None:
     """Put a process just started below the event loop, as its pool's settings say."""
     with contextlib.suppress(OSError):  # the process may be gone already
@@ -95,6 +134,8 @@ def time_slice(pid: int) -> int | None:
 
 
 def _ask_for_slice(pid: int, nice: int, nanoseconds: int) -> None:
+    """Ask for a time slice of ``nanoseconds`` (0: the kernel's) for ``pid`` (0: the
+    calling thread), at nice value ``nice``."""
     calls = _syscalls()
     if calls is None:
         return

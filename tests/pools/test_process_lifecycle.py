@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import anyio
@@ -19,6 +22,7 @@ from offload import (
     PoolSettings,
     WorkerCrashed,
 )
+from offload._pools import _sched
 from offload._pools._sched import LONG_SLICE_NS, time_slice
 
 from .. import funcs
@@ -140,6 +144,44 @@ async def test_workers_run_at_lower_priority(niceness: int, idle_priority: bool)
         # thread, waking with the default one, preempts it at once (_sched.py).
         long = niceness and not idle_priority
         assert time_slice(pid) == (LONG_SLICE_NS if long else ours)
+
+
+# What a process started by start_below says of itself at its first instruction, and
+# again once told to (by then start_below has returned).
+PRIORITY_NOW = (
+    "import os, sys; sys.path[:0] = [sys.argv[1]];"
+    "from offload._pools._sched import time_slice;"
+    "say = lambda: print(os.getpriority(os.PRIO_PROCESS, 0), time_slice(0), flush=True);"
+    "say(); sys.stdin.readline(); say()"
+)
+
+
+@pytest.mark.parametrize("nice_command", [True, False])
+def test_a_process_starts_below_the_loop(
+    nice_command: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An interpreter's start is tens of ms of CPU: it must not run at the loop's
+    # priority until the parent gets to lower it (_sched.py). Where there is no
+    # `nice` command, the parent lowers it once Popen returns.
+    if not nice_command:
+        monkeypatch.setattr(_sched, "_nice_command", lambda: None)
+    long = time_slice(0) is not None  # Linux 6.12+: the long slice too
+    below = f"{min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)} {LONG_SLICE_NS if long else None}"
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    with ThreadPoolExecutor(1) as spawner:  # start_below sets its caller's own slice
+        proc = spawner.submit(
+            _sched.start_below,
+            [sys.executable, "-c", PRIORITY_NOW, root],
+            PoolSettings(niceness=7),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        ).result()
+    out, _ = proc.communicate(b"go\n", timeout=30)
+    first, later = out.decode().splitlines()
+    assert later == below
+    if nice_command:
+        assert first == below
+    assert time_slice(0) != LONG_SLICE_NS  # this thread kept its own
 
 
 def test_priority_defaults() -> None:
