@@ -25,8 +25,15 @@ Before the rounds, the objects made by the imports are frozen (``gc.collect()``,
 ``gc.freeze()``), as an application may freeze what its start made: a full garbage
 collection scans every object of the process (22-39 ms here, with distributed and
 NumPy imported), an interpreter pause whose length is the application's heap, and it
-would land on whichever scenario happened to trigger it. The last column counts the
-full collections that ran during a scenario anyway, with the longest.
+would land on whichever scenario happened to trigger it. A column counts the full
+collections that ran during a scenario anyway, with the longest.
+
+The last column is the machine's steal time during the scenario, all rounds together
+(``/proc/stat``, 10 ms steps): the time the hypervisor ran something else on our
+CPUs. No wake-up can be on time then; on the benchmark's VM it came in bursts after
+the payload scenario had freed hundreds of MB, which the guest hands back to the host
+(free page reporting), then takes back, one host fault at a time, when new processes
+(Dask's) allocate memory.
 
 Per scenario and round: p99 and max of the sleeper's lateness; the table gives medians
 over rounds (max: the worst round). Run from the repository root::
@@ -204,6 +211,17 @@ def _time_full_collections(phase: str, info: dict[str, int]) -> None:
         FULL_COLLECTIONS.append(time.perf_counter() - _collection_start)
 
 
+def steal_time() -> float:
+    """Seconds the hypervisor has run something else on this machine's CPUs (Linux;
+    0 elsewhere)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 async def lag_during(work: Callable[[], Awaitable[None]]) -> list[float]:
     """Lateness (s) of each wake-up of a 1 ms sleeper while ``work`` runs."""
     lates: list[float] = []
@@ -232,7 +250,7 @@ def main() -> None:
     args = parser.parse_args()
     # In this order: on this VM, a scenario that keeps both workers busy right after
     # the payloads were freed saw the loop stall 20-33 ms, with or without offload's
-    # time slice (docs/benchmarks.md).
+    # time slice: the host taking back the memory freed (see the steal column).
     scenarios: dict[str, Callable[[], Awaitable[None]]] = {
         "start and stop": start_and_stop,
         "busy workers": busy_workers,
@@ -257,6 +275,7 @@ def main() -> None:
     gc.callbacks.append(_time_full_collections)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in scenarios}
     collections: dict[str, list[float]] = {name: [] for name in scenarios}
+    stolen = dict.fromkeys(scenarios, 0.0)
     for r in range(args.rounds):
         for name, work in scenarios.items():
             if name == FIRST_IMPORT_NAME:
@@ -265,7 +284,9 @@ def main() -> None:
             if work is payloads:
                 PAYLOADS[:] = [np.ones(8 * MB), b"\x01" * (64 * MB)]
             FULL_COLLECTIONS.clear()
+            steal = steal_time()
             lates = sorted(asyncio.run(lag_during(work)))
+            stolen[name] += steal_time() - steal
             collections[name] += FULL_COLLECTIONS
             if work is payloads:
                 PAYLOADS.clear()
@@ -275,9 +296,9 @@ def main() -> None:
     print(f"# event-loop lag, 1 ms sleeper, {args.rounds} rounds, {os.cpu_count()} CPUs\n")
     print(
         "| scenario | lag p99 ms (median) | lag max ms (median) | lag max ms (worst) "
-        "| full collections, all rounds (longest ms) |"
+        "| full collections, all rounds (longest ms) | steal ms, all rounds |"
     )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, rounds in results.items():
         p99 = statistics.median(p for p, _ in rounds) * 1e3
         worst = [m for _, m in rounds]
@@ -285,9 +306,10 @@ def main() -> None:
         full = "-" if name == FIRST_IMPORT_NAME else f"{len(seen)}"
         if seen:
             full += f" ({max(seen) * 1e3:.1f})"
+        steal_ms = "-" if name == FIRST_IMPORT_NAME else f"{stolen[name] * 1e3:.0f}"
         print(
             f"| {name} | {p99:.2f} | {statistics.median(worst) * 1e3:.2f} "
-            f"| {max(worst) * 1e3:.2f} | {full} |"
+            f"| {max(worst) * 1e3:.2f} | {full} | {steal_ms} |"
         )
 
 

@@ -228,7 +228,8 @@ def test_loop_benchmark_runs() -> None:
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
     assert set(rows) == set(scenarios), done.stdout
-    for name, (p99, median_max, worst, collections) in rows.items():
+    for name, (p99, median_max, worst, collections, steal) in rows.items():
         assert 0 <= float(p99) <= float(median_max) <= float(worst), name
         if name != "floor: first import of distributed":  # measured in a child
             assert int(collections.split()[0]) >= 0, name
+            assert float(steal) >= 0, name
