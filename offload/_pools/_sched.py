@@ -2,11 +2,11 @@
 
 A process is below the loop from its first instruction (:func:`start_below`), not from
 when the parent gets to it after ``Popen`` returns: an interpreter's start takes tens
-of milliseconds of CPU (a Dask cluster's host, seconds), and traced (``perf``, sched_switch)
-on the 2-vCPU VM, a worker still at the loop's priority held the CPU the loop's thread
-was waiting for 4-7 ms at a time. On Linux each of these is per thread and inherited,
-so it reaches every thread and child process the worker starts later (a Dask
-cluster's nannies and workers included).
+of milliseconds of CPU (a Dask cluster's host, seconds), and in ``perf`` traces of
+sched_switch events on the 2-vCPU VM, a process still at the loop's priority held the
+CPU the loop's thread was waiting for 4-7 ms at a time. On Linux each of these is per
+thread and inherited, so it reaches every thread and child process the worker starts
+later (a Dask cluster's nannies and workers included).
 
 - ``niceness`` lowers the worker's weight: when the loop's thread and a worker both
   want a CPU, the loop gets most of it.
@@ -106,7 +106,8 @@ def start_below(args: list[str], settings: PoolSettings, **popen: Any) -> subpro
 
 @functools.cache
 def _nice_command() -> str | None:
-    return shutil.which("nice")
+    # The system's, not whatever a PATH entry calls "nice".
+    return shutil.which("nice", path=os.defpath)
 
 
 def lower_priority(pid: int, settings: PoolSettings) -> None:
