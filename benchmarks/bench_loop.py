@@ -36,7 +36,19 @@ the payload scenario had freed hundreds of MB, which the guest hands back to the
 (Dask's) allocate memory.
 
 Per scenario and round: p99 and max of the sleeper's lateness; the table gives medians
-over rounds (max: the worst round). Run from the repository root::
+over rounds (max: the worst round). Where the time of a late wake-up went, from the
+sleep to the wake-up (1 ms + the lag), for the worst of all rounds:
+
+* ran: the loop's thread was on a CPU (``time.thread_time``), running callbacks, the
+  library's among them; time the hypervisor stole from it meanwhile counts here too;
+* waited for a CPU: it was runnable, and the scheduler ran something else (Linux:
+  ``run_delay`` in ``/proc/thread-self/schedstat``; 0 elsewhere);
+* slept: neither; in its selector (the 1 ms asked for), or waiting for the GIL.
+
+A column gives the most the loop's thread ran between two wake-ups, in any round: an
+upper bound on how long offload (or the benchmark) held the loop in one stretch.
+
+Run from the repository root::
 
     python benchmarks/bench_loop.py [--rounds 5]
 """
@@ -54,7 +66,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import anyio._backends._asyncio  # noqa: F401 (imported by any Starlette app already)
 import numpy as np
@@ -179,21 +191,19 @@ import bench_loop
 async def work():
     await asyncio.to_thread(__import__, "distributed")
 
-lates = sorted(asyncio.run(bench_loop.lag_during(work)))
-print(lates[int(0.99 * (len(lates) - 1))], lates[-1])
+print(*bench_loop.summarize(asyncio.run(bench_loop.lag_during(work))).numbers())
 """
 
 
-def first_import() -> tuple[float, float]:
-    """p99 and max lateness (s) while a fresh process imports distributed in a thread."""
+def first_import() -> Round:
+    """The sleeper's round while a fresh process imports distributed in a thread."""
     done = subprocess.run(
         [sys.executable, "-c", FIRST_IMPORT, str(Path(__file__).resolve().parent)],
         capture_output=True,
         text=True,
         check=True,
     )
-    p99, worst = done.stdout.split()
-    return float(p99), float(worst)
+    return Round.parse(done.stdout)
 
 
 #: how long each full garbage collection took (s), while a scenario runs
@@ -222,16 +232,77 @@ def steal_time() -> float:
     return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
 
 
-async def lag_during(work: Callable[[], Awaitable[None]]) -> list[float]:
-    """Lateness (s) of each wake-up of a 1 ms sleeper while ``work`` runs."""
-    lates: list[float] = []
+class Wakeup(NamedTuple):
+    """One wake-up of the sleeper, in seconds."""
+
+    late: float  #: after the time it asked for
+    #: from its sleep to its wake-up (1 ms + late), the loop's thread was on a CPU
+    #: (callbacks, offload's and ours; time stolen by the hypervisor meanwhile too)
+    ran: float
+    #: ... and runnable, without a CPU (0 where not Linux); else it slept: in its
+    #: selector, or waiting for the GIL
+    waited: float
+
+
+class Round(NamedTuple):
+    """What a table row takes from one round of a scenario, in seconds."""
+
+    p99: float  #: of the lateness
+    worst: Wakeup  #: the latest wake-up
+    longest_run: float  #: the most the loop's thread ran between two wake-ups
+
+    def numbers(self) -> tuple[float, ...]:
+        return (self.p99, *self.worst, self.longest_run)
+
+    @classmethod
+    def parse(cls, text: str) -> Round:
+        p99, late, ran, waited, longest_run = map(float, text.split())
+        return cls(p99, Wakeup(late, ran, waited), longest_run)
+
+
+def summarize(wakeups: list[Wakeup]) -> Round:
+    lates = sorted(w.late for w in wakeups)
+    return Round(
+        lates[int(0.99 * (len(lates) - 1))],
+        max(wakeups, key=lambda w: w.late),
+        max(w.ran for w in wakeups),
+    )
+
+
+class _ThreadClock:
+    """CPU time and run-queue wait of the calling thread, in seconds. The wait is the
+    kernel's schedstat (0 where there is none); the CPU time is not taken from it too,
+    as schedstat's is only brought up to date at the scheduler's ticks."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def read(self) -> tuple[float, float]:
+        waited = 0 if self._fd is None else int(os.pread(self._fd, 100, 0).split()[1])
+        return time.thread_time(), waited / 1e9
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+async def lag_during(work: Callable[[], Awaitable[None]]) -> list[Wakeup]:
+    """Each wake-up of a 1 ms sleeper while ``work`` runs."""
+    wakeups: list[Wakeup] = []
     done = asyncio.Event()
+    clock = _ThreadClock()
 
     async def sleeper() -> None:
         while not done.is_set():
+            ran, waited = clock.read()
             asked = time.perf_counter() + 0.001
             await asyncio.sleep(0.001)
-            lates.append(time.perf_counter() - asked)
+            late = time.perf_counter() - asked
+            ran_after, waited_after = clock.read()
+            wakeups.append(Wakeup(late, ran_after - ran, waited_after - waited))
 
     task = asyncio.create_task(sleeper())
     await asyncio.sleep(0.01)
@@ -240,7 +311,8 @@ async def lag_during(work: Callable[[], Awaitable[None]]) -> list[float]:
     finally:
         done.set()
         await task
-    return lates
+        clock.close()
+    return wakeups
 
 
 def main() -> None:
@@ -273,7 +345,7 @@ def main() -> None:
     gc.collect()
     gc.freeze()  # see the docstring
     gc.callbacks.append(_time_full_collections)
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in scenarios}
+    results: dict[str, list[Round]] = {name: [] for name in scenarios}
     collections: dict[str, list[float]] = {name: [] for name in scenarios}
     stolen = dict.fromkeys(scenarios, 0.0)
     for r in range(args.rounds):
@@ -285,31 +357,37 @@ def main() -> None:
                 PAYLOADS[:] = [np.ones(8 * MB), b"\x01" * (64 * MB)]
             FULL_COLLECTIONS.clear()
             steal = steal_time()
-            lates = sorted(asyncio.run(lag_during(work)))
+            wakeups = asyncio.run(lag_during(work))
             stolen[name] += steal_time() - steal
             collections[name] += FULL_COLLECTIONS
             if work is payloads:
                 PAYLOADS.clear()
                 KEPT.clear()
-            results[name].append((lates[int(0.99 * (len(lates) - 1))], lates[-1]))
+            results[name].append(summarize(wakeups))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     print(f"# event-loop lag, 1 ms sleeper, {args.rounds} rounds, {os.cpu_count()} CPUs\n")
     print(
         "| scenario | lag p99 ms (median) | lag max ms (median) | lag max ms (worst) "
+        "| the worst's 1 ms + lag: ran + waited for a CPU + slept, ms "
+        "| loop's thread ran between two wake-ups, longest ms "
         "| full collections, all rounds (longest ms) | steal ms, all rounds |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rounds in results.items():
-        p99 = statistics.median(p for p, _ in rounds) * 1e3
-        worst = [m for _, m in rounds]
+        p99 = statistics.median(r.p99 for r in rounds) * 1e3
+        maxes = [r.worst.late * 1e3 for r in rounds]
+        late, ran, waited = max((r.worst for r in rounds), key=lambda w: w.late)
+        slept = 0.001 + late - ran - waited
+        parts = f"{ran * 1e3:.2f} + {waited * 1e3:.2f} + {slept * 1e3:.2f}"
+        longest_run = max(r.longest_run for r in rounds) * 1e3
         seen = collections[name]
         full = "-" if name == FIRST_IMPORT_NAME else f"{len(seen)}"
         if seen:
             full += f" ({max(seen) * 1e3:.1f})"
         steal_ms = "-" if name == FIRST_IMPORT_NAME else f"{stolen[name] * 1e3:.0f}"
         print(
-            f"| {name} | {p99:.2f} | {statistics.median(worst) * 1e3:.2f} "
-            f"| {max(worst) * 1e3:.2f} | {full} | {steal_ms} |"
+            f"| {name} | {p99:.2f} | {statistics.median(maxes):.2f} | {max(maxes):.2f} "
+            f"| {parts} | {longest_run:.2f} | {full} | {steal_ms} |"
         )
 
 

@@ -228,8 +228,12 @@ def test_loop_benchmark_runs() -> None:
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
     assert set(rows) == set(scenarios), done.stdout
-    for name, (p99, median_max, worst, collections, steal) in rows.items():
+    for name, (p99, median_max, worst, parts, longest_run, collections, steal) in rows.items():
         assert 0 <= float(p99) <= float(median_max) <= float(worst), name
+        ran, waited, slept = (float(part) for part in parts.split(" + "))
+        # the worst wake-up's 1 ms + lag, whole: on a CPU, waiting for one, or asleep
+        assert ran + waited + slept == pytest.approx(1 + float(worst), abs=0.02), name
+        assert 0 <= ran <= float(longest_run), name
         if name != "floor: first import of distributed":  # measured in a child
             assert int(collections.split()[0]) >= 0, name
             assert float(steal) >= 0, name
