@@ -18,7 +18,10 @@ Metrics, each labelled with ``pool``:
 and, without a ``pool`` label, from the Offloader's lag probe:
 
 - ``offload_event_loop_lag_seconds{quantile=...}``: how late the event loop ran a
-  timer, recently (quantiles 0.5, 0.9, 0.99 and 1, the max).
+  timer, recently (quantiles 0.5, 0.9, 0.99 and 1, the max);
+- ``offload_event_loop_busy_ratio``: the fraction of that time the loop's thread ran
+  on a CPU;
+- ``offload_event_loop_cpu_wait_ratio``: the fraction it waited for a CPU (Linux).
 """
 
 from __future__ import annotations
@@ -83,6 +86,24 @@ class OffloadCollector(Collector):
             ):
                 assert value is not None
                 lag.add_metric((quantile,), value)
+        shares: list[Metric] = []
+        if loop is not None and loop.busy is not None:
+            shares.append(
+                GaugeMetricFamily(
+                    "offload_event_loop_busy_ratio",
+                    "Fraction of the lag probe's recent time the event loop's thread ran on a CPU.",
+                    value=loop.busy,
+                )
+            )
+        if loop is not None and loop.cpu_wait is not None:
+            shares.append(
+                GaugeMetricFamily(
+                    "offload_event_loop_cpu_wait_ratio",
+                    "Fraction of the lag probe's recent time the event loop's thread was "
+                    "ready to run and had no CPU.",
+                    value=loop.cpu_wait,
+                )
+            )
         calls = CounterMetricFamily(
             "offload_calls", "Calls that ended, by outcome.", labels=("pool", "outcome")
         )
@@ -115,4 +136,4 @@ class OffloadCollector(Collector):
             ):
                 if value is not None:
                     latency.add_metric((name, quantile), value)
-        yield from (calls, recycled, workers, busy, queued, latency, lag)
+        yield from (calls, recycled, workers, busy, queued, latency, lag, *shares)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -50,6 +56,70 @@ async def test_a_stall_of_the_loop_shows_as_lag() -> None:
     assert after.lag_p50 is not None
     assert after.lag_p90 is not None
     assert after.lag_p50 <= after.lag_p90 <= after.lag_max
+    # A sleep holds the loop's thread off the CPU: neither busy nor waiting for one.
+    assert after.busy is not None
+    assert after.busy < 0.5
+    assert after.cpu_wait is None or after.cpu_wait < 0.5
+
+
+def spin(seconds: float) -> None:
+    """Run on this thread's CPU for ``seconds`` of its CPU time."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+async def test_code_on_the_loop_shows_as_busy() -> None:
+    started = time.monotonic()
+    async with Offloader(fast()) as ex:
+        before = await samples(ex.offloader, 3)
+        spin(0.3)  # the point: compute on the loop's thread
+        after = await samples(ex.offloader, before.samples + 1)
+    elapsed = time.monotonic() - started  # more than the time the probe's figures span
+    assert after.lag_max is not None
+    assert after.lag_max >= 0.25
+    assert after.busy is not None
+    assert 0.3 / elapsed <= after.busy <= 1.0
+
+
+SCHEDSTAT = Path("/proc/thread-self/schedstat")
+
+
+@contextmanager
+def sharing_one_cpu() -> Iterator[None]:
+    """This thread and a process that computes without end, on one CPU."""
+    cpu = min(os.sched_getaffinity(0))
+    allowed = os.sched_getaffinity(0)
+    with subprocess.Popen(
+        [sys.executable, "-c", "print('ready', flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+    ) as rival:
+        try:
+            os.sched_setaffinity(rival.pid, {cpu})
+            os.sched_setaffinity(0, {cpu})  # 0: the calling thread, here the loop's
+            assert rival.stdout is not None
+            assert rival.stdout.readline() == b"ready\n"
+            yield
+        finally:
+            os.sched_setaffinity(0, allowed)
+            rival.kill()
+
+
+@pytest.mark.skipif(not SCHEDSTAT.exists(), reason="the kernel does not count CPU waits")
+async def test_a_loop_without_a_cpu_shows_as_cpu_wait() -> None:
+    started = time.monotonic()
+    async with Offloader(fast()) as ex:
+        before = await samples(ex.offloader, 3)
+        assert before.cpu_wait is not None
+        assert before.cpu_wait < 0.5
+        with sharing_one_cpu():
+            # Both want the one CPU all along: the loop's thread gets about half of
+            # the time, and waits for the CPU the other half.
+            spin(0.3)
+            after = await samples(ex.offloader, before.samples + 1)
+    elapsed = time.monotonic() - started
+    assert after.cpu_wait is not None
+    assert after.cpu_wait >= 0.1 / elapsed
 
 
 async def test_stats_is_still_a_mapping_of_pools() -> None:
@@ -66,7 +136,9 @@ async def test_the_probe_can_be_turned_off() -> None:
         assert ex.offloader.stats().loop is None
         registry = CollectorRegistry()
         registry.register(OffloadCollector(ex.offloader))
-        assert "offload_event_loop_lag_seconds{" not in generate_latest(registry).decode()
+        text = generate_latest(registry).decode()
+    assert "offload_event_loop_lag_seconds{" not in text
+    assert "offload_event_loop_busy_ratio" not in text
 
 
 async def test_prometheus_exports_the_lag() -> None:
@@ -77,6 +149,8 @@ async def test_prometheus_exports_the_lag() -> None:
         text = generate_latest(registry).decode()
     for quantile in ("0.5", "0.9", "0.99", "1"):
         assert f'offload_event_loop_lag_seconds{{quantile="{quantile}"}}' in text
+    assert "\noffload_event_loop_busy_ratio " in text
+    assert ("\noffload_event_loop_cpu_wait_ratio " in text) == SCHEDSTAT.exists()
 
 
 def test_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
