@@ -50,7 +50,10 @@ upper bound on how long offload (or the benchmark) held the loop in one stretch.
 
 Run from the repository root::
 
-    python benchmarks/bench_loop.py [--rounds 5]
+    python benchmarks/bench_loop.py [--rounds 5] [--only SCENARIO ...] [--idle-priority]
+
+``--idle-priority`` runs the offload scenarios with ``idle_priority=True``: their
+workers (and a Dask cluster's processes) under ``SCHED_IDLE``.
 """
 
 from __future__ import annotations
@@ -96,16 +99,20 @@ def echo(value: object) -> object:
     return value
 
 
-def settings(**pools: PoolSettingsDict) -> OffloadSettings:
-    return OffloadSettings(
-        process={"max_workers": 2}, thread={"max_workers": 2}, pools=pools, lag_probe=False
+def settings(idle_priority: bool = False) -> tuple[OffloadSettings, OffloadSettings]:
+    """The offload scenarios' settings, and the dask scenario's."""
+    process: PoolSettingsDict = {"max_workers": 2, "idle_priority": idle_priority}
+    dask: PoolSettingsDict = {"kind": "dask", "max_workers": 2, "idle_priority": idle_priority}
+    thread: PoolSettingsDict = {"max_workers": 2}
+    return (
+        OffloadSettings(process=process, thread=thread, lag_probe=False),
+        OffloadSettings(process=process, thread=thread, lag_probe=False, pools={"d": dask}),
     )
 
 
 # Made once, before the measurements, as an application makes its settings at start:
 # building them reads the environment and the .env file, 2-3 ms of the loop's thread.
-SETTINGS = settings()
-DASK_SETTINGS = settings(d={"kind": "dask", "max_workers": 2})
+SETTINGS, DASK_SETTINGS = settings()
 
 
 async def start_and_stop() -> None:
@@ -319,7 +326,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only", nargs="+", help="scenarios to run, by name")
+    parser.add_argument(
+        "--idle-priority",
+        action="store_true",
+        help="workers and the embedded Dask cluster under SCHED_IDLE (idle_priority=True)",
+    )
     args = parser.parse_args()
+    global SETTINGS, DASK_SETTINGS
+    SETTINGS, DASK_SETTINGS = settings(args.idle_priority)
     # In this order: on this VM, a scenario that keeps both workers busy right after
     # the payloads were freed saw the loop stall 20-33 ms, with or without offload's
     # time slice: the host taking back the memory freed (see the steal column).
@@ -365,7 +379,8 @@ def main() -> None:
                 KEPT.clear()
             results[name].append(summarize(wakeups))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-    print(f"# event-loop lag, 1 ms sleeper, {args.rounds} rounds, {os.cpu_count()} CPUs\n")
+    below = ", workers under SCHED_IDLE" if args.idle_priority else ""
+    print(f"# event-loop lag, 1 ms sleeper, {args.rounds} rounds, {os.cpu_count()} CPUs{below}\n")
     print(
         "| scenario | lag p99 ms (median) | lag max ms (median) | lag max ms (worst) "
         "| the worst's 1 ms + lag: ran + waited for a CPU + slept, ms "
