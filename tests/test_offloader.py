@@ -33,21 +33,25 @@ async def test_body_exception_propagates_unwrapped(settings: OffloadSettings) ->
     assert not children()
 
 
-async def test_cancelled_body_stops_pools_without_waiting(settings: OffloadSettings) -> None:
+async def test_cancelled_body_stops_pools_without_waiting(
+    settings: OffloadSettings, tmp_path: Path
+) -> None:
+    assert settings.shutdown_timeout == 5  # what a cancelled body must not wait for
     offloader = Offloader(settings)
-    started = anyio.Event()
+    pidfile = tmp_path / "pid"
 
     async def body() -> None:
         async with offloader as ex:
-            started.set()
-            await ex.run(funcs.sleep_then, 30, None)
+            await ex.run(funcs.write_pid_then_sleep, str(pidfile), 30)
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(body)
-            await started.wait()
-            await anyio.sleep(0.2)  # let the call reach its worker
+            while not pidfile.exists():  # the call has reached its worker
+                await anyio.sleep(0.01)
+            cancelled = anyio.current_time()
             tg.cancel_scope.cancel()
+    assert anyio.current_time() - cancelled < 2
     assert not offloader.running
     assert not children()
     with pytest.raises(PoolClosed):

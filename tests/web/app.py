@@ -70,6 +70,13 @@ async def spin(seconds: float, ex: Executor = Depends(get_executor)) -> dict[str
     return {"result": await ex.run(funcs.spin, seconds)}
 
 
+@app.get("/sleep-then-touch/{seconds}")
+async def sleep_then_touch(
+    seconds: float, path: str, ex: Executor = Depends(get_executor)
+) -> dict[str, Any]:
+    return {"result": await ex.run(funcs.sleep_then_touch, seconds, path)}
+
+
 @app.get("/timeout")
 async def timeout(ex: Executor = Depends(get_executor)) -> None:
     await ex.options(timeout=0.2).run(funcs.sleep_then, 5, None)

@@ -7,7 +7,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 import psutil
@@ -114,12 +114,18 @@ def test_calls_of_connected_clients_are_untouched(any_server: Server) -> None:
     assert response.json() == {"result": "slept"}
 
 
-def test_switched_off_in_settings() -> None:
+def test_switched_off_in_settings(tmp_path: Path) -> None:
     server = start_server("uvicorn", {"TEST_NO_CANCEL": "1"})
     try:
-        send_and_drop(server, b"GET /spin/1.5 HTTP/1.1\r\nHost: test\r\n\r\n")
-        time.sleep(0.5)
-        assert busy(server) == 1  # still running: nobody cancelled it
+        before = server.worker_pids()
+        marker = tmp_path / "done"
+        target = f"/sleep-then-touch/1?path={quote(str(marker))}"
+        send_and_drop(server, f"GET {target} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        deadline = time.monotonic() + 10
+        while not marker.exists():  # the call ran to its end: nobody cancelled it
+            assert time.monotonic() < deadline, "the call of a client that left was cancelled"
+            time.sleep(0.05)
+        assert server.worker_pids() == before  # and no worker was killed
     finally:
         pids = server.worker_pids()
         server.stop()
