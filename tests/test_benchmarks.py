@@ -123,19 +123,27 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
     """A loop blocked for 50 ms shows as 50 ms late, even if the probe never woke in between."""
     lag_probe = _lagprobe().LagProbe
 
+    async def wake_ups(probe: Any, at_least: int) -> None:
+        """Until ``probe`` has woken ``at_least`` times (within 5 s)."""
+        deadline = time.monotonic() + 5
+        while len(probe.lateness) < at_least:
+            assert time.monotonic() < deadline, "the probe stopped waking up"
+            await asyncio.sleep(0.001)
+
     async def main() -> list[dict[str, float]]:
         async with lag_probe() as idle:
-            await asyncio.sleep(0.05)
+            await wake_ups(idle, 5)
         async with lag_probe() as blocked:
             time.sleep(0.05)  # the whole block: the probe cannot run before it ends
         async with lag_probe() as stalled:
-            await asyncio.sleep(0.01)
+            await wake_ups(stalled, 1)
             time.sleep(0.05)
-            await asyncio.sleep(0.01)
+            await wake_ups(stalled, 3)  # the late one, and one after it
         return [idle.summary(), blocked.summary(), stalled.summary()]
 
     idle, blocked, stalled = asyncio.run(main())
     assert idle["lag_samples"] >= 5
+    assert idle["lag_max_ms"] < 49
     assert blocked["lag_max_ms"] >= 49
     assert stalled["lag_max_ms"] >= 49
     assert stalled["lag_samples"] >= 3
