@@ -116,9 +116,12 @@ class PoolSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind_options(self) -> PoolSettings:
+        self._refuse_what_the_kind_cannot_do()
+        return self
+
+    def _refuse_what_the_kind_cannot_do(self) -> None:
         if self.hard_cancel and self.kind == "thread":
             raise ValueError("hard_cancel: a thread cannot be stopped; use kind process or dask")
-        return self
 
     @field_validator("initializer")
     @classmethod
@@ -262,7 +265,12 @@ class OffloadSettings(BaseSettings):
         for name in BUILTIN_POOLS:
             pool: PoolSettings = getattr(self, name)
             if pool.kind is None:
-                object.__setattr__(self, name, pool.model_copy(update={"kind": name}))
+                pool = pool.model_copy(update={"kind": name})
+                try:
+                    pool._refuse_what_the_kind_cannot_do()  # model_copy does not validate
+                except ValueError as exc:
+                    raise ValueError(f"{name}.{exc}") from None
+                object.__setattr__(self, name, pool)
             elif pool.kind != name:
                 raise ValueError(f"{name}.kind must be {name!r} (or unset), not {pool.kind!r}")
         for pool_name, pool in self.pools.items():

@@ -24,7 +24,8 @@ class PoolStats:
     Counts are totals since the pool started: a call ends ``completed``, ``failed``
     (it raised, or would not pickle), ``timed_out``, ``cancelled`` (by its caller),
     ``crashed`` (its worker died) or ``rejected`` (``PoolOverloaded``);
-    ``recycled`` counts workers replaced after ``max_tasks_per_worker`` calls.
+    ``recycled`` counts workers replaced on purpose: after ``max_tasks_per_worker``
+    calls, past ``max_memory_per_worker``, or (kind dask) restarted by ``hard_cancel``.
     Latencies (seconds, from the call to its outcome, queue wait included) cover the
     last 1024 calls.
     """

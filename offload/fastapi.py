@@ -13,8 +13,9 @@
     async def route(data: bytes, executor: Executor = Depends(get_executor)):
         return await executor.run(resize, data, 256)
 
-This is the only module that imports FastAPI or Starlette; ``import offload`` loads
-it only when one of its names is used.
+This is the only module of the library that imports FastAPI or Starlette (the demo's
+app, ``_demo_app.py``, is an application of it); ``import offload`` loads it only when
+one of its names is used.
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@
     from prometheus_client import REGISTRY
     from offload.prometheus import OffloadCollector
 
-    REGISTRY.register(OffloadCollector())     # the active Offloader, at each scrape
+    REGISTRY.register(OffloadCollector())     # the newest Offloader, at each scrape
 
 Metrics, each labelled with ``pool``:
 
 - ``offload_calls_total{outcome=...}``: calls that ended, by outcome (completed,
   failed, timed_out, cancelled, crashed, rejected);
-- ``offload_workers_recycled_total``: workers replaced after their limits;
+- ``offload_workers_recycled_total``: workers replaced on purpose (limits, ``hard_cancel``);
 - ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
 - ``offload_call_latency_seconds{quantile=...}``: recent call latencies;
 
@@ -49,7 +49,7 @@ class OffloadCollector(Collector):
     :param offloader: the Offloader to report on; by default the one returned by
         ``get_offloader`` at scrape time
     :param get_offloader: how to find it when ``offloader`` is not given; default:
-        every Offloader running in this process, newest last
+        the running Offloader that started last in this process
     """
 
     def __init__(
@@ -108,7 +108,9 @@ class OffloadCollector(Collector):
             "offload_calls", "Calls that ended, by outcome.", labels=("pool", "outcome")
         )
         recycled = CounterMetricFamily(
-            "offload_workers_recycled", "Workers replaced after their limits.", labels=("pool",)
+            "offload_workers_recycled",
+            "Workers replaced on purpose: past their limits, or by hard_cancel.",
+            labels=("pool",),
         )
         workers = GaugeMetricFamily("offload_workers", "Workers ready.", labels=("pool",))
         busy = GaugeMetricFamily(

@@ -230,6 +230,14 @@ def test_invalid_field_value(kwargs: dict[str, Any], field: str) -> None:
         pytest.param({"process": {"kind": "thread"}}, ["process.kind"], id="process-kind-thread"),
         pytest.param({"thread": {"kind": "process"}}, ["thread.kind"], id="thread-kind-process"),
         pytest.param({"default_pool": "gpu"}, ["default_pool", "gpu"], id="default-pool-missing"),
+        pytest.param(
+            {"thread": {"hard_cancel": True}}, ["thread.hard_cancel"], id="thread-hard-cancel"
+        ),
+        pytest.param(
+            {"pools": {"io": {"kind": "thread", "hard_cancel": True}}},
+            ["pools.io", "hard_cancel"],
+            id="named-thread-hard-cancel",
+        ),
     ],
 )
 def test_invalid_combination(kwargs: dict[str, Any], words: list[str]) -> None:

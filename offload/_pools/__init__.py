@@ -21,14 +21,8 @@ _KINDS = {
 
 
 def pool_class(kind: str) -> type[Pool]:
-    """The pool class of ``kind``.
-
-    :raises NotImplementedError: for a kind this version cannot run
-    """
-    try:
-        module_name, attr = _KINDS[kind]
-    except KeyError:
-        raise NotImplementedError(f"pools of kind {kind!r} are not available yet") from None
+    """The pool class of ``kind`` (one of the settings' validated kinds)."""
+    module_name, attr = _KINDS[kind]
     module = import_module(module_name)
     cls: type[Pool] = getattr(module, attr)
     return cls

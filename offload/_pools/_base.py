@@ -62,7 +62,7 @@ class Pool(ABC):
     @classmethod  # noqa: B027 (an optional hook)
     def prepare(cls) -> None:
         """Once per process before a pool of this kind starts, in a thread: the slow,
-        one-off setup that must not hold the event loop. (Most kinds need none.)"""
+        one-off setup that must not hold the event loop. (The thread kind needs none.)"""
 
     @abstractmethod
     async def start(self) -> None:

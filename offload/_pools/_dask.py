@@ -210,7 +210,6 @@ class DaskPool(Pool):
         self._client: Any = None
         # The embedded cluster's host process; None for an external cluster.
         self._host: subprocess.Popen[bytes] | None = None
-        self._address: str | None = None
         self._calls: set[_InFlight] = set()
         self._capacity = self.max_workers + settings.max_pending
 
@@ -255,7 +254,6 @@ class DaskPool(Pool):
                     set_as_default=False,
                     timeout=CONNECT_TIMEOUT,
                 )
-                self._address = address
                 await self._check_cluster()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):

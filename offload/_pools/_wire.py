@@ -73,7 +73,7 @@ __all__ = (
 )
 
 # A worker answers every frame with (status, value):
-OK = 0  # value: the result (or, at start, the worker's pid)
+OK = 0  # value: the result (or, at start, the worker's pid and its probe's address)
 RAISED = 1  # value: (pickled exception, formatted traceback)
 RAISED_UNPICKLABLE = 2  # value: (exception type name, message, formatted traceback)
 BAD_REQUEST = 3  # value: traceback of unpickling the call
