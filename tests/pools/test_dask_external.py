@@ -28,6 +28,7 @@ from offload._pools._dask import DaskPool
 
 from .. import funcs
 from ..conftest import children
+from .test_process_faults import gone
 
 ROOT = Path(__file__).resolve().parents[2]
 #: seconds the scheduler and workers get to come up
@@ -168,7 +169,7 @@ async def test_honours_dask_scheduler_address(
 async def test_hard_cancel_restarts_the_remote_worker(
     scheduler_address: str, tmp_path: Path
 ) -> None:
-    marker = tmp_path / "ran"
+    pidfile = tmp_path / "pid"
     async with Offloader(settings(scheduler_address, hard_cancel=True)) as ex:
         remote = ex.pool("remote")
         pool = ex.offloader.get_pool("remote")
@@ -176,13 +177,14 @@ async def test_hard_cancel_restarts_the_remote_worker(
         with anyio.fail_after(BOOT):
             await pool._client.wait_for_workers(2)
         with pytest.raises(OffloadTimeout):
-            await remote.options(timeout=1.0).run(funcs.sleep_then_touch, 4, str(marker))
+            await remote.options(timeout=1.0).run(funcs.write_pid_then_sleep, str(pidfile), 60)
+        running = int(pidfile.read_text())  # the worker process that ran the task
         with anyio.fail_after(BOOT):
+            while not gone(running):  # it must not run to its end, 60 s later
+                await anyio.sleep(0.05)
             while not remote.stats().recycled:
                 await anyio.sleep(0.05)
             await pool._client.wait_for_workers(2)
-        await anyio.sleep(3.5)  # past the moment the task would have finished
-        assert not marker.exists(), "the task ran to its end: its worker was not restarted"
         assert await remote.run(funcs.add, 1, 2) == 3
 
 
