@@ -262,8 +262,14 @@ async def test_no_descriptor_leaks_from_large_frames() -> None:
         for _ in range(5):
             await pool.run(funcs.make_bytes, 2 * MB)
             await pool.run(funcs.echo, np.ones(MB // 2))
-        with anyio.move_on_after(0.001):  # cancelled mid-call: the frame is dropped
-            await pool.run(funcs.make_bytes, 64 * MB)
+        cancelled = pool.stats().cancelled
+        async with anyio.create_task_group() as tg:  # cancelled mid-call: the frame is dropped
+            tg.start_soon(pool.run, funcs.make_bytes, 64 * MB)
+            with anyio.fail_after(5):
+                while not pool.stats().busy:  # the call has reached its worker
+                    await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+        assert pool.stats().cancelled == cancelled + 1
         await pool.run(funcs.add, 1, 1)
         after = len(os.listdir("/proc/self/fd"))
     assert after <= before + 1  # +1: a replacement's pidfd may be open, not more
