@@ -10,8 +10,10 @@ route calling it), ``thread`` (``anyio.to_thread.run_sync``) and ``process``
 phase first measures ``/ping`` alone.
 
 It prints a Markdown table: per mode, the latency of ``/ping`` (what every other
-request of the server waits), and the work's throughput against the ideal (CPUs
-divided by the time one task takes alone); and it draws the distributions of the
+request of the server waits), how the server's event-loop thread spent the time (on
+Linux: running, or ready to run without a CPU; what ``Offloader.stats().loop`` reports
+as ``busy`` and ``cpu_wait`` inside an app), and the work's throughput against the
+ideal (CPUs divided by the time one task takes alone); and it draws the distributions of the
 ``/ping`` latencies to a PNG (``--chart``). Ctrl-C stops it, its children with it.
 Needs ``pip install 'offload[demo]'`` (FastAPI, uvicorn, matplotlib).
 """
@@ -107,6 +109,9 @@ class Phase:
     ping_ms: list[float] = field(default_factory=list)
     done: int = 0
     errors: int = 0
+    #: shares of the phase the server's loop thread ran, and waited for a CPU (Linux)
+    loop_busy: float | None = None
+    loop_cpu_wait: float | None = None
 
     def ping(self, q: float) -> float:
         """The ``q`` quantile (nearest rank) of the /ping latencies, in ms."""
@@ -119,6 +124,23 @@ class Phase:
     def rate(self) -> float:
         """Work requests answered per second."""
         return self.done / self.seconds
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.0f}%"
+
+
+def loop_clock(pid: int) -> tuple[float, float] | None:
+    """Seconds the main thread of process ``pid`` (uvicorn's event loop) has run, and
+    waited for a CPU, from the kernel's scheduler statistics; None where there are none.
+    The run time is brought up to date at each scheduler tick: exact enough over a
+    phase of seconds."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            ran, waited, _ = stat.read().split()
+    except (OSError, ValueError):
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
 
 
 def render_table(
@@ -140,16 +162,18 @@ def render_table(
         f"offload demo: {cpus} CPUs, {args.concurrency} clients, {args.duration:g} s per mode, "
         f"one task = {steps:,} steps = {single * 1000:.1f} ms alone",
         "",
-        "| mode | /ping p50 (ms) | /ping p99 (ms) | work req/s | % of ideal |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| mode | /ping p50 (ms) | /ping p99 (ms) | loop busy | loop waiting for a CPU "
+        "| work req/s | % of ideal |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, phase in phases.items():
         p50, p99 = phase.ping(0.50), phase.ping(0.99)
+        loop = f"{_percent(phase.loop_busy)} | {_percent(phase.loop_cpu_wait)}"
         if name == "idle":
-            lines.append(f"| idle (no work) | {p50:.1f} | {p99:.1f} | - | - |")
+            lines.append(f"| idle (no work) | {p50:.1f} | {p99:.1f} | {loop} | - | - |")
         else:
             lines.append(
-                f"| {name} | {p50:.1f} | {p99:.1f} | {phase.rate:.1f} "
+                f"| {name} | {p50:.1f} | {p99:.1f} | {loop} | {phase.rate:.1f} "
                 f"| {100 * phase.rate / ideal:.0f}% |"
             )
     lines.append("")
@@ -159,6 +183,12 @@ def render_table(
     lines.append(f"- ideal: {cpus} CPUs / {single * 1000:.1f} ms per task = {ideal:.1f} req/s")
     lines.append(
         "- /ping: requested every 10 ms by one more client; latency = what any request waits"
+    )
+    lines.append(
+        "- loop busy, waiting for a CPU: shares of the time the server's event-loop thread "
+        "ran, and was ready to run with no CPU free (Linux); a slow /ping with neither: "
+        "the loop waited for the GIL. In your app, Offloader.stats().loop reports both "
+        "(busy, cpu_wait)"
     )
     # Blocking runs one task at a time: faster than 1 / single means the CPU sped up.
     blocking = phases.get("blocking")
@@ -471,8 +501,9 @@ def drive(
         stdout=subprocess.PIPE,
     )
     phases: dict[str, Phase] = {}
+    clocks: dict[str, tuple[float, tuple[float, float] | None]] = {}
     for record in load_records(load, {"": server}, progress):
-        _handle(record, phases, progress)
+        _handle(record, phases, progress, server.pid, clocks)
     if load.wait() != 0:
         raise DemoError(f"the load process failed (exit code {load.returncode})")
     return phases
@@ -510,17 +541,32 @@ def load_records(
     load.stdout.close()
 
 
-def _handle(record: dict[str, Any], phases: dict[str, Phase], progress: Progress) -> None:
+def _handle(
+    record: dict[str, Any],
+    phases: dict[str, Phase],
+    progress: Progress,
+    server: int,
+    clocks: dict[str, tuple[float, tuple[float, float] | None]],
+) -> None:
+    """Take one record of the load process; ``clocks`` keeps, per phase, when its
+    window opened and the server's loop clock then."""
     if record["event"] == "start":
         progress.start(record["phase"], record["seconds"])
+        clocks[record["phase"]] = (time.monotonic(), loop_clock(server))
     elif record["event"] == "result":
-        phases[record["phase"]] = Phase(
+        phase = phases[record["phase"]] = Phase(
             record["phase"],
             record["seconds"],
             record["ping_ms"],
             record["done"],
             record["errors"],
         )
+        opened, before = clocks.get(record["phase"], (0.0, None))
+        after = loop_clock(server)
+        elapsed = time.monotonic() - opened
+        if before is not None and after is not None and elapsed > 0:
+            phase.loop_busy = min(1.0, (after[0] - before[0]) / elapsed)
+            phase.loop_cpu_wait = min(1.0, (after[1] - before[1]) / elapsed)
         progress.finish_phase()
 
 
