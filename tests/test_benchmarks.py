@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import time
@@ -245,3 +246,22 @@ def test_loop_benchmark_runs() -> None:
         if name != "floor: first import of distributed":  # measured in a child
             assert int(collections.split()[0]) >= 0, name
             assert float(steal) >= 0, name
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(120)
+def test_loop_benchmark_under_idle_priority() -> None:
+    """``--idle-priority`` runs the scenarios with their workers under SCHED_IDLE."""
+    done = subprocess.run(
+        [
+            *(sys.executable, "benchmarks/bench_loop.py", "--rounds", "1"),
+            *("--only", "start and stop", "--idle-priority"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "workers under SCHED_IDLE" in done.stdout.splitlines()[0]
+    assert re.search(r"^\| start and stop \| \d", done.stdout, re.M), done.stdout
