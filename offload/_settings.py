@@ -1,4 +1,5 @@
-"""Configuration: ``OffloadSettings`` (environment, ``.env``) and ``PoolSettings``."""
+"""Configuration: ``OffloadSettings`` (environment, a ``.env`` file on request) and
+``PoolSettings``."""
 
 from __future__ import annotations
 
@@ -19,9 +20,20 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_core import InitErrorDetails, PydanticCustomError, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+if TYPE_CHECKING:
+    from pydantic.fields import FieldInfo
 
 __all__ = ("Kind", "OffloadSettings", "PoolSettings", "PoolSettingsDict")
+
+ENV_PREFIX = "OFFLOAD_"
 
 Kind = Literal["thread", "process", "dask"]
 
@@ -105,6 +117,11 @@ class PoolSettings(BaseModel):
         default=None,
         description="kind dask: the scheduler's address (tcp://host:8786); unset: "
         "DASK_SCHEDULER_ADDRESS, else an embedded local cluster of max_workers processes",
+    )
+    start_timeout: PositiveFloat = Field(
+        default=60.0,
+        description="kind process: seconds a worker may take to start (interpreter, "
+        "imports, initializer); past that the pool's start fails with PoolStartError",
     )
     hard_cancel: bool = Field(
         default=False,
@@ -199,6 +216,7 @@ class PoolSettingsDict(TypedDict, total=False):
     niceness: int
     idle_priority: bool
     address: str | None
+    start_timeout: float
     hard_cancel: bool
 
 
@@ -206,13 +224,19 @@ class OffloadSettings(BaseSettings):
     """Settings of an :class:`~offload.Offloader`: its pools and its shutdown.
 
     Read from the environment with the prefix ``OFFLOAD_`` and ``__`` between
-    nested names (``OFFLOAD_PROCESS__TIMEOUT=10``), and from a ``.env`` file.
+    nested names (``OFFLOAD_PROCESS__TIMEOUT=10``). A ``.env`` file is read only when
+    the application names one: ``OffloadSettings(_env_file=".env")``.
+
+    :raises pydantic.ValidationError: a value is invalid, or a variable with the
+        prefix ``OFFLOAD_`` (in the environment or the file) sets no setting
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="OFFLOAD_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
-        env_file=".env",
+        # Never a file by default: whoever can write to the working directory would
+        # choose the pools, and an initializer can name any importable function.
+        env_file=None,
         extra="ignore",
         frozen=True,
     )
@@ -260,6 +284,18 @@ class OffloadSettings(BaseSettings):
             _env_file: str | None = ...,
         ) -> None: ...
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        check = _UnknownVariables(settings_cls, (env_settings, dotenv_settings))
+        return init_settings, check, env_settings, dotenv_settings, file_secret_settings
+
     @model_validator(mode="after")
     def _check_pools(self) -> OffloadSettings:
         for name in BUILTIN_POOLS:
@@ -288,3 +324,55 @@ class OffloadSettings(BaseSettings):
     def pool_settings(self) -> dict[str, PoolSettings]:
         """Every pool by name, the built-in ones first."""
         return {"thread": self.thread, "process": self.process, **self.pools}
+
+
+class _UnknownVariables(PydanticBaseSettingsSource):
+    """Refuses every ``OFFLOAD_`` variable that sets nothing, naming it: pydantic-settings
+    ignores a misspelled pool or setting (``OFFLOAD_PROCES__MAX_WORKERS=3``), and the
+    application would run with values it did not choose. Contributes no value."""
+
+    def __init__(
+        self, settings_cls: type[BaseSettings], sources: tuple[PydanticBaseSettingsSource, ...]
+    ) -> None:
+        super().__init__(settings_cls)
+        self._sources = [s for s in sources if isinstance(s, EnvSettingsSource)]
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        errors: list[InitErrorDetails] = []
+        seen: set[str] = set()
+        for source in self._sources:
+            for name, value in source.env_vars.items():
+                if name in seen or not name.upper().startswith(ENV_PREFIX):
+                    continue
+                seen.add(name)
+                if not _sets_a_setting(name[len(ENV_PREFIX) :].lower()):
+                    errors.append(
+                        InitErrorDetails(
+                            type=PydanticCustomError(
+                                "unknown_variable",
+                                "{name} is not an offload setting (a misspelled pool or "
+                                "field?); the variables are listed in docs/settings.md",
+                                {"name": name.upper()},
+                            ),
+                            loc=(name.upper(),),
+                            input=value,
+                        )
+                    )
+        if errors:
+            raise ValidationError.from_exception_data(self.settings_cls.__name__, errors)
+        return {}
+
+
+def _sets_a_setting(path: str) -> bool:
+    """Whether ``path`` (a variable's name after the prefix, lower case) names a
+    setting: a field, a pool field, a whole pool (JSON) or a named pool's field."""
+    head, *rest = path.split("__")
+    pool_fields = PoolSettings.model_fields
+    if head in BUILTIN_POOLS:
+        return not rest or (len(rest) == 1 and rest[0] in pool_fields)
+    if head == "pools":
+        return len(rest) <= 1 or (len(rest) == 2 and rest[1] in pool_fields)
+    return not rest and head in OffloadSettings.model_fields

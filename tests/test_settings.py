@@ -110,14 +110,25 @@ def test_environment_invalid_value_names_field(monkeypatch: pytest.MonkeyPatch) 
         OffloadSettings()
 
 
-def test_dotenv_file_is_honoured(clean_env: Path) -> None:
+def test_dotenv_file_is_not_read_unless_asked(clean_env: Path) -> None:
+    # Whoever can write to the working directory must not steer the pools (an
+    # initializer may name any importable function).
     (clean_env / ".env").write_text(
+        "OFFLOAD_PROCESS__MAX_WORKERS=3\nOFFLOAD_PROCESS__INITIALIZER=os:system\n"
+    )
+    s = OffloadSettings()
+    assert s.process.max_workers is None
+    assert s.process.initializer is None
+
+
+def test_dotenv_file_when_asked(clean_env: Path) -> None:
+    (clean_env / "offload.env").write_text(
         "OFFLOAD_PROCESS__MAX_WORKERS=3\n"
         "OFFLOAD_DEFAULT_POOL=ml\n"
         "OFFLOAD_POOLS__ML__KIND=thread\n"
         "OFFLOAD_POOLS__ML__MAX_WORKERS=5\n"
     )
-    s = OffloadSettings()
+    s = OffloadSettings(_env_file="offload.env")
     assert s.process.max_workers == 3
     assert s.default_pool == "ml"
     assert s.pools["ml"].kind == "thread"
@@ -127,17 +138,53 @@ def test_dotenv_file_is_honoured(clean_env: Path) -> None:
 def test_environment_beats_dotenv(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (clean_env / ".env").write_text("OFFLOAD_PROCESS__MAX_WORKERS=3\n")
     monkeypatch.setenv("OFFLOAD_PROCESS__MAX_WORKERS", "6")
-    assert OffloadSettings().process.max_workers == 6
+    assert OffloadSettings(_env_file=".env").process.max_workers == 6
 
 
-def test_no_dotenv_in_other_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / ".env").write_text("OFFLOAD_PROCESS__MAX_WORKERS=3\n")
-    # cwd (from clean_env) has no .env: the file elsewhere is not read
-    assert OffloadSettings().process.max_workers is None
-    monkeypatch.chdir(other)
-    assert OffloadSettings().process.max_workers == 3
+@pytest.mark.parametrize(
+    "name",
+    [
+        "OFFLOAD_PROCES__MAX_WORKERS",  # a misspelled pool
+        "OFFLOAD_PROCESS__MAX_WORKRS",  # a misspelled field
+        "OFFLOAD_POOLS__ML__MAX_WORKRS",
+        "OFFLOAD_SHUTDOWN_TIMOUT",
+        "offload_process__max_workrs",  # any case, as the variables that work
+        "OFFLOAD_PROCESS__MAX_WORKERS__X",
+        "OFFLOAD_POOLS__ML__KIND__X",
+    ],
+)
+def test_unknown_variable_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv("OFFLOAD_POOLS__ML__KIND", "process")
+    monkeypatch.setenv(name, "3")
+    with pytest.raises(pydantic.ValidationError) as info:
+        OffloadSettings()
+    assert name.upper() in str(info.value)
+    assert len(info.value.errors()) == 1
+
+
+def test_unknown_variable_in_dotenv_is_refused(clean_env: Path) -> None:
+    (clean_env / "offload.env").write_text("OFFLOAD_PROCES__MAX_WORKERS=3\n")
+    with pytest.raises(pydantic.ValidationError, match="OFFLOAD_PROCES__MAX_WORKERS"):
+        OffloadSettings(_env_file="offload.env")
+
+
+def test_every_known_variable_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OFFLOAD_POOLS__ML__KIND", "process")
+    monkeypatch.setenv("OFFLOAD_POOLS__ML__START_TIMEOUT", "5")
+    monkeypatch.setenv("OFFLOAD_POOLS__IO", '{"kind": "thread"}')
+    monkeypatch.setenv("OFFLOAD_THREAD", '{"max_workers": 3}')
+    monkeypatch.setenv("OFFLOAD_PROCESS__START_TIMEOUT", "7.5")
+    monkeypatch.setenv("OFFLOAD_LAG_PROBE", "false")
+    s = OffloadSettings()
+    assert s.process.start_timeout == 7.5
+    assert s.pools["ml"].start_timeout == 5
+    assert s.pools["io"].kind == "thread"
+    assert s.thread.max_workers == 3
+    assert s.lag_probe is False
+
+
+def test_start_timeout_default() -> None:
+    assert OffloadSettings().process.start_timeout == 60
 
 
 # -- in code --------------------------------------------------------------------------------
@@ -207,6 +254,7 @@ def _error_text(kwargs: dict[str, Any]) -> str:
         pytest.param({"process": {"max_pending": -1}}, "process.max_pending", id="max_pending=-1"),
         pytest.param({"shutdown_timeout": 0}, "shutdown_timeout", id="shutdown_timeout=0"),
         pytest.param({"process": {"bogus": 1}}, "process.bogus", id="unknown-pool-field"),
+        pytest.param({"process": {"start_timeout": 0}}, "process.start_timeout", id="start=0"),
     ],
 )
 def test_invalid_field_value(kwargs: dict[str, Any], field: str) -> None:

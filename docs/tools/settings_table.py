@@ -38,6 +38,7 @@ UNITS = {
     "max_pending": "calls",
     "max_tasks_per_worker": "calls",
     "niceness": "nice levels, 0 to 19",
+    "start_timeout": "seconds",
 }
 #: pool fields that only some kinds read; the others ignore them
 APPLIES_TO = {
@@ -51,6 +52,7 @@ APPLIES_TO = {
     "idle_priority": "process, dask (embedded)",
     "address": "dask",
     "hard_cancel": "dask",
+    "start_timeout": "process",
 }
 #: what the model does not describe itself
 POOL_FIELDS = {
