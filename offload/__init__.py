@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._errors import OffloadTimeout as OffloadTimeout
     from ._errors import PoolClosed as PoolClosed
     from ._errors import PoolOverloaded as PoolOverloaded
+    from ._errors import PoolStartError as PoolStartError
     from ._errors import RemoteTraceback as RemoteTraceback
     from ._errors import SerializationError as SerializationError
     from ._errors import WorkerCrashed as WorkerCrashed
@@ -53,6 +54,7 @@ __all__ = (
     "PoolClosed",
     "PoolOverloaded",
     "PoolSettings",
+    "PoolStartError",
     "PoolStats",
     "RemoteTraceback",
     "SerializationError",
@@ -76,6 +78,7 @@ _WHERE = {
     "PoolClosed": "._errors",
     "PoolOverloaded": "._errors",
     "PoolSettings": "._settings",
+    "PoolStartError": "._errors",
     "PoolStats": "._stats",
     "RemoteTraceback": "._errors",
     "SerializationError": "._errors",

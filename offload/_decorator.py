@@ -8,7 +8,7 @@ import types
 from collections.abc import Callable
 from typing import Any, Generic, overload
 
-from ._types import UNSET, P, T, Unset, check_sync_callable
+from ._types import UNSET, P, T, Unset, check_sync_callable, check_timeout
 
 __all__ = ("OffloadedFunction", "offload")
 
@@ -81,10 +81,6 @@ def _resolve(module: str, qualname: str) -> Any:
     return obj
 
 
-def _is_positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-
-
 @overload
 def offload(fn: Callable[P, T], /) -> OffloadedFunction[P, T]: ...
 
@@ -120,11 +116,11 @@ def offload(
         default: the pool's ``timeout`` setting
     :raises TypeError: if the decorated object is not callable or is an async
         function, or an option has the wrong type
+    :raises ValueError: if ``timeout`` is not positive
     """
     if kind is not None and (not isinstance(kind, str) or not kind):
         raise TypeError(f"kind must be a pool name such as 'thread' or 'process', not {kind!r}")
-    if timeout is not UNSET and timeout is not None and not _is_positive_number(timeout):
-        raise TypeError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    check_timeout(timeout)
 
     def decorate(fn: Callable[P, T]) -> OffloadedFunction[P, T]:
         check_sync_callable(fn)

@@ -7,6 +7,7 @@
     ├── WorkerCrashed                        the worker running this call died
     ├── PoolOverloaded                       the pool's queue is full; refused at once
     ├── PoolClosed                           the pool is shutting down or stopped
+    ├── PoolStartError                       a pool could not start
     ├── SerializationError                   arguments, function or result would not pickle
     └── CallCancelled                        raised inside an abandoned thread call
 
@@ -25,6 +26,7 @@ __all__ = (
     "OffloadTimeout",
     "PoolClosed",
     "PoolOverloaded",
+    "PoolStartError",
     "RemoteTraceback",
     "SerializationError",
     "WorkerCrashed",
@@ -66,6 +68,11 @@ class PoolOverloaded(OffloadError):
 
 class PoolClosed(OffloadError):
     """The pool is shutting down or stopped and accepts no calls."""
+
+
+class PoolStartError(OffloadError):
+    """A pool could not start (its initializer failed, its workers did not come up in
+    time, or it was started where it must not be)."""
 
 
 class SerializationError(OffloadError):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from ._call import Call
-from ._types import UNSET, Unset, check_sync_callable
+from ._types import UNSET, Unset, check_sync_callable, check_timeout
 
 if TYPE_CHECKING:
     from ._decorator import OffloadedFunction
@@ -77,9 +77,10 @@ class Executor:
         :param timeout: seconds from the call (queue wait included) until
             :class:`~offload.OffloadTimeout`; ``None`` for no deadline; unset to use
             the pool's ``timeout`` setting
+        :raises TypeError: ``timeout`` is not a number (a ``bool`` is not one here)
+        :raises ValueError: ``timeout`` is not positive
         """
-        if timeout is not None and timeout is not UNSET and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        check_timeout(timeout)
         derived = copy.copy(self)
         derived._timeout = timeout
         return derived
@@ -109,7 +110,7 @@ class Executor:
         :raises TypeError: ``fn`` is an async function or not callable
         """
         check_sync_callable(fn)
-        pool = self._offloader.get_pool(self._pool_name)
+        pool = self._offloader.get_pool(self._pool_name, refusing=True)
         timeout = pool.settings.timeout if self._timeout is UNSET else self._timeout
         result: T = await self._submit(pool, Call(fn, args, kwargs, timeout))
         return result

@@ -74,10 +74,18 @@ class Offloader:
 
     :param settings: the pools and shutdown timeout; default: ``OffloadSettings()``,
         read from the environment
+    :raises TypeError: ``settings`` is not an :class:`~offload.OffloadSettings`
     """
 
     def __init__(self, settings: OffloadSettings | None = None) -> None:
-        self.settings = settings if settings is not None else OffloadSettings()
+        if settings is None:
+            settings = OffloadSettings()
+        elif not isinstance(settings, OffloadSettings):
+            raise TypeError(
+                f"settings must be an OffloadSettings, not {type(settings).__name__}: "
+                "OffloadSettings(**your_dict) builds one"
+            )
+        self.settings = settings
         self._pools: dict[str, Pool] = {}
         self._task_group: TaskGroup | None = None
         self._lag: LagProbe | None = None
@@ -102,15 +110,18 @@ class Offloader:
                 f"no pool named {name!r}; pools: {', '.join(self.settings.pool_settings())}"
             )
 
-    def get_pool(self, name: str) -> Pool:
+    def get_pool(self, name: str, *, refusing: bool = False) -> Pool:
         """The running pool called ``name``.
 
+        :param refusing: a call asks: if it is refused, the pool counts it as ``closed``
         :raises LookupError: if there is no such pool
         :raises PoolClosed: if the Offloader is not running
         """
         pool = self._pools.get(name)
         if pool is None or not self._running:
             self.check_pool_name(name)
+            if pool is not None and refusing:
+                pool.counters.closed += 1
             state = "has stopped" if self._started else "has not started"
             raise PoolClosed(
                 f"pool {name!r}: the Offloader {state}; "

@@ -23,7 +23,8 @@ class PoolStats:
     abandoned thread counts until it ends), ``queued`` the calls waiting for one.
     Counts are totals since the pool started: a call ends ``completed``, ``failed``
     (it raised, or would not pickle), ``timed_out``, ``cancelled`` (by its caller),
-    ``crashed`` (its worker died) or ``rejected`` (``PoolOverloaded``);
+    ``crashed`` (its worker died), ``rejected`` (``PoolOverloaded``) or ``closed``
+    (``PoolClosed``: refused by a stopped pool, or ended by a shutdown out of time);
     ``recycled`` counts workers replaced on purpose: after ``max_tasks_per_worker``
     calls, past ``max_memory_per_worker``, or (kind dask) restarted by ``hard_cancel``.
     Latencies (seconds, from the call to its outcome, queue wait included) cover the
@@ -42,6 +43,7 @@ class PoolStats:
     crashed: int
     recycled: int
     rejected: int
+    closed: int
     latency_p50: float | None
     latency_p90: float | None
     latency_p99: float | None
@@ -52,6 +54,7 @@ class Counters:
 
     __slots__ = (
         "cancelled",
+        "closed",
         "completed",
         "crashed",
         "failed",
@@ -69,6 +72,7 @@ class Counters:
         self.crashed = 0
         self.recycled = 0
         self.rejected = 0
+        self.closed = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def snapshot(self, *, name: str, kind: str, workers: int, busy: int, queued: int) -> PoolStats:
@@ -92,6 +96,7 @@ class Counters:
             crashed=self.crashed,
             recycled=self.recycled,
             rejected=self.rejected,
+            closed=self.closed,
             latency_p50=pct(0.50),
             latency_p90=pct(0.90),
             latency_p99=pct(0.99),

@@ -7,7 +7,7 @@ from enum import Enum
 from types import FunctionType
 from typing import Final, ParamSpec, TypeVar
 
-__all__ = ("UNSET", "P", "T", "Unset", "check_sync_callable")
+__all__ = ("UNSET", "P", "T", "Unset", "check_sync_callable", "check_timeout")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -43,3 +43,17 @@ def check_sync_callable(fn: object) -> None:
 
 def _is_offloaded(fn: object) -> bool:
     return getattr(type(fn), "__offload_function__", False) is True
+
+
+def check_timeout(timeout: object) -> None:
+    """Refuse a timeout the settings would refuse, and a ``bool`` (which is an ``int``).
+
+    :raises TypeError: ``timeout`` is not a number, or is a ``bool``
+    :raises ValueError: ``timeout`` is not positive (or is NaN)
+    """
+    if timeout is None or timeout is UNSET:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a positive number of seconds or None, not {timeout!r}")
+    if not timeout > 0:  # NaN too
+        raise ValueError(f"timeout must be a positive number of seconds or None, not {timeout!r}")

@@ -10,7 +10,7 @@
 Metrics, each labelled with ``pool``:
 
 - ``offload_calls_total{outcome=...}``: calls that ended, by outcome (completed,
-  failed, timed_out, cancelled, crashed, rejected);
+  failed, timed_out, cancelled, crashed, rejected, closed);
 - ``offload_workers_recycled_total``: workers replaced on purpose (limits, ``hard_cancel``);
 - ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
 - ``offload_call_latency_seconds{quantile=...}``: recent call latencies;
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ("OffloadCollector",)
 
-_OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "crashed", "rejected")
+_OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "crashed", "rejected", "closed")
 
 
 class OffloadCollector(Collector):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from collections.abc import AsyncIterator
@@ -166,10 +167,19 @@ async def test_options_none_means_no_deadline() -> None:
 
 def test_options_bad_timeout() -> None:
     executor = Offloader(small()).executor  # options() needs no running pools
-    for timeout in (0, -1, -0.1):
-        with pytest.raises(ValueError, match="timeout"):
+    for timeout in (0, -1, -0.1, math.nan):
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
             executor.options(timeout=timeout)
+    for wrong in ("x", "10", True, False, [1], b"1"):
+        with pytest.raises(TypeError, match="timeout must be a positive number"):
+            executor.options(timeout=wrong)  # type: ignore[arg-type]
     assert executor.options(timeout=None).pool_name == "process"
+    assert executor.options(timeout=2).pool_name == "process"
+
+
+def test_offloader_refuses_what_is_not_settings() -> None:
+    with pytest.raises(TypeError, match="OffloadSettings"):
+        Offloader({"process": {"max_workers": 1}})  # type: ignore[arg-type]
 
 
 async def test_keywords_named_like_options_reach_fn(ex: Executor) -> None:
@@ -242,6 +252,29 @@ async def test_run_after_exit_raises_pool_closed() -> None:
     for executor in (ex, ex.pool("thread"), off.executor):
         with pytest.raises(PoolClosed, match="stopped"):
             await executor.run(funcs.add, 1, 2)
+
+
+async def test_pool_closed_outcomes_are_counted() -> None:
+    release = threading.Event()
+    started = threading.Event()
+    off = Offloader(small(shutdown_timeout=0.1))
+
+    async def held(tex: Executor) -> None:
+        with pytest.raises(PoolClosed):  # ended by the shutdown
+            await tex.run(funcs.block_on, release, started)
+
+    try:
+        async with anyio.create_task_group() as tg, off as ex:
+            tg.start_soon(held, ex.pool("thread"))
+            await anyio.to_thread.run_sync(started.wait, 10)
+    finally:
+        release.set()
+    with pytest.raises(PoolClosed):  # refused: the pool has stopped
+        await ex.run(funcs.add, 1, 2)
+    stats = off.stats()
+    assert stats["thread"].closed == 1
+    assert stats["process"].closed == 1
+    assert stats["thread"].failed == stats["process"].failed == 0
 
 
 async def test_enter_twice_raises_runtime_error() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from offload import Offloader, OffloadSettings, PoolClosed
+from offload import Offloader, OffloadSettings, PoolClosed, PoolStartError
 
 from . import funcs
 from .conftest import children
@@ -62,7 +62,7 @@ async def test_start_failure_leaves_nothing_behind() -> None:
     settings = OffloadSettings(
         process={"max_workers": 2, "initializer": "tests.funcs:does_not_exist"}
     )
-    with pytest.raises(Exception, match="initializer"):
+    with pytest.raises(PoolStartError, match="initializer"):
         async with Offloader(settings):
             pytest.fail("the body must not run")
     assert not children()

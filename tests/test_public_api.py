@@ -26,6 +26,7 @@ PUBLIC = (
     "PoolClosed",
     "PoolOverloaded",
     "PoolSettings",
+    "PoolStartError",
     "PoolStats",
     "RemoteTraceback",
     "SerializationError",
@@ -61,6 +62,7 @@ def test_error_hierarchy() -> None:
         "OffloadTimeout",
         "PoolClosed",
         "PoolOverloaded",
+        "PoolStartError",
         "SerializationError",
         "WorkerCrashed",
     ):

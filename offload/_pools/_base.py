@@ -94,9 +94,10 @@ class Pool(ABC):
         :raises PoolOverloaded: every worker is busy and the queue is full
         :raises WorkerCrashed: the worker died while running the call
         """
-        if self._closing:
-            raise PoolClosed(f"pool {self.name!r} is closed")
         counters = self.counters
+        if self._closing:
+            counters.closed += 1
+            raise PoolClosed(f"pool {self.name!r} is closed")
         started = time.perf_counter()
         self._inflight += 1
         try:
@@ -122,6 +123,7 @@ class Pool(ABC):
             counters.rejected += 1
             raise
         except PoolClosed:
+            counters.closed += 1
             raise
         except BaseException:
             counters.failed += 1

@@ -53,8 +53,8 @@ import anyio
 import anyio.to_thread
 
 from .._errors import (
-    OffloadError,
     PoolOverloaded,
+    PoolStartError,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
@@ -239,7 +239,7 @@ class DaskPool(Pool):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            raise OffloadError(
+            raise PoolStartError(
                 f"pool {self.name!r} is of kind dask, whose client runs on asyncio only; "
                 "run the Offloader under asyncio, or give this pool another kind"
             ) from None
@@ -259,7 +259,7 @@ class DaskPool(Pool):
             with anyio.CancelScope(shield=True):
                 await self._stop()
             if isinstance(exc, (OSError, TimeoutError)):
-                raise OffloadError(
+                raise PoolStartError(
                     f"pool {self.name!r} could not connect to the dask scheduler "
                     f"at {address or '(embedded cluster)'}: "
                     f"{exc or f'no answer within {CONNECT_TIMEOUT:.0f} s'}"
@@ -304,7 +304,7 @@ class DaskPool(Pool):
             os.close(report_r)
         if not line:
             status = await self._exit_status(host)
-            raise OffloadError(
+            raise PoolStartError(
                 f"pool {self.name!r}: the embedded dask cluster did not start: its host "
                 f"process {host.pid} exited with status {status} (its error is on stderr)"
             )
@@ -348,7 +348,7 @@ class DaskPool(Pool):
         versions = await client.get_versions(check=False, packages=["offload"])
         fatal, other = version_mismatches(versions)
         if fatal:
-            raise OffloadError(
+            raise PoolStartError(
                 f"pool {self.name!r}: the dask client and cluster versions do not agree; "
                 "install the same versions everywhere (offload must be installed on the "
                 "scheduler and the workers too):\n  " + "\n  ".join(fatal)

@@ -38,8 +38,8 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import (
-    OffloadError,
     PoolClosed,
+    PoolStartError,
     RemoteTraceback,
     WorkerCrashed,
     describe_exit,
@@ -72,8 +72,6 @@ def _start_worker(
     return start_below(args, settings, pass_fds=fds, stdin=subprocess.DEVNULL)
 
 
-#: seconds a worker may take to start (interpreter, sys.path, initializer)
-START_TIMEOUT = 60.0
 #: seconds between SIGTERM and SIGKILL for a worker being stopped
 KILL_GRACE = 1.0
 #: seconds a caller waits for a dead worker's exit status before reporting without it
@@ -158,8 +156,9 @@ class ProcessPool(Pool):
     async def _add_worker(self) -> None:
         """Start one worker and, once it says it is ready, offer it to callers."""
         worker = await self._spawn()
+        start_timeout = self.settings.start_timeout
         try:
-            with anyio.fail_after(START_TIMEOUT):
+            with anyio.fail_after(start_timeout):
                 settings = self.settings
                 boot = (
                     sys.path,
@@ -173,10 +172,15 @@ class ProcessPool(Pool):
                 status, value = _wire.decode(data, _wire.local(received))
         except BaseException as exc:
             self._kill(worker)
-            if isinstance(exc, (EOFError, OSError, TimeoutError)):
+            if isinstance(exc, TimeoutError):
+                raise PoolStartError(
+                    f"a worker of pool {self.name!r} did not start within "
+                    f"{start_timeout:g} s (start_timeout)"
+                ) from exc
+            if isinstance(exc, (EOFError, OSError)):
                 with anyio.move_on_after(EXIT_STATUS_WAIT, shield=True):
                     await worker.exited.wait()
-                raise OffloadError(
+                raise PoolStartError(
                     f"a worker of pool {self.name!r} failed to start "
                     f"({describe_exit(worker.returncode)})"
                 ) from exc
@@ -184,7 +188,7 @@ class ProcessPool(Pool):
         if status != _wire.OK:
             self._kill(worker)
             type_name, message, tb = value
-            raise OffloadError(
+            raise PoolStartError(
                 f"the initializer of pool {self.name!r} raised {type_name}: {message}"
             ) from RemoteTraceback(tb)
         if self._cross_memory and not _cma.readable(worker.pid, value[1]):

@@ -32,6 +32,7 @@ from offload import (
     OffloadSettings,
     OffloadTimeout,
     PoolSettings,
+    PoolStartError,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
@@ -461,7 +462,7 @@ async def test_initializer_that_raises_fails_start() -> None:
         initializer_args=("no model file",),
     )
     offloader = Offloader(settings)
-    with anyio.fail_after(CALL_BOUND), pytest.raises(OffloadError) as info:
+    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
         async with offloader:
             pytest.fail("the block ran though the pool could not start")
     message = str(info.value)
@@ -477,13 +478,30 @@ async def test_initializer_that_crashes_fails_start() -> None:
         initializer="tests.funcs:crashing_initializer", initializer_args=(7,)
     )
     offloader = Offloader(settings)
-    with anyio.fail_after(CALL_BOUND), pytest.raises(OffloadError) as info:
+    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
         async with offloader:
             pytest.fail("the block ran though the pool could not start")
     message = str(info.value)
     assert "exited with code 7" in message, message
     assert not offloader.running
     assert worker_procs() == [], worker_pids()
+
+
+async def test_worker_slower_than_start_timeout_fails_start(tmp_path: Path) -> None:
+    flag = tmp_path / "slow"
+    flag.write_text("")
+    settings = matrix_settings(
+        initializer="tests.funcs:sleep_if_exists",
+        initializer_args=(str(flag), CALL_BOUND * 4),
+        start_timeout=0.5,
+    )
+    offloader = Offloader(settings)
+    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
+        async with offloader:
+            pytest.fail("the block ran though the pool could not start")
+    assert "0.5 s" in str(info.value), str(info.value)
+    assert "start_timeout" in str(info.value), str(info.value)
+    assert not offloader.running
 
 
 # -- shutting down right after a fault -------------------------------------------------
