@@ -5,9 +5,20 @@ from __future__ import annotations
 import inspect
 from enum import Enum
 from types import FunctionType
-from typing import Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Final, ParamSpec, TypeVar
 
-__all__ = ("UNSET", "P", "T", "Unset", "check_sync_callable", "check_timeout")
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = (
+    "UNSET",
+    "P",
+    "T",
+    "Unset",
+    "check_sync_callable",
+    "check_timeout",
+    "generator_refusal",
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -22,23 +33,44 @@ class Unset(Enum):
 UNSET: Final = Unset.UNSET
 
 
-_ASYNC_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+_REFUSED_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR
 
 
 def check_sync_callable(fn: object) -> None:
     """:raises TypeError: if ``fn`` cannot run in a worker as a plain call"""
     if type(fn) is FunctionType:
         # The common case, on every call: one flag test instead of inspect's walk.
-        if not fn.__code__.co_flags & _ASYNC_FLAGS:
+        if not fn.__code__.co_flags & _REFUSED_FLAGS:
             return
     elif not callable(fn):
         raise TypeError(f"expected a function, got {type(fn).__name__} {fn!r}")
     target = getattr(fn, "__wrapped__", fn) if _is_offloaded(fn) else fn
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+    name = getattr(target, "__qualname__", target)
+    if _is(inspect.iscoroutinefunction, target) or _is(inspect.isasyncgenfunction, target):
         raise TypeError(
-            f"{getattr(target, '__qualname__', target)!r} is an async function: offload runs "
+            f"{name!r} is an async function: offload runs "
             "blocking, CPU-bound functions; await async functions directly"
         )
+    if _is(inspect.isgeneratorfunction, target):
+        raise TypeError(generator_refusal(name))
+
+
+def generator_refusal(name: object) -> str:
+    """Why a generator cannot be offloaded: a thread would hand the generator to the
+    event loop's thread, which would then run its body; a process cannot pickle it."""
+    return (
+        f"{name!r} is a generator function: running a generator in a worker and "
+        "streaming its items is not supported yet; Executor.stream is planned. "
+        "Return a list instead, or offload a function that consumes the generator"
+    )
+
+
+def _is(test: Callable[[object], bool], fn: object) -> bool:
+    """``test(fn)``, or of its ``__call__`` for an instance of a class that has one."""
+    if test(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004
+    return isinstance(call, FunctionType) and test(call)
 
 
 def _is_offloaded(fn: object) -> bool:

@@ -6,7 +6,7 @@ import inspect
 import os
 import pickle
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
@@ -117,6 +117,17 @@ def test_async_functions_rejected_at_decoration(target: Any) -> None:
         offload()(target)
     with pytest.raises(TypeError, match="async"):
         offload(kind="thread", timeout=1)(target)
+
+
+def _numbers() -> Iterator[int]:
+    yield 1
+
+
+def test_generator_function_rejected_at_decoration() -> None:
+    for decorate in (offload, offload(), offload(kind="thread"), offload(kind="process")):
+        with pytest.raises(TypeError, match="generator") as info:
+            decorate(_numbers)
+        assert "Executor.stream" in str(info.value)
 
 
 @pytest.mark.parametrize("target", [3, "fn", object()], ids=["int", "str", "object"])

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import pytest
@@ -210,6 +211,39 @@ async def test_async_function_rejected(ex: Executor) -> None:
         with pytest.raises(TypeError):
             await ex.pool(pool).run(3)  # type: ignore[call-overload]
         assert ex.pool(pool).stats().completed == 0
+
+
+def _numbers(ran: list[int]) -> Iterator[int]:
+    ran.append(1)
+    yield 1
+
+
+class _Numbers:
+    def __call__(self, ran: list[int]) -> Iterator[int]:
+        ran.append(1)
+        yield 1
+
+
+async def test_generator_function_refused(ex: Executor) -> None:
+    ran: list[int] = []
+    for pool in ("thread", "process"):
+        for target in (_numbers, functools.partial(_numbers), _Numbers()):
+            with pytest.raises(TypeError, match="generator") as info:
+                await ex.pool(pool).run(target, ran)
+            assert "Executor.stream" in str(info.value)
+    assert ran == []
+    assert ex.pool("thread").stats().completed == ex.pool("process").stats().completed == 0
+
+
+def _numbers_in_disguise(ran: list[int]) -> Iterator[int]:
+    return _numbers(ran)  # a plain function that returns a generator
+
+
+async def test_generator_returned_to_a_thread_call_is_refused(ex: Executor) -> None:
+    ran: list[int] = []
+    with pytest.raises(TypeError, match="generator"):
+        await ex.pool("thread").run(_numbers_in_disguise, ran)
+    assert ran == []  # its body never ran, on the loop or anywhere
 
 
 async def test_run_decorated_function(ex: Executor) -> None:

@@ -19,12 +19,14 @@ import functools
 import queue
 import threading
 from collections.abc import Callable
+from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 import anyio.to_thread
 
 from .._errors import CallCancelled, PoolOverloaded
+from .._types import generator_refusal
 from ._base import Pool
 
 if TYPE_CHECKING:
@@ -94,7 +96,12 @@ class _Job:
         self.started = True
         _local.job = self
         try:
-            self.result = self.call.target(*self.call.args, **self.call.kwargs)
+            result = self.call.target(*self.call.args, **self.call.kwargs)
+            if type(result) is GeneratorType:
+                # Its body would run on the event loop's thread as the caller iterates.
+                result.close()
+                raise TypeError(generator_refusal(self.call.name))
+            self.result = result
         except BaseException as exc:
             self.error = exc
         finally:
