@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import importlib
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Generic, overload
 
 from ._types import UNSET, P, T, Unset, check_sync_callable, check_timeout
+from ._where import in_worker
 
 __all__ = ("OffloadedFunction", "offload")
 
@@ -17,8 +18,10 @@ class OffloadedFunction(Generic[P, T]):
     """A function decorated with :func:`offload`.
 
     Awaiting a call runs the original function in a pool of the active Offloader
-    and returns its result. ``__wrapped__`` is the original, still callable
-    synchronously (in tests, or inside another worker).
+    and returns its result; inside a worker, a call runs it inline (see
+    :meth:`__call__`). ``__wrapped__`` is the original, still callable
+    synchronously. It works as a method, and under ``@classmethod`` or
+    ``@staticmethod`` (put those above ``@offload``).
 
     It pickles as a reference to itself (module and qualified name), so a worker
     process imports the module and runs the original function.
@@ -40,8 +43,22 @@ class OffloadedFunction(Generic[P, T]):
     def __repr__(self) -> str:
         return f"<offloaded function {self.__module__}.{self.__wrapped__.__qualname__}>"
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run the function in its pool; see :meth:`offload.Executor.run`."""
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]:
+        """Run the function in its pool: ``await f(*args, **kwargs)`` returns its
+        result; see :meth:`offload.Executor.run`.
+
+        Inside a worker (a worker process, or a thread of a thread pool) the call runs
+        the function inline and returns its result itself, not an awaitable: there is
+        no event loop there, and a worker must not start pools of its own. So a
+        decorated function can call itself (a recursive ``fib``) or another decorated
+        function directly. Type checkers see the awaitable only: in such code, use
+        ``typing.cast`` or call ``__wrapped__``.
+        """
+        if in_worker():
+            return self.__wrapped__(*args, **kwargs)  # type: ignore[return-value]
+        return self._run(args, kwargs)
+
+    async def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         # Imported here, not at the top: a worker process imports the user's module,
         # hence this one, and must not pay for anyio and pydantic it never uses.
         from ._default import current_offloader
@@ -78,6 +95,10 @@ def _resolve(module: str, qualname: str) -> Any:
     obj: Any = importlib.import_module(module)
     for part in qualname.split("."):
         obj = getattr(obj, part)
+    if isinstance(obj, types.MethodType) and isinstance(obj.__func__, OffloadedFunction):
+        # Under @classmethod, the class attribute is the function bound to the class;
+        # the call brings the class itself as its first argument.
+        return obj.__func__
     return obj
 
 
@@ -123,6 +144,11 @@ def offload(
     check_timeout(timeout)
 
     def decorate(fn: Callable[P, T]) -> OffloadedFunction[P, T]:
+        if isinstance(fn, (classmethod, staticmethod)):
+            raise TypeError(
+                f"put @{type(fn).__name__} above @offload, not below it: "
+                f"@offload takes the function itself"
+            )
         check_sync_callable(fn)
         return OffloadedFunction(fn, kind=kind, timeout=timeout)
 

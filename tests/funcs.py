@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from offload import offload
 
@@ -155,6 +155,44 @@ class Calc:
     def mul(self, x: int) -> tuple[int, int]:
         """(thread id, base * x)."""
         return threading.get_ident(), self.base * x
+
+
+class Tools:
+    """A module-level class with an offloaded classmethod and staticmethod."""
+
+    factor = 7
+
+    @classmethod
+    @offload(kind="process")
+    def scale(cls, x: int) -> tuple[int, int]:
+        """(pid, factor * x)."""
+        return os.getpid(), cls.factor * x
+
+    @classmethod
+    @offload(kind="thread")
+    def scale_in_thread(cls, x: int) -> tuple[int, int]:
+        """(thread id, factor * x)."""
+        return threading.get_ident(), cls.factor * x
+
+    @staticmethod
+    @offload(kind="process")
+    def negate(x: int) -> tuple[int, int]:
+        """(pid, -x)."""
+        return os.getpid(), -x
+
+
+@offload
+def fib(n: int) -> int:
+    """Calls itself: inside a worker, a decorated function runs inline."""
+    if n < 2:
+        return n
+    return cast("int", fib(n - 1)) + cast("int", fib(n - 2))
+
+
+def where_am_i() -> bool:
+    from offload._where import in_worker
+
+    return in_worker()
 
 
 def barrier_wait(barrier: threading.Barrier) -> int:

@@ -273,6 +273,53 @@ async def test_decorated_methods_thread_pool(ex: Executor) -> None:
     assert ident != threading.get_ident()
 
 
+async def test_run_a_decorated_method_bound_to_its_instance(ex: Executor) -> None:
+    calc = funcs.Calc(10)
+    for pool in ("process", "thread"):
+        _, value = await ex.pool(pool).run(calc.add, 5)
+        assert value == 15
+        _, value = await ex.pool(pool).run(calc.mul, 5)
+        assert value == 50
+    assert ex.stats().completed == 2
+
+
+async def test_classmethod_above_offload(ex: Executor) -> None:
+    pid, value = await funcs.Tools.scale(3)
+    assert (value, pid != MAIN_PID) == (21, True)
+    pid, value = await funcs.Tools().scale(4)  # through an instance, as a classmethod
+    assert (value, pid != MAIN_PID) == (28, True)
+    ident, value = await funcs.Tools.scale_in_thread(2)
+    assert (value, ident != threading.get_ident()) == (14, True)
+    assert await ex.pool("thread").run(funcs.Tools.scale, 5) == (MAIN_PID, 35)
+    _, value = await ex.pool("process").run(funcs.Tools.scale_in_thread, 6)
+    assert value == 42
+
+
+async def test_staticmethod_above_offload(ex: Executor) -> None:
+    pid, value = await funcs.Tools.negate(3)
+    assert (value, pid != MAIN_PID) == (-3, True)
+    _, value = await ex.pool("process").run(funcs.Tools().negate, 4)
+    assert value == -4
+
+
+async def test_decorated_function_calls_itself_in_a_worker(ex: Executor) -> None:
+    # Inside a worker a decorated function runs inline: there is no loop to await on.
+    assert await funcs.fib(15) == 610
+    assert await ex.pool("thread").run(funcs.fib, 12) == 144
+    assert await ex.pool("process").run(funcs.fib, 12) == 144
+
+
+async def test_workers_know_they_are_workers(ex: Executor) -> None:
+    assert not funcs.where_am_i()
+    assert await ex.pool("thread").run(funcs.where_am_i)
+    assert await ex.pool("process").run(funcs.where_am_i)
+
+
+def test_offload_above_classmethod_says_which_order() -> None:
+    with pytest.raises(TypeError, match="@classmethod above @offload"):
+        offload(classmethod(funcs.add))  # type: ignore[arg-type,call-overload]
+
+
 def test_decorated_method_wrapped_callable_synchronously() -> None:
     calc = funcs.Calc(2)
     assert funcs.Calc.add.__wrapped__(calc, 3) == (os.getpid(), 5)

@@ -27,6 +27,7 @@ import anyio.to_thread
 
 from .._errors import CallCancelled, PoolOverloaded
 from .._types import generator_refusal
+from .._where import mark_worker_thread
 from ._base import Pool
 
 if TYPE_CHECKING:
@@ -136,6 +137,7 @@ def _start_all(threads: list[threading.Thread]) -> None:
 
 
 def _worker(jobs: queue.SimpleQueue[_Job | None]) -> None:
+    mark_worker_thread()
     while (job := jobs.get()) is not None:
         job.run()
         del job

@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from .._where import mark_worker_process
 from ._wire import (
     BAD_REQUEST,
     BAD_RESULT,
@@ -54,6 +55,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def main() -> None:
+    mark_worker_process()
     channel_fd, death_fd, parent_pid = (int(arg) for arg in sys.argv[1:4])
     # Ctrl-C in a terminal reaches the whole process group; the parent decides
     # what happens to running calls, so a worker must not die of it mid-call.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import assert_type
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, assert_type
 
 from offload import Executor, OffloadedFunction, OffloadSettings, offload
 
@@ -36,3 +36,10 @@ async def calls(ex: Executor) -> None:
     assert_type(await ex.pool("thread").options(timeout=1).run(plain, 2), str)
     await ex.run(plain, "not an int")  # type: ignore[call-overload]
     await bare("x")  # type: ignore[arg-type]
+
+
+async def awaitable(ex: Executor) -> None:
+    # An awaitable outside workers (inside one, the call returns the result itself).
+    call = factory(3)
+    assert_type(call, Coroutine[Any, Any, bytes])  # type: ignore[unused-coroutine]
+    assert_type(await call, bytes)
