@@ -6,6 +6,8 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
+import anyio.lowlevel
+
 from ._call import Call
 from ._types import UNSET, Unset, check_sync_callable, check_timeout
 
@@ -100,7 +102,9 @@ class Executor:
         Cancellation: if the calling task is cancelled, or the deadline passes, the
         call stops as its pool allows: a queued call never starts, a process worker
         running it is killed and replaced, a thread is abandoned (see
-        :func:`~offload.check_cancelled`).
+        :func:`~offload.check_cancelled`). A call made in a scope that is already
+        cancelled sends nothing. Like every await of anyio and trio, the call is a
+        checkpoint even when it fails at once: it lets other tasks run first.
 
         :raises OffloadTimeout: the deadline passed
         :raises PoolOverloaded: every worker is busy and ``max_pending`` calls wait
@@ -109,6 +113,11 @@ class Executor:
         :raises SerializationError: ``fn``, its arguments or its result would not pickle
         :raises TypeError: ``fn`` is an async function or not callable
         """
+        # A checkpoint first, as every await of trio and anyio is: a call made in a
+        # cancelled scope sends nothing (and kills no idle worker), and a caller that
+        # retries on an immediate refusal (PoolOverloaded, PoolClosed) still lets the
+        # loop run, so that busy workers' answers are read and deadlines fire.
+        await anyio.lowlevel.checkpoint()
         check_sync_callable(fn)
         pool = self._offloader.get_pool(self._pool_name, refusing=True)
         timeout = pool.settings.timeout if self._timeout is UNSET else self._timeout

@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
@@ -138,6 +139,7 @@ class Offloader:
 
     async def __aenter__(self) -> Executor:
         if self._started:
+            await anyio.lowlevel.checkpoint()  # every await yields, failing or not
             raise RuntimeError("an Offloader can be entered only once; make a new one")
         self._started = True
         pools = self.settings.pool_settings()

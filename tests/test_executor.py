@@ -7,6 +7,7 @@ import math
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -22,6 +23,8 @@ from offload import (
 )
 
 from . import funcs
+from .conftest import Backend, loop_name
+from .pools.test_process_faults import run_script
 
 MAIN_PID = os.getpid()
 
@@ -346,3 +349,96 @@ async def test_enter_returns_bound_executor() -> None:
         assert ex.offloader is off
         assert off.running
     assert not off.running
+
+
+# -- checkpoints and cancellation ------------------------------------------------------------
+
+
+async def test_call_in_a_cancelled_scope_sends_nothing(ex: Executor, tmp_path: Path) -> None:
+    pid = await ex.run(funcs.getpid)
+    flag = tmp_path / "ran"
+    for pool in (ex, ex.pool("thread")):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await pool.run(funcs.touch_then, str(flag))
+            pytest.fail("the call returned in a cancelled scope")  # pragma: no cover
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await funcs.triple(2)  # a decorated function
+            pytest.fail("the call returned in a cancelled scope")  # pragma: no cover
+    assert not flag.exists()
+    assert await ex.run(funcs.getpid) == pid  # the idle worker was not touched
+    assert ex.stats().crashed == 0
+
+
+RETRY_LOOPS = """
+import sys
+import threading
+
+import anyio
+
+from offload import Offloader, OffloadSettings, PoolClosed, PoolOverloaded
+from tests import funcs
+
+
+async def retry(run, error):
+    while True:
+        try:
+            return await run()
+        except error:
+            pass  # a loop with no await of its own: the call's await must yield
+
+
+async def busy(pool):
+    with anyio.fail_after(20):
+        while pool.stats().busy < 1:
+            await anyio.sleep(0.01)
+
+
+async def main():
+    full = {"max_workers": 1, "max_pending": 0}
+    settings = OffloadSettings(process=full, thread=full, lag_probe=False, shutdown_timeout=5)
+    async with Offloader(settings) as ex:
+        for name in ("process", "thread"):
+            pool = ex.pool(name)
+            async with anyio.create_task_group() as tg:
+                # The busy call's answer is read only if the retry loop lets the loop run.
+                tg.start_soon(pool.run, funcs.sleep_then, 0.2, None)
+                await busy(pool)
+                assert await retry(lambda: pool.run(funcs.add, 1, 2), PoolOverloaded) == 3
+            release = threading.Event()
+            held = (funcs.block_on, release) if name == "thread" else (funcs.sleep_then, 60, 0)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.run, *held)
+                await busy(pool)
+                with anyio.move_on_after(0.1) as scope:  # a deadline still fires
+                    await retry(lambda: pool.run(funcs.add, 1, 2), PoolOverloaded)
+                assert scope.cancelled_caught
+                release.set()
+                tg.cancel_scope.cancel()
+    with anyio.move_on_after(0.1) as scope:
+        await retry(lambda: ex.run(funcs.add, 1, 2), PoolClosed)
+    assert scope.cancelled_caught
+    print("ok", flush=True)
+
+
+anyio.run(main, backend="trio" if sys.argv[1] == "trio" else "asyncio")
+"""
+
+
+async def test_a_retry_loop_on_refusals_lets_the_loop_run(
+    anyio_backend: Backend, tmp_path: Path
+) -> None:
+    proc = await run_script(tmp_path, RETRY_LOOPS, loop_name(anyio_backend), timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == ["ok"]
+
+
+async def test_entering_an_offloader_twice_is_a_checkpoint_too() -> None:
+    off = Offloader(small())
+    async with off:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            async with off:
+                pytest.fail("entered twice")  # pragma: no cover
+        assert scope.cancelled_caught  # cancelled at the checkpoint, before the refusal

@@ -93,7 +93,11 @@ class ProcessPool(Pool):
         self._ready: set[WorkerHandle] = set()  # started, not retired: the pool's capacity
         self._procs: set[WorkerHandle] = set()  # every process not yet reaped
         self._busy = 0
-        self._broken: Exception | None = None  # why no worker could be started
+        # While the pool has no worker and cannot start one (see _replace): the latest
+        # start error, since when, and whether start_timeout has passed since.
+        self._start_failure: Exception | None = None
+        self._failing_since: float | None = None
+        self._given_up = False
         self._death_r = -1
         self._death_w = -1
         self._cross_memory = settings.cross_memory and _cma.available()
@@ -214,11 +218,15 @@ class ProcessPool(Pool):
     async def _replace(self) -> None:
         """Start a worker in place of one that is gone, backing off while that fails.
 
-        While the pool has no worker at all and cannot start one, calls fail at once
-        with :class:`PoolClosed` (from the start error) instead of waiting for ever.
+        While the pool has no worker and cannot start one, calls wait in the queue as
+        usual (bounded by ``max_pending`` and their own deadlines) and the starts go on.
+        Once it has been so for ``start_timeout`` seconds, the waiting calls fail with
+        :class:`PoolStartError` (from the start error), and new calls fail at once,
+        until a start succeeds: a call without a deadline does not wait for ever.
         """
         delay = 0.1
         while not self._closing:
+            attempt = anyio.current_time()
             try:
                 await self._add_worker()
             except Exception as exc:
@@ -231,17 +239,28 @@ class ProcessPool(Pool):
                     exc,
                 )
                 if not self._ready:
-                    self._broken = exc
-                    self._slots.fail_waiters(self._broken_error())
+                    self._start_failure = exc
+                    if self._failing_since is None:
+                        self._failing_since = attempt
+                    if anyio.current_time() - self._failing_since >= self.settings.start_timeout:
+                        self._given_up = True
+                        self._slots.fail_waiters(self._start_error())
             else:
-                self._broken = None
+                self._start_failure = self._failing_since = None
+                self._given_up = False
                 return
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _broken_error(self) -> PoolClosed:
-        error = PoolClosed(f"pool {self.name!r} has no worker and cannot start one: {self._broken}")
-        error.__cause__ = self._broken
+    def _start_error(self) -> PoolStartError:
+        assert self._start_failure is not None
+        assert self._failing_since is not None
+        error = PoolStartError(
+            f"pool {self.name!r} has had no worker for "
+            f"{anyio.current_time() - self._failing_since:.1f} s (start_timeout "
+            f"{self.settings.start_timeout:g} s) and cannot start one: {self._start_failure}"
+        )
+        error.__cause__ = self._start_failure
         return error
 
     async def _watch(self, worker: WorkerHandle) -> None:
@@ -376,8 +395,8 @@ class ProcessPool(Pool):
         while True:
             if self._forced:
                 raise self._closed_error()
-            if self._broken is not None and not self._ready:
-                raise self._broken_error()
+            if self._given_up and not self._ready:
+                raise self._start_error()
             worker = self._slots.take()
             started = False
             if worker is None:

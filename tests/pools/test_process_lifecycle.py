@@ -15,11 +15,12 @@ import psutil
 import pytest
 
 from offload import (
+    Executor,
     Offloader,
     OffloadSettings,
     OffloadTimeout,
-    PoolClosed,
     PoolSettings,
+    PoolStartError,
     WorkerCrashed,
 )
 from offload._pools import _sched
@@ -73,38 +74,74 @@ async def test_max_memory_per_worker_recycles_a_bloated_worker() -> None:
         assert pool.stats().recycled == 1
 
 
-async def test_pool_that_cannot_replace_workers_fails_calls_fast(tmp_path: Path) -> None:
-    flag = tmp_path / "broken"
-    settings = OffloadSettings(
+def broken_settings(flag: Path, start_timeout: float = 60) -> OffloadSettings:
+    return OffloadSettings(
         process={
             "max_workers": 1,
             "initializer": "tests.funcs:fail_if_exists",
             "initializer_args": (str(flag),),
+            "start_timeout": start_timeout,
         }
     )
-    async with Offloader(settings) as ex:
+
+
+async def lose_the_only_worker(pool: Executor, flag: Path) -> int:
+    """Make the pool's replacements fail, kill its one worker; its pid."""
+    pid: int = await pool.run(funcs.getpid)
+    flag.write_text("")
+    os.kill(pid, signal.SIGKILL)
+    with anyio.fail_after(10):
+        while psutil.pid_exists(pid):  # until the pool has reaped it
+            await anyio.sleep(0.01)
+    return pid
+
+
+async def test_calls_wait_while_a_replacement_fails_to_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="offload")
+    flag = tmp_path / "broken"
+    async with Offloader(broken_settings(flag)) as ex:
         pool = ex.pool("process")
-        pid = await pool.run(funcs.getpid)
-        flag.write_text("")
-        os.kill(pid, signal.SIGKILL)
-        with anyio.fail_after(10):
-            while psutil.pid_exists(pid):  # until the pool has reaped it
-                await anyio.sleep(0.01)
-            while True:  # until the failed replacement is noticed
-                try:
-                    await pool.run(funcs.getpid)
-                except PoolClosed as exc:
-                    error = exc
-                    break
-                await anyio.sleep(0.05)
-        assert "cannot start" in str(error)
+        pid = await lose_the_only_worker(pool, flag)
+        async with anyio.create_task_group() as tg:
+            results: list[int] = []
+
+            async def call() -> None:
+                results.append(await pool.run(funcs.getpid))
+
+            tg.start_soon(call)
+            with anyio.fail_after(10):  # until a replacement has failed to start
+                while not any("could not start" in r.getMessage() for r in caplog.records):
+                    await anyio.sleep(0.01)
+            assert pool.stats().queued == 1  # the call waits: no PoolClosed
+            flag.unlink()  # the back-off retries, and the pool heals
+            with anyio.fail_after(20):
+                while not results:
+                    await anyio.sleep(0.01)
+        assert results[0] != pid
+        assert pool.stats().closed == 0
+
+
+async def test_calls_fail_with_pool_start_error_if_the_pool_does_not_recover(
+    tmp_path: Path,
+) -> None:
+    flag = tmp_path / "broken"
+    async with Offloader(broken_settings(flag, start_timeout=5)) as ex:
+        pool = ex.pool("process")
+        pid = await lose_the_only_worker(pool, flag)
+        with anyio.fail_after(30), pytest.raises(PoolStartError) as info:
+            await pool.run(funcs.getpid)  # no deadline of its own: start_timeout ends it
+        assert "exists" in str(info.value), info.value  # the initializer's error
+        with anyio.fail_after(5), pytest.raises(PoolStartError):
+            await pool.run(funcs.getpid)  # still broken: refused at once
         flag.unlink()
-        with anyio.fail_after(15):  # the back-off retries, and the pool heals
+        with anyio.fail_after(20):  # the back-off retries, and the pool heals
             while True:
                 try:
                     assert await pool.run(funcs.getpid) != pid
                     break
-                except PoolClosed:
+                except PoolStartError:
                     await anyio.sleep(0.05)
 
 
