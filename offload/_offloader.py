@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 from anyio.lowlevel import RunVar
 
 from ._errors import PoolClosed
 from ._executor import Executor
+from ._helper_threads import run_in_helper_thread
 from ._lag import LagProbe
 
 # The built-in kinds come with the Offloader, not at its first start: an import holds
@@ -145,7 +145,7 @@ class Offloader:
         pools = self.settings.pool_settings()
         # What takes long once per process, in a thread: the CPU count (cgroup files),
         # the spawner thread's start, importing distributed (seconds).
-        classes = await anyio.to_thread.run_sync(_prepare, [s.kind for s in pools.values()])
+        classes = await run_in_helper_thread(_prepare, [s.kind for s in pools.values()])
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:

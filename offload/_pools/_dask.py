@@ -50,7 +50,6 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.to_thread
 
 from .._errors import (
     PoolOverloaded,
@@ -59,6 +58,7 @@ from .._errors import (
     SerializationError,
     WorkerCrashed,
 )
+from .._helper_threads import run_in_helper_thread
 from ._base import Pool
 from ._dask_host import host_config
 from ._sched import start_below
@@ -337,7 +337,7 @@ class DaskPool(Pool):
         """The host's exit status, waited for in a thread: it has closed its report fd,
         so it is exiting; ``None`` if it takes more than a few seconds."""
         try:
-            return await anyio.to_thread.run_sync(host.wait, 5.0)
+            return await run_in_helper_thread(host.wait, 5.0)
         except subprocess.TimeoutExpired:
             return None
 
@@ -396,7 +396,7 @@ class DaskPool(Pool):
             with contextlib.suppress(OSError):
                 host.stdin.close()
         try:
-            status = await anyio.to_thread.run_sync(host.wait, HOST_CLOSE_TIMEOUT + 5.0)
+            status = await run_in_helper_thread(host.wait, HOST_CLOSE_TIMEOUT + 5.0)
         except subprocess.TimeoutExpired:
             logger.warning(
                 "pool %r: the embedded dask cluster's host process %d did not exit "
@@ -406,7 +406,7 @@ class DaskPool(Pool):
                 HOST_CLOSE_TIMEOUT + 5.0,
             )
             host.kill()
-            status = await anyio.to_thread.run_sync(host.wait)
+            status = await run_in_helper_thread(host.wait)
         if status not in (0, -signal.SIGKILL):
             logger.warning(
                 "pool %r: the embedded dask cluster's host process %d exited with status %d",

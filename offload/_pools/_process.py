@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 
 from .._errors import (
     PoolClosed,
@@ -44,6 +43,7 @@ from .._errors import (
     WorkerCrashed,
     describe_exit,
 )
+from .._helper_threads import run_in_helper_thread
 from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
@@ -458,7 +458,7 @@ class ProcessPool(Pool):
             if buffers and _wire.big((data, *buffers)):
                 # A large ``bytes`` is one copy, made by os.pread in a thread
                 # without the GIL; arrays are views on the received buffers.
-                return await anyio.to_thread.run_sync(decode_reply, call, data, buffers)
+                return await run_in_helper_thread(decode_reply, call, data, buffers)
             return decode_reply(call, data, buffers)
 
     def _claim(self, worker: WorkerHandle, call: Call) -> None:
@@ -530,7 +530,7 @@ class ProcessPool(Pool):
             go-ahead that will not come: it is stopped, and the call fails as a crash
         """
         try:
-            return await anyio.to_thread.run_sync(copy)
+            return await run_in_helper_thread(copy)
         except OSError as exc:
             if worker.proc.poll() is None:
                 logger.error(

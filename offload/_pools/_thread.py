@@ -23,9 +23,9 @@ from types import GeneratorType
 from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
-import anyio.to_thread
 
 from .._errors import CallCancelled, PoolOverloaded
+from .._helper_threads import run_in_helper_thread
 from .._types import generator_refusal
 from .._where import mark_worker_thread
 from ._base import Pool
@@ -231,7 +231,7 @@ class ThreadPool(Pool):
         self._threads.extend(threads)
         # Thread.start() waits until the new thread runs: 0.1-4 ms each on the 2-vCPU
         # VM while processes start, which the loop's thread must not spend.
-        await anyio.to_thread.run_sync(_start_all, threads)
+        await run_in_helper_thread(_start_all, threads)
 
     async def _execute(self, call: Call) -> Any:
         in_pool = self._in_pool
