@@ -59,6 +59,7 @@ from .._errors import (
     WorkerCrashed,
 )
 from .._helper_threads import run_in_helper_thread
+from .._where import mark_worker_thread
 from ._base import Pool
 from ._dask_host import host_config
 from ._sched import start_below
@@ -111,6 +112,7 @@ def _invoke(fn: Callable[..., Any], npos: int, names: tuple[str, ...], *values: 
     Every argument is positional in the task, so that none of the user's keywords
     can clash with ``Client.submit``'s own (``key``, ``workers``, ``pure``...).
     """
+    mark_worker_thread()  # a decorated function called in here runs inline
     if getattr(type(fn), "__offload_function__", False):
         fn = getattr(fn, "__wrapped__")  # noqa: B009
     return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))

@@ -216,6 +216,10 @@ async def test_user_exception_keeps_its_type_with_the_remote_traceback(
     assert await dask_ex.run(funcs.add, 2, 2) == 4
 
 
+async def test_a_decorated_function_calls_itself_in_a_dask_worker(dask_ex: Executor) -> None:
+    assert await dask_ex.run(funcs.fib, 12) == 144
+
+
 async def test_identical_calls_are_separate_calls(dask_ex: Executor) -> None:
     async def one(results: list[str]) -> None:
         results.append(await dask_ex.run(funcs.random_token))
