@@ -63,10 +63,17 @@ class OffloadedFunction(Generic[P, T]):
         # hence this one, and must not pay for anyio and pydantic it never uses.
         from ._default import current_offloader
 
-        offloader = await current_offloader()
-        executor = offloader.executor
-        if self._kind is not None:
-            executor = executor.pool(self._kind)
+        try:
+            offloader = await current_offloader()
+            executor = offloader.executor
+            if self._kind is not None:
+                executor = executor.pool(self._kind)
+        except BaseException as exc:
+            import anyio.lowlevel
+
+            if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                await anyio.lowlevel.checkpoint()  # as Executor.run: yields, failing or not
+            raise
         if self._timeout is not UNSET:
             executor = executor.options(timeout=self._timeout)
         return await executor.run(self, *args, **kwargs)

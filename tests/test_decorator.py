@@ -176,6 +176,10 @@ async def test_unknown_kind_raises_lookup_error_at_call_time(ex: Executor) -> No
     assert "gpu" in message
     assert "thread" in message
     assert "process" in message
+    with anyio.CancelScope() as scope:  # a checkpoint, even when refused at once
+        scope.cancel()
+        await fn(1, 2)
+    assert scope.cancelled_caught
 
 
 # -- which Offloader and which pool --------------------------------------------------------
