@@ -23,7 +23,8 @@ class PoolStats:
     abandoned thread counts until it ends), ``queued`` the calls waiting for one.
     Counts are totals since the pool started: a call ends ``completed``, ``failed``
     (it raised, or would not pickle), ``timed_out``, ``cancelled`` (by its caller),
-    ``crashed`` (its worker died), ``rejected`` (``PoolOverloaded``) or ``closed``
+    ``crashed`` (its worker died), ``rejected`` (``PoolOverloaded``; or
+    ``PoolStartError``: the pool had no worker for too long) or ``closed``
     (``PoolClosed``: refused by a stopped pool, or ended by a shutdown out of time);
     ``recycled`` counts workers replaced on purpose: after ``max_tasks_per_worker``
     calls, past ``max_memory_per_worker``, or (kind dask) restarted by ``hard_cancel``.

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 
-from .._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
+from .._errors import (
+    OffloadTimeout,
+    PoolClosed,
+    PoolOverloaded,
+    PoolStartError,
+    WorkerCrashed,
+)
 from .._stats import Counters, PoolStats
 
 if TYPE_CHECKING:
@@ -92,6 +98,7 @@ class Pool(ABC):
         :raises OffloadTimeout: the deadline passed; the work was stopped
         :raises PoolClosed: the pool is closing, or was forced shut during the call
         :raises PoolOverloaded: every worker is busy and the queue is full
+        :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds
         :raises WorkerCrashed: the worker died while running the call
         """
         counters = self.counters
@@ -119,7 +126,7 @@ class Pool(ABC):
         except WorkerCrashed:
             counters.crashed += 1
             raise
-        except PoolOverloaded:
+        except (PoolOverloaded, PoolStartError):  # refused: it never ran
             counters.rejected += 1
             raise
         except PoolClosed:

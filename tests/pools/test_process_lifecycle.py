@@ -135,6 +135,7 @@ async def test_calls_fail_with_pool_start_error_if_the_pool_does_not_recover(
         assert "exists" in str(info.value), info.value  # the initializer's error
         with anyio.fail_after(5), pytest.raises(PoolStartError):
             await pool.run(funcs.getpid)  # still broken: refused at once
+        assert pool.stats().rejected == 2
         flag.unlink()
         with anyio.fail_after(20):  # the back-off retries, and the pool heals
             while True:
