@@ -281,7 +281,7 @@ class OffloadSettings(BaseSettings):
             cancel_on_disconnect: bool = ...,
             lag_probe: bool = ...,
             lag_probe_interval: float = ...,
-            _env_file: str | None = ...,
+            _env_file: str | os.PathLike[str] | None = ...,
         ) -> None: ...
 
     @classmethod
