@@ -53,12 +53,22 @@ def newest_offloader() -> Offloader | None:
 
 
 def active_offloader() -> Offloader | None:
-    """The Offloader a decorated function should use here, if one is running."""
-    offloader = _entered.get()
-    if offloader is not None and offloader.running:
-        return offloader
+    """The Offloader a decorated function should use here, if one is running.
+
+    One that is shutting down still counts: its calls are refused with PoolClosed,
+    rather than handed to a default Offloader that would start behind its back.
+    """
+    entered = _entered.get()
+    if entered is not None and entered.running:
+        return entered
     running = _running.get(None)
-    return running[-1] if running else None
+    if not running:
+        return None
+    for offloader in reversed(running):
+        if offloader.running:
+            return offloader
+    # Every one is shutting down: the one entered here, else the newest.
+    return entered if entered is not None and entered in running else running[-1]
 
 
 class Offloader:
@@ -194,20 +204,28 @@ class Offloader:
         self._running = False
         if self in _everywhere:
             _everywhere.remove(self)
-        if self._register:
-            running = _running.get(None)
-            if running is not None and self in running:
-                running.remove(self)
-            if self._entered_token is not None:
-                try:
-                    _entered.reset(self._entered_token)
-                except ValueError:  # left from another context than it was entered in
-                    pass
         cancelled = exc_type is not None and issubclass(exc_type, anyio.get_cancelled_exc_class())
-        with anyio.CancelScope(shield=True):
-            await self._close_pools(0 if cancelled else self.settings.shutdown_timeout)
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._close_pools(0 if cancelled else self.settings.shutdown_timeout)
+        finally:
+            # Only now: until its pools are closed, decorated calls made here must find
+            # it, and be refused, rather than start a default Offloader.
+            self._unregister()
         await self._close_task_group()
         return None
+
+    def _unregister(self) -> None:
+        if not self._register:
+            return
+        running = _running.get(None)
+        if running is not None and self in running:
+            running.remove(self)
+        if self._entered_token is not None:
+            try:
+                _entered.reset(self._entered_token)
+            except ValueError:  # left from another context than it was entered in
+                pass
 
     async def _close_task_group(self) -> None:
         # Left in it: watchers of processes that are gone, replacements that will

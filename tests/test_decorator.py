@@ -10,9 +10,17 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 
-from offload import Executor, OffloadedFunction, Offloader, OffloadSettings, offload
+from offload import (
+    Executor,
+    OffloadedFunction,
+    Offloader,
+    OffloadSettings,
+    PoolClosed,
+    offload,
+)
 
 from . import funcs
 
@@ -327,3 +335,37 @@ def test_offload_above_classmethod_says_which_order() -> None:
 def test_decorated_method_wrapped_callable_synchronously() -> None:
     calc = funcs.Calc(2)
     assert funcs.Calc.add.__wrapped__(calc, 3) == (os.getpid(), 5)
+
+
+async def test_decorated_call_while_its_offloader_drains_is_refused(
+    thread_default: OffloadSettings,
+) -> None:
+    # Not handed to a default Offloader that would start behind the closing one's back.
+    release = threading.Event()
+    started = threading.Event()
+    off = Offloader(thread_default)
+    errors: list[BaseException] = []
+
+    async def hold(ex: Executor) -> None:
+        await ex.pool("thread").run(funcs.block_on, release, started)
+
+    async def call_while_draining() -> None:
+        try:
+            with anyio.fail_after(10):
+                while off.running:
+                    await anyio.sleep(0.01)
+                await funcs.bare_where()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            release.set()
+
+    try:
+        async with anyio.create_task_group() as tg, off as ex:
+            tg.start_soon(hold, ex)
+            await anyio.to_thread.run_sync(started.wait, 10)
+            tg.start_soon(call_while_draining)
+    finally:
+        release.set()
+    assert len(errors) == 1
+    assert isinstance(errors[0], PoolClosed), errors
