@@ -6,8 +6,9 @@ import functools
 import math
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -247,6 +248,15 @@ async def test_generator_returned_to_a_thread_call_is_refused(ex: Executor) -> N
     with pytest.raises(TypeError, match="generator"):
         await ex.pool("thread").run(_numbers_in_disguise, ran)
     assert ran == []  # its body never ran, on the loop or anywhere
+
+
+def _coroutine_in_disguise() -> Coroutine[Any, Any, None]:
+    return _coro()  # a plain function that returns a coroutine
+
+
+async def test_coroutine_returned_to_a_thread_call_is_refused(ex: Executor) -> None:
+    with pytest.raises(TypeError, match="coroutine"):
+        await ex.pool("thread").run(_coroutine_in_disguise)  # type: ignore[unused-coroutine]
 
 
 async def test_run_decorated_function(ex: Executor) -> None:

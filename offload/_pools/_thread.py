@@ -19,7 +19,7 @@ import functools
 import queue
 import threading
 from collections.abc import Callable
-from types import GeneratorType
+from types import CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
@@ -102,6 +102,12 @@ class _Job:
                 # Its body would run on the event loop's thread as the caller iterates.
                 result.close()
                 raise TypeError(generator_refusal(self.call.name))
+            if type(result) is CoroutineType:
+                result.close()  # never awaited, and no warning saying so
+                raise TypeError(
+                    f"{self.call.name} returned a coroutine: offload runs blocking "
+                    "functions; await async functions directly"
+                )
             self.result = result
         except BaseException as exc:
             self.error = exc
