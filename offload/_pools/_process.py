@@ -244,7 +244,7 @@ class ProcessPool(Pool):
                         self._failing_since = attempt
                     if anyio.current_time() - self._failing_since >= self.settings.start_timeout:
                         self._given_up = True
-                        self._slots.fail_waiters(self._start_error())
+                        self._slots.fail_waiters(self._no_worker_error())
             else:
                 self._start_failure = self._failing_since = None
                 self._given_up = False
@@ -252,7 +252,7 @@ class ProcessPool(Pool):
             await anyio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _start_error(self) -> PoolStartError:
+    def _no_worker_error(self) -> PoolStartError:
         assert self._start_failure is not None
         assert self._failing_since is not None
         error = PoolStartError(
@@ -396,7 +396,7 @@ class ProcessPool(Pool):
             if self._forced:
                 raise self._closed_error()
             if self._given_up and not self._ready:
-                raise self._start_error()
+                raise self._no_worker_error()
             worker = self._slots.take()
             started = False
             if worker is None:
