@@ -62,7 +62,21 @@ __all__ = ("ProcessPool",)
 
 logger = logging.getLogger("offload")
 
-_BOOT = "from offload._pools._worker import main; main()"
+# The parent's sys.path, from the command line, is the worker's before it imports
+# anything: ``-c`` puts the current directory first on the path, where a
+# ``socket.py`` would run in every worker (and offload itself may be importable only
+# from a directory of the parent's path). ``sys`` is built in: importing it reads no
+# directory.
+_BOOT = "import sys; sys.path[:] = sys.argv[4:]; from offload._pools._worker import main; main()"
+
+
+def _worker_command(*args: str) -> list[str]:
+    """The command line of a worker: this interpreter with the options it runs with
+    (``-E``, ``-s``, ``-O``, ``-X ...``, as multiprocessing passes them on), the boot,
+    ``args``, then the parent's ``sys.path``."""
+    # Private, but what multiprocessing's spawn uses for the same purpose.
+    flags: Callable[[], list[str]] = getattr(subprocess, "_args_from_interpreter_flags", list)
+    return [sys.executable, *flags(), "-c", _BOOT, *args, *sys.path]
 
 
 def _start_worker(
@@ -135,8 +149,7 @@ class ProcessPool(Pool):
 
     async def _spawn(self) -> WorkerHandle:
         parent, child = socket.socketpair()
-        args = [sys.executable, "-c", _BOOT, str(child.fileno()), str(self._death_r)]
-        args.append(str(os.getpid()))
+        args = _worker_command(str(child.fileno()), str(self._death_r), str(os.getpid()))
         try:
             # On the spawner thread (see _spawner.py); waited for even when
             # cancelled, so that a started process always reaches the pool.
@@ -162,7 +175,6 @@ class ProcessPool(Pool):
             with anyio.fail_after(START_TIMEOUT):
                 settings = self.settings
                 boot = (
-                    sys.path,
                     settings.max_payload,
                     self._cross_memory,
                     settings.initializer,

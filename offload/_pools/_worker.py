@@ -1,6 +1,7 @@
 """The worker process: read a call, run it, write the answer, repeat.
 
-Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID``.
+Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
+PATH...``, PATH the parent's ``sys.path``, installed before anything is imported.
 It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
 in a few tens of milliseconds.
 
@@ -64,8 +65,7 @@ def main() -> None:
     scratch = memoryview(bytearray(SCRATCH))
     data, received = recv_frame(sock, scratch)
     boot = decode(data, local(received))
-    sys_path, max_payload, cross_memory, initializer, initializer_args = boot
-    sys.path[:] = sys_path
+    max_payload, cross_memory, initializer, initializer_args = boot
     if initializer is not None:
         try:
             _import_string(initializer)(*initializer_args)
