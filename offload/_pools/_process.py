@@ -47,7 +47,7 @@ from .._errors import (
 from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
-from ._handle import WorkerHandle
+from ._handle import WorkerHandle, quiet_channel
 from ._sched import start_below
 from ._slots import SlotQueue
 from ._spawner import spawner, wait_future
@@ -162,6 +162,7 @@ class ProcessPool(Pool):
             raise
         finally:
             child.close()
+        parent = quiet_channel(parent)
         parent.setblocking(False)
         worker = WorkerHandle(proc, parent, self._loop)
         self._procs.add(worker)

@@ -3,6 +3,8 @@ they may use, and what becomes of the processes they start themselves."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +12,12 @@ from pathlib import Path
 import pytest
 
 from offload import Offloader, OffloadSettings
+from offload._pools import _cma, _sched
+from offload._settings import usable_cpus
 
 from .. import funcs
-from .test_process_faults import script_env
+from ..conftest import Backend, loop_name
+from .test_process_faults import IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT, run_script, script_env
 
 # A module named like one the worker imports at start, in the directory the
 # application runs in: if it is ever imported, it leaves a mark, then stands aside
@@ -76,3 +81,130 @@ def test_workers_run_with_the_interpreter_options_of_the_parent(tmp_path: Path) 
         check=False,
     )
     assert done.stdout.decode().split()[:1] == ["True"], done
+
+
+# -- features a system may lack ----------------------------------------------------------
+
+#: what each pool may use where the system has it, and lives without
+OPTIONAL_OS_FEATURES = [
+    "getpriority",
+    "setpriority",
+    "sched_setscheduler",
+    "sched_getscheduler",
+    "sched_param",
+    "SCHED_IDLE",
+    "pidfd_open",
+    "sched_getaffinity",
+    "memfd_create",
+]
+
+
+@pytest.mark.parametrize("name", OPTIONAL_OS_FEATURES)
+async def test_pool_runs_without_optional_os_feature(
+    name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delattr(os, name)
+    monkeypatch.setattr(_sched, "_nice_command", lambda: None)  # the parent lowers workers
+    usable_cpus.cache_clear()
+    caplog.set_level(logging.DEBUG, logger="offload")
+    settings = OffloadSettings(
+        process={"max_workers": 1, "idle_priority": name != "SCHED_IDLE", "cross_memory": False},
+        shutdown_timeout=5,
+    )
+    try:
+        async with Offloader(settings) as ex:
+            pool = ex.pool("process")
+            assert await pool.run(funcs.add, 2, 3) == 5
+            # 5 MiB answers are received into a memfd's mapping where there is one
+            assert len(await pool.run(funcs.make_bytes, 5 << 20)) == 5 << 20
+    finally:
+        usable_cpus.cache_clear()
+    if name in ("getpriority", "setpriority", "sched_setscheduler", "sched_param"):
+        assert any(name in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+
+
+async def test_pool_runs_where_memfd_create_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A seccomp profile may refuse a call that os has (EPERM, or ENOSYS under gVisor).
+    def refused(*args: object) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    settings = OffloadSettings(process={"max_workers": 1, "cross_memory": False})
+    async with Offloader(settings) as ex:
+        assert len(await ex.pool("process").run(funcs.make_bytes, 5 << 20)) == 5 << 20
+
+
+async def test_pool_runs_without_cross_memory_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_libc() -> None:
+        raise AttributeError("process_vm_readv")
+
+    monkeypatch.setattr(_cma, "_libc", no_libc)
+    _cma.available.cache_clear()
+    try:
+        async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+            data = await ex.pool("process").run(funcs.make_bytes, 5 << 20)
+            assert len(data) == 5 << 20
+    finally:
+        _cma.available.cache_clear()
+
+
+POLICY_SCRIPT = """
+import os
+import sys
+
+import anyio
+
+from offload import Offloader, OffloadSettings
+
+policy = getattr(os, sys.argv[1])
+os.sched_setscheduler(0, policy, os.sched_param(0))
+
+
+async def main():
+    pool = {"max_workers": 1, "niceness": int(sys.argv[2])}
+    async with Offloader(OffloadSettings(process=pool, lag_probe=False)) as ex:
+        pid = await ex.pool("process").run(os.getpid)
+        print(os.sched_getscheduler(pid) == policy, os.sched_getscheduler(pid), flush=True)
+
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize(
+    ("policy", "niceness"), [("SCHED_BATCH", 10), ("SCHED_BATCH", 0), ("SCHED_IDLE", 10)]
+)
+def test_workers_keep_the_scheduling_policy_of_the_parent(
+    policy: str, niceness: int, tmp_path: Path
+) -> None:
+    # A server run under SCHED_BATCH or SCHED_IDLE (chrt -b, chrt -i) must not get
+    # workers that compete as SCHED_OTHER.
+    script = tmp_path / "policy.py"
+    script.write_text(POLICY_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, str(script), policy, str(niceness)],
+        env=script_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.decode().split()[:1] == ["True"], done
+
+
+NO_SIGNAL_FLAG = """
+import offload._pools._handle
+
+# As on macOS: sends cannot ask for no SIGPIPE.
+offload._pools._handle._NO_SIGNAL = 0
+"""
+
+
+async def test_dead_worker_cannot_kill_the_parent_with_sigpipe_without_msg_nosignal(
+    tmp_path: Path, anyio_backend: Backend
+) -> None:
+    done = await run_script(
+        tmp_path, NO_SIGNAL_FLAG + IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT, loop_name(anyio_backend)
+    )
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, (done.returncode, stderr)
+    assert stdout.split() == ["7", "0"], (stdout, stderr)
