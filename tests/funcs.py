@@ -405,3 +405,12 @@ def scheduler_worker_pids(dask_scheduler: Any) -> list[int]:
 def scheduler_task_keys(dask_scheduler: Any) -> list[str]:
     """Run on a Dask scheduler: the keys of the tasks it holds."""
     return [str(key) for key in dask_scheduler.tasks]
+
+
+def runaway(limit_mib: int) -> int:
+    """Allocate (and touch) memory 1 MiB at a time, up to ``limit_mib``: a call whose
+    memory runs away; returns the MiB it got if nothing stopped it."""
+    chunks = []
+    for _ in range(limit_mib):
+        chunks.append(b"x" * (1 << 20))
+    return len(chunks)

@@ -178,6 +178,7 @@ class ProcessPool(Pool):
                 boot = (
                     settings.max_payload,
                     self._cross_memory,
+                    settings.hard_memory_limit,
                     settings.initializer,
                     settings.initializer_args,
                 )

@@ -65,7 +65,9 @@ def main() -> None:
     scratch = memoryview(bytearray(SCRATCH))
     data, received = recv_frame(sock, scratch)
     boot = decode(data, local(received))
-    max_payload, cross_memory, initializer, initializer_args = boot
+    max_payload, cross_memory, memory_limit, initializer, initializer_args = boot
+    if memory_limit is not None:
+        _cap_memory(memory_limit)
     if initializer is not None:
         try:
             _import_string(initializer)(*initializer_args)
@@ -79,6 +81,46 @@ def main() -> None:
         probe = address_of(PROBE)
     send_parts(sock, encode((OK, (os.getpid(), probe))))
     _serve(sock, scratch, max_payload, cross_memory)
+
+
+#: the cap set by :func:`_cap_memory`, in bytes; None: no cap
+_memory_cap: int | None = None
+
+
+def _cap_memory(limit: int) -> None:
+    """Cap the memory this process may map (heap and private mappings): past it an
+    allocation fails, and the call that made it gets MemoryError. The hard limit too,
+    so that the function cannot raise it again (unless privileged)."""
+    global _memory_cap
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    except (ImportError, AttributeError, OSError, ValueError):
+        return  # not POSIX: the parent documents the setting as having no effect
+    _memory_cap = limit
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is this capped worker running out of memory; if so, the
+    exception says which limit it met. The worker then leaves after its answer: its
+    heap may be fragmented, or held by what the call left behind."""
+    if _memory_cap is None or not isinstance(exc, MemoryError):
+        return False
+    note = (
+        f"the worker process {os.getpid()} ran out of memory under its "
+        f"hard_memory_limit of {_memory_cap} bytes ({_memory_cap / (1 << 20):.0f} MiB, "
+        "RLIMIT_DATA); it is replaced after this call"
+    )
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        notes.append(note)
+    else:
+        exc.__notes__ = [note]  # what add_note (3.11+) does; 3.10 has no add_note
+    return True
 
 
 def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_memory: bool) -> None:
@@ -97,6 +139,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         except (EOFError, ConnectionError):
             return  # the parent closed the channel: a clean stop
         reply: tuple[int, Any]
+        spent = False
         try:
             blob, args, kwargs = decode(data, buffers)
             fn = _load_function(blob)
@@ -107,6 +150,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             try:
                 reply = (OK, out_of_band(fn(*args, **kwargs)))
             except BaseException as exc:
+                spent = _out_of_memory(exc)
                 reply = _exception_reply(exc)
             del args, kwargs
         try:
@@ -117,12 +161,18 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         size = parts.size
         if size > max_payload:
             parts = encode((TOO_LARGE, (size, max_payload)))
+        if spent and not parts.remote:
+            # A call sent to it from now on fails to send (EPIPE), and the parent
+            # gives it to another worker, rather than to one about to leave.
+            sock.shutdown(socket.SHUT_RD)
         send_parts(sock, parts)
         if parts.remote:
             try:
                 recv_go_ahead(sock)  # the parent has read them
             except (EOFError, ConnectionError):
                 return
+        if spent:
+            return
         del parts
 
 

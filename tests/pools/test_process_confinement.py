@@ -5,19 +5,29 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
+from pydantic import ValidationError
 
-from offload import Offloader, OffloadSettings
+from offload import Offloader, OffloadSettings, PoolSettings
 from offload._pools import _cma, _sched
 from offload._settings import usable_cpus
 
 from .. import funcs
 from ..conftest import Backend, loop_name
-from .test_process_faults import IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT, run_script, script_env
+from .test_process_faults import (
+    IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT,
+    run_script,
+    script_env,
+    wait_until,
+    worker_pids,
+)
 
 # A module named like one the worker imports at start, in the directory the
 # application runs in: if it is ever imported, it leaves a mark, then stands aside
@@ -208,3 +218,72 @@ async def test_dead_worker_cannot_kill_the_parent_with_sigpipe_without_msg_nosig
     stdout, stderr = done.stdout.decode(), done.stderr.decode()
     assert done.returncode == 0, (done.returncode, stderr)
     assert stdout.split() == ["7", "0"], (stdout, stderr)
+
+
+# -- hard memory limit -----------------------------------------------------------------
+
+
+async def test_hard_memory_limit_fails_the_runaway_call_alone() -> None:
+    settings = OffloadSettings(
+        process={"max_workers": 2, "hard_memory_limit": "256MiB"}, shutdown_timeout=5
+    )
+    ours = resource.getrlimit(resource.RLIMIT_DATA)
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        other: list[str] = []
+
+        async def run_other() -> None:
+            other.append(await pool.run(funcs.sleep_then, 1.0, "other"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_other)  # on the other worker meanwhile: untouched
+            with pytest.raises(MemoryError) as info:
+                await pool.run(funcs.runaway, 4096)  # 4 GiB, were nothing to stop it
+        assert other == ["other"]
+        notes = "\n".join(getattr(info.value, "__notes__", ()))
+        assert "hard_memory_limit of 268435456 bytes (256 MiB" in notes, notes
+        # Its worker is replaced: its heap may be fragmented, or held by what the call
+        # left behind. The pool carries on, with as many workers as before.
+        await wait_until(lambda: len(worker_pids()) == 2, 10, "a replacement worker")
+        assert await pool.run(funcs.runaway, 16) == 16
+        assert pool.stats().crashed == 0
+    assert resource.getrlimit(resource.RLIMIT_DATA) == ours
+
+
+async def test_calls_queued_behind_a_runaway_call_run_on_its_replacement() -> None:
+    settings = OffloadSettings(
+        process={"max_workers": 1, "hard_memory_limit": "256MiB"}, shutdown_timeout=5
+    )
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        first = await pool.run(funcs.getpid)
+        results: list[int] = []
+
+        async def queued(i: int) -> None:
+            results.append(await pool.run(funcs.add, i, 0))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):
+                tg.start_soon(queued, i)  # the first may take the worker first: fine too
+            with pytest.raises(MemoryError):
+                await pool.run(funcs.runaway, 4096)
+        assert sorted(results) == [0, 1, 2, 3]
+        assert await pool.run(funcs.getpid) != first
+        assert pool.stats().crashed == 0
+
+
+@pytest.mark.parametrize("pools", [{"thread": {}}, {"pools": {"d": {"kind": "dask"}}}])
+def test_hard_memory_limit_is_refused_where_it_cannot_hold(pools: dict[str, Any]) -> None:
+    [(name, pool)] = pools.items()
+    if name == "thread":
+        pool["hard_memory_limit"] = "1GB"
+    else:
+        pool["d"]["hard_memory_limit"] = "1GB"
+    with pytest.raises(ValidationError, match="hard_memory_limit"):
+        OffloadSettings(**pools)
+
+
+def test_hard_memory_limit_takes_sizes() -> None:
+    settings = PoolSettings.model_validate({"hard_memory_limit": "512MiB"})
+    assert settings.hard_memory_limit == 512 << 20
+    assert PoolSettings().hard_memory_limit is None
