@@ -414,3 +414,23 @@ def runaway(limit_mib: int) -> int:
     for _ in range(limit_mib):
         chunks.append(b"x" * (1 << 20))
     return len(chunks)
+
+
+#: a program that would run for a minute, and ignores SIGTERM
+STUBBORN_PROGRAM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+)
+
+
+def start_program(path: str, wait: bool) -> int:
+    """Start a program that would run for a minute (ignoring SIGTERM) and write its pid
+    to ``path``; wait for it if ``wait``, else leave it running. Returns its pid."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN_PROGRAM])
+    Path(path + ".tmp").write_text(str(proc.pid))
+    os.replace(path + ".tmp", path)
+    if wait:
+        proc.wait()
+    return proc.pid

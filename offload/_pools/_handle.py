@@ -282,6 +282,28 @@ class WorkerHandle:
             return 0
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to the worker and to every process of its process group (what
+        its calls started), unless the worker has been reaped: its pid, and so the
+        group's id, may then be another process's."""
+        if self.proc.returncode is None:
+            self._signal_group(sig)
+
+    def end_group(self) -> None:
+        """SIGKILL what is left of the worker's process group: the programs its calls
+        started, which outlive it otherwise. Right after the worker's exit is seen:
+        while a process is left in it, the group's id cannot be reused."""
+        self._signal_group(signal.SIGKILL)
+
+    def _signal_group(self, sig: int) -> None:
+        killpg = getattr(os, "killpg", None)
+        if killpg is not None:
+            try:
+                killpg(self.pid, sig)
+                return
+            except ProcessLookupError:
+                return  # nothing left in it
+            except PermissionError:
+                pass  # not its own group after all (a pid the worker no longer leads)
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)

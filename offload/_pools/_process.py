@@ -82,8 +82,14 @@ def _worker_command(*args: str) -> list[str]:
 def _start_worker(
     args: list[str], fds: tuple[int, ...], settings: PoolSettings
 ) -> subprocess.Popen[bytes]:
-    """Start a worker process, below the event loop from its start (``_sched.py``)."""
-    return start_below(args, settings, pass_fds=fds, stdin=subprocess.DEVNULL)
+    """Start a worker process, below the event loop from its start (``_sched.py``).
+
+    In a session of its own, so that the programs its calls start share its process
+    group, and end with it (:meth:`WorkerHandle.end_group`).
+    """
+    return start_below(
+        args, settings, pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 #: seconds a worker may take to start (interpreter, sys.path, initializer)
@@ -267,6 +273,7 @@ class ProcessPool(Pool):
         if worker.exited.is_set():
             return
         worker.proc.poll()
+        worker.end_group()
         self._procs.discard(worker)
         worker.exited.set()
         if not worker.held:

@@ -60,6 +60,7 @@ def main() -> None:
     # what happens to running calls, so a worker must not die of it mid-call.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(death_fd, parent_pid)
+    _guard_group()
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH))
@@ -231,16 +232,71 @@ def _import_string(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def _die_with_parent(death_fd: int, parent_pid: int) -> None:
-    signalled = False
-    if sys.platform == "linux":
-        import ctypes
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """Linux's ``prctl(2)``, or None."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
 
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            signalled = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
-        except (OSError, AttributeError):
-            pass
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+#: the guard: killed with its process group when SIGHUP comes, asleep until then (a
+#: ``read`` from a pipe it holds both ends of; a trapped signal interrupts it)
+_GUARD = "trap 'kill -KILL 0' HUP; while read -r _; do :; done"
+#: the guard's $0, by which ``ps`` and tests tell it apart
+GUARD_NAME = "offload-guard"
+
+
+def _guard_group() -> None:
+    """Start a guard that ends this worker's process group when the worker dies.
+
+    The worker leads a process group of its own (the parent starts it in a new
+    session), which the programs its calls start join. The parent ends that group
+    whenever it sees the worker exit; the guard does when the parent cannot, because
+    it is dead (its death killed the worker, by a death signal nothing can handle).
+    The guard is a shell, in the group, that asks for SIGHUP at the worker's death
+    (``PR_SET_PDEATHSIG``, which survives its exec) and then kills its group, itself
+    included: one small process per worker, asleep, holding none of the worker's
+    descriptors. Linux only, and where there is a ``/bin/sh``: elsewhere the parent
+    alone ends the group, and a program outlives a killed parent.
+    """
+    prctl = _prctl()
+    if prctl is None or os.getpgid(0) != os.getpid() or not os.path.exists("/bin/sh"):
+        return  # not a group of its own, or no way to guard it
+    worker = os.getpid()
+    if os.fork() != 0:
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        read_end, write_end = os.pipe()  # never written to, never closed: no EOF
+        os.dup2(read_end, 0)
+        os.dup2(write_end, 3)
+        os.closerange(4, _max_fd())
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGHUP) != 0 or os.getppid() != worker:
+            os.killpg(0, signal.SIGKILL)  # dead already, or it could not be watched
+        os.execv("/bin/sh", ["/bin/sh", "-c", _GUARD, GUARD_NAME])
+    finally:
+        os._exit(1)
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 1 << 16
+
+
+def _die_with_parent(death_fd: int, parent_pid: int) -> None:
+    prctl = _prctl()
+    signalled = prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before we could ask to die with it
     if signalled:

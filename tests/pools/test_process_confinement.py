@@ -3,9 +3,11 @@ they may use, and what becomes of the processes they start themselves."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,14 @@ import anyio
 import pytest
 from pydantic import ValidationError
 
-from offload import Offloader, OffloadSettings, PoolSettings
+from offload import (
+    Offloader,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolClosed,
+    PoolSettings,
+    WorkerCrashed,
+)
 from offload._pools import _cma, _sched
 from offload._settings import usable_cpus
 
@@ -23,6 +32,7 @@ from .. import funcs
 from ..conftest import Backend, loop_name
 from .test_process_faults import (
     IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT,
+    gone,
     run_script,
     script_env,
     wait_until,
@@ -287,3 +297,97 @@ def test_hard_memory_limit_takes_sizes() -> None:
     settings = PoolSettings.model_validate({"hard_memory_limit": "512MiB"})
     assert settings.hard_memory_limit == 512 << 20
     assert PoolSettings().hard_memory_limit is None
+
+
+# -- what a function starts ends with its worker ---------------------------------------
+
+
+async def program_pid(path: Path) -> int:
+    """The pid a call of ``funcs.start_program`` wrote to ``path``, once written."""
+    await wait_until(path.exists, 30, f"{path} written by the call")
+    return int(path.read_text())
+
+
+def kill_if_alive(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["deadline", "cancel", "crash", "shutdown", "left running"])
+async def test_a_program_the_call_started_ends_with_its_worker(how: str, tmp_path: Path) -> None:
+    path = tmp_path / "pid"
+    programs: list[int] = []
+    settings = OffloadSettings(process={"max_workers": 1}, shutdown_timeout=0.5)
+    try:
+        async with anyio.create_task_group() as tg, Offloader(settings) as ex:
+            pool = ex.pool("process")
+            worker = await pool.run(funcs.getpid)
+            if how == "deadline":
+                with pytest.raises(OffloadTimeout):
+                    await pool.options(timeout=3).run(funcs.start_program, str(path), True)
+                assert path.exists(), "the program did not start within the deadline"
+                programs.append(int(path.read_text()))
+            elif how == "left running":
+                # the call returns; the program it left behind goes with the pool
+                programs.append(await pool.run(funcs.start_program, str(path), False))
+                assert not gone(programs[0])
+            else:
+                scope = anyio.CancelScope()
+
+                async def call() -> None:
+                    with scope, contextlib.suppress(WorkerCrashed, PoolClosed):
+                        await pool.run(funcs.start_program, str(path), True)
+
+                tg.start_soon(call)
+                programs.append(await program_pid(path))
+                if how == "cancel":
+                    scope.cancel()
+                elif how == "crash":
+                    os.kill(worker, signal.SIGKILL)
+                # shutdown: the Offloader is left while the call runs
+        await wait_until(lambda: gone(programs[0]), 10, f"program {programs} ended")
+    finally:
+        for pid in programs:
+            kill_if_alive(pid)
+
+
+KILLED_PARENT = """
+import sys
+
+import anyio
+
+from offload import Offloader, OffloadSettings
+from tests import funcs
+
+
+async def main():
+    async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ex.pool("process").run, funcs.start_program, sys.argv[1], True)
+            await anyio.sleep(60)  # SIGKILLed meanwhile
+
+
+anyio.run(main)
+"""
+
+
+async def test_a_program_the_call_started_ends_when_the_parent_is_killed(tmp_path: Path) -> None:
+    # The worker dies of its parent's death (PR_SET_PDEATHSIG); what it started must
+    # not outlive it, adopted by init.
+    path = tmp_path / "pid"
+    script = tmp_path / "parent.py"
+    script.write_text(KILLED_PARENT)
+    program = None
+    parent = await anyio.open_process(
+        [sys.executable, str(script), str(path)], env=script_env(), stdout=None, stderr=None
+    )
+    try:
+        async with parent:
+            program = await program_pid(path)
+            parent.kill()
+            with anyio.fail_after(10):
+                await parent.wait()
+        await wait_until(lambda: gone(program), 10, f"program {program} ended")
+    finally:
+        if program is not None:
+            kill_if_alive(program)
