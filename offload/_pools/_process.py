@@ -51,6 +51,7 @@ from ._handle import WorkerHandle, quiet_channel
 from ._sched import start_below
 from ._slots import SlotQueue
 from ._spawner import spawner, wait_future
+from ._worker import EXIT_OUT_OF_MEMORY
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -286,7 +287,13 @@ class ProcessPool(Pool):
         unexpected = worker in self._ready
         self._ready.discard(worker)
         self._slots.remove_idle(worker)
-        if unexpected and worker.call is None:  # a crash mid-call is logged by its caller
+        if worker.returncode == EXIT_OUT_OF_MEMORY:
+            logger.info(
+                "pool %r: worker %d left after a call ran out of its hard_memory_limit",
+                self.name,
+                worker.pid,
+            )
+        elif unexpected and worker.call is None:  # a crash mid-call is logged by its caller
             logger.warning(
                 "pool %r: idle worker %d %s",
                 self.name,

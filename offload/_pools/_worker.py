@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ("main",)
 
 _PR_SET_PDEATHSIG = 1
+#: the exit status of a worker that leaves after running out of its memory cap
+EXIT_OUT_OF_MEMORY = 75
 
 
 def main() -> None:
@@ -173,7 +175,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             except (EOFError, ConnectionError):
                 return
         if spent:
-            return
+            sys.exit(EXIT_OUT_OF_MEMORY)
         del parts
 
 

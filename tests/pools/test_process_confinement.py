@@ -233,7 +233,10 @@ async def test_dead_worker_cannot_kill_the_parent_with_sigpipe_without_msg_nosig
 # -- hard memory limit -----------------------------------------------------------------
 
 
-async def test_hard_memory_limit_fails_the_runaway_call_alone() -> None:
+async def test_hard_memory_limit_fails_the_runaway_call_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="offload")
     settings = OffloadSettings(
         process={"max_workers": 2, "hard_memory_limit": "256MiB"}, shutdown_timeout=5
     )
@@ -258,6 +261,8 @@ async def test_hard_memory_limit_fails_the_runaway_call_alone() -> None:
         assert await pool.run(funcs.runaway, 16) == 16
         assert pool.stats().crashed == 0
     assert resource.getrlimit(resource.RLIMIT_DATA) == ours
+    assert any("ran out of its hard_memory_limit" in r.getMessage() for r in caplog.records)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 async def test_calls_queued_behind_a_runaway_call_run_on_its_replacement() -> None:
