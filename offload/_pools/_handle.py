@@ -288,11 +288,37 @@ class WorkerHandle:
         if self.proc.returncode is None:
             self._signal_group(sig)
 
-    def end_group(self) -> None:
+    def end_group(self) -> bool:
         """SIGKILL what is left of the worker's process group: the programs its calls
-        started, which outlive it otherwise. Right after the worker's exit is seen:
-        while a process is left in it, the group's id cannot be reused."""
+        started, which outlive it otherwise. Right after the worker's exit is seen, and
+        it is reaped: while a process is left in the group, its id cannot be reused.
+
+        Returns whether some of them are this process's to reap: they were orphaned,
+        and this process adopts orphans (a container's PID 1, a subreaper); see
+        :meth:`reap_group`.
+        """
         self._signal_group(signal.SIGKILL)
+        return self._reap_group()
+
+    async def reap_group(self) -> None:
+        """Reap the processes of the worker's group that :meth:`end_group` left to this
+        process, as they die (SIGKILL takes effect soon, not at once)."""
+        with anyio.move_on_after(5):
+            while self._reap_group():  # noqa: ASYNC110 (no event: nobody is told)
+                await anyio.sleep(0.05)
+
+    def _reap_group(self) -> bool:
+        """Reap what of the worker's group is this process's and dead; whether some of
+        it is this process's and still alive."""
+        if self.proc.returncode is None or not hasattr(os, "WNOHANG"):
+            return False  # the worker itself is its Popen's to reap
+        while True:
+            try:
+                pid, _ = os.waitpid(-self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return False  # none of them is this process's: the usual case
+            if pid == 0:
+                return True
 
     def _signal_group(self, sig: int) -> None:
         killpg = getattr(os, "killpg", None)

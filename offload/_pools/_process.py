@@ -274,7 +274,8 @@ class ProcessPool(Pool):
         if worker.exited.is_set():
             return
         worker.proc.poll()
-        worker.end_group()
+        if worker.end_group():
+            self._task_group.start_soon(worker.reap_group)
         self._procs.discard(worker)
         worker.exited.set()
         if not worker.held:

@@ -396,3 +396,64 @@ async def test_a_program_the_call_started_ends_when_the_parent_is_killed(tmp_pat
     finally:
         if program is not None:
             kill_if_alive(program)
+
+
+ADOPTING_PARENT = """
+import ctypes
+import sys
+
+import anyio
+import psutil
+
+from offload import Offloader, OffloadSettings, OffloadTimeout
+from tests import funcs
+
+# Like a server run as a container's PID 1: orphans are adopted by this process.
+PR_SET_CHILD_SUBREAPER = 36
+assert ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+
+
+def strays():
+    found = []
+    for child in psutil.Process().children():
+        try:
+            if "offload._pools._worker" in " ".join(child.cmdline()):
+                continue
+        except psutil.Error:  # a zombie
+            pass
+        found.append(child.pid)
+    return found
+
+
+async def main():
+    async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+        pool = ex.pool("process")
+        try:
+            await pool.options(timeout=3).run(funcs.start_program, sys.argv[1], True)
+        except OffloadTimeout:
+            pass
+        with anyio.move_on_after(10):
+            while strays():
+                await anyio.sleep(0.05)
+        print(strays(), flush=True)
+
+
+anyio.run(main)
+"""
+
+
+def test_a_parent_that_adopts_orphans_reaps_what_a_killed_worker_started(
+    tmp_path: Path,
+) -> None:
+    # The program and the worker's guard, orphaned, are this process's: it must
+    # reap them, or each killed worker leaves zombies for the life of the server.
+    script = tmp_path / "reaper.py"
+    script.write_text(ADOPTING_PARENT)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "pid")],
+        env=script_env(),
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.decode().split() == ["[]"], done
