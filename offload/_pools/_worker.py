@@ -13,6 +13,7 @@ exits when its channel reaches EOF.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import functools
 import os
@@ -62,35 +63,28 @@ def main() -> None:
     # it started otherwise, the parent decides what happens to running calls.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(death_fd, parent_pid)
-    guard = _guard_group()
-    try:
-        faulthandler.enable()  # a segfaulting function leaves its stack on stderr
-        sock = socket.socket(fileno=channel_fd)
-        scratch = memoryview(bytearray(SCRATCH))
-        data, received = recv_frame(sock, scratch)
-        boot = decode(data, local(received))
-        max_payload, cross_memory, memory_limit, initializer, initializer_args = boot
-        if memory_limit is not None:
-            _cap_memory(memory_limit)
-        if initializer is not None:
-            try:
-                _import_string(initializer)(*initializer_args)
-            except BaseException:
-                send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
-                sys.exit(1)
-        probe = 0
-        if cross_memory:
-            from ._cma import PROBE, address_of
+    _guard_group()
+    faulthandler.enable()  # a segfaulting function leaves its stack on stderr
+    sock = socket.socket(fileno=channel_fd)
+    scratch = memoryview(bytearray(SCRATCH))
+    data, received = recv_frame(sock, scratch)
+    boot = decode(data, local(received))
+    max_payload, cross_memory, memory_limit, initializer, initializer_args = boot
+    if memory_limit is not None:
+        _cap_memory(memory_limit)
+    if initializer is not None:
+        try:
+            _import_string(initializer)(*initializer_args)
+        except BaseException:
+            send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
+            sys.exit(1)
+    probe = 0
+    if cross_memory:
+        from ._cma import PROBE, address_of
 
-            probe = address_of(PROBE)
-        send_parts(sock, encode((OK, (os.getpid(), probe))))
-        _serve(sock, scratch, max_payload, cross_memory)
-    finally:
-        if guard is not None:
-            # Reaped by the worker that started it, not left to whoever adopts it
-            # (the server itself, run as a container's PID 1, never would).
-            os.kill(guard, signal.SIGKILL)
-            os.waitpid(guard, 0)
+        probe = address_of(PROBE)
+    send_parts(sock, encode((OK, (os.getpid(), probe))))
+    _serve(sock, scratch, max_payload, cross_memory)
 
 
 #: the cap set by :func:`_cap_memory`, in bytes; None: no cap
@@ -262,7 +256,7 @@ _GUARD = "trap 'kill -KILL 0' HUP; while read -r _; do :; done"
 GUARD_NAME = "offload-guard"
 
 
-def _guard_group() -> int | None:
+def _guard_group() -> None:
     """Start a guard that ends this worker's process group when the worker dies.
 
     The worker leads a process group of its own (the parent starts it in a new
@@ -273,16 +267,19 @@ def _guard_group() -> int | None:
     (``PR_SET_PDEATHSIG``, which survives its exec) and then kills its group, itself
     included: one small process per worker, asleep, holding none of the worker's
     descriptors. Linux only, and where there is a ``/bin/sh``: elsewhere the parent
-    alone ends the group, and a program outlives a killed parent. Returns the guard's
-    pid.
+    alone ends the group, and a program outlives a killed parent.
+
+    A worker that exits cleanly kills and reaps its guard first, rather than leave it
+    to whoever adopts orphans (the server itself, as a container's PID 1).
     """
     prctl = _prctl()
     if prctl is None or os.getpgid(0) != os.getpid() or not os.path.exists("/bin/sh"):
-        return None  # not a group of its own, or no way to guard it
+        return  # not a group of its own, or no way to guard it
     worker = os.getpid()
     guard = os.fork()
     if guard != 0:
-        return guard
+        atexit.register(_end_guard, guard, worker)
+        return
     try:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (1, 2):
@@ -296,6 +293,12 @@ def _guard_group() -> int | None:
         os.execv("/bin/sh", ["/bin/sh", "-c", _GUARD, GUARD_NAME])
     finally:
         os._exit(1)
+
+
+def _end_guard(guard: int, worker: int) -> None:
+    if os.getpid() == worker:  # not in a process a call forked, which exits too
+        os.kill(guard, signal.SIGKILL)
+        os.waitpid(guard, 0)
 
 
 def _max_fd() -> int:
