@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-#: processes that live until their parent exits, by design: not left behind
-HELPERS = ("resource_tracker", "semaphore_tracker", "forkserver")
+#: processes that live until their parent exits, by design: not left behind (a
+#: worker's guard ends its process group when it exits: offload/_pools/_worker.py)
+HELPERS = ("resource_tracker", "semaphore_tracker", "forkserver", "offload-guard")
 
 
 def is_helper(proc: Any) -> bool:

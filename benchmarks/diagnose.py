@@ -221,7 +221,7 @@ async def slices(runs: int) -> None:
         )
 
 
-def _no_slice(pid: int, nice: int, nanoseconds: int) -> None:
+def _no_slice(pid: int, nanoseconds: int) -> None:
     """Stands in for ``_sched._ask_for_slice``: workers keep the kernel's slice."""
 
 

@@ -35,6 +35,7 @@ __all__ = ("LagProbe", "LoopStats")
 
 #: how many recent samples the percentiles are computed over
 LAG_WINDOW = 1024
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # not on Windows, where the open fails anyway
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +129,7 @@ class _CpuWait:
 
     def __enter__(self) -> _CpuWait:
         with contextlib.suppress(OSError):
-            self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | _O_CLOEXEC)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -81,6 +81,14 @@ class PoolSettings(BaseModel):
         default=None,
         description='replace a worker process whose resident memory passes this (bytes or "512MB")',
     )
+    hard_memory_limit: ByteSize | None = Field(
+        default=None,
+        gt=0,
+        description="kind process: the most heap and private memory each worker process "
+        'may map (bytes or "1GB"; RLIMIT_DATA): a call that allocates past it fails alone '
+        "with MemoryError, whose note names the limit, and its worker is replaced; mapped, "
+        "not resident, memory: see Notes",
+    )
     max_payload: ByteSize = Field(
         default=ByteSize(1 << 30),
         gt=0,
@@ -139,6 +147,11 @@ class PoolSettings(BaseModel):
     def _refuse_what_the_kind_cannot_do(self) -> None:
         if self.hard_cancel and self.kind == "thread":
             raise ValueError("hard_cancel: a thread cannot be stopped; use kind process or dask")
+        if self.hard_memory_limit is not None and self.kind in ("thread", "dask"):
+            raise ValueError(
+                f"hard_memory_limit: a {self.kind} pool's memory cannot be capped per call; "
+                "use kind process"
+            )
 
     @field_validator("initializer")
     @classmethod
@@ -211,6 +224,7 @@ class PoolSettingsDict(TypedDict, total=False):
     initializer_args: tuple[Any, ...]
     max_tasks_per_worker: int | None
     max_memory_per_worker: int | str | None
+    hard_memory_limit: int | str | None
     max_payload: int | str
     cross_memory: bool
     niceness: int

@@ -443,3 +443,32 @@ def scheduler_worker_pids(dask_scheduler: Any) -> list[int]:
 def scheduler_task_keys(dask_scheduler: Any) -> list[str]:
     """Run on a Dask scheduler: the keys of the tasks it holds."""
     return [str(key) for key in dask_scheduler.tasks]
+
+
+def runaway(limit_mib: int) -> int:
+    """Allocate (and touch) memory 1 MiB at a time, up to ``limit_mib``: a call whose
+    memory runs away; returns the MiB it got if nothing stopped it."""
+    chunks = []
+    for _ in range(limit_mib):
+        chunks.append(b"x" * (1 << 20))
+    return len(chunks)
+
+
+#: a program that would run for a minute, and ignores SIGTERM
+STUBBORN_PROGRAM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+)
+
+
+def start_program(path: str, wait: bool) -> int:
+    """Start a program that would run for a minute (ignoring SIGTERM) and write its pid
+    to ``path``; wait for it if ``wait``, else leave it running. Returns its pid."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", STUBBORN_PROGRAM])
+    Path(path + ".tmp").write_text(str(proc.pid))
+    os.replace(path + ".tmp", path)
+    if wait:
+        proc.wait()
+    return proc.pid

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
+import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -18,7 +21,7 @@ from . import _wire
 if TYPE_CHECKING:
     from .._call import Call
 
-__all__ = ("WorkerHandle",)
+__all__ = ("WorkerHandle", "quiet_channel")
 
 #: bytes one system call may move: while the worker keeps up on the other end, a
 #: single recv or send of a large frame would otherwise copy on and on
@@ -29,6 +32,51 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: a send to a dead worker fails with EPIPE instead of raising SIGPIPE, even in an
 #: application that restored SIGPIPE's default action (Python ignores it)
 _NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+#: where sends have no such flag (macOS), the socket option that does the same
+_SO_NOSIGPIPE: int | None = getattr(
+    socket, "SO_NOSIGPIPE", 0x1022 if sys.platform == "darwin" else None
+)
+
+logger = logging.getLogger("offload")
+
+
+def quiet_channel(sock: socket.socket) -> socket.socket:
+    """``sock``, or a socket on the same descriptor, whose sends to a dead worker fail
+    with EPIPE and never raise SIGPIPE: :data:`_NO_SIGNAL` where sends have the flag,
+    else ``SO_NOSIGPIPE``, else SIGPIPE blocked around each send."""
+    if _NO_SIGNAL:
+        return sock
+    if _SO_NOSIGPIPE is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
+        except OSError:
+            pass
+        else:
+            return sock
+    if not hasattr(signal, "pthread_sigmask"):
+        return sock  # Windows: no SIGPIPE
+    logger.debug("neither MSG_NOSIGNAL nor SO_NOSIGPIPE here: SIGPIPE is blocked around sends")
+    return _SigpipeBlocked(fileno=sock.detach())
+
+
+class _SigpipeBlocked(socket.socket):
+    """A socket whose ``sendmsg`` runs with SIGPIPE blocked in the calling thread, and
+    takes back the SIGPIPE a send to a closed peer leaves pending."""
+
+    __slots__ = ()
+
+    def sendmsg(self, *args: Any) -> int:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGPIPE,))
+        if signal.SIGPIPE in old:  # blocked already: whoever blocked it handles it
+            return super().sendmsg(*args)
+        try:
+            return super().sendmsg(*args)
+        except BrokenPipeError:
+            if signal.SIGPIPE in signal.sigpending():
+                signal.sigwait((signal.SIGPIPE,))
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class WorkerHandle:
@@ -234,6 +282,54 @@ class WorkerHandle:
             return 0
 
     def signal(self, sig: int) -> None:
+        """Send ``sig`` to the worker and to every process of its process group (what
+        its calls started), unless the worker has been reaped: its pid, and so the
+        group's id, may then be another process's."""
+        if self.proc.returncode is None:
+            self._signal_group(sig)
+
+    def end_group(self) -> bool:
+        """SIGKILL what is left of the worker's process group: the programs its calls
+        started, which outlive it otherwise. Right after the worker's exit is seen, and
+        it is reaped: while a process is left in the group, its id cannot be reused.
+
+        Returns whether some of them are this process's to reap: they were orphaned,
+        and this process adopts orphans (a container's PID 1, a subreaper); see
+        :meth:`reap_group`.
+        """
+        self._signal_group(signal.SIGKILL)
+        return self._reap_group()
+
+    async def reap_group(self) -> None:
+        """Reap the processes of the worker's group that :meth:`end_group` left to this
+        process, as they die (SIGKILL takes effect soon, not at once)."""
+        with anyio.move_on_after(5):
+            while self._reap_group():  # noqa: ASYNC110 (no event: nobody is told)
+                await anyio.sleep(0.05)
+
+    def _reap_group(self) -> bool:
+        """Reap what of the worker's group is this process's and dead; whether some of
+        it is this process's and still alive."""
+        if self.proc.returncode is None or not hasattr(os, "WNOHANG"):
+            return False  # the worker itself is its Popen's to reap
+        while True:
+            try:
+                pid, _ = os.waitpid(-self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return False  # none of them is this process's: the usual case
+            if pid == 0:
+                return True
+
+    def _signal_group(self, sig: int) -> None:
+        killpg = getattr(os, "killpg", None)
+        if killpg is not None:
+            try:
+                killpg(self.pid, sig)
+                return
+            except ProcessLookupError:
+                return  # nothing left in it
+            except PermissionError:
+                pass  # not its own group after all (a pid the worker no longer leads)
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(sig)

@@ -47,10 +47,11 @@ from .._helper_threads import run_in_helper_thread
 from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
-from ._handle import WorkerHandle
+from ._handle import WorkerHandle, quiet_channel
 from ._sched import start_below
 from ._slots import SlotQueue
 from ._spawner import spawner, wait_future
+from ._worker import EXIT_OUT_OF_MEMORY
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -62,14 +63,34 @@ __all__ = ("ProcessPool",)
 
 logger = logging.getLogger("offload")
 
-_BOOT = "from offload._pools._worker import main; main()"
+# The parent's sys.path, from the command line, is the worker's before it imports
+# anything: ``-c`` puts the current directory first on the path, where a
+# ``socket.py`` would run in every worker (and offload itself may be importable only
+# from a directory of the parent's path). ``sys`` is built in: importing it reads no
+# directory.
+_BOOT = "import sys; sys.path[:] = sys.argv[4:]; from offload._pools._worker import main; main()"
+
+
+def _worker_command(*args: str) -> list[str]:
+    """The command line of a worker: this interpreter with the options it runs with
+    (``-E``, ``-s``, ``-O``, ``-X ...``, as multiprocessing passes them on), the boot,
+    ``args``, then the parent's ``sys.path``."""
+    # Private, but what multiprocessing's spawn uses for the same purpose.
+    flags: Callable[[], list[str]] = getattr(subprocess, "_args_from_interpreter_flags", list)
+    return [sys.executable, *flags(), "-c", _BOOT, *args, *sys.path]
 
 
 def _start_worker(
     args: list[str], fds: tuple[int, ...], settings: PoolSettings
 ) -> subprocess.Popen[bytes]:
-    """Start a worker process, below the event loop from its start (``_sched.py``)."""
-    return start_below(args, settings, pass_fds=fds, stdin=subprocess.DEVNULL)
+    """Start a worker process, below the event loop from its start (``_sched.py``).
+
+    In a session of its own, so that the programs its calls start share its process
+    group, and end with it (:meth:`WorkerHandle.end_group`).
+    """
+    return start_below(
+        args, settings, pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 #: seconds between SIGTERM and SIGKILL for a worker being stopped
@@ -137,8 +158,7 @@ class ProcessPool(Pool):
 
     async def _spawn(self) -> WorkerHandle:
         parent, child = socket.socketpair()
-        args = [sys.executable, "-c", _BOOT, str(child.fileno()), str(self._death_r)]
-        args.append(str(os.getpid()))
+        args = _worker_command(str(child.fileno()), str(self._death_r), str(os.getpid()))
         try:
             # On the spawner thread (see _spawner.py); waited for even when
             # cancelled, so that a started process always reaches the pool.
@@ -151,6 +171,7 @@ class ProcessPool(Pool):
             raise
         finally:
             child.close()
+        parent = quiet_channel(parent)
         parent.setblocking(False)
         worker = WorkerHandle(proc, parent, self._loop)
         self._procs.add(worker)
@@ -165,9 +186,9 @@ class ProcessPool(Pool):
             with anyio.fail_after(start_timeout):
                 settings = self.settings
                 boot = (
-                    sys.path,
                     settings.max_payload,
                     self._cross_memory,
+                    settings.hard_memory_limit,
                     settings.initializer,
                     settings.initializer_args,
                 )
@@ -276,6 +297,8 @@ class ProcessPool(Pool):
         if worker.exited.is_set():
             return
         worker.proc.poll()
+        if worker.end_group():
+            self._task_group.start_soon(worker.reap_group)
         self._procs.discard(worker)
         worker.exited.set()
         if not worker.held:
@@ -288,7 +311,13 @@ class ProcessPool(Pool):
         unexpected = worker in self._ready
         self._ready.discard(worker)
         self._slots.remove_idle(worker)
-        if unexpected and worker.call is None:  # a crash mid-call is logged by its caller
+        if worker.returncode == EXIT_OUT_OF_MEMORY:
+            logger.info(
+                "pool %r: worker %d left after a call ran out of its hard_memory_limit",
+                self.name,
+                worker.pid,
+            )
+        elif unexpected and worker.call is None:  # a crash mid-call is logged by its caller
             logger.warning(
                 "pool %r: idle worker %d %s",
                 self.name,

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
 import platform
 import shutil
@@ -41,8 +42,13 @@ if TYPE_CHECKING:
 
 __all__ = ("start_below", "time_slice")
 
+logger = logging.getLogger("offload")
+
 #: what a worker below the loop asks for: the longest slice the kernel grants
 LONG_SLICE_NS = 100_000_000
+#: the policies a custom slice applies to, by number: SCHED_OTHER and SCHED_BATCH
+_FAIR = (0, 3)
+_SCHED_FLAG_RESET_ON_FORK = 0x01
 
 # sched_setattr(2) and sched_getattr(2) have no wrapper in os (nor in glibc).
 _SYSCALLS = {
@@ -88,19 +94,27 @@ def start_below(args: list[str], settings: PoolSettings, **popen: Any) -> subpro
       lowers the process once ``Popen`` returns, as offload did before.
     - ``SCHED_IDLE`` is set once ``Popen`` returns: until then the child runs at the
       pool's niceness.
+    - Otherwise the child keeps the scheduling policy of the spawner thread, which is
+      the application's (``SCHED_BATCH`` under ``chrt -b``): only its slice changes.
+
+    Each of these is skipped, with a debug log, where the system lacks what it needs.
     """
     long = bool(settings.niceness) and not settings.idle_priority
-    with contextlib.suppress(OSError):
-        _ask_for_slice(0, os.getpriority(os.PRIO_PROCESS, 0), LONG_SLICE_NS if long else 0)
+    _ask_for_slice(0, LONG_SLICE_NS if long else 0)
     nice = _nice_command() if settings.niceness else None
     if nice is not None:
         args = [nice, "-n", str(settings.niceness), *args]
     proc: subprocess.Popen[bytes] = subprocess.Popen(args, **popen)
-    if nice is None:
-        lower_priority(proc.pid, settings)
-    elif settings.idle_priority and hasattr(os, "SCHED_IDLE"):
-        with contextlib.suppress(OSError):  # the process may be gone already
-            os.sched_setscheduler(proc.pid, os.SCHED_IDLE, os.sched_param(0))
+    try:
+        if nice is None:
+            lower_priority(proc.pid, settings)
+        elif settings.idle_priority:
+            _set_idle(proc.pid)
+    except BaseException:
+        # Nobody else knows of the process yet: it would wait for its boot for ever.
+        proc.kill()
+        proc.wait()
+        raise
     return proc
 
 
@@ -110,16 +124,37 @@ def _nice_command() -> str | None:
     return shutil.which("nice", path=os.defpath)
 
 
+def _os_call(name: str) -> Any:
+    """``os.<name>``, or None, logged, where this system has no such call."""
+    call = getattr(os, name, None)
+    if call is None:
+        logger.debug("os.%s is missing here: worker processes go without it", name)
+    return call
+
+
 def lower_priority(pid: int, settings: PoolSettings) -> None:
     """Put a process just started below the event loop, as its pool's settings say."""
+    if settings.niceness:
+        getpriority, setpriority = _os_call("getpriority"), _os_call("setpriority")
+        if getpriority is not None and setpriority is not None:
+            with contextlib.suppress(OSError):  # the process may be gone already
+                nice = min(19, getpriority(os.PRIO_PROCESS, 0) + settings.niceness)
+                setpriority(os.PRIO_PROCESS, pid, nice)
+    if settings.idle_priority:
+        _set_idle(pid)
+    elif settings.niceness:
+        _ask_for_slice(pid, LONG_SLICE_NS)
+
+
+def _set_idle(pid: int) -> None:
+    setscheduler, param = _os_call("sched_setscheduler"), _os_call("sched_param")
+    idle = getattr(os, "SCHED_IDLE", None)
+    if setscheduler is None or param is None or idle is None:
+        if idle is None:
+            logger.debug("os.SCHED_IDLE is missing here: idle_priority has no effect")
+        return
     with contextlib.suppress(OSError):  # the process may be gone already
-        if settings.niceness:
-            nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + settings.niceness)
-            os.setpriority(os.PRIO_PROCESS, pid, nice)
-        if settings.idle_priority and hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-        elif settings.niceness:
-            _ask_for_slice(pid, nice, LONG_SLICE_NS)
+        setscheduler(pid, idle, param(0))
 
 
 def time_slice(pid: int) -> int | None:
@@ -134,19 +169,23 @@ def time_slice(pid: int) -> int | None:
     return attr.sched_runtime or None  # 0: a kernel without custom slices
 
 
-def _ask_for_slice(pid: int, nice: int, nanoseconds: int) -> None:
+def _ask_for_slice(pid: int, nanoseconds: int) -> None:
     """Ask for a time slice of ``nanoseconds`` (0: the kernel's) for ``pid`` (0: the
-    calling thread), at nice value ``nice``."""
+    calling thread), keeping its scheduling policy and nice value: a slice is asked
+    for only under ``SCHED_OTHER`` and ``SCHED_BATCH``."""
     calls = _syscalls()
     if calls is None:
         return
-    # sched_setattr sets the policy and the nice value too: pass what it has.
-    attr = _SchedAttr(
-        size=ctypes.sizeof(_SchedAttr),
-        sched_policy=os.SCHED_OTHER,
-        sched_nice=nice,
-        sched_runtime=nanoseconds,
-    )
+    attr = _SchedAttr()
+    size = ctypes.c_uint(ctypes.sizeof(attr))
+    if _syscall(calls, calls[2], pid, ctypes.byref(attr), size, ctypes.c_uint(0)) != 0:
+        return
+    if attr.sched_policy not in _FAIR or attr.sched_runtime == nanoseconds:
+        return
+    # sched_setattr sets the policy and the nice value too: pass back what it has.
+    attr.size = ctypes.sizeof(_SchedAttr)
+    attr.sched_flags &= _SCHED_FLAG_RESET_ON_FORK  # the others need a larger struct
+    attr.sched_runtime = nanoseconds
     # Refused (an odd kernel, a security module) or ignored (before 6.12): no harm.
     _syscall(calls, calls[1], pid, ctypes.byref(attr), ctypes.c_uint(0))
 

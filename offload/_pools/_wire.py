@@ -150,8 +150,12 @@ def _buffer(size: int) -> Received:
         return bytearray(size)
     fd = -1
     if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("offload-frame", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        try:
+            fd = os.memfd_create("offload-frame", os.MFD_CLOEXEC)
+        except OSError:  # refused by a seccomp profile: an anonymous mapping will do
+            pass
+        else:
+            os.ftruncate(fd, size)
     mapping = _Mapping(fd, size)
     mapping.fd = fd
     return mapping

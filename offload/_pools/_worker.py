@@ -1,6 +1,7 @@
 """The worker process: read a call, run it, write the answer, repeat.
 
-Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID``.
+Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
+PATH...``, PATH the parent's ``sys.path``, installed before anything is imported.
 It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
 in a few tens of milliseconds.
 
@@ -12,6 +13,7 @@ exits when its channel reaches EOF.
 
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import functools
 import os
@@ -52,22 +54,26 @@ if TYPE_CHECKING:
 __all__ = ("main",)
 
 _PR_SET_PDEATHSIG = 1
+#: the exit status of a worker that leaves after running out of its memory cap
+EXIT_OUT_OF_MEMORY = 75
 
 
 def main() -> None:
     mark_worker_process()
     channel_fd, death_fd, parent_pid = (int(arg) for arg in sys.argv[1:4])
-    # Ctrl-C in a terminal reaches the whole process group; the parent decides
-    # what happens to running calls, so a worker must not die of it mid-call.
+    # In a session of its own, Ctrl-C at a terminal does not reach the worker; were
+    # it started otherwise, the parent decides what happens to running calls.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(death_fd, parent_pid)
+    _guard_group()
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH))
     data, received = recv_frame(sock, scratch)
     boot = decode(data, local(received))
-    sys_path, max_payload, cross_memory, initializer, initializer_args = boot
-    sys.path[:] = sys_path
+    max_payload, cross_memory, memory_limit, initializer, initializer_args = boot
+    if memory_limit is not None:
+        _cap_memory(memory_limit)
     if initializer is not None:
         try:
             _import_string(initializer)(*initializer_args)
@@ -81,6 +87,46 @@ def main() -> None:
         probe = address_of(PROBE)
     send_parts(sock, encode((OK, (os.getpid(), probe))))
     _serve(sock, scratch, max_payload, cross_memory)
+
+
+#: the cap set by :func:`_cap_memory`, in bytes; None: no cap
+_memory_cap: int | None = None
+
+
+def _cap_memory(limit: int) -> None:
+    """Cap the memory this process may map (heap and private mappings): past it an
+    allocation fails, and the call that made it gets MemoryError. The hard limit too,
+    so that the function cannot raise it again (unless privileged)."""
+    global _memory_cap
+    try:
+        import resource
+
+        _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    except (ImportError, AttributeError, OSError, ValueError):
+        return  # not POSIX: the parent documents the setting as having no effect
+    _memory_cap = limit
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is this capped worker running out of memory; if so, the
+    exception says which limit it met. The worker then leaves after its answer: its
+    heap may be fragmented, or held by what the call left behind."""
+    if _memory_cap is None or not isinstance(exc, MemoryError):
+        return False
+    note = (
+        f"the worker process {os.getpid()} ran out of memory under its "
+        f"hard_memory_limit of {_memory_cap} bytes ({_memory_cap / (1 << 20):.0f} MiB, "
+        "RLIMIT_DATA); it is replaced after this call"
+    )
+    notes = getattr(exc, "__notes__", None)
+    if isinstance(notes, list):
+        notes.append(note)
+    else:
+        exc.__notes__ = [note]  # what add_note (3.11+) does; 3.10 has no add_note
+    return True
 
 
 def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_memory: bool) -> None:
@@ -99,6 +145,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         except (EOFError, ConnectionError):
             return  # the parent closed the channel: a clean stop
         reply: tuple[int, Any]
+        spent = False
         try:
             blob, args, kwargs = decode(data, buffers)
             fn = _load_function(blob)
@@ -109,6 +156,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             try:
                 reply = (OK, out_of_band(fn(*args, **kwargs)))
             except BaseException as exc:
+                spent = _out_of_memory(exc)
                 reply = _exception_reply(exc)
             del args, kwargs
         try:
@@ -119,12 +167,18 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         size = parts.size
         if size > max_payload:
             parts = encode((TOO_LARGE, (size, max_payload)))
+        if spent and not parts.remote:
+            # A call sent to it from now on fails to send (EPIPE), and the parent
+            # gives it to another worker, rather than to one about to leave.
+            sock.shutdown(socket.SHUT_RD)
         send_parts(sock, parts)
         if parts.remote:
             try:
                 recv_go_ahead(sock)  # the parent has read them
             except (EOFError, ConnectionError):
                 return
+        if spent:
+            sys.exit(EXIT_OUT_OF_MEMORY)
         del parts
 
 
@@ -183,16 +237,82 @@ def _import_string(path: str) -> Callable[..., Any]:
     return obj  # type: ignore[no-any-return]
 
 
-def _die_with_parent(death_fd: int, parent_pid: int) -> None:
-    signalled = False
-    if sys.platform == "linux":
-        import ctypes
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """Linux's ``prctl(2)``, or None."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
 
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            signalled = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
-        except (OSError, AttributeError):
-            pass
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+#: the guard: killed with its process group when SIGHUP comes, asleep until then (a
+#: ``read`` from a pipe it holds both ends of; a trapped signal interrupts it)
+_GUARD = "trap 'kill -KILL 0' HUP; while read -r _; do :; done"
+#: the guard's $0, by which ``ps`` and tests tell it apart
+GUARD_NAME = "offload-guard"
+
+
+def _guard_group() -> None:
+    """Start a guard that ends this worker's process group when the worker dies.
+
+    The worker leads a process group of its own (the parent starts it in a new
+    session), which the programs its calls start join. The parent ends that group
+    whenever it sees the worker exit; the guard does when the parent cannot, because
+    it is dead (its death killed the worker, by a death signal nothing can handle).
+    The guard is a shell, in the group, that asks for SIGHUP at the worker's death
+    (``PR_SET_PDEATHSIG``, which survives its exec) and then kills its group, itself
+    included: one small process per worker, asleep, holding none of the worker's
+    descriptors. Linux only, and where there is a ``/bin/sh``: elsewhere the parent
+    alone ends the group, and a program outlives a killed parent.
+
+    A worker that exits cleanly kills and reaps its guard first, rather than leave it
+    to whoever adopts orphans (the server itself, as a container's PID 1).
+    """
+    prctl = _prctl()
+    if prctl is None or os.getpgid(0) != os.getpid() or not os.path.exists("/bin/sh"):
+        return  # not a group of its own, or no way to guard it
+    worker = os.getpid()
+    guard = os.fork()
+    if guard != 0:
+        atexit.register(_end_guard, guard, worker)
+        return
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (1, 2):
+            os.dup2(null, fd)
+        read_end, write_end = os.pipe()  # never written to, never closed: no EOF
+        os.dup2(read_end, 0)
+        os.dup2(write_end, 3)
+        os.closerange(4, _max_fd())
+        if prctl(_PR_SET_PDEATHSIG, signal.SIGHUP) != 0 or os.getppid() != worker:
+            os.killpg(0, signal.SIGKILL)  # dead already, or it could not be watched
+        os.execv("/bin/sh", ["/bin/sh", "-c", _GUARD, GUARD_NAME])
+    finally:
+        os._exit(1)
+
+
+def _end_guard(guard: int, worker: int) -> None:
+    if os.getpid() == worker:  # not in a process a call forked, which exits too
+        os.kill(guard, signal.SIGKILL)
+        os.waitpid(guard, 0)
+
+
+def _max_fd() -> int:
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (AttributeError, OSError, ValueError):
+        return 1 << 16
+
+
+def _die_with_parent(death_fd: int, parent_pid: int) -> None:
+    prctl = _prctl()
+    signalled = prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before we could ask to die with it
     if signalled:
