@@ -140,5 +140,15 @@ class Executor:
         return await pool.run(call)
 
     def stats(self) -> PoolStats:
-        """A snapshot of this executor's pool."""
-        return self._offloader.get_pool(self._pool_name).stats()
+        """A snapshot of this executor's pool; once its Offloader has stopped, the last
+        one (as :meth:`Offloader.stats() <offload.Offloader.stats>` gives).
+
+        :raises LookupError: if there is no such pool
+        :raises PoolClosed: if the Offloader has not started
+        """
+        offloader = self._offloader
+        if not offloader.running:
+            final = offloader.stats().get(self._pool_name)
+            if final is not None:
+                return final
+        return offloader.get_pool(self._pool_name).stats()

@@ -321,6 +321,8 @@ async def test_pool_closed_outcomes_are_counted() -> None:
     stats = off.stats()
     assert stats["thread"].closed == 1
     assert stats["process"].closed == 1
+    assert ex.stats() == stats["process"]  # the final snapshot, read after the stop
+    assert ex.pool("thread").stats() == stats["thread"]
     assert stats["thread"].failed == stats["process"].failed == 0
 
 
