@@ -37,6 +37,7 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import (
+    OffloadError,
     PoolClosed,
     PoolStartError,
     RemoteTraceback,
@@ -451,9 +452,29 @@ class ProcessPool(Pool):
                         data, buffers = await self._fetch(worker, data, received)
                     else:
                         buffers = _wire.local(received)
-            except (EOFError, OSError, anyio.ClosedResourceError):
+            except (EOFError, OSError, anyio.ClosedResourceError) as exc:
                 if self._forced:  # killed by _abort
                     raise self._closed_error() from None
+                if (
+                    isinstance(exc, OSError)
+                    and not isinstance(exc, ConnectionError)
+                    and worker in self._ready
+                ):
+                    # The channel failed, not the worker (which may hold half a
+                    # frame): it goes, and only this call fails.
+                    logger.error(
+                        "pool %r: the channel to worker %d failed while running %s (%s): "
+                        "stopping it",
+                        self.name,
+                        worker.pid,
+                        call.name,
+                        exc,
+                    )
+                    self._kill(worker)
+                    raise OffloadError(
+                        f"the channel to worker {worker.pid} failed while running "
+                        f"{call.name}: {exc}"
+                    ) from exc
                 with anyio.move_on_after(EXIT_STATUS_WAIT):
                     await worker.exited.wait()
                 logger.error(
