@@ -601,6 +601,13 @@ def return_hostile() -> HostileResult:
     return HostileResult()
 
 
-def fork_and_return(value: int) -> int:
-    """Fork; parent and child both return, the child ``-value``, without exiting."""
-    return value if os.fork() else -value
+def fork_and_return(value: int) -> tuple[int, int]:
+    """Fork; parent and child both return without exiting: ``(value, the child's
+    pid)`` and ``(-value, 0)``."""
+    child = os.fork()
+    return (value, child) if child else (-value, 0)
+
+
+def python_objects(count: int) -> list[tuple[int, str, dict[str, float]]]:
+    """A result made of Python objects, which unpickle one by one, holding the GIL."""
+    return [(i, str(i), {"x": i / 2}) for i in range(count)]

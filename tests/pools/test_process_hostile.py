@@ -123,3 +123,189 @@ async def test_a_failed_send_fails_its_call_alone(monkeypatch: pytest.MonkeyPatc
             assert isinstance(caught.value.__cause__, OSError)
             assert await pool.run(funcs.add, 1, 2) == 3
         assert pool.stats().failed == 1
+
+
+# -- callables with state ---------------------------------------------------------------
+
+
+async def test_callables_with_state_start_afresh_and_are_freed() -> None:
+    async with Offloader(one_worker()) as ex:
+        pool = ex.pool("process")
+        counter = funcs.Counter()
+        counts = [await pool.run(counter) for _ in range(3)]
+        assert counts == [1, 1, 1]  # each call gets the state the caller sent
+        assert counter.count == 0
+        # Neither a callable object nor a partial stays in the worker after its call.
+        for size in (1, 2, 3):
+            assert await pool.run(funcs.Tracked(b"x" * size)) == size
+            assert await pool.run(functools.partial(funcs.Tracked(b"y"))) == 1
+        assert await pool.run(funcs.live_tracked) == 0
+        assert await pool.run(funcs.add, 2, 3) == 5  # plain functions: cached, still work
+
+
+# -- exceptions and hooks that fight back ------------------------------------------------
+
+
+async def test_hostile_exceptions_and_results_fail_alone() -> None:
+    async with Offloader(one_worker()) as ex:
+        pool = ex.pool("process")
+        pid = await pool.run(funcs.getpid)
+        with anyio.fail_after(CALL_BOUND):
+            with pytest.raises(OffloadError, match="HostileError") as caught:
+                await pool.run(funcs.raise_hostile, "hostile")
+            assert "str() failed" in str(caught.value)
+            with pytest.raises(OffloadError, match="ExitingError"):
+                await pool.run(funcs.raise_hostile, "exiting")
+            with pytest.raises(SerializationError, match="SystemExit") as result:
+                await pool.run(funcs.return_hostile)
+            assert "return_hostile" in str(result.value)
+            assert await pool.run(funcs.getpid) == pid  # the same worker carries on
+        assert worker_pids() == {pid}
+
+
+async def test_result_pickling_error_says_why(ex: Executor) -> None:
+    with pytest.raises(SerializationError) as caught:
+        await ex.pool("process").run(funcs.return_lock)
+    assert "cannot pickle '_thread.lock' object" in str(caught.value)
+
+
+# -- a function that forks --------------------------------------------------------------
+
+
+async def test_a_forked_child_that_returns_never_answers() -> None:
+    async with Offloader(one_worker()) as ex:
+        pool = ex.pool("process")
+        pid = await pool.run(funcs.getpid)
+        with anyio.fail_after(CALL_BOUND):
+            # Were the child to answer too, its -n would be read as the next call's
+            # result.
+            children = []
+            for n in range(1, 4):
+                value, child = await pool.run(funcs.fork_and_return, n)
+                assert value == n
+                children.append(child)
+                assert await pool.run(funcs.add, n, 100) == n + 100
+            assert await pool.run(funcs.getpid) == pid
+        # Each child left when it came back to the worker's loop.
+        await wait_until(lambda: all(map(gone, children)), 5, f"children {children} gone")
+
+
+# -- base exceptions ---------------------------------------------------------------------
+
+BASE_EXCEPTIONS = """
+import asyncio
+import json
+import sys
+
+import anyio
+
+from offload import CallAborted, Offloader, OffloadSettings, SerializationError
+from tests import funcs
+
+outcome = {}
+
+
+async def main():
+    settings = OffloadSettings(
+        process={"max_workers": 1}, thread={"max_workers": 1}, lag_probe=False
+    )
+    async with Offloader(settings) as ex:
+        for kind in ("process", "thread"):
+            pool = ex.pool(kind)
+            seen = []
+            with anyio.fail_after(30):
+                for what in ("exit", "interrupt", "generator-exit"):
+                    try:
+                        await pool.run(funcs.raise_base, what)
+                    except CallAborted as exc:
+                        seen.append(
+                            [type(exc.__cause__).__name__, "raise_base" in str(exc)]
+                        )
+                for fn, args in (
+                    (funcs.echo, (funcs.ExitsWhenPickled(),)),
+                    (funcs.return_exits_when_unpickled, ()),
+                    (funcs.return_exits_when_pickled, ()),
+                ):
+                    try:
+                        await pool.run(fn, *args)
+                    except SerializationError as exc:
+                        seen.append([type(exc.__cause__).__name__, fn.__name__ in str(exc)])
+                    except BaseException as exc:
+                        seen.append(["unexpected", repr(exc)])
+                    else:
+                        seen.append(["returned", fn.__name__])
+                seen.append(await pool.run(funcs.add, 1, 2))
+            outcome[kind] = seen
+"""
+
+
+async def test_base_exceptions_never_reach_the_caller_as_themselves(
+    tmp_path: Path, anyio_backend: Backend
+) -> None:
+    outcome = await script_result(tmp_path, BASE_EXCEPTIONS + RUN_ON_LOOP, anyio_backend)
+    aborted = [["SystemExit", True], ["KeyboardInterrupt", True], ["GeneratorExit", True]]
+    assert outcome["process"] == [
+        *aborted,
+        ["SystemExit", True],  # pickling the argument, in the caller
+        ["SystemExit", True],  # unpickling the result, in the caller
+        ["RemoteTraceback", True],  # pickling the result, in the worker
+        3,
+    ]
+    # A thread call pickles nothing: its argument and results travel as they are.
+    assert outcome["thread"] == [
+        *aborted,
+        ["returned", "echo"],
+        ["returned", "return_exits_when_unpickled"],
+        ["returned", "return_exits_when_pickled"],
+        3,
+    ]
+
+
+# -- pickling --------------------------------------------------------------------------
+
+MAIN_MODULE_CALLABLES = """
+import asyncio
+import functools
+import json
+import sys
+
+import anyio
+
+from offload import Offloader, OffloadSettings
+
+
+def scale(factor, value):
+    return factor * value
+
+
+class Point:
+    def __init__(self, x):
+        self.x = x
+
+    def norm(self):
+        return abs(self.x)
+
+
+def norm_of(point):
+    return point.norm()
+
+
+outcome = {}
+
+
+async def main():
+    settings = OffloadSettings(process={"max_workers": 1}, lag_probe=False)
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        with anyio.fail_after(30):
+            outcome["partial"] = await pool.run(functools.partial(scale, 3), 5)
+            outcome["method"] = await pool.run(Point(-4).norm)
+            outcome["argument"] = await pool.run(norm_of, Point(-6))
+"""
+
+
+async def test_main_module_partials_methods_and_arguments(
+    tmp_path: Path, anyio_backend: Backend
+) -> None:
+    outcome = await script_result(tmp_path, MAIN_MODULE_CALLABLES + RUN_ON_LOOP, anyio_backend)
+    assert outcome == {"partial": 15, "method": 4, "argument": 6}
