@@ -19,7 +19,6 @@ import anyio
 import pytest
 
 from offload import (
-    CallAborted,
     Executor,
     Offloader,
     OffloadError,
@@ -309,3 +308,29 @@ async def test_main_module_partials_methods_and_arguments(
 ) -> None:
     outcome = await script_result(tmp_path, MAIN_MODULE_CALLABLES + RUN_ON_LOOP, anyio_backend)
     assert outcome == {"partial": 15, "method": 4, "argument": 6}
+
+
+# -- results that hold the loop ----------------------------------------------------------
+
+
+async def test_results_whose_decoding_holds_the_loop_are_counted_and_named(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The threshold is a tenth of what unpickling this very result takes here.
+    count = 300_000
+    blob = pickle.dumps(funcs.python_objects(count), protocol=5)
+    started = time.perf_counter()
+    pickle.loads(blob)
+    baseline = time.perf_counter() - started
+    monkeypatch.setattr(_process, "SLOW_DECODE", baseline / 10)
+    async with Offloader(one_worker()) as ex:
+        pool = ex.pool("process")
+        assert await pool.run(funcs.add, 1, 2) == 3
+        assert pool.stats().slow_decodes == 0
+        with caplog.at_level(logging.WARNING, logger="offload"):
+            for _ in range(2):
+                assert len(await pool.run(funcs.python_objects, count)) == count
+        assert pool.stats().slow_decodes == 2
+    warned = [r.getMessage() for r in caplog.records if "python_objects" in r.getMessage()]
+    assert len(warned) == 1, warned  # at most one a minute
+    assert "held the event loop" in warned[0]
