@@ -611,3 +611,43 @@ def fork_and_return(value: int) -> tuple[int, int]:
 def python_objects(count: int) -> list[tuple[int, str, dict[str, float]]]:
     """A result made of Python objects, which unpickle one by one, holding the GIL."""
     return [(i, str(i), {"x": i / 2}) for i in range(count)]
+
+
+class ExitsOnDelElsewhere:
+    """A callable whose ``__del__`` calls ``sys.exit`` in any process but its maker."""
+
+    def __init__(self) -> None:
+        self.maker = os.getpid()
+
+    def __call__(self) -> str:
+        return "called"
+
+    def __del__(self) -> None:
+        if os.getpid() != self.maker:
+            import sys
+
+            sys.exit(12)
+
+
+def channel_of_forked_child() -> list[str]:
+    """What the descriptors of a process forked here point to (``/proc``), as the
+    child sees them before it exits."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        links = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{name}"))
+            except OSError:
+                pass
+        os.write(write, "\n".join(links).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(child, 0)
+    return b"".join(chunks).decode().splitlines()

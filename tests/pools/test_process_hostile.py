@@ -158,6 +158,7 @@ async def test_hostile_exceptions_and_results_fail_alone() -> None:
             with pytest.raises(SerializationError, match="SystemExit") as result:
                 await pool.run(funcs.return_hostile)
             assert "return_hostile" in str(result.value)
+            assert await pool.run(funcs.ExitsOnDelElsewhere()) == "called"
             assert await pool.run(funcs.getpid) == pid  # the same worker carries on
         assert worker_pids() == {pid}
 
@@ -187,6 +188,15 @@ async def test_a_forked_child_that_returns_never_answers() -> None:
             assert await pool.run(funcs.getpid) == pid
         # Each child left when it came back to the worker's loop.
         await wait_until(lambda: all(map(gone, children)), 5, f"children {children} gone")
+
+
+async def test_a_forked_child_does_not_hold_the_channel() -> None:
+    async with Offloader(one_worker()) as ex:
+        pool = ex.pool("process")
+        with anyio.fail_after(CALL_BOUND):
+            links = await pool.run(funcs.channel_of_forked_child)
+    assert links  # /proc was read
+    assert not [link for link in links if link.startswith("socket:")], links
 
 
 # -- base exceptions ---------------------------------------------------------------------
