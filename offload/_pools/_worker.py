@@ -199,9 +199,18 @@ def _encode_reply(reply: tuple[int, Any], max_payload: int, cross_memory: bool) 
         parts = encode(reply, cross_memory=cross_memory)
     except BaseException as exc:
         try:
-            parts = encode((BAD_RESULT, (_describe(exc), _traceback(exc))))
-        except BaseException:  # a MemoryError, say: still an answer
-            parts = encode((BAD_RESULT, ("the result could not be pickled", "")))
+            # What plain pickle refuses or cannot name: an instance of a class that
+            # came by value from the parent's __main__, a lambda. By value, such a
+            # class is rebuilt in the parent as the very class it came from
+            # (cloudpickle tracks the classes it sends).
+            import cloudpickle
+
+            parts = encode(reply, cloudpickle.dumps, cross_memory)
+        except BaseException:
+            try:
+                parts = encode((BAD_RESULT, (_describe(exc), _traceback(exc))))
+            except BaseException:  # a MemoryError, say: still an answer
+                parts = encode((BAD_RESULT, ("the result could not be pickled", "")))
     size = parts.size
     if size > max_payload:
         parts = encode((TOO_LARGE, (size, max_payload)))

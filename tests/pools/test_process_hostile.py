@@ -299,6 +299,14 @@ def norm_of(point):
     return point.norm()
 
 
+def make_adder(n):
+    return lambda x: x + n
+
+
+def mirror(point):
+    return Point(-point.x)
+
+
 outcome = {}
 
 
@@ -310,6 +318,9 @@ async def main():
             outcome["partial"] = await pool.run(functools.partial(scale, 3), 5)
             outcome["method"] = await pool.run(Point(-4).norm)
             outcome["argument"] = await pool.run(norm_of, Point(-6))
+            back = await pool.run(mirror, Point(-7))
+            outcome["result"] = [type(back) is Point, back.x]
+            outcome["lambda"] = (await pool.run(make_adder, 2))(3)
 """
 
 
@@ -317,7 +328,13 @@ async def test_main_module_partials_methods_and_arguments(
     tmp_path: Path, anyio_backend: Backend
 ) -> None:
     outcome = await script_result(tmp_path, MAIN_MODULE_CALLABLES + RUN_ON_LOOP, anyio_backend)
-    assert outcome == {"partial": 15, "method": 4, "argument": 6}
+    assert outcome == {
+        "partial": 15,
+        "method": 4,
+        "argument": 6,
+        "result": [True, 7],
+        "lambda": 5,
+    }
 
 
 # -- results that hold the loop ----------------------------------------------------------
