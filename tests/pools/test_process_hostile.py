@@ -361,3 +361,14 @@ async def test_results_whose_decoding_holds_the_loop_are_counted_and_named(
     warned = [r.getMessage() for r in caplog.records if "python_objects" in r.getMessage()]
     assert len(warned) == 1, warned  # at most one a minute
     assert "held the event loop" in warned[0]
+
+
+@pytest.mark.parametrize("kind", ["hostile", "exiting"])
+async def test_an_initializer_raising_a_hostile_exception_is_described(kind: str) -> None:
+    settings = one_worker(initializer="tests.funcs:raise_hostile", initializer_args=(kind,))
+    with anyio.fail_after(CALL_BOUND), pytest.raises(OffloadError) as caught:
+        async with Offloader(settings):
+            pytest.fail("the block ran though the pool could not start")
+    name = "HostileError" if kind == "hostile" else "ExitingError"
+    assert f"tests.funcs.{name}" in str(caught.value)
+    assert "str() failed" in str(caught.value)
