@@ -9,6 +9,11 @@ It dies with its parent, however the parent dies: Linux delivers SIGKILL on the
 parent's death (``PR_SET_PDEATHSIG``); elsewhere a thread watches a pipe whose only
 writer is the parent, and exits when the pipe reaches EOF. An idle worker also
 exits when its channel reaches EOF.
+
+Whatever the user's code does (the function, its arguments' and result's pickling
+hooks, an exception's ``__str__``, the initializer), down to ``SystemExit``, fails only
+its call: every call gets one answer, and only from this process (a process the
+function forks loses the channel, see :func:`_disown_channel`).
 """
 
 from __future__ import annotations
@@ -174,10 +179,9 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             # A callable's state and the arguments go now, not when the next call
             # comes (only plain functions are cached, see _codec.function_blob).
             del fn, args, kwargs
-        _leave_if_forked()
         parts = _encode_reply(reply, max_payload, cross_memory)
         del reply
-        _leave_if_forked()
+        _leave_if_forked()  # once per call: getpid is a system call
         if spent and not parts.remote:
             # A call sent to it from now on fails to send (EPIPE), and the parent
             # gives it to another worker, rather than to one about to leave.
