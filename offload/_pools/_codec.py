@@ -80,7 +80,9 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         blob, cache = function_blob(call.fn)
     except BaseException as exc:
         _reraise_interrupt(exc)
-        raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
+        raise SerializationError(
+            f"cannot send {call.name} to a worker process: {_describe(exc)}"
+        ) from exc
     args, kwargs = call.args, call.kwargs
     if bytes in map(type, args):
         args = tuple(map(_wire.out_of_band, args))
