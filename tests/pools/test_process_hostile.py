@@ -344,7 +344,7 @@ async def test_results_whose_decoding_holds_the_loop_are_counted_and_named(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The threshold is a tenth of what unpickling this very result takes here.
-    count = 300_000
+    count = 100_000
     blob = pickle.dumps(funcs.python_objects(count), protocol=5)
     started = time.perf_counter()
     pickle.loads(blob)
