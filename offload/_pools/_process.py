@@ -586,7 +586,8 @@ class ProcessPool(Pool):
         written, and its answer read, REMOTE buffers included (see ``_wire.py``)."""
         data, received = await worker.recv()
         status, addresses = _wire.decode(data, _wire.local(received))
-        assert status == _wire.WRITE_TO, status
+        if status != _wire.WRITE_TO:  # a channel out of step: fails as a channel error
+            raise ValueError(f"expected WRITE_TO from worker {worker.pid}, got {status}")
         await self._copy(
             worker, functools.partial(_wire.deliver, worker.pid, request.remote, addresses)
         )
