@@ -526,11 +526,21 @@ def live_tracked() -> int:
     return Tracked.live
 
 
+class LockedExit(BaseException):
+    """A ``BaseException`` that cannot be pickled: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
 def raise_base(kind: str) -> None:
     if kind == "exit":
         raise SystemExit(7)
     if kind == "interrupt":
         raise KeyboardInterrupt("from the function")
+    if kind == "locked":
+        raise LockedExit("holding a lock")
     raise GeneratorExit("from the function")
 
 

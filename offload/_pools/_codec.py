@@ -148,8 +148,8 @@ def decode_reply(call: Call, data: _wire.Received, buffers: list[_wire.Received]
         finally:
             del error  # its traceback holds this frame: no cycle for the GC to find
     if status == _wire.RAISED_UNPICKLABLE:
-        type_name, message, tb = value
-        raise OffloadError(
+        type_name, message, tb, aborted = value
+        raise (CallAborted if aborted else OffloadError)(
             f"{call.name} raised {type_name}: {message} "
             "(the exception could not be sent from the worker: it does not pickle and unpickle)"
         ) from RemoteTraceback(tb)

@@ -76,7 +76,9 @@ __all__ = (
 # A worker answers every frame with (status, value):
 OK = 0  # value: the result (or, at start, the worker's pid and its probe's address)
 RAISED = 1  # value: (pickled exception, formatted traceback)
-RAISED_UNPICKLABLE = 2  # value: (exception type name, message, formatted traceback)
+#: value: (exception type name, message, formatted traceback, not an Exception?); at
+#: start, for the initializer: (type name, message, traceback)
+RAISED_UNPICKLABLE = 2
 BAD_REQUEST = 3  # value: traceback of unpickling the call
 BAD_RESULT = 4  # value: traceback of pickling the result
 TOO_LARGE = 5  # value: (bytes of the pickled result, the limit)

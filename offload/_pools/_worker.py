@@ -267,7 +267,8 @@ def _exception_reply(exc: BaseException) -> tuple[int, Any]:
         blob = pickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # the parent must be able to rebuild it, too
     except BaseException:
-        return RAISED_UNPICKLABLE, (_type_name(exc), _str(exc), tb)
+        aborted = not isinstance(exc, Exception)  # SystemExit and its kin
+        return RAISED_UNPICKLABLE, (_type_name(exc), _str(exc), tb, aborted)
     return RAISED, (blob, tb)
 
 

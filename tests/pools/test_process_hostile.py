@@ -223,7 +223,7 @@ async def main():
             pool = ex.pool(kind)
             seen = []
             with anyio.fail_after(30):
-                for what in ("exit", "interrupt", "generator-exit"):
+                for what in ("exit", "interrupt", "generator-exit", "locked"):
                     try:
                         await pool.run(funcs.raise_base, what)
                     except CallAborted as exc:
@@ -255,6 +255,7 @@ async def test_base_exceptions_never_reach_the_caller_as_themselves(
     aborted = [["SystemExit", True], ["KeyboardInterrupt", True], ["GeneratorExit", True]]
     assert outcome["process"] == [
         *aborted,
+        ["RemoteTraceback", True],  # it did not pickle: its traceback is the cause
         ["SystemExit", True],  # pickling the argument, in the caller
         ["SystemExit", True],  # unpickling the result, in the caller
         ["RemoteTraceback", True],  # pickling the result, in the worker
@@ -263,6 +264,7 @@ async def test_base_exceptions_never_reach_the_caller_as_themselves(
     # A thread call pickles nothing: its argument and results travel as they are.
     assert outcome["thread"] == [
         *aborted,
+        ["LockedExit", True],
         ["returned", "echo"],
         ["returned", "return_exits_when_unpickled"],
         ["returned", "return_exits_when_pickled"],
