@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from ._decorator import OffloadedFunction as OffloadedFunction
     from ._decorator import offload as offload
+    from ._errors import CallAborted as CallAborted
     from ._errors import CallCancelled as CallCancelled
     from ._errors import OffloadError as OffloadError
     from ._errors import OffloadTimeout as OffloadTimeout
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = (
+    "CallAborted",
     "CallCancelled",
     "Executor",
     "LoopStats",
@@ -66,6 +68,7 @@ __all__ = (
 )
 
 _WHERE = {
+    "CallAborted": "._errors",
     "CallCancelled": "._errors",
     "Executor": "._executor",
     "LoopStats": "._lag",

@@ -9,11 +9,13 @@
     ├── PoolClosed                           the pool is shutting down or stopped
     ├── PoolStartError                       a pool could not start
     ├── SerializationError                   arguments, function or result would not pickle
+    ├── CallAborted                          the function raised SystemExit, KeyboardInterrupt...
     └── CallCancelled                        raised inside an abandoned thread call
 
 An exception raised by the user's function is never wrapped: it reaches the caller
 as its own type, with the worker's formatted traceback as ``__cause__``
-(a :class:`RemoteTraceback`).
+(a :class:`RemoteTraceback`). The exception: a ``BaseException`` that is not an
+``Exception`` arrives as :class:`CallAborted`, the original as its ``__cause__``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import signal
 
 __all__ = (
+    "CallAborted",
     "CallCancelled",
     "OffloadError",
     "OffloadTimeout",
@@ -77,6 +80,12 @@ class PoolStartError(OffloadError):
 
 class SerializationError(OffloadError):
     """The function, its arguments or its result could not be pickled or unpickled."""
+
+
+class CallAborted(OffloadError):
+    """The call ended with ``SystemExit``, ``KeyboardInterrupt`` or another
+    ``BaseException`` that is not an ``Exception``: re-raising it would end the
+    caller's program. The original is its ``__cause__``."""
 
 
 class CallCancelled(OffloadError):

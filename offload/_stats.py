@@ -28,6 +28,9 @@ class PoolStats:
     (``PoolClosed``: refused by a stopped pool, or ended by a shutdown out of time);
     ``recycled`` counts workers replaced on purpose: after ``max_tasks_per_worker``
     calls, past ``max_memory_per_worker``, or (kind dask) restarted by ``hard_cancel``.
+    ``slow_decodes`` (kind process) counts results whose unpickling held the event loop
+    for 50 ms or more: large results made of Python objects (see the troubleshooting
+    page); each is also named in a warning, at most one a minute.
     Latencies (seconds, from the call to its outcome, queue wait included) cover the
     last 1024 calls.
     """
@@ -48,6 +51,7 @@ class PoolStats:
     latency_p50: float | None
     latency_p90: float | None
     latency_p99: float | None
+    slow_decodes: int = 0
 
 
 class Counters:
@@ -62,6 +66,7 @@ class Counters:
         "latencies",
         "recycled",
         "rejected",
+        "slow_decodes",
         "timed_out",
     )
 
@@ -74,6 +79,7 @@ class Counters:
         self.recycled = 0
         self.rejected = 0
         self.closed = 0
+        self.slow_decodes = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
 
     def snapshot(self, *, name: str, kind: str, workers: int, busy: int, queued: int) -> PoolStats:
@@ -101,6 +107,7 @@ class Counters:
             latency_p50=pct(0.50),
             latency_p90=pct(0.90),
             latency_p99=pct(0.99),
+            slow_decodes=self.slow_decodes,
         )
 
 

@@ -12,6 +12,8 @@ Metrics, each labelled with ``pool``:
 - ``offload_calls_total{outcome=...}``: calls that ended, by outcome (completed,
   failed, timed_out, cancelled, crashed, rejected, closed);
 - ``offload_workers_recycled_total``: workers replaced on purpose (limits, ``hard_cancel``);
+- ``offload_slow_decodes_total``: results whose unpickling held the event loop for
+  50 ms or more (``PoolStats.slow_decodes``);
 - ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
 - ``offload_call_latency_seconds{quantile=...}``: recent call latencies;
 
@@ -112,6 +114,11 @@ class OffloadCollector(Collector):
             "Workers replaced on purpose: past their limits, or by hard_cancel.",
             labels=("pool",),
         )
+        slow = CounterMetricFamily(
+            "offload_slow_decodes",
+            "Results whose unpickling held the event loop for 50 ms or more.",
+            labels=("pool",),
+        )
         workers = GaugeMetricFamily("offload_workers", "Workers ready.", labels=("pool",))
         busy = GaugeMetricFamily(
             "offload_busy_workers", "Workers running a call.", labels=("pool",)
@@ -128,6 +135,7 @@ class OffloadCollector(Collector):
             for outcome in _OUTCOMES:
                 calls.add_metric((name, outcome), getattr(s, outcome))
             recycled.add_metric((name,), s.recycled)
+            slow.add_metric((name,), s.slow_decodes)
             workers.add_metric((name,), s.workers)
             busy.add_metric((name,), s.busy)
             queued.add_metric((name,), s.queued)
@@ -138,4 +146,4 @@ class OffloadCollector(Collector):
             ):
                 if value is not None:
                     latency.add_metric((name, quantile), value)
-        yield from (calls, recycled, workers, busy, queued, latency, lag, *shares)
+        yield from (calls, recycled, slow, workers, busy, queued, latency, lag, *shares)

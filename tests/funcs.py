@@ -472,3 +472,192 @@ def start_program(path: str, wait: bool) -> int:
     if wait:
         proc.wait()
     return proc.pid
+
+
+# --- helpers for pools/test_process_hostile --------------------------------------------
+
+
+def many_arrays(count: int, size: int = 4) -> list[Any]:
+    """``count`` small NumPy arrays: as many out-of-band buffers in one result."""
+    import numpy as np
+
+    return [np.full(size, i, dtype=np.int64) for i in range(count)]
+
+
+def sum_arrays(arrays: list[Any]) -> int:
+    return int(sum(int(a.sum()) for a in arrays))
+
+
+class Counter:
+    """A callable object with state: each call counts one more."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        self.count += 1
+        return self.count
+
+
+class Tracked:
+    """A callable object that counts its live instances in the process it is in."""
+
+    live = 0
+
+    def __init__(self, payload: bytes = b"") -> None:
+        self.payload = payload
+        Tracked.live += 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        Tracked.live += 1
+
+    def __del__(self) -> None:
+        Tracked.live -= 1
+
+    def __call__(self) -> int:
+        return len(self.payload)
+
+
+def live_tracked() -> int:
+    import gc
+
+    gc.collect()
+    return Tracked.live
+
+
+class LockedExit(BaseException):
+    """A ``BaseException`` that cannot be pickled: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_base(kind: str) -> None:
+    if kind == "exit":
+        raise SystemExit(7)
+    if kind == "interrupt":
+        raise KeyboardInterrupt("from the function")
+    if kind == "locked":
+        raise LockedExit("holding a lock")
+    raise GeneratorExit("from the function")
+
+
+class ExitsWhenPickled:
+    """Calls ``sys.exit`` as it is pickled."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(5)
+
+
+class ExitsWhenUnpickled:
+    """Pickles fine; unpickling it calls ``sys.exit(6)``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        import sys
+
+        return (sys.exit, (6,))
+
+
+def return_exits_when_unpickled() -> ExitsWhenUnpickled:
+    return ExitsWhenUnpickled()
+
+
+def return_exits_when_pickled() -> ExitsWhenPickled:
+    return ExitsWhenPickled()
+
+
+class HostileError(Exception):
+    """Will not pickle, and neither ``str()`` nor ``repr()`` of it works."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("no pickling this one")
+
+    def __str__(self) -> str:
+        raise ValueError("no str either")
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr either")
+
+
+class ExitingError(Exception):
+    """Whose pickling and ``str()`` call ``sys.exit``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(8)
+
+    def __str__(self) -> str:
+        raise SystemExit(9)
+
+
+def raise_hostile(kind: str) -> None:
+    raise HostileError() if kind == "hostile" else ExitingError()
+
+
+class HostileResult:
+    """A result that will not pickle, and whose ``str()`` and ``repr()`` fail."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise SystemExit(10)
+
+    def __repr__(self) -> str:
+        raise SystemExit(11)
+
+    __str__ = __repr__
+
+
+def return_hostile() -> HostileResult:
+    return HostileResult()
+
+
+def fork_and_return(value: int) -> tuple[int, int]:
+    """Fork; parent and child both return without exiting: ``(value, the child's
+    pid)`` and ``(-value, 0)``."""
+    child = os.fork()
+    return (value, child) if child else (-value, 0)
+
+
+def python_objects(count: int) -> list[tuple[int, str, dict[str, float]]]:
+    """A result made of Python objects, which unpickle one by one, holding the GIL."""
+    return [(i, str(i), {"x": i / 2}) for i in range(count)]
+
+
+class ExitsOnDelElsewhere:
+    """A callable whose ``__del__`` calls ``sys.exit`` in any process but its maker."""
+
+    def __init__(self) -> None:
+        self.maker = os.getpid()
+
+    def __call__(self) -> str:
+        return "called"
+
+    def __del__(self) -> None:
+        if os.getpid() != self.maker:
+            import sys
+
+            sys.exit(12)
+
+
+def channel_of_forked_child() -> list[str]:
+    """What the descriptors of a process forked here point to (``/proc``), as the
+    child sees them before it exits."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        links = []
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{name}"))
+            except OSError:
+                pass
+        os.write(write, "\n".join(links).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(child, 0)
+    return b"".join(chunks).decode().splitlines()

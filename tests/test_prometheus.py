@@ -18,6 +18,7 @@ async def test_exposition_reports_each_pool(settings: OffloadSettings) -> None:
     assert 'offload_calls_total{outcome="completed",pool="process"} 1.0' in text
     assert 'offload_calls_total{outcome="completed",pool="thread"} 1.0' in text
     assert 'offload_workers{pool="process"} 2.0' in text
+    assert 'offload_slow_decodes_total{pool="process"} 0.0' in text
     assert 'offload_call_latency_seconds{pool="process",quantile="0.99"}' in text
 
 

@@ -14,6 +14,7 @@ import offload
 ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC = (
+    "CallAborted",
     "CallCancelled",
     "Executor",
     "LoopStats",
@@ -58,6 +59,7 @@ def test_every_name_resolves(name: str) -> None:
 
 def test_error_hierarchy() -> None:
     for name in (
+        "CallAborted",
         "CallCancelled",
         "OffloadTimeout",
         "PoolClosed",

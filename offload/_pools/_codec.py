@@ -13,7 +13,7 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
-from .._errors import OffloadError, RemoteTraceback, SerializationError
+from .._errors import CallAborted, OffloadError, RemoteTraceback, SerializationError
 from . import _wire
 
 if TYPE_CHECKING:
@@ -22,27 +22,42 @@ if TYPE_CHECKING:
 __all__ = ("decode_reply", "encode_request", "function_blob")
 
 
-def function_blob(fn: Callable[..., Any]) -> bytes:
-    """``fn`` pickled for a worker: by reference when the worker can import it,
-    else by value with cloudpickle (lambdas, closures, ``__main__`` functions)."""
+def function_blob(fn: Callable[..., Any]) -> tuple[bytes, bool]:
+    """``fn`` pickled for a worker, and whether the worker may keep it for later calls.
+
+    By reference when the worker can import it, else by value with cloudpickle
+    (lambdas, closures, ``__main__`` functions, and partials or methods that refer to
+    them). Only a plain module-level function (or a decorated one) is kept: methods,
+    partials and callable objects carry state, which each call sends anew and which
+    the worker drops after the call.
+    """
     if type(fn) is FunctionType:
         # A plain function by reference pickles to its name, the same bytes every
-        # call: cached. (Not methods, partials or instances: they carry state.)
+        # call: cached.
         blob = _by_reference.get(fn)
         if blob is not None:
-            return blob
+            return blob, True
     if _importable(fn):
         try:
             blob = pickle.dumps(fn, protocol=5)
         except Exception:
             pass
         else:
-            if type(fn) is FunctionType:
-                _by_reference[fn] = blob
-            return blob
+            if not _refers_to_main(blob):
+                if type(fn) is FunctionType:
+                    _by_reference[fn] = blob
+                    return blob, True
+                return blob, bool(getattr(type(fn), "__offload_function__", False))
     import cloudpickle
 
-    return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+    return cloudpickle.dumps(fn, protocol=5), False
+
+
+def _refers_to_main(data: _wire.Buffer) -> bool:
+    """Whether a pickle may name something in ``__main__``, which a worker has not (its
+    own ``__main__`` is another): every such reference spells the module's name. A
+    string that merely contains it costs a needless by-value pickle, nothing else."""
+    return b"__main__" in data
 
 
 #: blobs of plain functions sent by reference; weak, so a module's functions can go
@@ -62,25 +77,32 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         than ``max_payload`` bytes
     """
     try:
-        blob = function_blob(call.fn)
-    except Exception as exc:
-        raise SerializationError(f"cannot send {call.name} to a worker process: {exc}") from exc
+        blob, cache = function_blob(call.fn)
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+        raise SerializationError(
+            f"cannot send {call.name} to a worker process: {_describe(exc)}"
+        ) from exc
     args, kwargs = call.args, call.kwargs
     if bytes in map(type, args):
         args = tuple(map(_wire.out_of_band, args))
     if kwargs and bytes in map(type, kwargs.values()):
         kwargs = {name: _wire.out_of_band(value) for name, value in kwargs.items()}
-    request = (blob, args, kwargs)
+    request = (blob, cache, args, kwargs)
     try:
         parts = _wire.encode(request, cross_memory=cross_memory)
-    except Exception:
-        try:  # arguments that plain pickle refuses: lambdas, closures
-            import cloudpickle
+        if _refers_to_main(parts[1]):  # the pickle: header or table, pickle, buffers
+            raise pickle.PicklingError("refers to __main__")
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+        try:  # what plain pickle refuses (lambdas, closures), or sends by a name
+            import cloudpickle  # the worker cannot look up (``__main__``)
 
             parts = _wire.encode(request, cloudpickle.dumps, cross_memory)
-        except Exception as exc:
+        except BaseException as exc:
+            _reraise_interrupt(exc)
             raise SerializationError(
-                f"the arguments of {call.name} cannot be pickled: {exc}"
+                f"the arguments of {call.name} cannot be pickled: {_describe(exc)}"
             ) from exc
     size = parts.size
     if size > max_payload:
@@ -92,39 +114,74 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
 
 
 def decode_reply(call: Call, data: _wire.Received, buffers: list[_wire.Received]) -> Any:
+    """The outcome of ``call`` from a worker's answer: its result, or its exception
+    raised (a ``BaseException`` that is not an ``Exception`` as :class:`CallAborted`).
+
+    :raises SerializationError: the result could not be pickled, unpickled or sent
+    """
     try:
         status, value = _wire.decode(data, buffers)
-    except Exception as exc:
-        raise SerializationError(f"the result of {call.name} cannot be unpickled: {exc}") from exc
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+        raise SerializationError(
+            f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
+        ) from exc
     if status == _wire.OK:
         return value
     if status == _wire.RAISED:
         blob, tb = value
         try:
             error = pickle.loads(blob)
-        except Exception as exc:
+        except BaseException as exc:
+            _reraise_interrupt(exc)
             raise SerializationError(
-                f"the exception raised by {call.name} cannot be unpickled: {exc}"
+                f"the exception raised by {call.name} cannot be unpickled: {_describe(exc)}"
             ) from RemoteTraceback(tb)
         try:
+            if not isinstance(error, Exception):
+                error.__cause__ = RemoteTraceback(tb)
+                raise CallAborted(
+                    f"{call.name} raised {_describe(error)}; it is not re-raised as such, "
+                    "which would end this program"
+                ) from error
             raise error from RemoteTraceback(tb)
         finally:
             del error  # its traceback holds this frame: no cycle for the GC to find
     if status == _wire.RAISED_UNPICKLABLE:
-        type_name, message, tb = value
-        raise OffloadError(
+        type_name, message, tb, aborted = value
+        raise (CallAborted if aborted else OffloadError)(
             f"{call.name} raised {type_name}: {message} "
             "(the exception could not be sent from the worker: it does not pickle and unpickle)"
         ) from RemoteTraceback(tb)
     if status == _wire.BAD_REQUEST:
+        message, tb = value
         raise SerializationError(
-            f"the worker could not unpickle the call to {call.name}"
-        ) from RemoteTraceback(value)
+            f"the worker could not unpickle the call to {call.name}: {message}"
+        ) from RemoteTraceback(tb)
     if status == _wire.TOO_LARGE:
         raise SerializationError(
             f"the result of {call.name} takes {value[0]} bytes pickled, more than the pool's "
             f"max_payload ({value[1]} bytes)"
         )
-    raise SerializationError(f"the result of {call.name} cannot be pickled") from RemoteTraceback(
-        value
-    )
+    message, tb = value
+    raise SerializationError(
+        f"the result of {call.name} cannot be pickled: {message}"
+    ) from RemoteTraceback(tb)
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    """Pickling or unpickling the user's objects may raise anything, down to a
+    ``SystemExit`` from a ``__reduce__``: it fails only the call. Not a Ctrl-C, though,
+    which is meant for this process."""
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeError: cannot pickle '_thread.lock' object``, whatever ``str()`` does."""
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() failed>"
+    name = type(exc).__qualname__
+    return f"{name}: {message}" if message else name

@@ -140,7 +140,7 @@ class WorkerHandle:
         if size > CHUNK:
             return parts
         try:
-            sent = self.sock.sendmsg(parts, (), _NO_SIGNAL)
+            sent = self.sock.sendmsg(_wire.batch(parts), (), _NO_SIGNAL)
         except BlockingIOError:
             return parts
         return _wire.remaining(parts, sent) if sent < size else ()
@@ -151,14 +151,14 @@ class WorkerHandle:
         if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
-                    views = _wire.remaining(views, sock.sendmsg(views, (), _NO_SIGNAL))
+                    views = _wire.remaining(views, sock.sendmsg(_wire.batch(views), (), _NO_SIGNAL))
                 except BlockingIOError:
                     await anyio.wait_writable(sock)
             return
         unyielded = 0
         while views:
             try:
-                sent = sock.sendmsg(_wire.head(views, CHUNK), (), _NO_SIGNAL)
+                sent = sock.sendmsg(_wire.batch(_wire.head(views, CHUNK)), (), _NO_SIGNAL)
             except BlockingIOError:
                 unyielded = 0
                 await anyio.wait_writable(sock)

@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,6 +38,7 @@ import anyio
 import anyio.lowlevel
 
 from .._errors import (
+    OffloadError,
     PoolClosed,
     PoolStartError,
     RemoteTraceback,
@@ -97,6 +99,12 @@ def _start_worker(
 KILL_GRACE = 1.0
 #: seconds a caller waits for a dead worker's exit status before reporting without it
 EXIT_STATUS_WAIT = 2.0
+#: seconds of unpickling a result on the event loop past which the call is counted
+#: (``PoolStats.slow_decodes``) and named in a warning: a stall the lag probe, which
+#: wakes every 100 ms by default, sees every other time
+SLOW_DECODE = 0.05
+#: seconds between two such warnings of a pool, at least
+SLOW_DECODE_LOG_EVERY = 60.0
 
 _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
@@ -122,6 +130,7 @@ class ProcessPool(Pool):
         self._death_r = -1
         self._death_w = -1
         self._cross_memory = settings.cross_memory and _cma.available()
+        self._quiet_until = 0.0  # no warning about slow results before then
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -451,9 +460,31 @@ class ProcessPool(Pool):
                         data, buffers = await self._fetch(worker, data, received)
                     else:
                         buffers = _wire.local(received)
-            except (EOFError, OSError, anyio.ClosedResourceError):
+            except (EOFError, OSError, ValueError, anyio.ClosedResourceError) as exc:
                 if self._forced:  # killed by _abort
                     raise self._closed_error() from None
+                if (
+                    isinstance(exc, (OSError, ValueError))
+                    and not isinstance(exc, ConnectionError)
+                    and worker in self._ready
+                    and worker.proc.poll() is None
+                ):
+                    # The channel failed (or carried a frame that makes no sense), not
+                    # the worker, which may hold half a frame: it goes, and only this
+                    # call fails.
+                    logger.error(
+                        "pool %r: the channel to worker %d failed while running %s (%s): "
+                        "stopping it",
+                        self.name,
+                        worker.pid,
+                        call.name,
+                        exc,
+                    )
+                    self._kill(worker)
+                    raise OffloadError(
+                        f"the channel to worker {worker.pid} failed while running "
+                        f"{call.name}: {exc}"
+                    ) from exc
                 with anyio.move_on_after(EXIT_STATUS_WAIT):
                     await worker.exited.wait()
                 logger.error(
@@ -488,7 +519,31 @@ class ProcessPool(Pool):
                 # A large ``bytes`` is one copy, made by os.pread in a thread
                 # without the GIL; arrays are views on the received buffers.
                 return await run_in_helper_thread(decode_reply, call, data, buffers)
-            return decode_reply(call, data, buffers)
+            # On the loop: a thread would not help, unpickling Python objects holds
+            # the GIL. A result that takes long to decode is counted and named.
+            decoding = time.perf_counter()
+            try:
+                return decode_reply(call, data, buffers)
+            finally:
+                held = time.perf_counter() - decoding
+                if held >= SLOW_DECODE:
+                    self._held_loop(call, held)
+
+    def _held_loop(self, call: Call, held: float) -> None:
+        self.counters.slow_decodes += 1
+        now = time.monotonic()
+        if now < self._quiet_until:
+            return
+        self._quiet_until = now + SLOW_DECODE_LOG_EVERY
+        logger.warning(
+            "pool %r: decoding the result of %s held the event loop for %.0f ms (%d such "
+            "results so far): unpickling Python objects holds the GIL; return arrays, bytes "
+            "or Arrow data instead (docs: troubleshooting, large arguments and results)",
+            self.name,
+            call.name,
+            held * 1000,
+            self.counters.slow_decodes,
+        )
 
     def _claim(self, worker: WorkerHandle, call: Call) -> None:
         worker.held = True
@@ -531,7 +586,8 @@ class ProcessPool(Pool):
         written, and its answer read, REMOTE buffers included (see ``_wire.py``)."""
         data, received = await worker.recv()
         status, addresses = _wire.decode(data, _wire.local(received))
-        assert status == _wire.WRITE_TO, status
+        if status != _wire.WRITE_TO:  # a channel out of step: fails as a channel error
+            raise ValueError(f"expected WRITE_TO from worker {worker.pid}, got {status}")
         await self._copy(
             worker, functools.partial(_wire.deliver, worker.pid, request.remote, addresses)
         )

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
-from .._errors import CallCancelled, PoolOverloaded
+from .._errors import CallAborted, CallCancelled, PoolOverloaded
 from .._helper_threads import run_in_helper_thread
 from .._types import generator_refusal
 from .._where import mark_worker_thread
@@ -269,6 +269,13 @@ class ThreadPool(Pool):
             # GC could free them.
             error, job.error = job.error, None
             try:
+                if not isinstance(error, Exception):
+                    # SystemExit, KeyboardInterrupt...: as itself it would end the
+                    # caller's program (asyncio.run returns when it reaches the task).
+                    raise CallAborted(
+                        f"{call.name} raised {type(error).__qualname__}; it is not "
+                        "re-raised as such, which would end this program"
+                    ) from error
                 raise error
             finally:
                 del error, job

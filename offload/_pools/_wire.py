@@ -54,6 +54,7 @@ __all__ = (
     "WRITE_TO",
     "Frame",
     "Remote",
+    "batch",
     "big",
     "decode",
     "deliver",
@@ -75,7 +76,9 @@ __all__ = (
 # A worker answers every frame with (status, value):
 OK = 0  # value: the result (or, at start, the worker's pid and its probe's address)
 RAISED = 1  # value: (pickled exception, formatted traceback)
-RAISED_UNPICKLABLE = 2  # value: (exception type name, message, formatted traceback)
+#: value: (exception type name, message, formatted traceback, not an Exception?); at
+#: start, for the initializer: (type name, message, traceback)
+RAISED_UNPICKLABLE = 2
 BAD_REQUEST = 3  # value: traceback of unpickling the call
 BAD_RESULT = 4  # value: traceback of pickling the result
 TOO_LARGE = 5  # value: (bytes of the pickled result, the limit)
@@ -392,15 +395,35 @@ def head(parts: Sequence[Buffer], limit: int) -> Sequence[Buffer]:
     return parts
 
 
+def _iov_max() -> int:
+    try:
+        return max(16, min(os.sysconf("SC_IOV_MAX"), 1024))
+    except (AttributeError, ValueError, OSError):
+        return 16  # the least POSIX allows
+
+
+#: parts one ``sendmsg`` takes at most: past the system's IOV_MAX (1024 on Linux) it
+#: fails with EMSGSIZE, and a frame has a part per out-of-band buffer
+MAX_PARTS = _iov_max()
+
+
+def batch(parts: Sequence[Buffer]) -> Sequence[Buffer]:
+    """The first parts of ``parts`` that one ``sendmsg`` takes."""
+    return parts if len(parts) <= MAX_PARTS else parts[:MAX_PARTS]
+
+
 def send_parts(sock: socket.socket, parts: Sequence[Buffer]) -> None:
     """Write every part on a blocking socket: one ``sendmsg`` unless it is large."""
     views = parts
     while views:
-        views = remaining(views, sock.sendmsg(views))
+        views = remaining(views, sock.sendmsg(batch(views)))
 
 
 #: bytes read at once into a reader's scratch buffer; larger frames are read in place
 SCRATCH = 1 << 16
+#: out-of-band buffers a frame may have: a sanity bound on a header's count (its
+#: table takes 16 bytes per buffer)
+MAX_BUFFERS = 1 << 24
 
 
 def whole_frame(scratch: memoryview, n: int) -> tuple[Received, list[Received | Remote]] | None:
@@ -429,9 +452,17 @@ def parse_frame(
     while n < HEADER.size:
         n += yield scratch[n:]
     length, count = HEADER.unpack_from(scratch)
+    if count > MAX_BUFFERS:
+        raise ValueError(f"frame header announces {count} buffers")
     head = HEADER.size + _ENTRY.size * count
     if head > len(scratch):
-        raise ValueError(f"frame header announces {count} buffers")
+        # More entries than the scratch buffer holds: the table gets its own room,
+        # and everything read so far is part of it.
+        table = memoryview(bytearray(head))
+        table[:n] = scratch[:n]
+        while n < head:
+            n += yield table[n:]
+        scratch = table
     while n < head:
         n += yield scratch[n:]
     data = _buffer(length)

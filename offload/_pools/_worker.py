@@ -9,6 +9,11 @@ It dies with its parent, however the parent dies: Linux delivers SIGKILL on the
 parent's death (``PR_SET_PDEATHSIG``); elsewhere a thread watches a pipe whose only
 writer is the parent, and exits when the pipe reaches EOF. An idle worker also
 exits when its channel reaches EOF.
+
+Whatever the user's code does (the function, its arguments' and result's pickling
+hooks, an exception's ``__str__``, the initializer), down to ``SystemExit``, fails only
+its call: every call gets one answer, and only from this process (a process the
+function forks loses the channel, see :func:`_disown_channel`).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ TYPE_CHECKING = False  # not typing's: see offload/__init__.py
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._wire import Received
+    from ._wire import Frame, Received
 
 __all__ = ("main",)
 
@@ -58,9 +63,19 @@ _PR_SET_PDEATHSIG = 1
 EXIT_OUT_OF_MEMORY = 75
 
 
+#: this worker's pid: a process forked by the function has another
+_pid = 0
+
+
 def main() -> None:
+    global _pid
     mark_worker_process()
     channel_fd, death_fd, parent_pid = (int(arg) for arg in sys.argv[1:4])
+    _pid = os.getpid()
+    # Neither goes to a program the function starts (unless it passes them on).
+    os.set_inheritable(channel_fd, False)
+    os.set_inheritable(death_fd, False)
+    os.register_at_fork(after_in_child=functools.partial(_disown_channel, channel_fd))
     # In a session of its own, Ctrl-C at a terminal does not reach the worker; were
     # it started otherwise, the parent decides what happens to running calls.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -77,9 +92,12 @@ def main() -> None:
     if initializer is not None:
         try:
             _import_string(initializer)(*initializer_args)
-        except BaseException:
-            send_parts(sock, encode((RAISED_UNPICKLABLE, _describe_exception())))
+        except BaseException as exc:
+            failure = (_type_name(exc), _str(exc), _traceback(exc))
+            _leave_if_forked()
+            send_parts(sock, encode((RAISED_UNPICKLABLE, failure)))
             sys.exit(1)
+        _leave_if_forked()
     probe = 0
     if cross_memory:
         from ._cma import PROBE, address_of
@@ -147,10 +165,10 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         reply: tuple[int, Any]
         spent = False
         try:
-            blob, args, kwargs = decode(data, buffers)
-            fn = _load_function(blob)
-        except BaseException:
-            reply = (BAD_REQUEST, _format_exc())
+            fn, args, kwargs = _load_call(data, buffers)
+        except BaseException as exc:
+            reply = (BAD_REQUEST, (_describe(exc), _traceback(exc)))
+            del data, buffers
         else:
             del data, buffers
             try:
@@ -158,15 +176,12 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             except BaseException as exc:
                 spent = _out_of_memory(exc)
                 reply = _exception_reply(exc)
-            del args, kwargs
-        try:
-            parts = encode(reply, cross_memory=cross_memory)
-        except BaseException:
-            parts = encode((BAD_RESULT, _format_exc()))
+            # A callable's state and the arguments go now, not when the next call
+            # comes (only plain functions are cached, see _codec.function_blob).
+            del fn, args, kwargs
+        parts = _encode_reply(reply, max_payload, cross_memory)
         del reply
-        size = parts.size
-        if size > max_payload:
-            parts = encode((TOO_LARGE, (size, max_payload)))
+        _leave_if_forked()  # once per call: getpid is a system call
         if spent and not parts.remote:
             # A call sent to it from now on fails to send (EPIPE), and the parent
             # gives it to another worker, rather than to one about to leave.
@@ -182,7 +197,61 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         del parts
 
 
+def _encode_reply(reply: tuple[int, Any], max_payload: int, cross_memory: bool) -> Frame:
+    """``reply`` as a frame; whatever its pickling does, a frame the parent can read."""
+    try:
+        parts = encode(reply, cross_memory=cross_memory)
+    except BaseException as exc:
+        try:
+            # What plain pickle refuses or cannot name: an instance of a class that
+            # came by value from the parent's __main__, a lambda. By value, such a
+            # class is rebuilt in the parent as the very class it came from
+            # (cloudpickle tracks the classes it sends).
+            import cloudpickle
+
+            parts = encode(reply, cloudpickle.dumps, cross_memory)
+        except BaseException:
+            try:
+                parts = encode((BAD_RESULT, (_describe(exc), _traceback(exc))))
+            except BaseException:  # a MemoryError, say: still an answer
+                parts = encode((BAD_RESULT, ("the result could not be pickled", "")))
+    size = parts.size
+    if size > max_payload:
+        parts = encode((TOO_LARGE, (size, max_payload)))
+    return parts
+
+
+def _disown_channel(channel_fd: int) -> None:
+    """In a process the function forked: the channel becomes /dev/null, so this
+    process can never write to it, nor keep it open once the worker is gone."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(null, channel_fd, inheritable=False)
+        os.close(null)
+    except OSError:
+        pass
+
+
+def _leave_if_forked() -> None:
+    """A process the function forked that returned into the worker's loop ends here."""
+    if os.getpid() != _pid:
+        os._exit(0)
+
+
+def _load_call(
+    data: Received, buffers: list[Received]
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
+    blob, cache, args, kwargs = decode(data, buffers)
+    return (_cached_function(blob) if cache else _load_function(blob)), args, kwargs
+
+
 @functools.lru_cache(maxsize=256)
+def _cached_function(blob: bytes) -> Callable[..., Any]:
+    """A plain module-level function, by reference: no state to keep from one call
+    to the next, and a pickle that costs an import lookup."""
+    return _load_function(blob)
+
+
 def _load_function(blob: bytes) -> Callable[..., Any]:
     fn = pickle.loads(blob)
     # A decorated function travels as a reference to the decorator's object;
@@ -193,38 +262,58 @@ def _load_function(blob: bytes) -> Callable[..., Any]:
 
 
 def _exception_reply(exc: BaseException) -> tuple[int, Any]:
-    tb = "".join(_format_exception(exc))
+    tb = _traceback(exc)
     try:
         blob = pickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # the parent must be able to rebuild it, too
     except BaseException:
-        return RAISED_UNPICKLABLE, _describe_exception(exc)
+        aborted = not isinstance(exc, Exception)  # SystemExit and its kin
+        return RAISED_UNPICKLABLE, (_type_name(exc), _str(exc), tb, aborted)
     return RAISED, (blob, tb)
 
 
-def _describe_exception(exc: BaseException | None = None) -> tuple[str, str, str]:
-    if exc is None:
-        exc = sys.exc_info()[1]
-        assert exc is not None
-    kind = type(exc)
-    return (
-        f"{kind.__module__}.{kind.__qualname__}",
-        str(exc),
-        "".join(_format_exception(exc)),
-    )
+# The user's hooks (__str__, __repr__, a metaclass's attributes) may raise anything,
+# SystemExit included: what describes an exception must not.
+
+
+def _type_name(exc: BaseException) -> str:
+    try:
+        kind = type(exc)
+        return f"{kind.__module__}.{kind.__qualname__}"
+    except BaseException:
+        return "<unknown type>"
+
+
+def _str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except BaseException:
+        return "<str() failed>"
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeError: cannot pickle '_thread.lock' object``."""
+    try:
+        name = type(exc).__qualname__
+    except BaseException:
+        name = _type_name(exc)
+    message = _str(exc)
+    return f"{name}: {message}" if message else name
 
 
 # traceback and importlib load when first needed, not at every worker's start.
-def _format_exc() -> str:
+def _traceback(exc: BaseException) -> str:
     import traceback
 
-    return traceback.format_exc()
-
-
-def _format_exception(exc: BaseException) -> list[str]:
-    import traceback
-
-    return traceback.format_exception(exc)
+    try:
+        return "".join(traceback.format_exception(exc))
+    except BaseException:
+        pass
+    try:  # its frames alone: no str() or repr() of anything of the user's
+        frames = "".join(traceback.format_tb(exc.__traceback__))
+    except BaseException:
+        frames = ""
+    return f"Traceback (most recent call last):\n{frames}{_type_name(exc)}: {_str(exc)}\n"
 
 
 def _import_string(path: str) -> Callable[..., Any]:
