@@ -119,6 +119,9 @@ class ProcessPool(Pool):
         self._start_failure: Exception | None = None
         self._failing_since: float | None = None
         self._given_up = False
+        # Set once the workers are being stopped. Not ``_closing``: while the pool
+        # drains, its queued calls still need workers, new ones included.
+        self._stopping = False
         self._death_r = -1
         self._death_w = -1
         self._cross_memory = settings.cross_memory and _cma.available()
@@ -228,7 +231,7 @@ class ProcessPool(Pool):
             self._kill(worker)
             await self._add_worker()
             return
-        if self._closing:
+        if self._stopping:
             self._retire(worker)
             return
         logger.info("pool %r: worker %d started", self.name, worker.pid)
@@ -246,12 +249,12 @@ class ProcessPool(Pool):
         until a start succeeds: a call without a deadline does not wait for ever.
         """
         delay = 0.1
-        while not self._closing:
+        while not self._stopping:
             attempt = anyio.current_time()
             try:
                 await self._add_worker()
             except Exception as exc:
-                if self.closing:
+                if self._stopping:
                     return  # stopped by the shutdown itself: no failure to report
                 logger.error(
                     "pool %r: could not start a replacement worker (retrying in %g s): %s",
@@ -328,7 +331,8 @@ class ProcessPool(Pool):
             logger.debug(
                 "pool %r: worker %d %s", self.name, worker.pid, describe_exit(worker.returncode)
             )
-        if worker.ready and not (worker.retiring or worker.successor or self._closing):
+        if worker.ready and not (worker.retiring or worker.successor or self._stopping):
+            # Draining too: a queued call must run, not wait for the drain's end.
             self._task_group.start_soon(self._replace)
 
     def _kill(self, worker: WorkerHandle) -> None:
@@ -355,6 +359,7 @@ class ProcessPool(Pool):
         escalate()
 
     async def _stop(self) -> None:
+        self._stopping = True
         self._slots.fail_waiters(PoolClosed(f"pool {self.name!r} is closed"))
         for worker in self._slots.take_all_idle():
             self._retire(worker)
@@ -380,6 +385,7 @@ class ProcessPool(Pool):
         _live_pools.discard(self)
 
     def _abort(self) -> None:
+        self._stopping = True
         self._slots.fail_waiters(self._closed_error())
         for worker in list(self._ready):
             if worker.held:
@@ -431,6 +437,10 @@ class ProcessPool(Pool):
             if worker is None:
                 worker, started = await self._slots.get(job)
             if not started:
+                if worker.exited.is_set():
+                    # Handed over, then seen dead (and its channel closed) before this
+                    # task ran: the call never reached it, so it waits for another.
+                    continue
                 self._claim(worker, call)
             try:
                 try:
@@ -575,16 +585,16 @@ class ProcessPool(Pool):
         if worker not in self._ready:
             return  # died or was stopped while the caller read its answer
         worker.calls += 1
-        if self._closing:
-            self._slots.put(worker)
-        elif self._worn_out(worker):
+        if self._worn_out(worker):
+            # The limits hold while the pool drains too; a replacement then starts
+            # only for calls still waiting.
             self.counters.recycled += 1
             self._retire(worker)
-            if not worker.successor:
+            if not worker.successor and (not self._closing or self._slots.queued):
                 self._task_group.start_soon(self._replace)
         else:
             limit = self.settings.max_tasks_per_worker
-            if limit is not None and worker.calls == limit - 1:
+            if limit is not None and worker.calls == limit - 1 and not self._closing:
                 # One call to go: start its successor now, so that it is ready
                 # (or nearly) when this one retires, and capacity has no gap.
                 worker.successor = True
