@@ -128,6 +128,11 @@ class ProcessPool(Pool):
 
     # -- lifecycle -------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the workers are being stopped (after the drain, if any)."""
+        return self._stopping
+
     @classmethod
     def prepare(cls) -> None:
         # Thread.start() waits for the new thread to run: not on the loop.
@@ -254,7 +259,7 @@ class ProcessPool(Pool):
             try:
                 await self._add_worker()
             except Exception as exc:
-                if self._stopping:
+                if self.stopping:
                     return  # stopped by the shutdown itself: no failure to report
                 logger.error(
                     "pool %r: could not start a replacement worker (retrying in %g s): %s",
@@ -383,6 +388,24 @@ class ProcessPool(Pool):
                         await anyio.sleep(0.005)
                 self._on_exit(worker)
         _live_pools.discard(self)
+
+    def _forget(self) -> None:
+        # The parent's workers: never signalled nor reaped here (nor by this process's
+        # exit, _kill_leftover_workers). Its copies of their channels and of the death
+        # pipe's write end close, so that they still die with the parent alone.
+        _live_pools.discard(self)
+        for worker in self._procs:
+            worker.sock.close()  # not worker.close(): the event loop is the parent's
+            if worker.pidfd is not None:
+                os.close(worker.pidfd)
+                worker.pidfd = None
+        self._procs.clear()
+        self._ready.clear()
+        self._slots.take_all_idle()
+        for fd in (self._death_r, self._death_w):
+            if fd >= 0:
+                os.close(fd)
+        self._death_r = self._death_w = -1
 
     def _abort(self) -> None:
         self._stopping = True
