@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import anyio
 
 from .._errors import (
+    OffloadError,
     OffloadTimeout,
     PoolClosed,
     PoolOverloaded,
@@ -72,6 +73,7 @@ class Pool(ABC):
         self._drained: anyio.Event | None = None
         self._owner = os.getpid()
         self._inherited = False  # this process was forked from the pool's owner
+        self._not_here: str | None = None  # why it may not start here (in a worker)
         _pools.add(self)
 
     @property
@@ -111,7 +113,8 @@ class Pool(ABC):
         :raises OffloadTimeout: the deadline passed; the work was stopped
         :raises PoolClosed: the pool is closing, or was forced shut during the call
         :raises PoolOverloaded: every worker is busy and the queue is full
-        :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds
+        :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds,
+            or may not start its workers here (see ``_nesting.py``)
         :raises WorkerCrashed: the worker died while running the call
         """
         counters = self.counters
@@ -161,7 +164,9 @@ class Pool(ABC):
         """Shutdown ran out of time: end every call in flight with :class:`PoolClosed`
         (queued calls too), at once."""
 
-    def _refusal(self) -> PoolClosed:
+    def _refusal(self) -> OffloadError:
+        if self._not_here is not None:
+            return PoolStartError(self._not_here)
         if self._inherited:
             return PoolClosed(
                 f"pool {self.name!r} belongs to process {self._owner}, from which this "
@@ -174,6 +179,12 @@ class Pool(ABC):
         self._inherited = True
         self._closing = True
         self._forget()
+
+    def _refuse_to_start(self, reason: str) -> None:
+        """Start without workers: every call gets :class:`PoolStartError` for ``reason``."""
+        logger.error("%s", reason)
+        self._not_here = reason
+        self._closing = True
 
     def _forget(self) -> None:  # noqa: B027 (an optional hook)
         """In a child just forked: drop what the pool holds of the parent's workers,

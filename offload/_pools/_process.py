@@ -44,10 +44,12 @@ from .._errors import (
     describe_exit,
 )
 from .._helper_threads import run_in_helper_thread
+from .._where import in_worker_process
 from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
 from ._handle import WorkerHandle, quiet_channel
+from ._nesting import refusal
 from ._sched import start_below
 from ._slots import SlotQueue
 from ._spawner import spawner, wait_future
@@ -135,11 +137,17 @@ class ProcessPool(Pool):
 
     @classmethod
     def prepare(cls) -> None:
+        if in_worker_process():
+            return  # it will not start (see start)
         # Thread.start() waits for the new thread to run: not on the loop.
         spawner().submit(int).result()
         _cma.available()  # cached: reads /proc
 
     async def start(self) -> None:
+        # Not raised: an Offloader in a worker may use its thread pools.
+        if (reason := refusal(self.name)) is not None:
+            self._refuse_to_start(reason)
+            return
         # Every worker holds the read end; only this process holds the write end.
         # When this process dies, however it dies, the workers read EOF and exit.
         try:

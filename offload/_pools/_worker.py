@@ -149,8 +149,9 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         try:
             blob, args, kwargs = decode(data, buffers)
             fn = _load_function(blob)
-        except BaseException:
-            reply = (BAD_REQUEST, _format_exc())
+        except BaseException as exc:
+            # Its module started a process pool: the refusal reaches the caller as itself.
+            reply = _exception_reply(exc) if _refused_pool(exc) else (BAD_REQUEST, _format_exc())
         else:
             del data, buffers
             try:
@@ -190,6 +191,13 @@ def _load_function(blob: bytes) -> Callable[..., Any]:
     if getattr(type(fn), "__offload_function__", False):
         fn = fn.__wrapped__
     return fn  # type: ignore[no-any-return]
+
+
+def _refused_pool(exc: BaseException) -> bool:
+    """Whether ``exc`` is offload's refusal to start a process pool in a worker, which
+    reaches the caller as itself. (If it was raised, offload's errors are imported.)"""
+    errors = sys.modules.get("offload._errors")
+    return errors is not None and isinstance(exc, errors.PoolStartError)
 
 
 def _exception_reply(exc: BaseException) -> tuple[int, Any]:
