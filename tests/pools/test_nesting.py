@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from offload import Offloader, OffloadSettings, PoolStartError, _where
+from offload import Offloader, OffloadError, OffloadSettings, PoolStartError, _where
 
 from .. import funcs
 from ..conftest import Backend, loop_name
@@ -143,3 +143,31 @@ async def test_process_pool_refused_in_a_worker_process(monkeypatch: pytest.Monk
             await ex.pool("process").run(funcs.add, 1, 2)
         assert "thread" in str(caught.value)  # what it may use instead
         assert ex.pool("process").stats().workers == 0
+
+
+INITIALIZER_MODULE = """
+import anyio
+
+from offload import Offloader, OffloadSettings
+
+
+def start_a_pool():
+    async def use():
+        async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+            await ex.pool("process").run(abs, -1)
+
+    anyio.run(use)
+"""
+
+
+async def test_initializer_that_starts_a_process_pool_fails_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "init_module.py").write_text(INITIALIZER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # workers get this process's sys.path
+    settings = OffloadSettings(
+        process={"max_workers": 1, "initializer": "init_module:start_a_pool"}, lag_probe=False
+    )
+    with pytest.raises(OffloadError, match="cannot start in one of offload's worker processes"):
+        async with Offloader(settings):
+            pass
