@@ -12,6 +12,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .conftest import Backend, loop_name
 from .pools.test_process_faults import gone, run_script, wait_until
 
@@ -208,3 +210,47 @@ async def test_pools_inherited_through_fork_refuse_calls(
     assert parent["after"] == parent["before"], stderr
     assert parent["thread"] == 4
     await wait_until(lambda: gone(parent["before"]), 5, "the parent's worker stopped with it")
+
+
+# A Dask pool's embedded cluster runs in a host process that exits when its stdin
+# reaches EOF; a child forked meanwhile must not hold that pipe open.
+DASK_HOST_AFTER_FORK = """
+import psutil
+
+read_end, write_end = os.pipe()
+
+
+async def serve():
+    dask = OffloadSettings(
+        pools={"dask": {"kind": "dask", "max_workers": 1}}, lag_probe=False, shutdown_timeout=5
+    )
+    async with Offloader(dask) as ex:
+        assert await ex.pool("dask").run(funcs.add, 1, 2) == 3
+        host = [p for p in psutil.Process().children() if "_dask_host" in " ".join(p.cmdline())]
+        child = os.fork()
+        if child == 0:  # lives on until the parent has stopped its pool
+            os.close(write_end)
+            os.read(read_end, 1)
+            os._exit(0)
+    gone = psutil.wait_procs(host, timeout=5)[0] == host
+    os.close(write_end)
+    os.waitpid(child, 0)
+    return {"host_gone": gone}
+
+
+print(json.dumps(run(serve)))
+"""
+
+
+async def test_child_does_not_keep_the_parents_dask_cluster_alive(
+    tmp_path: Path, anyio_backend: Backend
+) -> None:
+    if loop_name(anyio_backend) == "trio":
+        pytest.skip("the dask kind runs on asyncio only")
+    done = await run_script(
+        tmp_path, PRELUDE + DASK_HOST_AFTER_FORK, loop_name(anyio_backend), timeout=60
+    )
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert json.loads(stdout.splitlines()[-1]) == {"host_gone": True}, stderr
+    assert "did not exit" not in stderr, stderr

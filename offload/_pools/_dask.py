@@ -380,6 +380,14 @@ class DaskPool(Pool):
                         retries,
                     )
 
+    def _forget(self) -> None:
+        # In a forked child: its copy of the host's stdin would keep the host waiting
+        # for EOF once the parent closed its own (_stop_host), until this child exits.
+        host, self._host = self._host, None
+        if host is not None and host.stdin is not None:
+            with contextlib.suppress(OSError):
+                host.stdin.close()  # nothing is ever written to it: nothing to flush
+
     async def _stop(self) -> None:
         client, self._client = self._client, None
         host, self._host = self._host, None
