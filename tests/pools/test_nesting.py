@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from offload import Offloader, OffloadError, OffloadSettings, PoolStartError, _where
@@ -171,3 +172,18 @@ async def test_initializer_that_starts_a_process_pool_fails_the_start(
     with pytest.raises(OffloadError, match="cannot start in one of offload's worker processes"):
         async with Offloader(settings):
             pass
+
+
+async def test_embedded_dask_cluster_refused_in_a_worker_process(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: Backend
+) -> None:
+    # An embedded cluster is processes too, whose workers import the user's modules.
+    if loop_name(anyio_backend) == "trio":
+        pytest.skip("the dask kind runs on asyncio only")
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    monkeypatch.setattr(_where, "_in_process", True)
+    settings = OffloadSettings(pools={"dask": {"kind": "dask", "max_workers": 1}}, lag_probe=False)
+    with anyio.fail_after(30):  # were it started, a cluster would take seconds
+        async with Offloader(settings) as ex:
+            with pytest.raises(PoolStartError, match="worker process"):
+                await ex.pool("dask").run(funcs.add, 1, 2)
