@@ -402,17 +402,18 @@ class ProcessPool(Pool):
         # exit, _kill_leftover_workers). Its copies of their channels and of the death
         # pipe's write end close, so that they still die with the parent alone.
         _live_pools.discard(self)
+        fds = [self._death_r, self._death_w]
         for worker in self._procs:
             worker.sock.close()  # not worker.close(): the event loop is the parent's
-            if worker.pidfd is not None:
-                os.close(worker.pidfd)
-                worker.pidfd = None
+            fds.append(-1 if worker.pidfd is None else worker.pidfd)
+            worker.pidfd = None
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
         self._procs.clear()
         self._ready.clear()
         self._slots.take_all_idle()
-        for fd in (self._death_r, self._death_w):
-            if fd >= 0:
-                os.close(fd)
         self._death_r = self._death_w = -1
 
     def _abort(self) -> None:
