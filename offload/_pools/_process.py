@@ -455,6 +455,10 @@ class ProcessPool(Pool):
         return len(self._ready), self._busy, self._slots.queued
 
     async def _execute(self, call: Call) -> Any:
+        if self._not_here is not None:
+            # Refused to start after run() looked (a pool started by its first call):
+            # with no worker to come, the call would wait for ever.
+            raise self._refusal()
         request = encode_request(call, self.settings.max_payload, self._cross_memory)
         job = None
         if not self._slots.idle and not request.remote and request.size <= _wire.SCRATCH:
