@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from offload import Offloader, OffloadError, OffloadSettings, PoolStartError, _where
+from offload import Offloader, OffloadSettings, PoolStartError, _where
 
 from .. import funcs
 from ..conftest import Backend, loop_name
@@ -173,7 +173,7 @@ async def test_initializer_that_starts_a_process_pool_fails_the_start(
     settings = OffloadSettings(
         process={"max_workers": 1, "initializer": "init_module:start_a_pool"}, lag_probe=False
     )
-    with pytest.raises(OffloadError, match="cannot start in one of offload's worker processes"):
+    with pytest.raises(PoolStartError, match="cannot start in one of offload's worker processes"):
         async with Offloader(settings):
             pass
 
