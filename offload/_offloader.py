@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -71,6 +72,19 @@ def active_offloader() -> Offloader | None:
     return entered if entered is not None and entered in running else running[-1]
 
 
+def _after_fork_in_child() -> None:
+    # The running Offloaders are the parent's: a child forked inside one's block still
+    # sees it (its context was copied), and must start its own instead of using it.
+    for offloader in _everywhere:
+        offloader._running = False
+        offloader._inherited = True
+    _everywhere.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Offloader:
     """Owns a set of pools: ``async with Offloader(settings) as ex:``.
 
@@ -103,6 +117,8 @@ class Offloader:
         self._running = False
         self._started = False
         self._register = True
+        self._owner = os.getpid()
+        self._inherited = False  # this process was forked from the one running it
         self._entered_token: Token[Offloader | None] | None = None
         self.executor = Executor(self)
 
@@ -133,6 +149,11 @@ class Offloader:
             self.check_pool_name(name)
             if pool is not None and refusing:
                 pool.counters.closed += 1
+            if self._inherited:
+                raise PoolClosed(
+                    f"pool {name!r}: the Offloader runs in process {self._owner}, from "
+                    "which this process was forked; start an Offloader in this process"
+                )
             state = "has stopped" if self._started else "has not started"
             raise PoolClosed(
                 f"pool {name!r}: the Offloader {state}; "

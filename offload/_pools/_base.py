@@ -12,19 +12,27 @@ A call's life is the same in every kind; only :meth:`Pool._execute` differs::
 
 ``_execute`` must leave the pool sound whenever it is cancelled: a process pool
 kills the worker that was running the call, a thread pool abandons the thread.
+
+A pool belongs to the process that made it. A fork copies the pool's objects into the
+child, but not its threads, nor its workers, which stay the parent's: in the child
+every pool made before the fork refuses calls (:class:`PoolClosed`, naming the fork)
+and closing it stops nothing. The child starts pools of its own.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import weakref
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import anyio
 
 from .._errors import (
+    OffloadError,
     OffloadTimeout,
     PoolClosed,
     PoolOverloaded,
@@ -43,6 +51,9 @@ __all__ = ("Pool",)
 
 logger = logging.getLogger("offload")
 
+# Every pool made in this process, for the fork handler below.
+_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
 
 class Pool(ABC):
     """A set of workers of one kind that runs calls under deadlines."""
@@ -60,6 +71,10 @@ class Pool(ABC):
         self._closing = False
         self._forced = False
         self._drained: anyio.Event | None = None
+        self._owner = os.getpid()
+        self._inherited = False  # this process was forked from the pool's owner
+        self._not_here: str | None = None  # why it may not start here (in a worker)
+        _pools.add(self)
 
     @property
     def closing(self) -> bool:
@@ -98,13 +113,14 @@ class Pool(ABC):
         :raises OffloadTimeout: the deadline passed; the work was stopped
         :raises PoolClosed: the pool is closing, or was forced shut during the call
         :raises PoolOverloaded: every worker is busy and the queue is full
-        :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds
+        :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds,
+            or may not start its workers here (see ``_nesting.py``)
         :raises WorkerCrashed: the worker died while running the call
         """
         counters = self.counters
         if self._closing:
             counters.closed += 1
-            raise PoolClosed(f"pool {self.name!r} is closed")
+            raise self._refusal()
         started = time.perf_counter()
         self._inflight += 1
         try:
@@ -148,12 +164,41 @@ class Pool(ABC):
         """Shutdown ran out of time: end every call in flight with :class:`PoolClosed`
         (queued calls too), at once."""
 
+    def _refusal(self) -> OffloadError:
+        if self._not_here is not None:
+            return PoolStartError(self._not_here)
+        if self._inherited:
+            return PoolClosed(
+                f"pool {self.name!r} belongs to process {self._owner}, from which this "
+                "process was forked: start an Offloader in this process"
+            )
+        return PoolClosed(f"pool {self.name!r} is closed")
+
+    def _after_fork(self) -> None:
+        """In a child just forked: the pool is the parent's; refuse calls from now on."""
+        self._inherited = True
+        self._closing = True
+        self._forget()
+
+    def _refuse_to_start(self, reason: str) -> None:
+        """Start without workers: every call gets :class:`PoolStartError` for ``reason``."""
+        logger.error("%s", reason)
+        self._not_here = reason
+        self._closing = True
+
+    def _forget(self) -> None:  # noqa: B027 (an optional hook)
+        """In a child just forked: drop what the pool holds of the parent's workers,
+        without signalling or waiting for them. (Threads do not survive a fork.)"""
+
     def _closed_error(self) -> PoolClosed:
         return PoolClosed(f"pool {self.name!r} was shut down before the call finished")
 
     async def aclose(self, drain_timeout: float) -> None:
         """Refuse new calls, let calls in flight finish for ``drain_timeout`` seconds,
-        then end the rest (they get :class:`PoolClosed`) and stop the workers."""
+        then end the rest (they get :class:`PoolClosed`) and stop the workers.
+        In a process forked from the pool's owner, nothing: the workers are not ours."""
+        if self._inherited:
+            return
         self._closing = True
         self._drained = anyio.Event()
         if self._inflight:
@@ -172,3 +217,12 @@ class Pool(ABC):
             with anyio.move_on_after(5):
                 await self._drained.wait()
         await self._stop()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_pools):
+        pool._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

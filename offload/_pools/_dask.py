@@ -62,6 +62,7 @@ from .._helper_threads import run_in_helper_thread
 from .._where import mark_worker_thread
 from ._base import Pool
 from ._dask_host import host_config
+from ._nesting import refusal
 from ._sched import start_below
 from ._spawner import spawner, wait_future
 
@@ -246,6 +247,10 @@ class DaskPool(Pool):
                 "run the Offloader under asyncio, or give this pool another kind"
             ) from None
         address = self.scheduler_address()
+        # An embedded cluster is processes too, whose workers import the user's modules.
+        if address is None and (reason := refusal(self.name)) is not None:
+            self._refuse_to_start(reason)
+            return
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 if address is None:
@@ -379,6 +384,14 @@ class DaskPool(Pool):
                         self.name,
                         retries,
                     )
+
+    def _forget(self) -> None:
+        # In a forked child: its copy of the host's stdin would keep the host waiting
+        # for EOF once the parent closed its own (_stop_host), until this child exits.
+        host, self._host = self._host, None
+        if host is not None and host.stdin is not None:
+            with contextlib.suppress(OSError):
+                host.stdin.close()  # nothing is ever written to it: nothing to flush
 
     async def _stop(self) -> None:
         client, self._client = self._client, None

@@ -46,10 +46,12 @@ from .._errors import (
     describe_exit,
 )
 from .._helper_threads import run_in_helper_thread
+from .._where import in_worker_process
 from . import _cma, _wire
 from ._base import Pool
 from ._codec import decode_reply, encode_request
 from ._handle import WorkerHandle, quiet_channel
+from ._nesting import refusal
 from ._sched import start_below
 from ._slots import SlotQueue
 from ._spawner import spawner, wait_future
@@ -127,6 +129,9 @@ class ProcessPool(Pool):
         self._start_failure: Exception | None = None
         self._failing_since: float | None = None
         self._given_up = False
+        # Set once the workers are being stopped. Not ``_closing``: while the pool
+        # drains, its queued calls still need workers, new ones included.
+        self._stopping = False
         self._death_r = -1
         self._death_w = -1
         self._cross_memory = settings.cross_memory and _cma.available()
@@ -134,13 +139,24 @@ class ProcessPool(Pool):
 
     # -- lifecycle -------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        """Whether the workers are being stopped (after the drain, if any)."""
+        return self._stopping
+
     @classmethod
     def prepare(cls) -> None:
+        if in_worker_process():
+            return  # it will not start (see start)
         # Thread.start() waits for the new thread to run: not on the loop.
         spawner().submit(int).result()
         _cma.available()  # cached: reads /proc
 
     async def start(self) -> None:
+        # Not raised: an Offloader in a worker may use its thread pools.
+        if (reason := refusal(self.name)) is not None:
+            self._refuse_to_start(reason)
+            return
         # Every worker holds the read end; only this process holds the write end.
         # When this process dies, however it dies, the workers read EOF and exit.
         try:
@@ -237,7 +253,7 @@ class ProcessPool(Pool):
             self._kill(worker)
             await self._add_worker()
             return
-        if self._closing:
+        if self._stopping:
             self._retire(worker)
             return
         logger.info("pool %r: worker %d started", self.name, worker.pid)
@@ -255,12 +271,12 @@ class ProcessPool(Pool):
         until a start succeeds: a call without a deadline does not wait for ever.
         """
         delay = 0.1
-        while not self._closing:
+        while not self._stopping:
             attempt = anyio.current_time()
             try:
                 await self._add_worker()
             except Exception as exc:
-                if self.closing:
+                if self.stopping:
                     return  # stopped by the shutdown itself: no failure to report
                 logger.error(
                     "pool %r: could not start a replacement worker (retrying in %g s): %s",
@@ -337,7 +353,8 @@ class ProcessPool(Pool):
             logger.debug(
                 "pool %r: worker %d %s", self.name, worker.pid, describe_exit(worker.returncode)
             )
-        if worker.ready and not (worker.retiring or worker.successor or self._closing):
+        if worker.ready and not (worker.retiring or worker.successor or self._stopping):
+            # Draining too: a queued call must run, not wait for the drain's end.
             self._task_group.start_soon(self._replace)
 
     def _kill(self, worker: WorkerHandle) -> None:
@@ -364,6 +381,7 @@ class ProcessPool(Pool):
         escalate()
 
     async def _stop(self) -> None:
+        self._stopping = True
         self._slots.fail_waiters(PoolClosed(f"pool {self.name!r} is closed"))
         for worker in self._slots.take_all_idle():
             self._retire(worker)
@@ -388,7 +406,27 @@ class ProcessPool(Pool):
                 self._on_exit(worker)
         _live_pools.discard(self)
 
+    def _forget(self) -> None:
+        # The parent's workers: never signalled nor reaped here (nor by this process's
+        # exit, _kill_leftover_workers). Its copies of their channels and of the death
+        # pipe's write end close, so that they still die with the parent alone.
+        _live_pools.discard(self)
+        fds = [self._death_r, self._death_w]
+        for worker in self._procs:
+            worker.sock.close()  # not worker.close(): the event loop is the parent's
+            fds.append(-1 if worker.pidfd is None else worker.pidfd)
+            worker.pidfd = None
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._procs.clear()
+        self._ready.clear()
+        self._slots.take_all_idle()
+        self._death_r = self._death_w = -1
+
     def _abort(self) -> None:
+        self._stopping = True
         self._slots.fail_waiters(self._closed_error())
         for worker in list(self._ready):
             if worker.held:
@@ -426,6 +464,10 @@ class ProcessPool(Pool):
         return len(self._ready), self._busy, self._slots.queued
 
     async def _execute(self, call: Call) -> Any:
+        if self._not_here is not None:
+            # Refused to start after run() looked (a pool started by its first call):
+            # with no worker to come, the call would wait for ever.
+            raise self._refusal()
         request = encode_request(call, self.settings.max_payload, self._cross_memory)
         job = None
         if not self._slots.idle and not request.remote and request.size <= _wire.SCRATCH:
@@ -440,6 +482,10 @@ class ProcessPool(Pool):
             if worker is None:
                 worker, started = await self._slots.get(job)
             if not started:
+                if worker.exited.is_set():
+                    # Handed over, then seen dead (and its channel closed) before this
+                    # task ran: the call never reached it, so it waits for another.
+                    continue
                 self._claim(worker, call)
             try:
                 try:
@@ -631,16 +677,16 @@ class ProcessPool(Pool):
         if worker not in self._ready:
             return  # died or was stopped while the caller read its answer
         worker.calls += 1
-        if self._closing:
-            self._slots.put(worker)
-        elif self._worn_out(worker):
+        if self._worn_out(worker):
+            # The limits hold while the pool drains too; a replacement then starts
+            # only for calls still waiting.
             self.counters.recycled += 1
             self._retire(worker)
-            if not worker.successor:
+            if not worker.successor and (not self._closing or self._slots.queued):
                 self._task_group.start_soon(self._replace)
         else:
             limit = self.settings.max_tasks_per_worker
-            if limit is not None and worker.calls == limit - 1:
+            if limit is not None and worker.calls == limit - 1 and not self._closing:
                 # One call to go: start its successor now, so that it is ready
                 # (or nearly) when this one retires, and capacity has no gap.
                 worker.successor = True

@@ -5,6 +5,13 @@ Linux sends a child its parent-death signal (``PR_SET_PDEATHSIG``) when the *thr
 that forked it ends, and anyio's worker threads end after 10 idle seconds: so every
 worker process and every embedded Dask cluster is started from one long-lived thread.
 ``Popen`` blocks until the child has exec'd, which the loop must not wait for either.
+
+That thread is offload's own, not a ``ThreadPoolExecutor``'s: concurrent.futures
+ends its threads, and refuses new work, as soon as the main thread ends
+(``threading._register_atexit``), while an event loop in another thread may run on
+for hours; its workers would die with the thread, and no replacement could start.
+A process forked after using it gets a new one: the fork copies the thread's state,
+not the thread.
 """
 
 from __future__ import annotations
@@ -12,21 +19,66 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TypeVar
+from concurrent.futures import Future
+from typing import Any, TypeVar
 
 import anyio
 
-__all__ = ("spawner", "wait_future")
+__all__ = ("Spawner", "spawner", "wait_future")
 
 T = TypeVar("T")
 
 
+class Spawner:
+    """One daemon thread that runs the functions submitted to it, in order, and lives
+    as long as the process (a daemon: it never holds up the interpreter's exit)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        """Run ``fn(*args)`` on the thread (started by the first call, which waits
+        for it to run: not on the event loop); its outcome, as a future."""
+        future: Future[T] = Future()
+        self._jobs.put((future, fn, args))
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    thread = threading.Thread(target=self._run, name="offload-spawner", daemon=True)
+                    thread.start()
+                    self._thread = thread
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del future, fn, args  # a started process belongs to its pool, not to us
+
+
 @functools.cache
-def spawner() -> ThreadPoolExecutor:
+def spawner() -> Spawner:
     """The thread that starts every process (started by the pools' ``prepare``)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="offload-spawner")
+    return Spawner()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=spawner.cache_clear)
 
 
 async def wait_future(future: Future[T]) -> T:

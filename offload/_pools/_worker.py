@@ -167,7 +167,11 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         try:
             fn, args, kwargs = _load_call(data, buffers)
         except BaseException as exc:
-            reply = (BAD_REQUEST, (_describe(exc), _traceback(exc)))
+            # Its module started a process pool: the refusal reaches the caller as itself.
+            if _refused_pool(exc):
+                reply = _exception_reply(exc)
+            else:
+                reply = (BAD_REQUEST, (_describe(exc), _traceback(exc)))
             del data, buffers
         else:
             del data, buffers
@@ -259,6 +263,13 @@ def _load_function(blob: bytes) -> Callable[..., Any]:
     if getattr(type(fn), "__offload_function__", False):
         fn = fn.__wrapped__
     return fn  # type: ignore[no-any-return]
+
+
+def _refused_pool(exc: BaseException) -> bool:
+    """Whether ``exc`` is offload's refusal to start a process pool in a worker, which
+    reaches the caller as itself. (If it was raised, offload's errors are imported.)"""
+    errors = sys.modules.get("offload._errors")
+    return errors is not None and isinstance(exc, errors.PoolStartError)
 
 
 def _exception_reply(exc: BaseException) -> tuple[int, Any]:

@@ -759,6 +759,47 @@ async def test_calls_during_and_after_exit_raise_pool_closed() -> None:
         await ex.pool("thread").run(funcs.add, 1, 2)
 
 
+@pytest.mark.parametrize("limit", ["crash", "max_tasks_per_worker"])
+async def test_exit_drains_queued_call_whose_worker_was_lost(limit: str) -> None:
+    # The only worker goes while the pool drains (killed with a cancelled call, or
+    # recycled): the queued call still runs, on a worker started for it, rather
+    # than wait for the whole shutdown_timeout and fail.
+    outcome: dict[str, Any] = {}
+    extra = {"max_tasks_per_worker": 1} if limit == "max_tasks_per_worker" else {}
+    async with anyio.create_task_group() as tg:
+        async with Offloader(settings(max_workers=1, **extra)) as ex:
+            pool = ex.pool("process")
+            process_pool = ex.offloader.get_pool("process")
+            first_scope = anyio.CancelScope()
+
+            async def first() -> None:
+                with first_scope:
+                    outcome["first"] = await pool.run(funcs.sleep_then, 0.3, os.getpid())
+                    await anyio.sleep_forever()
+
+            async def queued() -> None:
+                try:
+                    outcome["queued"] = await pool.run(funcs.getpid)
+                except Exception as exc:
+                    outcome["queued"] = exc
+
+            async def lose_the_worker_while_closing() -> None:
+                await wait_until(lambda: process_pool.closing, 5, "the pool is closing")
+                if limit == "crash":
+                    first_scope.cancel()  # its worker is killed mid-call
+
+            tg.start_soon(first)
+            await wait_until(lambda: pool.stats().busy == 1, 5, "the first call runs")
+            (worker,) = worker_pids()
+            tg.start_soon(queued)
+            await wait_until(lambda: pool.stats().queued == 1, 5, "the second call waits")
+            tg.start_soon(lose_the_worker_while_closing)
+        first_scope.cancel()
+    assert isinstance(outcome["queued"], int), outcome
+    assert outcome["queued"] != worker
+    assert worker_procs() == []
+
+
 # -- 13. parent killed -----------------------------------------------------------------
 
 

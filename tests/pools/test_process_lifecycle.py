@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -27,7 +28,8 @@ from offload._pools import _sched
 from offload._pools._sched import LONG_SLICE_NS, time_slice
 
 from .. import funcs
-from ..conftest import children
+from ..conftest import Backend, children, loop_name
+from .test_process_faults import run_script
 
 
 async def test_initializer_runs_once_per_worker() -> None:
@@ -225,3 +227,57 @@ def test_a_process_starts_below_the_loop(
 def test_priority_defaults() -> None:
     settings = PoolSettings()
     assert (settings.niceness, settings.idle_priority) == (10, False)
+
+
+LOOP_OUTLIVES_MAIN_THREAD = """
+import json
+import os
+import sys
+import threading
+
+import anyio
+
+from offload import Offloader, OffloadSettings, OffloadTimeout
+
+from tests import funcs
+
+started = threading.Event()
+
+
+async def main():
+    settings = OffloadSettings(process={"max_workers": 1}, lag_probe=False)
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        before = await pool.run(funcs.getpid)
+        started.set()
+        while threading.main_thread().is_alive():  # the interpreter's shutdown begins
+            await anyio.sleep(0.01)
+        after = await pool.run(funcs.getpid)
+        try:
+            await pool.options(timeout=0.5).run(funcs.sleep_then, 30, None)
+        except OffloadTimeout:
+            pass  # its worker was killed: the next call needs a replacement
+        replaced = await pool.run(funcs.getpid)
+    print(json.dumps({"before": before, "after": after, "replaced": replaced}), flush=True)
+
+
+if sys.argv[1] == "trio":
+    run = lambda: anyio.run(main, backend="trio")
+else:
+    options = {"use_uvloop": sys.argv[1] == "uvloop"}
+    run = lambda: anyio.run(main, backend="asyncio", backend_options=options)
+threading.Thread(target=run, name="loop").start()
+started.wait(30)
+"""
+
+
+async def test_pools_outlive_the_main_thread(tmp_path: Path, anyio_backend: Backend) -> None:
+    # The event loop runs in another thread, and the main thread returns: the pool
+    # keeps its workers, and still starts new ones.
+    done = await run_script(tmp_path, LOOP_OUTLIVES_MAIN_THREAD, loop_name(anyio_backend))
+    stdout, stderr = done.stdout.decode(), done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert stdout, stderr  # an error in the loop's thread leaves no output
+    pids = json.loads(stdout.splitlines()[-1])
+    assert pids["after"] == pids["before"], stderr  # the idle worker lived on
+    assert pids["replaced"] not in (pids["before"], 0), stderr
