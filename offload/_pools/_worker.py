@@ -198,7 +198,13 @@ def _exception_reply(exc: BaseException) -> tuple[int, Any]:
         blob = pickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # the parent must be able to rebuild it, too
     except BaseException:
-        return RAISED_UNPICKLABLE, _describe_exception(exc)
+        try:  # an exception whose __init__ needs what its args lack (HTTPException)
+            from ._rebuild import dumps
+
+            blob = dumps(exc)
+            pickle.loads(blob)
+        except BaseException:
+            return RAISED_UNPICKLABLE, _describe_exception(exc)
     return RAISED, (blob, tb)
 
 
