@@ -125,7 +125,7 @@ class DisconnectMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or WATCH_KEY in scope:  # a mounted app's, watched already
             await self.app(scope, receive, send)
             return
         watch = Watch(receive, scope)

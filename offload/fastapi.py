@@ -23,14 +23,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, HTTPConnection
+from starlette.routing import Router
 
 from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
@@ -48,6 +50,7 @@ __all__ = (
     "Lifespan",
     "RequestExecutor",
     "add_exception_handlers",
+    "cover_mounted_apps",
     "get_executor",
     "install",
     "lifespan",
@@ -92,6 +95,9 @@ class Lifespan:
 
     @asynccontextmanager
     async def _run(self, app: Any) -> AsyncIterator[dict[str, Any]]:
+        if isinstance(app, Starlette):
+            # Now, not in install(): the app's own handlers and mounts are all there.
+            cover_mounted_apps(app)
         offloader = Offloader(self.settings)
         async with offloader:
             warn_if_oversubscribed(offloader.settings)
@@ -107,28 +113,24 @@ lifespan = Lifespan()
 """``FastAPI(lifespan=lifespan)``: an Offloader from ``OffloadSettings()`` for the app's life."""
 
 
-async def get_executor(request: Request) -> Executor:
+async def get_executor(request: HTTPConnection) -> Executor:
     """FastAPI dependency: ``executor: Executor = Depends(get_executor)``.
 
     Returns an executor of the Offloader started by :data:`lifespan`, for the
-    default pool, bound to the request: with :func:`install` done, when the client
-    disconnects while a call runs, the call is cancelled as by a deadline (a process
-    worker running it is killed) and raises Starlette's
+    default pool. In an HTTP route it is bound to the request: with :func:`install`
+    done, when the client disconnects while a call runs, the call is cancelled as by
+    a deadline (a process worker running it is killed) and raises Starlette's
     :class:`~starlette.requests.ClientDisconnect`, which :func:`add_exception_handlers`
     answers with a bodiless 499. Turn this off with
-    ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to the OpenAPI
+    ``OffloadSettings(cancel_on_disconnect=False)``. In a WebSocket route it is the
+    app's executor, not bound to the connection. It adds nothing to the OpenAPI
     schema.
 
+    :param request: the request, or the WebSocket (FastAPI passes either)
     :raises RuntimeError: if the app was not started with offload's lifespan
     """
-    offloader = request.scope.get("state", {}).get(STATE_KEY)
-    if not isinstance(offloader, Offloader):
-        raise RuntimeError(
-            "no Offloader in the lifespan state: create the app with "
-            "FastAPI(lifespan=offload.lifespan), or wrap your own lifespan with "
-            "offload.fastapi.Lifespan(wraps=your_lifespan)"
-        )
-    if not offloader.settings.cancel_on_disconnect:
+    offloader = _offloader_of(request)
+    if not offloader.settings.cancel_on_disconnect or request.scope["type"] != "http":
         return offloader.executor
     watch = request.scope.get(WATCH_KEY)
     if watch is None:
@@ -141,6 +143,19 @@ async def get_executor(request: Request) -> Executor:
             )
         return offloader.executor
     return RequestExecutor(offloader, watch)
+
+
+def _offloader_of(connection: HTTPConnection) -> Offloader:
+    offloader = (connection.scope.get("state") or {}).get(STATE_KEY)
+    if not isinstance(offloader, Offloader):
+        raise RuntimeError(
+            "no Offloader in the lifespan state: start the app with offload's lifespan, "
+            "FastAPI(lifespan=offload.lifespan) or "
+            "offload.fastapi.Lifespan(wraps=your_lifespan), on the outermost app "
+            "(Starlette never runs the lifespan of a mounted app), with a server that "
+            "runs it (not uvicorn --lifespan off)"
+        )
+    return offloader
 
 
 _warned_no_watch = False
@@ -219,18 +234,30 @@ class RequestExecutor(Executor):
         raise ClientDisconnect  # reached only when heard() cancelled the scope
 
 
-def install(app: FastAPI) -> None:
+def install(app: Starlette) -> None:
     """The one line that wires offload's HTTP behaviour into an app: ``install(app)``.
 
     Adds :class:`DisconnectMiddleware` (so that calls made through
     :func:`get_executor` are cancelled when the client leaves) and
-    :func:`add_exception_handlers`. Call it where the app is built, before it starts.
+    :func:`add_exception_handlers`. Call it where the app is built, before it starts,
+    on the outermost app (FastAPI or Starlette): apps mounted in it get the same
+    error mapping when it starts (:func:`cover_mounted_apps`).
     """
     app.add_middleware(DisconnectMiddleware)
     add_exception_handlers(app)
 
 
-def add_exception_handlers(app: FastAPI) -> None:
+#: offload's handlers, by the exception they answer
+HANDLED: tuple[type[Exception], ...] = (
+    OffloadTimeout,
+    PoolOverloaded,
+    PoolClosed,
+    WorkerCrashed,
+    ClientDisconnect,
+)
+
+
+def add_exception_handlers(app: Starlette) -> None:
     """Answer offload's errors with the right status and a short JSON body.
 
     ``OffloadTimeout`` -> 504, ``PoolOverloaded`` and ``PoolClosed`` -> 503 with
@@ -245,6 +272,51 @@ def add_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolClosed, _closed)
     app.add_exception_handler(WorkerCrashed, _crashed)
     app.add_exception_handler(ClientDisconnect, _disconnected)
+
+
+def cover_mounted_apps(app: Starlette) -> None:
+    """Give every app mounted in ``app`` (at any depth) ``app``'s handlers of offload's errors.
+
+    A mounted Starlette or FastAPI app answers exceptions with its own handlers
+    only: without offload's, an ``OffloadTimeout`` in it becomes a plain-text 500,
+    and the 499 of a client that left an ERROR traceback. A handler the mounted app
+    has of its own is kept. :data:`Lifespan` calls this when the app starts.
+
+    :raises RuntimeError: if a mounted app lacking them has already served requests
+        (its handlers are fixed then)
+    """
+    handlers = {
+        exc: app.exception_handlers[exc] for exc in HANDLED if exc in app.exception_handlers
+    }
+    if not handlers:
+        return
+    for path, sub in _mounted_apps(app.router, ""):
+        missing = {exc: h for exc, h in handlers.items() if exc not in sub.exception_handlers}
+        if not missing:
+            continue
+        if sub.middleware_stack is not None:
+            raise RuntimeError(
+                f"the app mounted at {path!r} has served requests before offload's error "
+                "handlers could be given to it: call offload.fastapi.add_exception_handlers "
+                "on it where it is built"
+            )
+        sub.exception_handlers.update(missing)
+
+
+def _mounted_apps(router: Router, prefix: str) -> Iterator[tuple[str, Starlette]]:
+    for route in router.routes:
+        inner: Any = getattr(route, "app", None)
+        # Through the middleware a Mount may wrap it in, to the app or router.
+        for _ in range(32):
+            if inner is None or isinstance(inner, (Starlette, Router)):
+                break
+            inner = getattr(inner, "app", None)
+        path = prefix + getattr(route, "path", "")
+        if isinstance(inner, Starlette):
+            yield path, inner
+            yield from _mounted_apps(inner.router, path)
+        elif isinstance(inner, Router):
+            yield from _mounted_apps(inner, path)
 
 
 async def _timeout(request: Request, exc: Exception) -> JSONResponse:

@@ -1,0 +1,169 @@
+"""The FastAPI layer beyond the plain route: mounted apps, routers, WebSockets, and
+the exceptions FastAPI answers itself, raised in a worker process."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, WebSocket
+from fastapi.testclient import TestClient
+from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Mount, Route, Router
+
+from offload import Executor, OffloadSettings, OffloadTimeout, get_executor
+from offload.fastapi import Lifespan, install
+
+from .. import funcs
+from .conftest import Server, assert_gone, start_server
+from .test_disconnect import assert_workers_go_idle, send_and_drop
+
+
+@pytest.mark.parametrize("prefix", ["/sub", "/api"], ids=["mounted-app", "router-prefix"])
+def test_errors_are_mapped_in_mounted_apps_and_routers(server: Server, prefix: str) -> None:
+    response = httpx.get(f"{server.url}{prefix}/timeout", timeout=10)
+    assert response.status_code == 504
+    assert response.json() == {"detail": "the work took too long"}
+
+
+def test_disconnect_in_a_mounted_app_cancels_the_call_quietly(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = start_server(log=log)
+    try:
+        before = server.worker_pids()
+        send_and_drop(server, b"GET /sub/spin/30 HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert_workers_go_idle(server, before)
+    finally:
+        pids = server.worker_pids()
+        assert server.stop() in (0, -signal.SIGTERM)
+        assert_gone(pids)
+    text = log.read_text()
+    assert "ERROR" not in text, text
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "detail", "headers"),
+    [
+        ("/http-error/thread", 404, "no such item", {"x-why": "gone"}),
+        ("/http-error/process", 404, "no such item", {"x-why": "gone"}),
+        ("/sub/http-error", 409, "conflict", {}),
+        ("/api/http-error", 409, "conflict", {}),
+    ],
+)
+def test_http_exception_in_a_pool_keeps_status_detail_and_headers(
+    server: Server, path: str, status: int, detail: str, headers: dict[str, str]
+) -> None:
+    response = httpx.get(f"{server.url}{path}", timeout=10)
+    assert response.status_code == status
+    assert response.json() == {"detail": detail}
+    for name, value in headers.items():
+        assert response.headers.get(name) == value
+
+
+def test_dependency_in_a_websocket_route() -> None:
+    app = FastAPI(lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})))
+    install(app)
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, ex: Executor = Depends(get_executor)) -> None:
+        await websocket.accept()
+        x = int(await websocket.receive_text())
+        await websocket.send_json({"result": await ex.run(funcs.add, x, x)})
+        await websocket.close()
+
+    with TestClient(app) as client, client.websocket_connect("/ws") as websocket:
+        websocket.send_text("21")
+        assert websocket.receive_json() == {"result": 42}
+
+
+def raising_app(*, mount: str = "plain") -> tuple[Starlette, Starlette]:
+    """An app wired with offload whose mounted app raises OffloadTimeout at /sub/late."""
+
+    async def late(request: Request) -> Response:
+        raise OffloadTimeout("late")
+
+    sub = Starlette(routes=[Route("/late", late)])
+    app = Starlette(lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})))
+    install(app)
+    if mount == "plain":
+        app.mount("/sub", sub)
+    elif mount == "middleware":
+        app.mount("/sub", GZipMiddleware(sub))
+    elif mount == "nested":
+        app.mount("/outer", Router(routes=[Mount("/sub", app=sub)]))
+    return app, sub
+
+
+@pytest.mark.parametrize(
+    ("mount", "path"),
+    [("plain", "/sub/late"), ("middleware", "/sub/late"), ("nested", "/outer/sub/late")],
+)
+def test_starlette_apps_mounted_any_way_are_covered(mount: str, path: str) -> None:
+    app, _ = raising_app(mount=mount)
+    with TestClient(app) as client:
+        response = client.get(path)
+    assert response.status_code == 504
+    assert response.json() == {"detail": "the work took too long"}
+
+
+def test_a_mounted_app_keeps_its_own_handler() -> None:
+    app, sub = raising_app()
+
+    async def mine(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("mine", status_code=599)
+
+    sub.add_exception_handler(OffloadTimeout, mine)
+    with TestClient(app) as client:
+        assert client.get("/sub/late").text == "mine"
+
+
+def test_a_mounted_app_that_already_served_is_refused() -> None:
+    app, sub = raising_app()
+    with TestClient(sub, raise_server_exceptions=False) as client:
+        client.get("/late")  # builds its middleware: its handlers are fixed now
+    with pytest.raises(RuntimeError, match="mounted at '/sub' has served requests"):  # noqa: SIM117
+        with TestClient(app):
+            pass
+
+
+def test_plain_starlette_route_gets_the_executor() -> None:
+    async def add(request: Request) -> Response:
+        ex = await get_executor(request)
+        return JSONResponse(await ex.pool("thread").run(funcs.add, 2, 3))
+
+    app = Starlette(
+        routes=[Route("/add", add)],
+        lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})),
+    )
+    install(app)
+    with TestClient(app) as client:
+        assert client.get("/add").json() == 5
+
+
+def test_lifespan_of_a_mounted_app_only_says_so() -> None:
+    sub = FastAPI(lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})))
+
+    @sub.get("/workers")
+    async def workers(ex: Executor = Depends(get_executor)) -> None:
+        pass
+
+    app = FastAPI()
+    app.mount("/sub", sub)
+    with TestClient(app) as client, pytest.raises(RuntimeError, match="mounted app"):
+        client.get("/sub/workers")
+
+
+def test_server_without_lifespan_says_so(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = start_server(args=("--lifespan", "off"), log=log)
+    try:
+        assert httpx.get(f"{server.url}/workers", timeout=10).status_code == 500
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)
+    assert "--lifespan off" in log.read_text()
