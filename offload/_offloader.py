@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ._pools._base import Pool
     from ._settings import Kind
 
-__all__ = ("Offloader", "active_offloader", "newest_offloader")
+__all__ = ("Offloader", "active_offloader", "newest_offloader", "starts_on_first_use")
 
 logger = logging.getLogger("offload")
 
@@ -169,9 +169,13 @@ class Offloader:
                 except Exception as exc:
                     errors.append(exc)
 
+            lazy = starts_on_first_use(self.settings)
             async with anyio.create_task_group() as tg:
-                for pool in self._pools.values():
-                    tg.start_soon(start, pool)
+                for name, pool in self._pools.items():
+                    if name in lazy:
+                        pool.start_on_first_use()
+                    else:
+                        tg.start_soon(start, pool)
             if errors:
                 # The first failure, as itself: an ExceptionGroup of one start
                 # error would only make the cause harder to catch and read.
@@ -241,6 +245,24 @@ class Offloader:
         async with anyio.create_task_group() as tg:
             for pool in self._pools.values():
                 tg.start_soon(pool.aclose, drain_timeout)
+
+
+def starts_on_first_use(settings: OffloadSettings) -> frozenset[str]:
+    """The pools that start at their first call rather than with the Offloader.
+
+    Only the built-in ``process`` pool, when the settings define process pools of
+    their own and say nothing of it (neither ``process`` nor ``default_pool`` set, in
+    code or in the environment): such an application has given its CPUs to its own
+    pools, and a pool of one worker per CPU that nothing may call would double the
+    worker processes. Every other pool starts warm, with the Offloader.
+    """
+    pools = settings.pool_settings()
+    named = any(
+        s.kind == "process" for name, s in pools.items() if name not in ("thread", "process")
+    )
+    if named and not {"process", "default_pool"} & settings.model_fields_set:
+        return frozenset({"process"})
+    return frozenset()
 
 
 def _prepare(kinds: list[Kind | None]) -> list[type[Pool]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,8 @@ from starlette.routing import Router
 from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
 from ._executor import Executor
-from ._offloader import Offloader
+from ._offloader import Offloader, starts_on_first_use
+from ._servers import server_processes
 from ._settings import usable_cpus
 
 if TYPE_CHECKING:
@@ -352,27 +352,29 @@ async def _crashed(request: Request, exc: Exception) -> JSONResponse:
 def warn_if_oversubscribed(settings: OffloadSettings) -> None:
     """Log a warning when the worker processes of this server outnumber the CPUs.
 
-    Counts every process pool of ``settings``, times ``WEB_CONCURRENCY`` (the
-    number of server processes, as uvicorn and gunicorn read it) when set, against
-    the CPUs this process may use (cgroup quotas included).
+    Counts the workers of every process pool of ``settings`` that starts with the
+    Offloader (not one that starts on first use), times the number of server
+    processes: ``uvicorn --workers``, ``gunicorn -w`` or ``hypercorn --workers``
+    read from the running server's configuration, else ``WEB_CONCURRENCY``; against
+    the CPUs this process may use (cgroup quotas included). Call it on the event
+    loop's thread.
     """
+    lazy = starts_on_first_use(settings)
     per_server = sum(
         pool.resolved_max_workers("process")
-        for pool in settings.pool_settings().values()
-        if pool.kind == "process"
+        for name, pool in settings.pool_settings().items()
+        if pool.kind == "process" and name not in lazy
     )
-    try:
-        servers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
-    except ValueError:
-        servers = 1
+    servers, source = server_processes()
     cpus = usable_cpus()
     if per_server * servers > cpus:
         logger.warning(
-            "offload: %d worker processes per server x %d server processes = %d, "
+            "offload: %d worker processes per server x %d server processes (%s) = %d, "
             "for %d CPUs: CPU-bound calls will compete; lower OFFLOAD_PROCESS__MAX_WORKERS "
             "or the number of server processes",
             per_server,
             servers,
+            source,
             per_server * servers,
             cpus,
         )

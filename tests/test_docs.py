@@ -113,6 +113,8 @@ def test_samples_run(page: Path, tmp_path: Path) -> None:
         f"a sample of docs/{page_id(page)} failed (line numbers are the page's):\n"
         + result.stderr.replace(str(script), f"docs/{page_id(page)}")
     )
+    # A sample shows settings to copy: none that oversubscribes the CPUs (2 here).
+    assert "worker processes per server" not in result.stderr, result.stderr
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:

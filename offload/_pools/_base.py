@@ -60,6 +60,10 @@ class Pool(ABC):
         self._closing = False
         self._forced = False
         self._drained: anyio.Event | None = None
+        # Set by start_on_first_use(): the first call starts the workers.
+        self._first_start: anyio.Event | None = None
+        self._start_pending = False
+        self._start_error: Exception | None = None
 
     @property
     def closing(self) -> bool:
@@ -92,6 +96,32 @@ class Pool(ABC):
             name=self.name, kind=self.kind, workers=workers, busy=busy, queued=queued
         )
 
+    def start_on_first_use(self) -> None:
+        """Instead of :meth:`start` now: the first :meth:`run` starts the workers
+        (in the background task group, so a cancelled caller cannot leave it half
+        started); calls wait for it, under their deadlines."""
+        self._start_pending = True
+
+    async def _start_once(self) -> None:
+        if self._first_start is None:
+            self._first_start = done = anyio.Event()
+
+            async def start() -> None:
+                try:
+                    await self.start()
+                    self._start_pending = False
+                except Exception as exc:
+                    self._start_error = exc
+                    self._first_start = None  # the next call tries again
+                finally:
+                    done.set()
+
+            self._task_group.start_soon(start, name=f"offload-start-{self.name}")
+        waited = self._first_start
+        await waited.wait()
+        if self._start_pending and self._start_error is not None:
+            raise self._start_error
+
     async def run(self, call: Call) -> Any:
         """Run ``call`` and return its result, under its deadline.
 
@@ -100,6 +130,7 @@ class Pool(ABC):
         :raises PoolOverloaded: every worker is busy and the queue is full
         :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds
         :raises WorkerCrashed: the worker died while running the call
+        :raises PoolStartError: the pool starts on first use, and could not start
         """
         counters = self.counters
         if self._closing:
@@ -111,9 +142,13 @@ class Pool(ABC):
             if call.deadline == math.inf:
                 # No scope without a deadline: it costs more than a round trip's
                 # worth of bookkeeping, and shutdown reaches calls through _abort.
+                if self._start_pending:
+                    await self._start_once()
                 result = await self._execute(call)
             else:
                 with anyio.CancelScope(deadline=call.deadline) as scope:
+                    if self._start_pending:
+                        await self._start_once()
                     result = await self._execute(call)
                 if scope.cancelled_caught:
                     counters.timed_out += 1
@@ -171,4 +206,7 @@ class Pool(ABC):
             # The callers unwind at their next checkpoint.
             with anyio.move_on_after(5):
                 await self._drained.wait()
+        if self._first_start is not None:
+            # A start on first use still under way would add workers after _stop.
+            await self._first_start.wait()
         await self._stop()

@@ -55,8 +55,10 @@ def start_server(
     *,
     args: tuple[str, ...] = (),
     log: Path | None = None,
+    cpus: set[int] | None = None,
 ) -> Server:
-    """Serve ``app``; ``args`` go to the server's command line, its stderr to ``log``."""
+    """Serve ``app``; ``args`` go to the server's command line, its stderr to ``log``;
+    ``cpus``: the only CPUs it (and its workers) may run on."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # uvicorn takes an --fd socket for AF_UNIX and never sets TCP_NODELAY on its
@@ -71,6 +73,9 @@ def start_server(
         loop, http = ("uvloop", "httptools") if server == "uvicorn-standard" else ("asyncio", "h11")
         cmd = ["-m", "uvicorn", app, "--fd", str(fd), "--log-level", "warning"]
         cmd += ["--loop", loop, "--http", http]
+    elif server == "gunicorn":
+        cmd = ["-m", "gunicorn", app, "--bind", f"fd://{fd}", "--log-level", "warning"]
+        cmd += ["--worker-class", "uvicorn_worker.UvicornWorker"]
     else:
         cmd = ["-m", "hypercorn", app, "--bind", f"fd://{fd}", "--log-level", "warning"]
     with contextlib.ExitStack() as stack:
@@ -81,6 +86,7 @@ def start_server(
             pass_fds=(fd,),
             env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
             stderr=stderr,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
         )
     listener.close()
     running = Server(proc, f"http://127.0.0.1:{port}")
