@@ -24,14 +24,14 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.routing import Router
+from starlette.websockets import WebSocket, WebSocketState
 
 from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
@@ -41,6 +41,8 @@ from ._servers import server_processes
 from ._settings import usable_cpus
 
 if TYPE_CHECKING:
+    from starlette.types import ExceptionHandler
+
     from ._call import Call
     from ._pools._base import Pool
     from ._settings import OffloadSettings
@@ -247,8 +249,8 @@ def install(app: Starlette) -> None:
     add_exception_handlers(app)
 
 
-#: offload's handlers, by the exception they answer
-HANDLED: tuple[type[Exception], ...] = (
+#: the exceptions offload's handlers answer
+_HANDLED: tuple[type[Exception], ...] = (
     OffloadTimeout,
     PoolOverloaded,
     PoolClosed,
@@ -266,12 +268,22 @@ def add_exception_handlers(app: Starlette) -> None:
     arguments or the worker leaks to the client. A call cancelled because its client
     left (``ClientDisconnect``) gets a bodiless 499. Exceptions raised by your own
     functions are left to FastAPI's handlers.
+
+    In a WebSocket route, an error raised before the WebSocket is accepted denies it
+    with the same response; after, it closes the connection with code 1011
+    (internal error: timeout, crash) or 1013 (try again later: overloaded, closed)
+    and the same message as reason.
     """
-    app.add_exception_handler(OffloadTimeout, _timeout)
-    app.add_exception_handler(PoolOverloaded, _overloaded)
-    app.add_exception_handler(PoolClosed, _closed)
-    app.add_exception_handler(WorkerCrashed, _crashed)
-    app.add_exception_handler(ClientDisconnect, _disconnected)
+    handlers = {
+        OffloadTimeout: _timeout,
+        PoolOverloaded: _overloaded,
+        PoolClosed: _closed,
+        WorkerCrashed: _crashed,
+        ClientDisconnect: _disconnected,
+    }
+    for exc, handler in handlers.items():
+        # One handler for HTTP and WebSocket alike, which Starlette's type splits.
+        app.add_exception_handler(exc, cast("ExceptionHandler", handler))
 
 
 def cover_mounted_apps(app: Starlette) -> None:
@@ -286,7 +298,7 @@ def cover_mounted_apps(app: Starlette) -> None:
         (its handlers are fixed then)
     """
     handlers = {
-        exc: app.exception_handlers[exc] for exc in HANDLED if exc in app.exception_handlers
+        exc: app.exception_handlers[exc] for exc in _HANDLED if exc in app.exception_handlers
     }
     if not handlers:
         return
@@ -319,34 +331,54 @@ def _mounted_apps(router: Router, prefix: str) -> Iterator[tuple[str, Starlette]
             yield from _mounted_apps(inner, path)
 
 
-async def _timeout(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": "the work took too long"}, status_code=504)
+# WebSocket close codes (RFC 6455, IANA registry): the connection's counterparts of
+# 500 and 503, for errors raised once the WebSocket was accepted.
+_INTERNAL_ERROR = 1011
+_TRY_AGAIN_LATER = 1013
 
 
-async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "server busy, try again later"},
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER)},
-    )
+async def _answer(
+    conn: HTTPConnection,
+    status: int,
+    detail: str,
+    close_code: int,
+    headers: Mapping[str, str] | None = None,
+) -> Response | None:
+    """The JSON answer; on an accepted WebSocket, a close with ``close_code`` instead
+    (a response then would break the protocol). A WebSocket not yet accepted is
+    denied with the response, as Starlette does."""
+    if isinstance(conn, WebSocket) and conn.application_state == WebSocketState.CONNECTED:
+        try:
+            await conn.close(close_code, detail)
+        except (RuntimeError, OSError):  # the client left meanwhile: nobody to tell
+            pass
+        return None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
-async def _closed(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "server unavailable, try again later"},
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER)},
-    )
+async def _timeout(conn: HTTPConnection, exc: Exception) -> Response | None:
+    return await _answer(conn, 504, "the work took too long", _INTERNAL_ERROR)
 
 
-async def _disconnected(request: Request, exc: Exception) -> Response:
+async def _overloaded(conn: HTTPConnection, exc: Exception) -> Response | None:
+    retry = {"Retry-After": str(RETRY_AFTER)}
+    return await _answer(conn, 503, "server busy, try again later", _TRY_AGAIN_LATER, retry)
+
+
+async def _closed(conn: HTTPConnection, exc: Exception) -> Response | None:
+    retry = {"Retry-After": str(RETRY_AFTER)}
+    return await _answer(conn, 503, "server unavailable, try again later", _TRY_AGAIN_LATER, retry)
+
+
+async def _disconnected(conn: HTTPConnection, exc: Exception) -> Response:
     # Nobody is left to read it: 499, nginx's "client closed request", for the logs.
     return Response(status_code=499)
 
 
-async def _crashed(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("request %s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+async def _crashed(conn: HTTPConnection, exc: Exception) -> Response | None:
+    method = conn.scope.get("method", "WEBSOCKET")
+    logger.error("request %s %s: %s", method, conn.url.path, exc)
+    return await _answer(conn, 500, "internal server error", _INTERNAL_ERROR)
 
 
 def warn_if_oversubscribed(settings: OffloadSettings) -> None:

@@ -15,6 +15,7 @@ from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, Router
+from starlette.testclient import WebSocketDenialResponse
 
 from offload import Executor, OffloadSettings, OffloadTimeout, get_executor
 from offload.fastapi import Lifespan, install
@@ -167,3 +168,44 @@ def test_server_without_lifespan_says_so(tmp_path: Path) -> None:
     finally:
         assert server.stop() in (0, -signal.SIGTERM)
     assert "--lifespan off" in log.read_text()
+
+
+def websocket_app() -> FastAPI:
+    app = FastAPI(lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})))
+    install(app)
+
+    @app.websocket("/late/{accept}")
+    async def late(
+        websocket: WebSocket, accept: bool, ex: Executor = Depends(get_executor)
+    ) -> None:
+        if accept:
+            await websocket.accept()
+        await ex.options(timeout=0.2).run(funcs.sleep_then, 5, None)
+
+    @app.websocket("/crash")
+    async def crash(websocket: WebSocket, ex: Executor = Depends(get_executor)) -> None:
+        await websocket.accept()
+        await ex.run(funcs.exit_now, 3)
+
+    return app
+
+
+def test_websocket_errors_close_the_connection_with_a_code() -> None:
+    with TestClient(websocket_app()) as client:
+        with client.websocket_connect("/late/true") as websocket:
+            late = websocket.receive()
+        with client.websocket_connect("/crash") as websocket:
+            crashed = websocket.receive()
+    assert late == {"type": "websocket.close", "code": 1011, "reason": "the work took too long"}
+    assert crashed == {"type": "websocket.close", "code": 1011, "reason": "internal server error"}
+
+
+def test_websocket_errors_before_accept_deny_it_with_the_status() -> None:
+    with (
+        TestClient(websocket_app()) as client,
+        pytest.raises(WebSocketDenialResponse) as denied,
+        client.websocket_connect("/late/false"),
+    ):
+        pass
+    assert denied.value.status_code == 504
+    assert denied.value.json() == {"detail": "the work took too long"}
