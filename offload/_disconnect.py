@@ -14,6 +14,11 @@ app has not asked for yet (up to 64 KiB; not when the client sent
 once, keep-alive or not): that is the request ending, not the client leaving, so a
 call made after the response (a background task) is never cancelled.
 
+A WebSocket is watched the same way: ``websocket.connect`` and ``websocket.receive``
+messages are queued like body chunks (up to 64 KiB of them), ``websocket.disconnect``
+is the client leaving unless the app had closed the connection, and the app gets it
+again on every later ``receive`` (uvicorn's queue delivers it once).
+
 See docs/notes/asgi-disconnect.md for the servers' behaviour this relies on.
 """
 
@@ -49,8 +54,8 @@ class Watch:
         self._gone_: anyio.Event | None = None
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
-        self._body_done = False
-        self._disconnected = False
+        self._body_done = False  # an HTTP request's; a WebSocket's messages never end
+        self._disconnected: Message | None = None  # the message, repeated to the app
         self.response_done = False
 
     @property
@@ -63,9 +68,14 @@ class Watch:
     def _gone(self) -> anyio.Event:
         if self._gone_ is None:
             self._gone_ = anyio.Event()
-            if self._disconnected and not self.response_done:
+            if self._disconnected is not None and not self.response_done:
                 self._gone_.set()
         return self._gone_
+
+    @property
+    def disconnect(self) -> Message | None:
+        """The server's ``http.disconnect`` or ``websocket.disconnect``, once it came."""
+        return self._disconnected
 
     @property
     def _may_read_ahead(self) -> bool:
@@ -77,27 +87,28 @@ class Watch:
     async def _pull(self) -> None:
         """Take one message from the server; the caller holds the lock."""
         message = await self._upstream()
-        if message["type"] == "http.request":
-            self._queue.append(message)
-            self._queued_bytes += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                self._body_done = True
-        elif message["type"] == "http.disconnect":
-            self._disconnected = True
+        kind = message["type"]
+        if kind in ("http.disconnect", "websocket.disconnect"):
+            self._disconnected = message
             if not self.response_done and self._gone_ is not None:
                 self._gone_.set()
+            return
+        self._queue.append(message)
+        self._queued_bytes += _size(message)
+        if kind == "http.request" and not message.get("more_body", False):
+            self._body_done = True
 
     async def receive(self) -> Message:
         """The app's ``receive``: every message, in order."""
         while True:
             if self._queue:
                 message = self._queue.popleft()
-                self._queued_bytes -= len(message.get("body", b""))
+                self._queued_bytes -= _size(message)
                 return message
-            if self._disconnected:
-                return {"type": "http.disconnect"}
+            if self._disconnected is not None:
+                return self._disconnected
             async with self._lock:
-                if not (self._queue or self._disconnected):
+                if not self._queue and self._disconnected is None:
                     await self._pull()
 
     async def client_gone(self) -> None:
@@ -106,7 +117,7 @@ class Watch:
             reading_ahead = not self._body_done
             if (
                 self.response_done
-                or self._disconnected
+                or self._disconnected is not None
                 or (reading_ahead and not self._may_read_ahead)
                 or (reading_ahead and self._queued_bytes >= READ_AHEAD)
             ):
@@ -114,25 +125,43 @@ class Watch:
                 await self._gone.wait()
                 return
             async with self._lock:
-                if not (self._gone.is_set() or self._disconnected):
+                if not self._gone.is_set() and self._disconnected is None:
                     await self._pull()
 
 
+def _size(message: Message) -> int:
+    """The bytes a queued message holds: a body chunk, a WebSocket frame's payload."""
+    if message["type"] == "http.request":
+        return len(message.get("body", b""))
+    return len(message.get("bytes") or b"") + len(message.get("text") or "")
+
+
+def _ends_response(message: Message) -> bool:
+    kind = message["type"]
+    if kind == "websocket.close":
+        return True
+    return kind in ("http.response.body", "websocket.http.response.body") and not message.get(
+        "more_body", False
+    )
+
+
 class DisconnectMiddleware:
-    """Pure ASGI middleware giving each HTTP request a :class:`Watch` in its scope."""
+    """Pure ASGI middleware giving each HTTP request and WebSocket a :class:`Watch`
+    in its scope."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or WATCH_KEY in scope:  # a mounted app's, watched already
+        if scope["type"] not in ("http", "websocket") or WATCH_KEY in scope:
+            # lifespan; or a mounted app's middleware, watched by the outer one already
             await self.app(scope, receive, send)
             return
         watch = Watch(receive, scope)
         scope[WATCH_KEY] = watch
 
         async def watched_send(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if _ends_response(message):
                 watch.response_done = True
             await send(message)
 

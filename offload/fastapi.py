@@ -31,7 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, HTTPConnection
 from starlette.routing import Router
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
@@ -119,20 +119,20 @@ async def get_executor(request: HTTPConnection) -> Executor:
     """FastAPI dependency: ``executor: Executor = Depends(get_executor)``.
 
     Returns an executor of the Offloader started by :data:`lifespan`, for the
-    default pool. In an HTTP route it is bound to the request: with :func:`install`
-    done, when the client disconnects while a call runs, the call is cancelled as by
-    a deadline (a process worker running it is killed) and raises Starlette's
+    default pool, bound to the request or WebSocket: with :func:`install` done, when
+    the client disconnects while a call runs, the call is cancelled as by a deadline
+    (a process worker running it is killed) and raises Starlette's
     :class:`~starlette.requests.ClientDisconnect`, which :func:`add_exception_handlers`
-    answers with a bodiless 499. Turn this off with
-    ``OffloadSettings(cancel_on_disconnect=False)``. In a WebSocket route it is the
-    app's executor, not bound to the connection. It adds nothing to the OpenAPI
-    schema.
+    answers with a bodiless 499; in a WebSocket route, Starlette's
+    :class:`~starlette.websockets.WebSocketDisconnect`, as ``receive`` would. Turn
+    this off with ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to
+    the OpenAPI schema.
 
     :param request: the request, or the WebSocket (FastAPI passes either)
     :raises RuntimeError: if the app was not started with offload's lifespan
     """
     offloader = _offloader_of(request)
-    if not offloader.settings.cancel_on_disconnect or request.scope["type"] != "http":
+    if not offloader.settings.cancel_on_disconnect:
         return offloader.executor
     watch = request.scope.get(WATCH_KEY)
     if watch is None:
@@ -169,7 +169,8 @@ class RequestExecutor(Executor):
     While a call runs, a task waits for the request's :class:`Watch` (put in the
     scope by :class:`DisconnectMiddleware`, which :func:`install` adds) to see the
     client go; then the call is cancelled as by a deadline, and raises Starlette's
-    :class:`~starlette.requests.ClientDisconnect`.
+    :class:`~starlette.requests.ClientDisconnect` (an HTTP request) or
+    :class:`~starlette.websockets.WebSocketDisconnect` (a WebSocket).
     """
 
     __slots__ = ("_watch",)
@@ -204,7 +205,7 @@ class RequestExecutor(Executor):
                     error = exc
             tg.cancel_scope.cancel()
         if gone:
-            raise ClientDisconnect
+            raise self._gone_error()
         if error is not None:
             try:
                 raise error
@@ -233,7 +234,13 @@ class RequestExecutor(Executor):
             finally:
                 running = False
                 listener.cancel()
-        raise ClientDisconnect  # reached only when heard() cancelled the scope
+        raise self._gone_error()  # reached only when heard() cancelled the scope
+
+    def _gone_error(self) -> Exception:
+        message = self._watch.disconnect
+        if message is not None and message["type"] == "websocket.disconnect":
+            return WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+        return ClientDisconnect()
 
 
 def install(app: Starlette) -> None:

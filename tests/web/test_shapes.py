@@ -4,7 +4,10 @@ the exceptions FastAPI answers itself, raised in a worker process."""
 from __future__ import annotations
 
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route, Router
 from starlette.testclient import WebSocketDenialResponse
+from starlette.websockets import WebSocketDisconnect
 
 from offload import Executor, OffloadSettings, OffloadTimeout, get_executor
 from offload.fastapi import Lifespan, install
@@ -209,3 +213,54 @@ def test_websocket_errors_before_accept_deny_it_with_the_status() -> None:
         pass
     assert denied.value.status_code == 504
     assert denied.value.json() == {"detail": "the work took too long"}
+
+
+def test_websocket_client_leaving_cancels_the_call(tmp_path: Path) -> None:
+    app = FastAPI(lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})))
+    install(app)
+    pidfile = tmp_path / "pid"
+    outcome: dict[str, Any] = {}
+
+    @app.websocket("/spin")
+    async def spin(websocket: WebSocket, ex: Executor = Depends(get_executor)) -> None:
+        await websocket.accept()
+        try:
+            await ex.run(funcs.write_pid_then_spin, str(pidfile), 30)
+        except WebSocketDisconnect as exc:
+            outcome["code"] = exc.code
+            outcome["cancelled"] = ex.stats().cancelled
+
+    with TestClient(app) as client, client.websocket_connect("/spin") as websocket:
+        wait_for(pidfile.exists, "the call reached a worker")
+        websocket.close(1001)
+        wait_for(lambda: "code" in outcome, "the call ended with WebSocketDisconnect")
+    assert outcome == {"code": 1001, "cancelled": 1}
+    assert_gone({int(pidfile.read_text())})
+
+
+def test_websocket_messages_sent_during_a_call_still_reach_the_route() -> None:
+    app = FastAPI(lifespan=Lifespan(OffloadSettings(process={"max_workers": 1})))
+    install(app)
+
+    @app.websocket("/echo")
+    async def echo(websocket: WebSocket, ex: Executor = Depends(get_executor)) -> None:
+        await websocket.accept()
+        first = await websocket.receive_text()
+        await ex.run(funcs.sleep_then, 0.3, None)  # the watch reads ahead meanwhile
+        second = await websocket.receive_text()
+        third = await websocket.receive_bytes()
+        await websocket.send_json([first, second, third.decode()])
+        await websocket.close()
+
+    with TestClient(app) as client, client.websocket_connect("/echo") as websocket:
+        websocket.send_text("a")
+        websocket.send_text("b")
+        websocket.send_bytes(b"c")
+        assert websocket.receive_json() == ["a", "b", "c"]
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
