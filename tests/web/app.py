@@ -11,6 +11,7 @@ import anyio
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request, WebSocket
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
+from starlette.websockets import WebSocketDisconnect
 
 from offload import Executor, OffloadSettings, PoolClosed, PoolOverloaded, get_executor
 from offload.fastapi import Lifespan, install
@@ -172,3 +173,15 @@ app.mount("/sub", sub)
 api = APIRouter()
 shaped_routes(api)
 app.include_router(api, prefix="/api")
+
+
+@app.websocket("/ws-spin/{seconds}")
+async def ws_spin(
+    websocket: WebSocket, seconds: float, ex: Executor = Depends(get_executor)
+) -> None:
+    await websocket.accept()
+    try:
+        await websocket.send_json({"result": await ex.run(funcs.spin, seconds)})
+    except WebSocketDisconnect:
+        return  # the client left: the call was cancelled, nobody to answer
+    await websocket.close()

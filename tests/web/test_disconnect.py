@@ -12,6 +12,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 import psutil
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request
 
 from .conftest import Server, assert_gone, start_server
 
@@ -151,3 +153,21 @@ def test_background_call_after_the_response_is_not_cancelled(
     while not marker.exists():
         assert time.monotonic() < deadline, "the background call was cancelled"
         time.sleep(0.05)
+
+
+def test_websocket_client_that_leaves(any_server: Server) -> None:
+    before = any_server.worker_pids()
+    url = urlsplit(any_server.url)
+    assert url.hostname is not None
+    assert url.port is not None
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        client = WSConnection(ConnectionType.CLIENT)
+        conn.sendall(client.send(Request(host="test", target="/ws-spin/30")))
+        client.receive_data(conn.recv(4096))
+        assert isinstance(next(client.events()), AcceptConnection)
+        deadline = time.monotonic() + 10
+        while busy(any_server) != 1:
+            assert time.monotonic() < deadline, "the call never reached a worker"
+            time.sleep(0.02)
+        conn.sendall(client.send(CloseConnection(code=1001)))
+    assert_workers_go_idle(any_server, before)
