@@ -25,7 +25,8 @@ See docs/notes/asgi-disconnect.md for the servers' behaviour this relies on.
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -147,16 +148,26 @@ def _ends_response(message: Message) -> bool:
 
 class DisconnectMiddleware:
     """Pure ASGI middleware giving each HTTP request and WebSocket a :class:`Watch`
-    in its scope."""
+    in its scope.
 
-    def __init__(self, app: ASGIApp) -> None:
+    :param on_first_request: called once, with the scope's ``app``, before the first
+        request or WebSocket goes on
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, on_first_request: Callable[[Any], None] | None = None
+    ) -> None:
         self.app = app
+        self._on_first_request = on_first_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or WATCH_KEY in scope:
             # lifespan; or a mounted app's middleware, watched by the outer one already
             await self.app(scope, receive, send)
             return
+        if self._on_first_request is not None:
+            hook, self._on_first_request = self._on_first_request, None
+            hook(scope.get("app"))
         watch = Watch(receive, scope)
         scope[WATCH_KEY] = watch
 

@@ -250,10 +250,16 @@ def install(app: Starlette) -> None:
     :func:`get_executor` are cancelled when the client leaves) and
     :func:`add_exception_handlers`. Call it where the app is built, before it starts,
     on the outermost app (FastAPI or Starlette): apps mounted in it get the same
-    error mapping when it starts (:func:`cover_mounted_apps`).
+    error mapping when it starts, or at its first request without offload's lifespan
+    (:func:`cover_mounted_apps`).
     """
-    app.add_middleware(DisconnectMiddleware)
+    app.add_middleware(DisconnectMiddleware, on_first_request=_cover)
     add_exception_handlers(app)
+
+
+def _cover(app: Any) -> None:
+    if isinstance(app, Starlette):
+        cover_mounted_apps(app)
 
 
 #: the exceptions offload's handlers answer
@@ -299,7 +305,8 @@ def cover_mounted_apps(app: Starlette) -> None:
     A mounted Starlette or FastAPI app answers exceptions with its own handlers
     only: without offload's, an ``OffloadTimeout`` in it becomes a plain-text 500,
     and the 499 of a client that left an ERROR traceback. A handler the mounted app
-    has of its own is kept. :data:`Lifespan` calls this when the app starts.
+    has of its own is kept. :data:`Lifespan` calls this when the app starts, and
+    :func:`install`'s middleware at the first request.
 
     :raises RuntimeError: if a mounted app lacking them has already served requests
         (its handlers are fixed then)

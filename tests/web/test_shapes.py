@@ -117,6 +117,19 @@ def test_starlette_apps_mounted_any_way_are_covered(mount: str, path: str) -> No
     assert response.json() == {"detail": "the work took too long"}
 
 
+def test_mounted_apps_are_covered_without_offloads_lifespan() -> None:
+    # Decorated functions need no lifespan: the default Offloader serves them.
+    async def late(request: Request) -> Response:
+        raise OffloadTimeout("late")
+
+    app = Starlette()
+    install(app)
+    app.mount("/sub", Starlette(routes=[Route("/late", late)]))
+    with TestClient(app) as client:
+        response = client.get("/sub/late")
+    assert response.status_code == 504
+
+
 def test_a_mounted_app_keeps_its_own_handler() -> None:
     app, sub = raising_app()
 
