@@ -359,13 +359,14 @@ async def _answer(
     headers: Mapping[str, str] | None = None,
 ) -> Response | None:
     """The JSON answer; on an accepted WebSocket, a close with ``close_code`` instead
-    (a response then would break the protocol). A WebSocket not yet accepted is
-    denied with the response, as Starlette does."""
-    if isinstance(conn, WebSocket) and conn.application_state == WebSocketState.CONNECTED:
-        try:
-            await conn.close(close_code, detail)
-        except (RuntimeError, OSError):  # the client left meanwhile: nobody to tell
-            pass
+    (a response then would break the protocol), and nothing on a closed one. A
+    WebSocket not yet accepted is denied with the response, as Starlette does."""
+    if isinstance(conn, WebSocket) and conn.application_state != WebSocketState.CONNECTING:
+        if conn.application_state == WebSocketState.CONNECTED:
+            try:
+                await conn.close(close_code, detail)
+            except (RuntimeError, OSError):  # the client left meanwhile: nobody to tell
+                pass
         return None
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
