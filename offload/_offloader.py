@@ -250,17 +250,20 @@ class Offloader:
 def starts_on_first_use(settings: OffloadSettings) -> frozenset[str]:
     """The pools that start at their first call rather than with the Offloader.
 
-    Only the built-in ``process`` pool, when the settings define process pools of
-    their own and say nothing of it (neither ``process`` nor ``default_pool`` set, in
-    code or in the environment): such an application has given its CPUs to its own
-    pools, and a pool of one worker per CPU that nothing may call would double the
-    worker processes. Every other pool starts warm, with the Offloader.
+    Only the built-in ``process`` pool, when the settings say nothing of it
+    (``process`` not set, in code or in the environment) and nothing would call it
+    by default: ``default_pool`` names another pool, or the settings define process
+    pools of their own and leave ``default_pool`` unset. Such an application has
+    given its CPUs to other pools, and a pool of one worker per CPU that nothing may
+    call would double the worker processes. Every other pool starts warm.
     """
-    pools = settings.pool_settings()
-    named = any(
-        s.kind == "process" for name, s in pools.items() if name not in ("thread", "process")
+    given = settings.model_fields_set
+    if "process" in given:
+        return frozenset()
+    own = any(
+        s.kind == "process" for name, s in settings.pool_settings().items() if name != "process"
     )
-    if named and not {"process", "default_pool"} & settings.model_fields_set:
+    if settings.default_pool != "process" or (own and "default_pool" not in given):
         return frozenset({"process"})
     return frozenset()
 

@@ -27,6 +27,12 @@ def worker_count() -> int:
         ),
         pytest.param(OffloadSettings(default_pool="process", pools=ML), False, id="default-set"),
         pytest.param(OffloadSettings(process={"max_workers": 1}), False, id="no-own-pools"),
+        pytest.param(OffloadSettings(default_pool="thread"), True, id="default-thread"),
+        pytest.param(
+            OffloadSettings(default_pool="thread", process={"max_workers": 1}),
+            False,
+            id="default-thread-process-set",
+        ),
     ],
 )
 async def test_which_pools_start_warm(settings: OffloadSettings, lazy: bool) -> None:
@@ -35,7 +41,7 @@ async def test_which_pools_start_warm(settings: OffloadSettings, lazy: bool) -> 
         warm = 0 if lazy else settings.process.resolved_max_workers("process")
         assert stats["process"].workers == warm
         assert worker_count() == warm + (1 if "ml" in stats else 0)
-        assert await ex.run(funcs.add, 1, 2) == 3
+        assert await ex.pool("process").run(funcs.add, 1, 2) == 3
         assert ex.offloader.stats()["process"].workers >= 1
 
 
