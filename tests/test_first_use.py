@@ -75,3 +75,10 @@ async def test_leaving_while_it_starts_leaves_no_worker() -> None:
         with anyio.move_on_after(0.001):
             await ex.run(funcs.add, 1, 1)
     assert worker_count() == 0
+
+
+async def test_never_used_it_never_starts() -> None:
+    async with Offloader(OffloadSettings(pools=ML)) as ex:
+        assert await ex.pool("ml").run(funcs.add, 1, 1) == 2
+        assert ex.offloader.stats()["process"].workers == 0
+    assert worker_count() == 0
