@@ -19,7 +19,10 @@ unpickles what :func:`dumps` made.
 from __future__ import annotations
 
 import pickle
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: a worker imports this module, and never typing
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ("dumps", "rebuild")
 
