@@ -1,12 +1,19 @@
-"""The built-in process pool of settings that define their own process pools starts
-at its first call; every other pool starts with the Offloader."""
+"""The built-in process pool of settings that leave it to explicit calls starts at
+its first call; every other pool starts with the Offloader."""
 
 from __future__ import annotations
 
 import anyio
 import pytest
 
-from offload import Offloader, OffloadSettings, OffloadTimeout, PoolSettings
+from offload import (
+    Offloader,
+    OffloadError,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolSettings,
+    _offloader,
+)
 
 from . import funcs
 from .conftest import children
@@ -81,4 +88,22 @@ async def test_never_used_it_never_starts() -> None:
     async with Offloader(OffloadSettings(pools=ML)) as ex:
         assert await ex.pool("ml").run(funcs.add, 1, 1) == 2
         assert ex.offloader.stats()["process"].workers == 0
+    assert worker_count() == 0
+
+
+async def test_a_failed_start_fails_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_offloader, "starts_on_first_use", lambda settings: {"process"})
+    settings = OffloadSettings(
+        process=PoolSettings(
+            max_workers=1,
+            initializer="tests.funcs:failing_initializer",
+            initializer_args=("no model here",),
+        )
+    )
+    async with Offloader(settings) as ex:
+        for _ in range(2):
+            # What a warm start would raise: the pool's start error.
+            with pytest.raises(OffloadError, match="no model here"):
+                await ex.run(funcs.add, 1, 1)
+        assert await ex.pool("thread").run(funcs.add, 1, 1) == 2
     assert worker_count() == 0

@@ -99,27 +99,29 @@ class Pool(ABC):
     def start_on_first_use(self) -> None:
         """Instead of :meth:`start` now: the first :meth:`run` starts the workers
         (in the background task group, so a cancelled caller cannot leave it half
-        started); calls wait for it, under their deadlines."""
+        started); calls wait for it, under their deadlines. If that start fails,
+        every call raises its error."""
         self._start_pending = True
 
     async def _start_once(self) -> None:
         if self._first_start is None:
             self._first_start = done = anyio.Event()
+            logger.info("pool %r: starting at its first call", self.name)
 
             async def start() -> None:
                 try:
                     await self.start()
                     self._start_pending = False
                 except Exception as exc:
+                    # For good, as a warm start's failure fails the Offloader: a
+                    # second start() over the first one's remains could leak them.
                     self._start_error = exc
-                    self._first_start = None  # the next call tries again
                 finally:
                     done.set()
 
             self._task_group.start_soon(start, name=f"offload-start-{self.name}")
-        waited = self._first_start
-        await waited.wait()
-        if self._start_pending and self._start_error is not None:
+        await self._first_start.wait()
+        if self._start_error is not None:
             raise self._start_error
 
     async def run(self, call: Call) -> Any:
@@ -130,7 +132,8 @@ class Pool(ABC):
         :raises PoolOverloaded: every worker is busy and the queue is full
         :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds
         :raises WorkerCrashed: the worker died while running the call
-        :raises PoolStartError: the pool starts on first use, and could not start
+        :raises OffloadError: the pool starts on first use, and could not start (the
+            error a warm start would have raised)
         """
         counters = self.counters
         if self._closing:
