@@ -19,6 +19,16 @@ WARNING = "worker processes per server x"
     ("kind", "args", "servers", "source"),
     [
         pytest.param("uvicorn", ("--workers", "2"), 2, "uvicorn --workers", id="uvicorn-2"),
+        pytest.param(
+            "uvicorn-standard", ("--workers", "2"), 2, "uvicorn --workers", id="uvicorn-uvloop-2"
+        ),
+        pytest.param(
+            "hypercorn",
+            ("--workers", "2", "--worker-class", "trio"),
+            2,
+            "hypercorn --workers",
+            id="hypercorn-trio-2",
+        ),
         pytest.param("gunicorn", ("-w", "2"), 2, "gunicorn --workers", id="gunicorn-2"),
         pytest.param("hypercorn", ("--workers", "2"), 2, "hypercorn --workers", id="hypercorn-2"),
         pytest.param("uvicorn", (), 1, "uvicorn --workers", id="uvicorn-1"),
