@@ -15,9 +15,10 @@ once, keep-alive or not): that is the request ending, not the client leaving, so
 call made after the response (a background task) is never cancelled.
 
 A WebSocket is watched the same way: ``websocket.connect`` and ``websocket.receive``
-messages are queued like body chunks (up to 64 KiB of them), ``websocket.disconnect``
-is the client leaving unless the app had closed the connection, and the app gets it
-again on every later ``receive`` (uvicorn's queue delivers it once).
+messages are queued like body chunks (up to 64 KiB, or 256 messages), and
+``websocket.disconnect`` is the client leaving unless the app had closed the
+connection; the app gets it again on every later ``receive`` (uvicorn's queue
+delivers it once).
 
 See docs/notes/asgi-disconnect.md for the servers' behaviour this relies on.
 """
@@ -37,12 +38,15 @@ __all__ = ("WATCH_KEY", "DisconnectMiddleware", "Watch")
 
 #: where the request's Watch lives in the ASGI scope
 WATCH_KEY = "offload.watch"
-#: request body bytes read ahead of the app, at most
+#: request body bytes (WebSocket message payload) read ahead of the app, at most
 READ_AHEAD = 1 << 16
+#: messages read ahead of the app, at most: WebSocket messages can be empty
+READ_AHEAD_MESSAGES = 256
 
 
 class Watch:
-    """One request's view of its client: the app's ``receive``, and :meth:`client_gone`."""
+    """One request's (or WebSocket's) view of its client: the app's ``receive``, and
+    :meth:`client_gone`."""
 
     def __init__(self, receive: Receive, scope: Scope) -> None:
         self._upstream = receive
@@ -121,6 +125,7 @@ class Watch:
                 or self._disconnected is not None
                 or (reading_ahead and not self._may_read_ahead)
                 or (reading_ahead and self._queued_bytes >= READ_AHEAD)
+                or len(self._queue) >= READ_AHEAD_MESSAGES
             ):
                 # Nothing more to learn by reading: wait for the app to read on.
                 await self._gone.wait()
