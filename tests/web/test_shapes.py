@@ -36,9 +36,10 @@ def test_errors_are_mapped_in_mounted_apps_and_routers(server: Server, prefix: s
     assert response.json() == {"detail": "the work took too long"}
 
 
-def test_disconnect_in_a_mounted_app_cancels_the_call_quietly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn"])
+def test_disconnect_in_a_mounted_app_cancels_the_call_quietly(tmp_path: Path, kind: str) -> None:
     log = tmp_path / "server.log"
-    server = start_server(log=log)
+    server = start_server(kind, log=log)
     try:
         before = server.worker_pids()
         send_and_drop(server, b"GET /sub/spin/30 HTTP/1.1\r\nHost: test\r\n\r\n")
