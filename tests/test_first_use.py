@@ -8,10 +8,10 @@ import pytest
 
 from offload import (
     Offloader,
-    OffloadError,
     OffloadSettings,
     OffloadTimeout,
     PoolSettings,
+    PoolStartError,
     _offloader,
 )
 
@@ -102,8 +102,8 @@ async def test_a_failed_start_fails_every_call(monkeypatch: pytest.MonkeyPatch) 
     )
     async with Offloader(settings) as ex:
         for _ in range(2):
-            # What a warm start would raise: the pool's start error.
-            with pytest.raises(OffloadError, match="no model here"):
+            with pytest.raises(PoolStartError, match="no model here") as failed:
                 await ex.run(funcs.add, 1, 1)
+            assert isinstance(failed.value.__cause__, PoolStartError)  # a warm start's error
         assert await ex.pool("thread").run(funcs.add, 1, 1) == 2
     assert worker_count() == 0

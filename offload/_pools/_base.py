@@ -100,7 +100,7 @@ class Pool(ABC):
         """Instead of :meth:`start` now: the first :meth:`run` starts the workers
         (in the background task group, so a cancelled caller cannot leave it half
         started); calls wait for it, under their deadlines. If that start fails,
-        every call raises its error."""
+        every call raises :class:`~offload.PoolStartError` from its error."""
         self._start_pending = True
 
     async def _start_once(self) -> None:
@@ -122,7 +122,11 @@ class Pool(ABC):
             self._task_group.start_soon(start, name=f"offload-start-{self.name}")
         await self._first_start.wait()
         if self._start_error is not None:
-            raise self._start_error
+            # A new error each time: raising the one instance again and again would
+            # grow its traceback with every call.
+            raise PoolStartError(
+                f"pool {self.name!r} could not start at its first call: {self._start_error}"
+            ) from self._start_error
 
     async def run(self, call: Call) -> Any:
         """Run ``call`` and return its result, under its deadline.
@@ -132,8 +136,8 @@ class Pool(ABC):
         :raises PoolOverloaded: every worker is busy and the queue is full
         :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds
         :raises WorkerCrashed: the worker died while running the call
-        :raises OffloadError: the pool starts on first use, and could not start (the
-            error a warm start would have raised)
+        :raises PoolStartError: the pool starts on first use, and could not start (its
+            cause: the error a warm start would have raised)
         """
         counters = self.counters
         if self._closing:
