@@ -14,13 +14,20 @@ app has not asked for yet (up to 64 KiB; not when the client sent
 once, keep-alive or not): that is the request ending, not the client leaving, so a
 call made after the response (a background task) is never cancelled.
 
+A WebSocket is watched the same way: ``websocket.connect`` and ``websocket.receive``
+messages are queued like body chunks (up to 64 KiB, or 256 messages), and
+``websocket.disconnect`` is the client leaving unless the app had closed the
+connection; the app gets it again on every later ``receive`` (uvicorn's queue
+delivers it once).
+
 See docs/notes/asgi-disconnect.md for the servers' behaviour this relies on.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -31,12 +38,15 @@ __all__ = ("WATCH_KEY", "DisconnectMiddleware", "Watch")
 
 #: where the request's Watch lives in the ASGI scope
 WATCH_KEY = "offload.watch"
-#: request body bytes read ahead of the app, at most
+#: request body bytes (WebSocket message payload) read ahead of the app, at most
 READ_AHEAD = 1 << 16
+#: messages read ahead of the app, at most: WebSocket messages can be empty
+READ_AHEAD_MESSAGES = 256
 
 
 class Watch:
-    """One request's view of its client: the app's ``receive``, and :meth:`client_gone`."""
+    """One request's (or WebSocket's) view of its client: the app's ``receive``, and
+    :meth:`client_gone`."""
 
     def __init__(self, receive: Receive, scope: Scope) -> None:
         self._upstream = receive
@@ -49,8 +59,8 @@ class Watch:
         self._gone_: anyio.Event | None = None
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
-        self._body_done = False
-        self._disconnected = False
+        self._body_done = False  # an HTTP request's; a WebSocket's messages never end
+        self._disconnected: Message | None = None  # the message, repeated to the app
         self.response_done = False
 
     @property
@@ -63,9 +73,14 @@ class Watch:
     def _gone(self) -> anyio.Event:
         if self._gone_ is None:
             self._gone_ = anyio.Event()
-            if self._disconnected and not self.response_done:
+            if self._disconnected is not None and not self.response_done:
                 self._gone_.set()
         return self._gone_
+
+    @property
+    def disconnect(self) -> Message | None:
+        """The server's ``http.disconnect`` or ``websocket.disconnect``, once it came."""
+        return self._disconnected
 
     @property
     def _may_read_ahead(self) -> bool:
@@ -77,27 +92,28 @@ class Watch:
     async def _pull(self) -> None:
         """Take one message from the server; the caller holds the lock."""
         message = await self._upstream()
-        if message["type"] == "http.request":
-            self._queue.append(message)
-            self._queued_bytes += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                self._body_done = True
-        elif message["type"] == "http.disconnect":
-            self._disconnected = True
+        kind = message["type"]
+        if kind in ("http.disconnect", "websocket.disconnect"):
+            self._disconnected = message
             if not self.response_done and self._gone_ is not None:
                 self._gone_.set()
+            return
+        self._queue.append(message)
+        self._queued_bytes += _size(message)
+        if kind == "http.request" and not message.get("more_body", False):
+            self._body_done = True
 
     async def receive(self) -> Message:
         """The app's ``receive``: every message, in order."""
         while True:
             if self._queue:
                 message = self._queue.popleft()
-                self._queued_bytes -= len(message.get("body", b""))
+                self._queued_bytes -= _size(message)
                 return message
-            if self._disconnected:
-                return {"type": "http.disconnect"}
+            if self._disconnected is not None:
+                return self._disconnected
             async with self._lock:
-                if not (self._queue or self._disconnected):
+                if not self._queue and self._disconnected is None:
                     await self._pull()
 
     async def client_gone(self) -> None:
@@ -106,33 +122,62 @@ class Watch:
             reading_ahead = not self._body_done
             if (
                 self.response_done
-                or self._disconnected
+                or self._disconnected is not None
                 or (reading_ahead and not self._may_read_ahead)
                 or (reading_ahead and self._queued_bytes >= READ_AHEAD)
+                or len(self._queue) >= READ_AHEAD_MESSAGES
             ):
                 # Nothing more to learn by reading: wait for the app to read on.
                 await self._gone.wait()
                 return
             async with self._lock:
-                if not (self._gone.is_set() or self._disconnected):
+                if not self._gone.is_set() and self._disconnected is None:
                     await self._pull()
 
 
-class DisconnectMiddleware:
-    """Pure ASGI middleware giving each HTTP request a :class:`Watch` in its scope."""
+def _size(message: Message) -> int:
+    """The bytes a queued message holds: a body chunk, a WebSocket frame's payload."""
+    if message["type"] == "http.request":
+        return len(message.get("body", b""))
+    return len(message.get("bytes") or b"") + len(message.get("text") or "")
 
-    def __init__(self, app: ASGIApp) -> None:
+
+def _ends_response(message: Message) -> bool:
+    kind = message["type"]
+    if kind == "websocket.close":
+        return True
+    return kind in ("http.response.body", "websocket.http.response.body") and not message.get(
+        "more_body", False
+    )
+
+
+class DisconnectMiddleware:
+    """Pure ASGI middleware giving each HTTP request and WebSocket a :class:`Watch`
+    in its scope.
+
+    :param on_first_request: called once, with the scope's ``app``, before the first
+        request or WebSocket goes on
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, on_first_request: Callable[[Any], None] | None = None
+    ) -> None:
         self.app = app
+        self._on_first_request = on_first_request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket") or WATCH_KEY in scope:
+            # lifespan; or a mounted app's middleware, watched by the outer one already
             await self.app(scope, receive, send)
             return
+        if self._on_first_request is not None:
+            hook, self._on_first_request = self._on_first_request, None
+            hook(scope.get("app"))
         watch = Watch(receive, scope)
         scope[WATCH_KEY] = watch
 
         async def watched_send(message: Message) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if _ends_response(message):
                 watch.response_done = True
             await send(message)
 

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ._pools._base import Pool
     from ._settings import Kind
 
-__all__ = ("Offloader", "active_offloader", "newest_offloader")
+__all__ = ("Offloader", "active_offloader", "newest_offloader", "starts_on_first_use")
 
 logger = logging.getLogger("offload")
 
@@ -190,9 +190,13 @@ class Offloader:
                 except Exception as exc:
                     errors.append(exc)
 
+            lazy = starts_on_first_use(self.settings)
             async with anyio.create_task_group() as tg:
-                for pool in self._pools.values():
-                    tg.start_soon(start, pool)
+                for name, pool in self._pools.items():
+                    if name in lazy:
+                        pool.start_on_first_use()
+                    else:
+                        tg.start_soon(start, pool)
             if errors:
                 # The first failure, as itself: an ExceptionGroup of one start
                 # error would only make the cause harder to catch and read.
@@ -262,6 +266,27 @@ class Offloader:
         async with anyio.create_task_group() as tg:
             for pool in self._pools.values():
                 tg.start_soon(pool.aclose, drain_timeout)
+
+
+def starts_on_first_use(settings: OffloadSettings) -> frozenset[str]:
+    """The pools that start at their first call rather than with the Offloader.
+
+    Only the built-in ``process`` pool, when the settings say nothing of it
+    (``process`` not set, in code or in the environment) and nothing would call it
+    by default: ``default_pool`` names another pool, or the settings define process
+    pools of their own and leave ``default_pool`` unset. Such an application has
+    given its CPUs to other pools, and a pool of one worker per CPU that nothing may
+    call would double the worker processes. Every other pool starts warm.
+    """
+    given = settings.model_fields_set
+    if "process" in given:
+        return frozenset()
+    own = any(
+        s.kind == "process" for name, s in settings.pool_settings().items() if name != "process"
+    )
+    if settings.default_pool != "process" or (own and "default_pool" not in given):
+        return frozenset({"process"})
+    return frozenset()
 
 
 def _prepare(kinds: list[Kind | None]) -> list[type[Pool]]:

@@ -22,23 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, HTTPConnection
+from starlette.routing import Router
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
 from ._executor import Executor
-from ._offloader import Offloader
+from ._offloader import Offloader, starts_on_first_use
+from ._servers import server_processes
 from ._settings import usable_cpus
 
 if TYPE_CHECKING:
+    from starlette.types import ExceptionHandler
+
     from ._call import Call
     from ._pools._base import Pool
     from ._settings import OffloadSettings
@@ -48,6 +52,7 @@ __all__ = (
     "Lifespan",
     "RequestExecutor",
     "add_exception_handlers",
+    "cover_mounted_apps",
     "get_executor",
     "install",
     "lifespan",
@@ -92,6 +97,9 @@ class Lifespan:
 
     @asynccontextmanager
     async def _run(self, app: Any) -> AsyncIterator[dict[str, Any]]:
+        if isinstance(app, Starlette):
+            # Now, not in install(): the app's own handlers and mounts are all there.
+            cover_mounted_apps(app)
         offloader = Offloader(self.settings)
         async with offloader:
             warn_if_oversubscribed(offloader.settings)
@@ -107,27 +115,23 @@ lifespan = Lifespan()
 """``FastAPI(lifespan=lifespan)``: an Offloader from ``OffloadSettings()`` for the app's life."""
 
 
-async def get_executor(request: Request) -> Executor:
+async def get_executor(request: HTTPConnection) -> Executor:
     """FastAPI dependency: ``executor: Executor = Depends(get_executor)``.
 
     Returns an executor of the Offloader started by :data:`lifespan`, for the
-    default pool, bound to the request: with :func:`install` done, when the client
-    disconnects while a call runs, the call is cancelled as by a deadline (a process
-    worker running it is killed) and raises Starlette's
+    default pool, bound to the request or WebSocket: with :func:`install` done, when
+    the client disconnects while a call runs, the call is cancelled as by a deadline
+    (a process worker running it is killed) and raises Starlette's
     :class:`~starlette.requests.ClientDisconnect`, which :func:`add_exception_handlers`
-    answers with a bodiless 499. Turn this off with
-    ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to the OpenAPI
-    schema.
+    answers with a bodiless 499; in a WebSocket route, Starlette's
+    :class:`~starlette.websockets.WebSocketDisconnect`, as ``receive`` would. Turn
+    this off with ``OffloadSettings(cancel_on_disconnect=False)``. It adds nothing to
+    the OpenAPI schema.
 
+    :param request: the request, or the WebSocket (FastAPI passes either)
     :raises RuntimeError: if the app was not started with offload's lifespan
     """
-    offloader = request.scope.get("state", {}).get(STATE_KEY)
-    if not isinstance(offloader, Offloader):
-        raise RuntimeError(
-            "no Offloader in the lifespan state: create the app with "
-            "FastAPI(lifespan=offload.lifespan), or wrap your own lifespan with "
-            "offload.fastapi.Lifespan(wraps=your_lifespan)"
-        )
+    offloader = _offloader_of(request)
     if not offloader.settings.cancel_on_disconnect:
         return offloader.executor
     watch = request.scope.get(WATCH_KEY)
@@ -143,6 +147,19 @@ async def get_executor(request: Request) -> Executor:
     return RequestExecutor(offloader, watch)
 
 
+def _offloader_of(connection: HTTPConnection) -> Offloader:
+    offloader = (connection.scope.get("state") or {}).get(STATE_KEY)
+    if not isinstance(offloader, Offloader):
+        raise RuntimeError(
+            "no Offloader in the lifespan state: start the app with offload's lifespan, "
+            "FastAPI(lifespan=offload.lifespan) or "
+            "offload.fastapi.Lifespan(wraps=your_lifespan), on the outermost app "
+            "(Starlette never runs the lifespan of a mounted app), with a server that "
+            "runs it (not uvicorn --lifespan off)"
+        )
+    return offloader
+
+
 _warned_no_watch = False
 
 
@@ -152,7 +169,8 @@ class RequestExecutor(Executor):
     While a call runs, a task waits for the request's :class:`Watch` (put in the
     scope by :class:`DisconnectMiddleware`, which :func:`install` adds) to see the
     client go; then the call is cancelled as by a deadline, and raises Starlette's
-    :class:`~starlette.requests.ClientDisconnect`.
+    :class:`~starlette.requests.ClientDisconnect` (an HTTP request) or
+    :class:`~starlette.websockets.WebSocketDisconnect` (a WebSocket).
     """
 
     __slots__ = ("_watch",)
@@ -187,7 +205,7 @@ class RequestExecutor(Executor):
                     error = exc
             tg.cancel_scope.cancel()
         if gone:
-            raise ClientDisconnect
+            raise self._gone_error()
         if error is not None:
             try:
                 raise error
@@ -216,21 +234,45 @@ class RequestExecutor(Executor):
             finally:
                 running = False
                 listener.cancel()
-        raise ClientDisconnect  # reached only when heard() cancelled the scope
+        raise self._gone_error()  # reached only when heard() cancelled the scope
+
+    def _gone_error(self) -> Exception:
+        message = self._watch.disconnect
+        if message is not None and message["type"] == "websocket.disconnect":
+            return WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+        return ClientDisconnect()
 
 
-def install(app: FastAPI) -> None:
+def install(app: Starlette) -> None:
     """The one line that wires offload's HTTP behaviour into an app: ``install(app)``.
 
     Adds :class:`DisconnectMiddleware` (so that calls made through
     :func:`get_executor` are cancelled when the client leaves) and
-    :func:`add_exception_handlers`. Call it where the app is built, before it starts.
+    :func:`add_exception_handlers`. Call it where the app is built, before it starts,
+    on the outermost app (FastAPI or Starlette): apps mounted in it get the same
+    error mapping when it starts, or at its first request without offload's lifespan
+    (:func:`cover_mounted_apps`).
     """
-    app.add_middleware(DisconnectMiddleware)
+    app.add_middleware(DisconnectMiddleware, on_first_request=_cover)
     add_exception_handlers(app)
 
 
-def add_exception_handlers(app: FastAPI) -> None:
+def _cover(app: Any) -> None:
+    if isinstance(app, Starlette):
+        cover_mounted_apps(app)
+
+
+#: the exceptions offload's handlers answer
+_HANDLED: tuple[type[Exception], ...] = (
+    OffloadTimeout,
+    PoolOverloaded,
+    PoolClosed,
+    WorkerCrashed,
+    ClientDisconnect,
+)
+
+
+def add_exception_handlers(app: Starlette) -> None:
     """Answer offload's errors with the right status and a short JSON body.
 
     ``OffloadTimeout`` -> 504, ``PoolOverloaded`` and ``PoolClosed`` -> 503 with
@@ -239,68 +281,147 @@ def add_exception_handlers(app: FastAPI) -> None:
     arguments or the worker leaks to the client. A call cancelled because its client
     left (``ClientDisconnect``) gets a bodiless 499. Exceptions raised by your own
     functions are left to FastAPI's handlers.
+
+    In a WebSocket route, an error raised before the WebSocket is accepted denies it
+    with the same response; after, it closes the connection with code 1011
+    (internal error: timeout, crash) or 1013 (try again later: overloaded, closed)
+    and the same message as reason.
     """
-    app.add_exception_handler(OffloadTimeout, _timeout)
-    app.add_exception_handler(PoolOverloaded, _overloaded)
-    app.add_exception_handler(PoolClosed, _closed)
-    app.add_exception_handler(WorkerCrashed, _crashed)
-    app.add_exception_handler(ClientDisconnect, _disconnected)
+    handlers = {
+        OffloadTimeout: _timeout,
+        PoolOverloaded: _overloaded,
+        PoolClosed: _closed,
+        WorkerCrashed: _crashed,
+        ClientDisconnect: _disconnected,
+    }
+    for exc, handler in handlers.items():
+        # One handler for HTTP and WebSocket alike, which Starlette's type splits.
+        app.add_exception_handler(exc, cast("ExceptionHandler", handler))
 
 
-async def _timeout(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": "the work took too long"}, status_code=504)
+def cover_mounted_apps(app: Starlette) -> None:
+    """Give every app mounted in ``app`` (at any depth) ``app``'s handlers of offload's errors.
+
+    A mounted Starlette or FastAPI app answers exceptions with its own handlers
+    only: without offload's, an ``OffloadTimeout`` in it becomes a plain-text 500,
+    and the 499 of a client that left an ERROR traceback. A handler the mounted app
+    has of its own is kept. :data:`Lifespan` calls this when the app starts, and
+    :func:`install`'s middleware at the first request.
+
+    :raises RuntimeError: if a mounted app lacking them has already served requests
+        (its handlers are fixed then)
+    """
+    handlers = {
+        exc: app.exception_handlers[exc] for exc in _HANDLED if exc in app.exception_handlers
+    }
+    if not handlers:
+        return
+    for path, sub in _mounted_apps(app.router, ""):
+        missing = {exc: h for exc, h in handlers.items() if exc not in sub.exception_handlers}
+        if not missing:
+            continue
+        if sub.middleware_stack is not None:
+            raise RuntimeError(
+                f"the app mounted at {path!r} has served requests before offload's error "
+                "handlers could be given to it: call offload.fastapi.add_exception_handlers "
+                "on it where it is built"
+            )
+        sub.exception_handlers.update(missing)
 
 
-async def _overloaded(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "server busy, try again later"},
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER)},
-    )
+def _mounted_apps(router: Router, prefix: str) -> Iterator[tuple[str, Starlette]]:
+    for route in router.routes:
+        inner: Any = getattr(route, "app", None)
+        # Through the middleware a Mount may wrap it in, to the app or router.
+        for _ in range(32):
+            if inner is None or isinstance(inner, (Starlette, Router)):
+                break
+            inner = getattr(inner, "app", None)
+        path = prefix + getattr(route, "path", "")
+        if isinstance(inner, Starlette):
+            yield path, inner
+            yield from _mounted_apps(inner.router, path)
+        elif isinstance(inner, Router):
+            yield from _mounted_apps(inner, path)
 
 
-async def _closed(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "server unavailable, try again later"},
-        status_code=503,
-        headers={"Retry-After": str(RETRY_AFTER)},
-    )
+# WebSocket close codes (RFC 6455, IANA registry): the connection's counterparts of
+# 500 and 503, for errors raised once the WebSocket was accepted.
+_INTERNAL_ERROR = 1011
+_TRY_AGAIN_LATER = 1013
 
 
-async def _disconnected(request: Request, exc: Exception) -> Response:
+async def _answer(
+    conn: HTTPConnection,
+    status: int,
+    detail: str,
+    close_code: int,
+    headers: Mapping[str, str] | None = None,
+) -> Response | None:
+    """The JSON answer; on an accepted WebSocket, a close with ``close_code`` instead
+    (a response then would break the protocol), and nothing on a closed one. A
+    WebSocket not yet accepted is denied with the response, as Starlette does."""
+    if isinstance(conn, WebSocket) and conn.application_state != WebSocketState.CONNECTING:
+        if conn.application_state == WebSocketState.CONNECTED:
+            try:
+                await conn.close(close_code, detail)
+            except (RuntimeError, OSError):  # the client left meanwhile: nobody to tell
+                pass
+        return None
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+async def _timeout(conn: HTTPConnection, exc: Exception) -> Response | None:
+    return await _answer(conn, 504, "the work took too long", _INTERNAL_ERROR)
+
+
+async def _overloaded(conn: HTTPConnection, exc: Exception) -> Response | None:
+    retry = {"Retry-After": str(RETRY_AFTER)}
+    return await _answer(conn, 503, "server busy, try again later", _TRY_AGAIN_LATER, retry)
+
+
+async def _closed(conn: HTTPConnection, exc: Exception) -> Response | None:
+    retry = {"Retry-After": str(RETRY_AFTER)}
+    return await _answer(conn, 503, "server unavailable, try again later", _TRY_AGAIN_LATER, retry)
+
+
+async def _disconnected(conn: HTTPConnection, exc: Exception) -> Response:
     # Nobody is left to read it: 499, nginx's "client closed request", for the logs.
     return Response(status_code=499)
 
 
-async def _crashed(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("request %s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
+async def _crashed(conn: HTTPConnection, exc: Exception) -> Response | None:
+    method = conn.scope.get("method", "WEBSOCKET")
+    logger.error("request %s %s: %s", method, conn.url.path, exc)
+    return await _answer(conn, 500, "internal server error", _INTERNAL_ERROR)
 
 
 def warn_if_oversubscribed(settings: OffloadSettings) -> None:
     """Log a warning when the worker processes of this server outnumber the CPUs.
 
-    Counts every process pool of ``settings``, times ``WEB_CONCURRENCY`` (the
-    number of server processes, as uvicorn and gunicorn read it) when set, against
-    the CPUs this process may use (cgroup quotas included).
+    Counts the workers of every process pool of ``settings`` that starts with the
+    Offloader (not one that starts on first use), times the number of server
+    processes: ``uvicorn --workers``, ``gunicorn -w`` or ``hypercorn --workers``
+    read from the running server's configuration, else ``WEB_CONCURRENCY``; against
+    the CPUs this process may use (cgroup quotas included). Call it on the event
+    loop's thread.
     """
+    lazy = starts_on_first_use(settings)
     per_server = sum(
         pool.resolved_max_workers("process")
-        for pool in settings.pool_settings().values()
-        if pool.kind == "process"
+        for name, pool in settings.pool_settings().items()
+        if pool.kind == "process" and name not in lazy
     )
-    try:
-        servers = max(1, int(os.environ.get("WEB_CONCURRENCY", "1")))
-    except ValueError:
-        servers = 1
+    servers, source = server_processes()
     cpus = usable_cpus()
     if per_server * servers > cpus:
         logger.warning(
-            "offload: %d worker processes per server x %d server processes = %d, "
+            "offload: %d worker processes per server x %d server processes (%s) = %d, "
             "for %d CPUs: CPU-bound calls will compete; lower OFFLOAD_PROCESS__MAX_WORKERS "
             "or the number of server processes",
             per_server,
             servers,
+            source,
             per_server * servers,
             cpus,
         )

@@ -367,7 +367,12 @@ def raise_locked(message: str) -> None:
 
 
 class TwoArgError(Exception):
-    """Pickles, but cannot be rebuilt: ``args`` holds only ``a``, ``__init__`` needs ``b``."""
+    """Pickles, but cannot be rebuilt: ``args`` holds only ``a``, and both ``__new__``
+    and ``__init__`` need ``b`` (with ``__init__`` alone, the worker rebuilds it by
+    ``__new__`` and its ``__dict__``)."""
+
+    def __new__(cls, a: str, b: str) -> TwoArgError:
+        return super().__new__(cls, a)
 
     def __init__(self, a: str, b: str) -> None:
         super().__init__(a)

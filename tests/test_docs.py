@@ -6,7 +6,8 @@ order in one fresh interpreter (a later block may use what an earlier one define
 ``__main__``. A block that cannot run here (it needs a server, a model file, or is a
 fragment) is preceded by the line ``<!-- no-run: why -->``; it must still compile.
 The script keeps each block on the line it has in the page, so a traceback's line
-numbers are the page's.
+numbers are the page's. A page's samples run with only offload and the extras the page
+names importable (``EXTRAS``, tests/extras.py): what its reader has installed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from types import ModuleType
 
 import pytest
 
+from .extras import command
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md") if "tools" not in p.relative_to(DOCS).parts)
@@ -31,6 +34,16 @@ TITLE = re.compile(r'title="([\w.]+\.py)"')
 NO_RUN = "<!-- no-run"
 #: a sample's allowance; the whole file stays well under 30 s
 SAMPLE_TIMEOUT = 60
+#: the extras a page tells its reader to install (``pip install 'offload[fastapi]'``),
+#: and other packages it names (the guide's trio sample); other pages: offload alone
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "dask.md": ("dask",),
+    "errors.md": ("fastapi",),
+    "fastapi.md": ("fastapi", "metrics"),
+    "guide.md": ("metrics",),
+    "quickstart.md": ("fastapi",),
+}
+ALSO: dict[str, tuple[str, ...]] = {"guide.md": ("trio",)}
 
 
 class Block:
@@ -87,8 +100,9 @@ def test_samples_run(page: Path, tmp_path: Path) -> None:
     script.write_text("\n".join(lines) + "\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env = {k: v for k, v in env.items() if not k.startswith("OFFLOAD_")}
+    name = page_id(page)
     result = subprocess.run(
-        [sys.executable, str(script)],
+        command(script, EXTRAS.get(name, ()), ALSO.get(name, ())),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -99,6 +113,8 @@ def test_samples_run(page: Path, tmp_path: Path) -> None:
         f"a sample of docs/{page_id(page)} failed (line numbers are the page's):\n"
         + result.stderr.replace(str(script), f"docs/{page_id(page)}")
     )
+    # A sample shows settings to copy: none that oversubscribes the CPUs (2 here).
+    assert "worker processes per server" not in result.stderr, result.stderr
 
 
 def test_mkdocs_build_strict(tmp_path: Path) -> None:

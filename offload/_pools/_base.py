@@ -75,6 +75,10 @@ class Pool(ABC):
         self._inherited = False  # this process was forked from the pool's owner
         self._not_here: str | None = None  # why it may not start here (in a worker)
         _pools.add(self)
+        # Set by start_on_first_use(): the first call starts the workers.
+        self._first_start: anyio.Event | None = None
+        self._start_pending = False
+        self._start_error: Exception | None = None
 
     @property
     def closing(self) -> bool:
@@ -107,6 +111,38 @@ class Pool(ABC):
             name=self.name, kind=self.kind, workers=workers, busy=busy, queued=queued
         )
 
+    def start_on_first_use(self) -> None:
+        """Instead of :meth:`start` now: the first :meth:`run` starts the workers
+        (in the background task group, so a cancelled caller cannot leave it half
+        started); calls wait for it, under their deadlines. If that start fails,
+        every call raises :class:`~offload.PoolStartError` from its error."""
+        self._start_pending = True
+
+    async def _start_once(self) -> None:
+        if self._first_start is None:
+            self._first_start = done = anyio.Event()
+            logger.info("pool %r: starting at its first call", self.name)
+
+            async def start() -> None:
+                try:
+                    await self.start()
+                    self._start_pending = False
+                except Exception as exc:
+                    # For good, as a warm start's failure fails the Offloader: a
+                    # second start() over the first one's remains could leak them.
+                    self._start_error = exc
+                finally:
+                    done.set()
+
+            self._task_group.start_soon(start, name=f"offload-start-{self.name}")
+        await self._first_start.wait()
+        if self._start_error is not None:
+            # A new error each time: raising the one instance again and again would
+            # grow its traceback with every call.
+            raise PoolStartError(
+                f"pool {self.name!r} could not start at its first call: {self._start_error}"
+            ) from self._start_error
+
     async def run(self, call: Call) -> Any:
         """Run ``call`` and return its result, under its deadline.
 
@@ -116,6 +152,8 @@ class Pool(ABC):
         :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds,
             or may not start its workers here (see ``_nesting.py``)
         :raises WorkerCrashed: the worker died while running the call
+        :raises PoolStartError: the pool starts on first use, and could not start (its
+            cause: the error a warm start would have raised)
         """
         counters = self.counters
         if self._closing:
@@ -127,9 +165,13 @@ class Pool(ABC):
             if call.deadline == math.inf:
                 # No scope without a deadline: it costs more than a round trip's
                 # worth of bookkeeping, and shutdown reaches calls through _abort.
+                if self._start_pending:
+                    await self._start_once()
                 result = await self._execute(call)
             else:
                 with anyio.CancelScope(deadline=call.deadline) as scope:
+                    if self._start_pending:
+                        await self._start_once()
                     result = await self._execute(call)
                 if scope.cancelled_caught:
                     counters.timed_out += 1
@@ -216,6 +258,9 @@ class Pool(ABC):
             # The callers unwind at their next checkpoint.
             with anyio.move_on_after(5):
                 await self._drained.wait()
+        if self._first_start is not None:
+            # A start on first use still under way would add workers after _stop.
+            await self._first_start.wait()
         await self._stop()
 
 

@@ -278,8 +278,14 @@ def _exception_reply(exc: BaseException) -> tuple[int, Any]:
         blob = pickle.dumps(exc, protocol=5)
         pickle.loads(blob)  # the parent must be able to rebuild it, too
     except BaseException:
-        aborted = not isinstance(exc, Exception)  # SystemExit and its kin
-        return RAISED_UNPICKLABLE, (_type_name(exc), _str(exc), tb, aborted)
+        try:  # an exception whose __init__ needs what its args lack (HTTPException)
+            from ._rebuild import dumps
+
+            blob = dumps(exc)
+            pickle.loads(blob)
+        except BaseException:
+            aborted = not isinstance(exc, Exception)  # SystemExit and its kin
+            return RAISED_UNPICKLABLE, (_type_name(exc), _str(exc), tb, aborted)
     return RAISED, (blob, tb)
 
 

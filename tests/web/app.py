@@ -8,14 +8,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import BackgroundTasks, Depends, FastAPI, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request, WebSocket
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.responses import Response
+from starlette.websockets import WebSocketDisconnect
 
 from offload import Executor, OffloadSettings, PoolClosed, PoolOverloaded, get_executor
 from offload.fastapi import Lifespan, install
 
 from .. import funcs
+from . import raising
 
 SETTINGS = OffloadSettings(
     process={"max_workers": 2},
@@ -46,7 +48,8 @@ if os.environ.get("TEST_BASE_HTTP_MIDDLEWARE"):
 
 @app.get("/health")
 async def health(request: Request) -> dict[str, Any]:
-    return {"ok": True, "greeting": request.state.greeting}
+    # Served without the lifespan too (uvicorn --lifespan off), to say what breaks.
+    return {"ok": True, "greeting": getattr(request.state, "greeting", None)}
 
 
 @app.get("/workers")
@@ -132,3 +135,53 @@ async def background(
 ) -> None:
     # After the response, the request is over: its calls must not count as abandoned.
     tasks.add_task(ex.run, funcs.sleep_then_touch, 0.3, path)
+
+
+@app.get("/http-error/{kind}")
+async def http_error(kind: str, ex: Executor = Depends(get_executor)) -> None:
+    pool = ex.pool(kind)
+    await pool.run(raising.raise_fastapi_http, 404, "no such item", {"X-Why": "gone"})
+
+
+@app.websocket("/ws")
+async def ws(websocket: WebSocket, ex: Executor = Depends(get_executor)) -> None:
+    await websocket.accept()
+    x = int(await websocket.receive_text())
+    await websocket.send_json({"result": await ex.run(funcs.add, x, x)})
+    await websocket.close()
+
+
+# The same routes in a mounted FastAPI app (wired only through the outer app) and
+# in a router included with a prefix.
+def shaped_routes(router: APIRouter | FastAPI) -> None:
+    @router.get("/timeout")
+    async def shaped_timeout(ex: Executor = Depends(get_executor)) -> None:
+        await ex.options(timeout=0.2).run(funcs.sleep_then, 5, None)
+
+    @router.get("/spin/{seconds}")
+    async def shaped_spin(seconds: float, ex: Executor = Depends(get_executor)) -> dict[str, Any]:
+        return {"result": await ex.run(funcs.spin, seconds)}
+
+    @router.get("/http-error")
+    async def shaped_http_error(ex: Executor = Depends(get_executor)) -> None:
+        await ex.run(raising.raise_fastapi_http, 409, "conflict", None)
+
+
+sub = FastAPI()
+shaped_routes(sub)
+app.mount("/sub", sub)
+api = APIRouter()
+shaped_routes(api)
+app.include_router(api, prefix="/api")
+
+
+@app.websocket("/ws-spin/{seconds}")
+async def ws_spin(
+    websocket: WebSocket, seconds: float, ex: Executor = Depends(get_executor)
+) -> None:
+    await websocket.accept()
+    try:
+        await websocket.send_json({"result": await ex.run(funcs.spin, seconds)})
+    except WebSocketDisconnect:
+        return  # the client left: the call was cancelled, nobody to answer
+    await websocket.close()

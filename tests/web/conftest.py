@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,8 +49,16 @@ class Server:
 
 
 def start_server(
-    server: str = "uvicorn", env: dict[str, str] | None = None, app: str = "tests.web.app:app"
+    server: str = "uvicorn",
+    env: dict[str, str] | None = None,
+    app: str = "tests.web.app:app",
+    *,
+    args: tuple[str, ...] = (),
+    log: Path | None = None,
+    cpus: set[int] | None = None,
 ) -> Server:
+    """Serve ``app``; ``args`` go to the server's command line, its stderr to ``log``;
+    ``cpus``: the only CPUs it (and its workers) may run on."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # uvicorn takes an --fd socket for AF_UNIX and never sets TCP_NODELAY on its
@@ -64,14 +73,21 @@ def start_server(
         loop, http = ("uvloop", "httptools") if server == "uvicorn-standard" else ("asyncio", "h11")
         cmd = ["-m", "uvicorn", app, "--fd", str(fd), "--log-level", "warning"]
         cmd += ["--loop", loop, "--http", http]
+    elif server == "gunicorn":
+        cmd = ["-m", "gunicorn", app, "--bind", f"fd://{fd}", "--log-level", "warning"]
+        cmd += ["--worker-class", "uvicorn_worker.UvicornWorker"]
     else:
         cmd = ["-m", "hypercorn", app, "--bind", f"fd://{fd}", "--log-level", "warning"]
-    proc = subprocess.Popen(
-        [sys.executable, *cmd],
-        cwd=ROOT,
-        pass_fds=(fd,),
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(log.open("wb")) if log is not None else None
+        proc = subprocess.Popen(
+            [sys.executable, *cmd, *args],
+            cwd=ROOT,
+            pass_fds=(fd,),
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+            stderr=stderr,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+        )
     listener.close()
     running = Server(proc, f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 30

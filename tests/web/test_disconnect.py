@@ -9,9 +9,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import anyio
+import anyio.lowlevel
 import httpx
 import psutil
 import pytest
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request
+
+from offload._disconnect import READ_AHEAD_MESSAGES, Watch
 
 from .conftest import Server, assert_gone, start_server
 
@@ -151,3 +157,41 @@ def test_background_call_after_the_response_is_not_cancelled(
     while not marker.exists():
         assert time.monotonic() < deadline, "the background call was cancelled"
         time.sleep(0.05)
+
+
+def test_websocket_client_that_leaves(any_server: Server) -> None:
+    before = any_server.worker_pids()
+    url = urlsplit(any_server.url)
+    assert url.hostname is not None
+    assert url.port is not None
+    with socket.create_connection((url.hostname, url.port)) as conn:
+        client = WSConnection(ConnectionType.CLIENT)
+        conn.sendall(client.send(Request(host="test", target="/ws-spin/30")))
+        client.receive_data(conn.recv(4096))
+        assert isinstance(next(client.events()), AcceptConnection)
+        deadline = time.monotonic() + 10
+        while busy(any_server) != 1:
+            assert time.monotonic() < deadline, "the call never reached a worker"
+            time.sleep(0.02)
+        conn.sendall(client.send(CloseConnection(code=1001)))
+    assert_workers_go_idle(any_server, before)
+
+
+async def test_websocket_read_ahead_is_bounded_by_messages_too() -> None:
+    # Empty messages weigh nothing: without a count, a chatty client would grow the
+    # queue for as long as a call runs.
+    pulled = 0
+
+    async def receive() -> dict[str, str]:
+        nonlocal pulled
+        pulled += 1
+        await anyio.lowlevel.checkpoint()
+        return {"type": "websocket.receive", "text": ""}
+
+    watch = Watch(receive, {"type": "websocket", "headers": []})
+    with anyio.move_on_after(0.3):
+        await watch.client_gone()
+    assert pulled == READ_AHEAD_MESSAGES
+    received = [await watch.receive() for _ in range(READ_AHEAD_MESSAGES + 1)]
+    assert pulled == READ_AHEAD_MESSAGES + 1  # the queue first, then the server again
+    assert all(message["type"] == "websocket.receive" for message in received)

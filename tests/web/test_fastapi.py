@@ -85,7 +85,7 @@ def test_oversubscription_warning(caplog: pytest.LogCaptureFixture, monkeypatch)
 
     monkeypatch.setenv("WEB_CONCURRENCY", "4")
     warn_if_oversubscribed(OffloadSettings(process={"max_workers": 2}))
-    assert "worker processes per server x 4 server processes = 8" in caplog.text
+    assert "worker processes per server x 4 server processes (WEB_CONCURRENCY) = 8" in caplog.text
     caplog.clear()
     monkeypatch.delenv("WEB_CONCURRENCY")
     warn_if_oversubscribed(OffloadSettings(process={"max_workers": 1}))
