@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from ._decorator import OffloadedFunction as OffloadedFunction
     from ._decorator import offload as offload
     from ._errors import CallCancelled as CallCancelled
+    from ._errors import ClusterUnavailable as ClusterUnavailable
     from ._errors import OffloadError as OffloadError
     from ._errors import OffloadTimeout as OffloadTimeout
     from ._errors import PoolClosed as PoolClosed
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "CallCancelled",
+    "ClusterUnavailable",
     "Executor",
     "LoopStats",
     "OffloadError",
@@ -67,6 +69,7 @@ __all__ = (
 
 _WHERE = {
     "CallCancelled": "._errors",
+    "ClusterUnavailable": "._errors",
     "Executor": "._executor",
     "LoopStats": "._lag",
     "OffloadError": "._errors",

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 PUBLIC = (
     "CallCancelled",
+    "ClusterUnavailable",
     "Executor",
     "LoopStats",
     "OffloadError",
@@ -59,6 +60,7 @@ def test_every_name_resolves(name: str) -> None:
 def test_error_hierarchy() -> None:
     for name in (
         "CallCancelled",
+        "ClusterUnavailable",
         "OffloadTimeout",
         "PoolClosed",
         "PoolOverloaded",
@@ -68,6 +70,9 @@ def test_error_hierarchy() -> None:
     ):
         assert issubclass(getattr(offload, name), offload.OffloadError), name
     assert issubclass(offload.OffloadTimeout, TimeoutError)
+    # an outage is retried like a closed pool (503), and is a connection error
+    assert issubclass(offload.ClusterUnavailable, offload.PoolClosed)
+    assert issubclass(offload.ClusterUnavailable, ConnectionError)
     assert issubclass(offload.OffloadError, Exception)
 
 
