@@ -2,12 +2,14 @@
 
 ::
 
-    caller task ── scatter large arguments (one round trip, only when there are some)
-        │
-        ├─ client.submit(_invoke, fn, ...) ──> scheduler ──> a worker runs it
-        └─ await the future <── scheduler: done ── gather the result
+    caller task ── pickle the call (fn, arguments) into one blob
+        ├─ scatter large arguments (one round trip, only when there are some)
+        ├─ client.submit(_invoke, topic, key, blob, ...) ──> scheduler ──> a worker:
+        │      _invoke logs "key started" on the scheduler, unpickles the blob, runs it
+        └─ await the future <── scheduler: "started" event, then done ── the result
     cancelled or past its deadline: the future is cancelled in the background; with
     hard_cancel, the worker running it is restarted too
+    its worker died before it started (it waited there behind another task): sent again
 
 The asynchronous client lives on the Offloader's event loop: it is created in
 :meth:`DaskPool.start` and closed in :meth:`DaskPool._stop`. With no scheduler address
@@ -20,6 +22,15 @@ connects to it by address, as to any cluster, and the host stops with the pool::
                                                                   (scheduler, nannies)
                                                                    └─> worker processes
 
+The embedded cluster speaks TLS with a certificate made for it at start, which the
+host hands to the pool through the report pipe: no other client gets in.
+
+Failures are mapped at one place, :meth:`DaskPool._outcome`; the scheduler gone (or
+the embedded host) is :class:`ClusterUnavailable`, at once, never a wait: while the
+client is not connected, calls are refused, and once Dask's client has given up
+reconnecting (after its connect timeout), the pool connects a new one in the
+background.
+
 What Dask cannot do, and what the pool does instead (see docs/dask.md):
 
 - a running task cannot be interrupted: cancelling its future only drops its result;
@@ -27,7 +38,13 @@ What Dask cannot do, and what the pool does instead (see docs/dask.md):
 - a task whose worker dies is retried elsewhere up to the scheduler's
   ``allowed-failures`` times: the embedded cluster allows none, so a crash reaches the
   caller at once as :class:`WorkerCrashed`; an external scheduler is the operator's,
-  and the pool warns at start when it retries.
+  and the pool warns at start when it retries;
+- a worker is handed more tasks than it has threads, and when it dies the scheduler
+  fails them all alike: the "started" events tell the pool which of them ran, and
+  it sends the others again;
+- a worker that cannot unpickle a task breaks its connection to the scheduler: the
+  call travels pickled inside the task, and is unpickled by :func:`_invoke`, where a
+  missing module fails that call alone.
 
 This module is imported only when a pool of kind dask starts, and on Dask workers
 (which unpickle :func:`_invoke` by reference): nothing else imports distributed.
@@ -37,21 +54,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import signal
 import subprocess
-import sys
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import cloudpickle
 
 from .._errors import (
+    ClusterUnavailable,
     PoolOverloaded,
     PoolStartError,
     RemoteTraceback,
@@ -61,6 +80,7 @@ from .._errors import (
 from .._helper_threads import run_in_helper_thread
 from .._where import mark_worker_thread
 from ._base import Pool
+from ._dask_host import host_command as _host_command
 from ._dask_host import host_config
 from ._sched import start_below
 from ._spawner import spawner, wait_future
@@ -69,17 +89,21 @@ try:
     import dask.config
     from dask.sizeof import sizeof
     from distributed import Client as _Client
-    from distributed.client import FutureCancelledError
+    from distributed import get_worker
+    from distributed.client import ClosedClientError, FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
+    from distributed.security import Security as _Security
+    from distributed.utils import sync
     from distributed.versions import get_versions
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "pools of kind 'dask' need Dask distributed: pip install 'offload[dask]'"
     ) from exc
 
-# Its constructor is untyped: called through Any.
+# Their constructors are untyped: called through Any.
 Client: Any = _Client
+Security: Any = _Security
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -101,21 +125,49 @@ CONNECT_TIMEOUT = 60.0
 HOST_CLOSE_TIMEOUT = 10.0
 #: seconds the background clean-up of a cancelled call (cancel, restart) may take
 CANCEL_TIMEOUT = 30.0
+#: seconds between two attempts to connect again to a scheduler that is gone
+RECONNECT_INTERVAL = 1.0
 #: packages that must be the same on the client, the scheduler and every worker:
 #: they decide how tasks and results are pickled. Python is compared on major.minor.
 MUST_AGREE = ("python", "cloudpickle", "dask", "distributed", "offload")
 
 
-def _invoke(fn: Callable[..., Any], npos: int, names: tuple[str, ...], *values: Any) -> Any:
-    """Run on a worker: call ``fn``, the original of a decorated function.
+class _CannotLoad(Exception):
+    """Raised on a worker that cannot unpickle a call: its function or arguments
+    need a module, or a class, that the worker cannot import."""
 
-    Every argument is positional in the task, so that none of the user's keywords
-    can clash with ``Client.submit``'s own (``key``, ``workers``, ``pure``...).
+
+def _invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
+    """Run on a worker: tell the pool the call has started, unpickle it, run it.
+
+    The call travels pickled inside the task (``blob``), so that the scheduler never
+    needs the user's modules, and a worker that lacks one fails this call alone, as
+    :class:`_CannotLoad` (Dask would break the worker's connection instead). Its
+    large arguments arrive apart (``large``, scattered), for the holes of ``blob``.
     """
     mark_worker_thread()  # a decorated function called in here runs inline
+    _say_started(topic, key)
+    try:
+        fn, npos, names, values, holes = cloudpickle.loads(blob)
+    except Exception as exc:
+        raise _CannotLoad(f"{type(exc).__name__}: {exc}") from None
+    for i, value in zip(holes, large, strict=True):
+        values[i] = value
     if getattr(type(fn), "__offload_function__", False):
         fn = getattr(fn, "__wrapped__")  # noqa: B009
     return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+
+
+def _say_started(topic: str, key: str) -> None:
+    """Log on the scheduler, and wait until it has, that the task ``key`` runs: a
+    task whose worker dies without having said so never ran, and is sent again.
+
+    Dask hands a worker more tasks than it has threads, and fails them all when it
+    dies; the pool learns which of them ran from this event, which the scheduler
+    sends it before it reports the worker's death (one stream, in order).
+    """
+    worker = get_worker()
+    sync(worker.loop, worker.scheduler.log_event, topic=topic, msg=key)
 
 
 async def _kill_this_process() -> None:
@@ -127,10 +179,6 @@ async def _kill_this_process() -> None:
 def _allowed_failures(dask_scheduler: Any) -> int:
     """Run on the scheduler: how often it retries a task whose worker died."""
     return int(dask_scheduler.allowed_failures)
-
-
-def _host_command(config: dict[str, Any]) -> list[str]:
-    return [sys.executable, "-m", "offload._pools._dask_host", json.dumps(config)]
 
 
 def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
@@ -186,6 +234,22 @@ def _safe_key_name(call: Call) -> str:
     return re.sub(r"\W", "_", name) or "call"
 
 
+class _Credentials(_Security):
+    """The embedded cluster's client credentials, their SSL context made once, in a
+    thread: ``Security`` makes one for every client it is given to, writing the key
+    it holds in memory to a temporary directory, on the event loop."""
+
+    # No __slots__ of its own: Security checks its fields against self.__slots__.
+    args: dict[str, Any]
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)  # type: ignore[no-untyped-call]
+
+    def get_connection_args(self, role: str) -> dict[str, Any]:
+        args: dict[str, Any] = self.args
+        return args
+
+
 class _InFlight:
     """One call between submit and outcome: what ``_abort`` needs to end it."""
 
@@ -194,6 +258,10 @@ class _InFlight:
     def __init__(self, scope: anyio.CancelScope) -> None:
         self.scope = scope
         self.future: Any = None
+
+
+#: what an attempt returns when its worker died before the task started
+_NEVER_STARTED = object()
 
 
 class DaskPool(Pool):
@@ -210,10 +278,21 @@ class DaskPool(Pool):
         super().__init__(name, settings, task_group)
         # distributed is only partly typed: its client and futures are handled as Any.
         self._client: Any = None
+        self._address: str | None = None
+        # The embedded cluster's credentials; None for an external cluster, whose
+        # client reads them from Dask's configuration.
+        self._security: Any = None
         # The embedded cluster's host process; None for an external cluster.
         self._host: subprocess.Popen[bytes] | None = None
         self._calls: set[_InFlight] = set()
         self._capacity = self.max_workers + settings.max_pending
+        # The tasks' "started" events (see _say_started): their topic, the stream
+        # to the scheduler that carries our subscription, and the keys in flight,
+        # True once started.
+        self._topic = f"offload-started-{uuid.uuid4().hex}"
+        self._subscribed: Any = None
+        self._attempts: dict[str, bool] = {}
+        self._reconnecting: anyio.CancelScope | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -227,8 +306,13 @@ class DaskPool(Pool):
             or dask.config.get("scheduler-address", None)
         )
 
+    #: whether ``cryptography`` can be imported, which the embedded cluster's TLS
+    #: certificate needs (``prepare`` looks)
+    _can_certify = True
+
     @classmethod
     def prepare(cls) -> None:
+        cls._can_certify = importlib.util.find_spec("cryptography") is not None
         # The embedded cluster's host is started from the spawner thread, whose
         # start (Thread.start waits for the thread to run) must not be on the loop.
         spawner().submit(int).result()
@@ -246,27 +330,30 @@ class DaskPool(Pool):
                 "run the Offloader under asyncio, or give this pool another kind"
             ) from None
         address = self.scheduler_address()
+        if address is not None:
+            self._refuse_tls_without_credentials(address)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 if address is None:
                     address = await self._start_host()
-                self._client = await Client(
-                    address,
-                    asynchronous=True,
-                    set_as_default=False,
-                    timeout=CONNECT_TIMEOUT,
-                )
+                self._address = address
+                self._client = await self._connect()
                 await self._check_cluster()
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._stop()
+            if isinstance(exc, PoolStartError) or not isinstance(exc, Exception):
+                raise
+            where = address or "(embedded cluster)"
             if isinstance(exc, (OSError, TimeoutError)):
                 raise PoolStartError(
                     f"pool {self.name!r} could not connect to the dask scheduler "
-                    f"at {address or '(embedded cluster)'}: "
-                    f"{exc or f'no answer within {CONNECT_TIMEOUT:.0f} s'}"
+                    f"at {where}: {exc or f'no answer within {CONNECT_TIMEOUT:.0f} s'}"
                 ) from exc
-            raise
+            raise PoolStartError(
+                f"pool {self.name!r} could not start its dask client for {where}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         logger.info(
             "pool %r: connected to the dask scheduler at %s (%s, %d calls in flight at most)",
             self.name,
@@ -277,6 +364,43 @@ class DaskPool(Pool):
             self._capacity,
         )
 
+    def _refuse_tls_without_credentials(self, address: str) -> None:
+        """distributed fails a ``tls://`` address without TLS settings with a bare
+        TypeError (no ``ssl_context``): say what to set instead."""
+        if not address.startswith("tls://"):
+            return
+        tls = Security().get_tls_config_for_role("client")
+        if tls["ca_file"] and tls["cert"]:
+            return
+        raise PoolStartError(
+            f"pool {self.name!r}: the scheduler address {address} asks for TLS, but "
+            "Dask's configuration gives the client no certificate: set "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT "
+            "and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (distributed.comm.tls in Dask's "
+            "configuration), or use the tcp:// address"
+        )
+
+    async def _connect(self) -> Any:
+        """A client of ``self._address``, subscribed to its tasks' "started" events.
+        It waits for the scheduler, and later reconnects to it, for Dask's connect
+        timeout (``distributed.comm.timeouts.connect``, 30 s by default)."""
+        client = await Client(
+            self._address, asynchronous=True, set_as_default=False, security=self._security
+        )
+        self._subscribe(client)
+        return client
+
+    def _subscribe(self, client: Any) -> None:
+        # A client that reconnects by itself does not subscribe again: we do, on
+        # the new stream, ahead of the next task.
+        client.subscribe_topic(self._topic, self._on_started)
+        self._subscribed = client.scheduler_comm
+
+    def _on_started(self, event: tuple[float, Any]) -> None:
+        key = event[1]
+        if key in self._attempts:
+            self._attempts[key] = True
+
     async def _start_host(self) -> str:
         """Start the embedded cluster's host process; return its scheduler's address.
 
@@ -285,11 +409,15 @@ class DaskPool(Pool):
         ``self._host`` as soon as it exists, so that ``_stop`` ends it whatever happens
         next.
         """
+        if not self._can_certify:
+            raise PoolStartError(
+                f"pool {self.name!r}: the embedded dask cluster needs the cryptography "
+                "package for its TLS certificate: pip install 'offload[dask]'"
+            )
         report_r, report_w = os.pipe()
         try:
             config = host_config(
                 n_workers=self.max_workers,
-                hard_cancel=self.settings.hard_cancel,
                 report_fd=report_w,
                 close_timeout=HOST_CLOSE_TIMEOUT,
             )
@@ -310,7 +438,19 @@ class DaskPool(Pool):
                 f"pool {self.name!r}: the embedded dask cluster did not start: its host "
                 f"process {host.pid} exited with status {status} (its error is on stderr)"
             )
-        return str(json.loads(line)["address"])
+        report = json.loads(line)
+        # The cluster accepts only clients with its certificate (see _dask_host).
+        security = _Credentials(
+            require_encryption=True,
+            tls_ca_file=report["ca"],
+            tls_client_cert=report["cert"],
+            tls_client_key=report["key"],
+        )
+        security.args = await run_in_helper_thread(
+            _Security.get_connection_args, security, "client"
+        )
+        self._security = security
+        return str(report["address"])
 
     @staticmethod
     async def _read_report(host: subprocess.Popen[bytes], fd: int) -> bytes:
@@ -381,6 +521,8 @@ class DaskPool(Pool):
                     )
 
     async def _stop(self) -> None:
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         client, self._client = self._client, None
         host, self._host = self._host, None
         with anyio.CancelScope(shield=True):
@@ -434,38 +576,85 @@ class DaskPool(Pool):
 
     # -- calls -----------------------------------------------------------------
 
-    async def _execute(self, call: Call) -> Any:
-        if self._forced or self._client is None:
+    def _ready_client(self) -> Any:
+        """The client, if it is connected to its scheduler; else an error at once,
+        never a wait: an outage lasts as long as it lasts."""
+        client = self._client
+        if self._forced or client is None:
             raise self._closed_error()
+        host = self._host
+        if host is not None and host.poll() is not None:
+            raise ClusterUnavailable(
+                f"pool {self.name!r}: the embedded dask cluster is gone: its host process "
+                f"{host.pid} exited with status {host.returncode}; restart the Offloader"
+            )
+        if client.status != "running":
+            if client.status in ("closing", "closed"):
+                self._reconnect_soon()
+            raise ClusterUnavailable(
+                f"pool {self.name!r}: the dask scheduler at {self._address} cannot be "
+                f"reached (the client is {client.status}); calls fail at once until "
+                "the pool is connected again"
+            )
+        if client.scheduler_comm is not self._subscribed:
+            self._subscribe(client)  # it reconnected by itself
+        return client
+
+    def _reconnect_soon(self) -> None:
+        if self._reconnecting is None and not self._closing:
+            self._reconnecting = anyio.CancelScope()
+            self._task_group.start_soon(self._reconnect, self._reconnecting)
+
+    async def _reconnect(self, scope: anyio.CancelScope) -> None:
+        """Connect a new client once the scheduler is back: Dask's own client gives
+        up after its connect timeout, and stays closed for good."""
+        logger.warning(
+            "pool %r: lost the dask scheduler at %s; reconnecting", self.name, self._address
+        )
+        try:
+            with scope:
+                while True:
+                    try:
+                        with anyio.fail_after(CONNECT_TIMEOUT):
+                            client = await self._connect()
+                    except (OSError, TimeoutError) as exc:
+                        logger.debug("pool %r: reconnecting: %s", self.name, exc)
+                        await anyio.sleep(RECONNECT_INTERVAL)
+                        continue
+                    old, self._client = self._client, client
+                    logger.warning(
+                        "pool %r: connected again to the dask scheduler at %s",
+                        self.name,
+                        self._address,
+                    )
+                    if old is not None:
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT):
+                            await old.close()
+                    return
+        finally:
+            self._reconnecting = None
+
+    async def _execute(self, call: Call) -> Any:
+        self._ready_client()
         if len(self._calls) >= self._capacity:
             raise PoolOverloaded(
                 f"pool {self.name!r} is full: {self._capacity} calls are in flight "
                 f"on the dask cluster (max_workers + max_pending)"
             )
-        client = self._client
         entry = _InFlight(anyio.CancelScope())
         self._calls.add(entry)
-        scattered: list[Any] = []
         try:
             with entry.scope:
-                values = [*call.args, *call.kwargs.values()]
-                scattered = await self._scatter_large(client, values)
-                try:
-                    entry.future = client.submit(
-                        _invoke,
-                        call.fn,
-                        len(call.args),
-                        tuple(call.kwargs),
-                        *values,
-                        key=f"{_safe_key_name(call)}-{uuid.uuid4().hex}",
-                        pure=False,
-                        retries=0,
+                blob, large = self._pickle(call)
+                while True:
+                    outcome = await self._attempt(call, entry, blob, large)
+                    if outcome is not _NEVER_STARTED:
+                        return outcome
+                    logger.info(
+                        "pool %r: %s never started on a dask worker that died: sent again",
+                        self.name,
+                        call.name,
                     )
-                except Exception as exc:
-                    raise SerializationError(
-                        f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
-                    ) from exc
-                return await self._outcome(call, entry.future)
             raise self._closed_error()  # the scope was cancelled by _abort
         except BaseException:
             future = entry.future
@@ -474,31 +663,81 @@ class DaskPool(Pool):
             raise
         finally:
             self._calls.discard(entry)
+
+    @staticmethod
+    def _pickle(call: Call) -> tuple[bytes, list[Any]]:
+        """The call pickled for :func:`_invoke`, its large arguments apart (they are
+        scattered to the workers ahead of the task)."""
+        values = [*call.args, *call.kwargs.values()]
+        holes = tuple(i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD)
+        large = [values[i] for i in holes]
+        for i in holes:
+            values[i] = None
+        try:
+            blob = cloudpickle.dumps((call.fn, len(call.args), tuple(call.kwargs), values, holes))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
+            ) from exc
+        return blob, large
+
+    async def _attempt(self, call: Call, entry: _InFlight, blob: bytes, large: list[Any]) -> Any:
+        """Send the call as one task; its outcome, or ``_NEVER_STARTED``."""
+        client = self._ready_client()
+        key = f"{_safe_key_name(call)}-{uuid.uuid4().hex}"
+        scattered: list[Any] = []
+        self._attempts[key] = False
+        try:
+            if large:
+                try:
+                    # In a list, so that a list or dict argument is scattered whole.
+                    scattered = await client.scatter(large, hash=False)
+                except (OSError, ClosedClientError) as exc:
+                    raise self._unavailable(call, exc) from exc
+            try:
+                entry.future = client.submit(
+                    _invoke,
+                    self._topic,
+                    key,
+                    blob,
+                    *scattered,
+                    key=key,
+                    pure=False,
+                    retries=0,
+                )
+            except ClosedClientError as exc:
+                raise self._unavailable(call, exc) from exc
+            return await self._outcome(call, client, entry.future)
+        finally:
+            del self._attempts[key]
             for future in scattered:
                 future.release()
 
-    async def _scatter_large(self, client: Any, values: list[Any]) -> list[Any]:
-        """Replace the large values in ``values`` by futures of data on the workers."""
-        large = [i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD]
-        if not large:
-            return []
-        # In a list, so that a list or dict argument is scattered whole, not by item.
-        futures: list[Any] = await client.scatter([values[i] for i in large], hash=False)
-        for i, future in zip(large, futures, strict=True):
-            values[i] = future
-        return futures
+    def _unavailable(self, call: Call, exc: BaseException) -> ClusterUnavailable:
+        return ClusterUnavailable(
+            f"pool {self.name!r} lost the dask scheduler at {self._address} "
+            f"while running {call.name} (it may have run): {exc}"
+        )
 
-    async def _outcome(self, call: Call, future: Any) -> Any:
+    async def _outcome(self, call: Call, client: Any, future: Any) -> Any:
         try:
             return await future
         except Exception as exc:
             status = future.status
             if isinstance(exc, KilledWorker):
+                if not await self._started(client, future.key):
+                    return _NEVER_STARTED
                 worker = getattr(getattr(exc, "last_worker", None), "address", "?")
                 logger.error(
                     "pool %r: dask worker %s died while running %s", self.name, worker, call.name
                 )
                 raise WorkerCrashed(f"the dask worker {worker} running {call.name} died") from None
+            if status == "error" and isinstance(exc, _CannotLoad):
+                raise SerializationError(
+                    f"the dask worker cannot load {call.name} or its arguments: {exc}; "
+                    "install the module on the workers (docs/dask.md, "
+                    '"Ship your code to the cluster")'
+                ) from None
             if status == "error":  # the function raised: its own exception, as is
                 tb = await future.traceback()
                 text = "".join(traceback.format_exception(type(exc), exc, tb))
@@ -506,23 +745,38 @@ class DaskPool(Pool):
             if isinstance(exc, FutureCancelledError):
                 if self._forced:
                     raise self._closed_error() from None
+                if exc.reason == "scheduler-connection-lost":
+                    raise self._unavailable(call, exc) from exc
                 raise WorkerCrashed(
                     f"{call.name} was lost on the dask cluster (cancelled: {exc.reason})"
                 ) from exc
-            if isinstance(exc, (CommClosedError, OSError)):
-                raise WorkerCrashed(
-                    f"lost contact with the dask cluster while running {call.name}: {exc}"
-                ) from exc
+            if isinstance(exc, (CommClosedError, OSError, ClosedClientError)):
+                raise self._unavailable(call, exc) from exc
             if status == "finished":  # it ran; its result did not travel back
                 raise SerializationError(
                     f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
                 ) from exc
             raise
 
+    async def _started(self, client: Any, key: str) -> bool:
+        """Whether the task ``key`` started before its worker died: its event came
+        with the task's reports; else the scheduler's log of the topic says (it
+        keeps the last ``distributed.admin.low-level-log-length`` events). In doubt,
+        it started: a call is never run twice."""
+        if self._attempts.get(key):
+            return True
+        try:
+            with anyio.fail_after(CANCEL_TIMEOUT):
+                events = await client.get_events(self._topic)
+        except Exception:
+            return True
+        return any(msg == key for _, msg in events)
+
     async def _stop_remote(self, future: Any, call: Call) -> None:
         """Cancel a call whose caller left; with hard_cancel, restart its worker."""
-        client = self._client
-        if client is None:
+        # The client that submitted it: after a reconnection, not the pool's.
+        client = future.client
+        if self._client is None or client.status != "running":
             return
         with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT):
             try:
