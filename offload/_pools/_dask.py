@@ -88,6 +88,7 @@ from ._spawner import spawner, wait_future
 try:
     import dask.config
     from dask.sizeof import sizeof
+    from dask.utils import parse_timedelta
     from distributed import Client as _Client
     from distributed import get_worker
     from distributed.client import ClosedClientError, FutureCancelledError
@@ -127,6 +128,8 @@ HOST_CLOSE_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 30.0
 #: seconds between two attempts to connect again to a scheduler that is gone
 RECONNECT_INTERVAL = 1.0
+#: seconds between two questions to the scheduler, at most (see DaskPool._watch)
+PING_INTERVAL = 5.0
 #: packages that must be the same on the client, the scheduler and every worker:
 #: they decide how tasks and results are pickled. Python is compared on major.minor.
 MUST_AGREE = ("python", "cloudpickle", "dask", "distributed", "offload")
@@ -253,11 +256,13 @@ class _Credentials(_Security):
 class _InFlight:
     """One call between submit and outcome: what ``_abort`` needs to end it."""
 
-    __slots__ = ("future", "scope")
+    __slots__ = ("future", "lost", "scope")
 
     def __init__(self, scope: anyio.CancelScope) -> None:
         self.scope = scope
         self.future: Any = None
+        # Why the scope was cancelled, when it was not a shutdown.
+        self.lost: ClusterUnavailable | None = None
 
 
 #: what an attempt returns when its worker died before the task started
@@ -293,6 +298,10 @@ class DaskPool(Pool):
         self._subscribed: Any = None
         self._attempts: dict[str, bool] = {}
         self._reconnecting: anyio.CancelScope | None = None
+        self._watching = anyio.CancelScope()
+        # Why calls are refused while the scheduler keeps its connections open but
+        # does not answer; None when it answers.
+        self._silent: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -339,6 +348,7 @@ class DaskPool(Pool):
                 self._address = address
                 self._client = await self._connect()
                 await self._check_cluster()
+            self._task_group.start_soon(self._watch, self._watching)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._stop()
@@ -521,6 +531,7 @@ class DaskPool(Pool):
                     )
 
     async def _stop(self) -> None:
+        self._watching.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
         client, self._client = self._client, None
@@ -588,6 +599,8 @@ class DaskPool(Pool):
                 f"pool {self.name!r}: the embedded dask cluster is gone: its host process "
                 f"{host.pid} exited with status {host.returncode}; restart the Offloader"
             )
+        if self._silent is not None:
+            raise ClusterUnavailable(self._silent)
         if client.status != "running":
             if client.status in ("closing", "closed"):
                 self._reconnect_soon()
@@ -599,6 +612,51 @@ class DaskPool(Pool):
         if client.scheduler_comm is not self._subscribed:
             self._subscribe(client)  # it reconnected by itself
         return client
+
+    async def _watch(self, scope: anyio.CancelScope) -> None:
+        """Ask the scheduler who it is every few seconds. One that keeps its
+        connections open but does not answer within Dask's TCP timeout
+        (``distributed.comm.timeouts.tcp``, 30 s by default: a frozen process, or
+        one stuck for that long) is taken as gone: the calls in flight fail with
+        :class:`ClusterUnavailable`, and new ones at once, until it answers again.
+        Dask's client would wait for it for ever: the kernel of a stopped process
+        still acknowledges what is sent to it, so no TCP timeout ever fires."""
+        timeout = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp")))
+        interval = min(PING_INTERVAL, timeout / 4)
+        with scope:
+            while True:
+                await anyio.sleep(interval)
+                client = self._client
+                if client is None or client.status != "running":
+                    continue
+                try:
+                    with anyio.fail_after(timeout):
+                        await client.scheduler.identity(n_workers=0)
+                except TimeoutError:
+                    if self._silent is None:
+                        self._went_silent(timeout)
+                except Exception as exc:  # lost: the client's own reconnection handles it
+                    logger.debug("pool %r: asking the scheduler: %s", self.name, exc)
+                else:
+                    if self._silent is not None:
+                        logger.warning(
+                            "pool %r: the dask scheduler at %s answers again",
+                            self.name,
+                            self._address,
+                        )
+                        self._silent = None
+
+    def _went_silent(self, timeout: float) -> None:
+        message = (
+            f"pool {self.name!r}: the dask scheduler at {self._address} has not answered "
+            f"for {timeout:g} s (distributed.comm.timeouts.tcp); calls fail at once "
+            "until it answers again"
+        )
+        logger.error("%s", message)
+        self._silent = message
+        for entry in list(self._calls):
+            entry.lost = ClusterUnavailable(f"{message}; a call in flight may have run")
+            entry.scope.cancel()
 
     def _reconnect_soon(self) -> None:
         if self._reconnecting is None and not self._closing:
@@ -655,6 +713,8 @@ class DaskPool(Pool):
                         self.name,
                         call.name,
                     )
+            if entry.lost is not None:  # the scope was cancelled by _went_silent
+                raise entry.lost
             raise self._closed_error()  # the scope was cancelled by _abort
         except BaseException:
             future = entry.future

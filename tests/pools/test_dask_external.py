@@ -263,6 +263,7 @@ async def test_a_tls_address_without_tls_settings_fails_the_start() -> None:
 
 
 OUTAGE = """
+import ctypes
 import json
 import os
 import signal
@@ -277,8 +278,10 @@ import dask.config
 from offload import ClusterUnavailable, Offloader, OffloadSettings
 from tests import funcs
 
-# Dask's reconnect window is the client's connect timeout: 2 s here instead of 30 s.
-dask.config.set({"distributed.comm.timeouts.connect": "2s"})
+# Dask's reconnect window is the client's connect timeout: 2 s here instead of 30 s;
+# a scheduler that does not answer is gone after its TCP timeout: 11 s (distributed's
+# least) instead of 30 s.
+dask.config.set({"distributed.comm.timeouts.connect": "2s", "distributed.comm.timeouts.tcp": "11s"})
 
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -289,7 +292,13 @@ DASK = [sys.executable, "-m", "dask"]
 
 def cluster():
     env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-    quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    quiet = {
+        "env": env,
+        "stdout": subprocess.DEVNULL,
+        "stderr": subprocess.DEVNULL,
+        # killed with this script, should it hang and be killed
+        "preexec_fn": lambda: ctypes.CDLL(None).prctl(1, signal.SIGKILL),
+    }
     scheduler = subprocess.Popen(
         [*DASK, "scheduler", "--host", "127.0.0.1", "--port", str(PORT),
          "--dashboard-address", "127.0.0.1:0"], **quiet
@@ -327,20 +336,45 @@ async def main():
             await pool._client.wait_for_workers(1)
             report["before"] = await remote.run(funcs.add, 1, 2)
             first = pool._client
-            release = os.path.join(os.getcwd(), "release")
-            async with anyio.create_task_group() as tg:
 
-                async def held():
-                    try:
-                        report["in flight"] = await remote.run(funcs.wait_for_file, release, 1)
-                    except Exception as exc:
-                        report["in flight"] = outcome(exc)
+            async def hold(name, release):
+                try:
+                    report[name] = await remote.run(funcs.wait_for_file, release, 1)
+                except Exception as exc:
+                    report[name] = outcome(exc)
 
-                tg.start_soon(held)
+            async def on_its_worker():
                 while "wait_for_file" not in str(
                     await pool._client.run_on_scheduler(funcs.scheduler_processing)
                 ):
-                    await anyio.sleep(0.01)  # until the task is on its worker
+                    await anyio.sleep(0.01)
+
+            # The scheduler freezes: its connections stay open, it answers nothing.
+            release = os.path.join(os.getcwd(), "release-frozen")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "frozen in flight", release)
+                await on_its_worker()
+                os.kill(procs[0].pid, signal.SIGSTOP)
+            open(release, "w").close()  # let the task end once the scheduler thaws
+            started = time.monotonic()
+            try:
+                await remote.run(funcs.add, 1, 2)
+            except Exception as exc:
+                report["frozen"] = outcome(exc)
+            report["frozen refusal"] = time.monotonic() - started
+            os.kill(procs[0].pid, signal.SIGCONT)
+            while True:
+                try:
+                    report["thawed"] = await remote.run(funcs.add, 3, 4)
+                    break
+                except ClusterUnavailable:
+                    await anyio.sleep(0.1)
+
+            # The scheduler dies.
+            release = os.path.join(os.getcwd(), "release")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(hold, "in flight", release)
+                await on_its_worker()
                 kill(procs)
             # the first client gives up past its reconnect window (2 s here)
             while first.status != "closed":
@@ -379,10 +413,15 @@ anyio.run(main, backend="asyncio")
 async def test_an_outage_is_a_connection_error_and_the_pool_reconnects(
     tmp_path: Path,
 ) -> None:
-    done = await run_script(tmp_path, OUTAGE, timeout=BOOT * 2)
+    # within the suite's 120 s per test, so that a hang kills the script, not the test
+    done = await run_script(tmp_path, OUTAGE, timeout=90)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout.decode().splitlines()[-1])
     assert report["before"] == 3
+    assert report["frozen in flight"].startswith("ClusterUnavailable"), report
+    assert report["frozen"].startswith("ClusterUnavailable"), report
+    assert report["frozen refusal"] < 5, report  # refused at once, not after a wait
+    assert report["thawed"] == 7, report
     assert report["in flight"].startswith("ClusterUnavailable"), report
     if "while reconnecting" in report:
         assert report["while reconnecting"].startswith("ClusterUnavailable"), report
