@@ -34,6 +34,7 @@ from offload import (
     OffloadTimeout,
     PoolOverloaded,
     PoolSettings,
+    PoolStartError,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
@@ -774,3 +775,15 @@ async def test_calls_fail_fast_once_the_embedded_cluster_is_gone() -> None:
             # no deadline of its own: it must not wait for a cluster that is gone
             with anyio.fail_after(BOUND), pytest.raises(ClusterUnavailable, match="embedded"):
                 await executor.run(funcs.add, 1, 2)
+
+
+async def test_without_cryptography_the_embedded_cluster_does_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DaskPool, "prepare", classmethod(lambda cls: None))
+    monkeypatch.setattr(DaskPool, "_can_certify", False)  # what prepare finds without it
+    hosts = spy_on_hosts(monkeypatch)
+    with pytest.raises(PoolStartError, match=r"cryptography.*offload\[dask\]"):
+        async with Offloader(dask_settings()):
+            pytest.fail("the body must not run")
+    assert hosts == []  # refused before any process started
