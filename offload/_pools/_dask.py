@@ -91,6 +91,7 @@ try:
     from dask.utils import parse_timedelta
     from distributed import Client as _Client
     from distributed import get_worker
+    from distributed import scheduler as _scheduler
     from distributed.client import ClosedClientError, FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
@@ -101,6 +102,17 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "pools of kind 'dask' need Dask distributed: pip install 'offload[dask]'"
     ) from exc
+
+#: what the scheduler fails a task with when no worker could take it for its
+#: ``no-workers-timeout`` (the first is newer than the oldest distributed we support)
+_NO_WORKER: tuple[type[Exception], ...] = tuple(
+    cls
+    for cls in (
+        getattr(_scheduler, "NoWorkerError", None),
+        getattr(_scheduler, "NoValidWorkerError", None),
+    )
+    if cls is not None
+)
 
 # Their constructors are untyped: called through Any.
 Client: Any = _Client
@@ -797,6 +809,11 @@ class DaskPool(Pool):
                     f"the dask worker cannot load {call.name} or its arguments: {exc}; "
                     "install the module on the workers (docs/dask.md, "
                     '"Ship your code to the cluster")'
+                ) from None
+            if status == "error" and isinstance(exc, _NO_WORKER):
+                raise ClusterUnavailable(
+                    f"pool {self.name!r}: the dask cluster has no worker that could run "
+                    f"{call.name} within the scheduler's no-workers-timeout: {exc}"
                 ) from None
             if status == "error":  # the function raised: its own exception, as is
                 tb = await future.traceback()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,7 @@ import pytest
 pytest.importorskip("distributed")
 
 from offload import (
+    ClusterUnavailable,
     Offloader,
     OffloadSettings,
     OffloadTimeout,
@@ -55,23 +57,14 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="module")
-def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A scheduler and two single-threaded workers (with nannies), as subprocesses."""
-    tmp = tmp_path_factory.mktemp("dask")
+def start_scheduler(tmp: Path, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``dask scheduler`` on a free loopback port, and its address once it runs."""
     scheduler_file = tmp / "scheduler.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),  # user modules must be importable everywhere
-        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
-    }
-    # ...but one, which only the scheduler (and this process) can import
-    SCHEDULER_ONLY.mkdir(exist_ok=True)
-    (SCHEDULER_ONLY / "scheduler_only_mod.py").write_text("def inc(x):\n    return x + 1\n")
-    command = [sys.executable, "-m", "dask"]
     scheduler = subprocess.Popen(
         [
-            *command,
+            sys.executable,
+            "-m",
+            "dask",
             "scheduler",
             "--host",
             "127.0.0.1",
@@ -82,19 +75,41 @@ def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
             "--scheduler-file",
             str(scheduler_file),
         ],
-        env={**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCHEDULER_ONLY)])},
+        env=env,
         cwd=tmp,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    procs = [scheduler]
     try:
         deadline = time.monotonic() + BOOT
         while not scheduler_file.exists():
             assert scheduler.poll() is None, "dask scheduler exited"
             assert time.monotonic() < deadline, "dask scheduler did not start"
             time.sleep(0.05)
-        address = str(json.loads(scheduler_file.read_text())["address"])
+        return scheduler, str(json.loads(scheduler_file.read_text())["address"])
+    except BaseException:
+        _stop(scheduler)
+        raise
+
+
+@pytest.fixture(scope="module")
+def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A scheduler and two single-threaded workers (with nannies), as subprocesses."""
+    tmp = tmp_path_factory.mktemp("dask")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),  # user modules must be importable everywhere
+        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+    }
+    # ...but one, which only the scheduler (and this process) can import
+    SCHEDULER_ONLY.mkdir(exist_ok=True)
+    (SCHEDULER_ONLY / "scheduler_only_mod.py").write_text("def inc(x):\n    return x + 1\n")
+    command = [sys.executable, "-m", "dask"]
+    scheduler, address = start_scheduler(
+        tmp, {**env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCHEDULER_ONLY)])}
+    )
+    procs = [scheduler]
+    try:
         procs.append(
             subprocess.Popen(
                 [
@@ -120,6 +135,7 @@ def scheduler_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        shutil.rmtree(SCHEDULER_ONLY, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -429,3 +445,16 @@ async def test_an_outage_is_a_connection_error_and_the_pool_reconnects(
     assert all(o.startswith("ClusterUnavailable") for o in report["outage"]), report
     assert report["longest refusal"] < 5, report  # refused at once, not after a wait
     assert report["after"] == 5, report
+
+
+async def test_a_cluster_without_workers_is_unavailable(tmp_path: Path) -> None:
+    # The scheduler's operator bounds how long a task may wait for a worker; past
+    # that, Dask fails it with its own error, which is no error of the function's.
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "1s"}
+    scheduler, address = await anyio.to_thread.run_sync(start_scheduler, tmp_path, env)
+    try:
+        async with Offloader(settings(address)) as ex:
+            with anyio.fail_after(BOOT), pytest.raises(ClusterUnavailable, match="no worker"):
+                await ex.pool("remote").run(funcs.add, 1, 2)
+    finally:
+        await anyio.to_thread.run_sync(_stop, scheduler)
