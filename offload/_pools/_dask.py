@@ -853,8 +853,8 @@ class DaskPool(Pool):
         """Cancel a call whose caller left; with hard_cancel, restart its worker."""
         # The client that submitted it: after a reconnection, not the pool's.
         client = future.client
-        if self._client is None or client.status != "running":
-            return
+        if self._client is None or client.status != "running" or self._silent is not None:
+            return  # no answer to wait for: the future, released, frees the task later
         with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT):
             try:
                 worker = None
