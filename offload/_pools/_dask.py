@@ -152,6 +152,12 @@ class _CannotLoad(Exception):
     need a module, or a class, that the worker cannot import."""
 
 
+class _Unannounced(Exception):
+    """Raised on a worker that could not tell the scheduler a task starts: the task
+    does not run (were it to crash, it would be taken as never started, and run
+    again)."""
+
+
 def _invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
     """Run on a worker: tell the pool the call has started, unpickle it, run it.
 
@@ -161,7 +167,10 @@ def _invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
     large arguments arrive apart (``large``, scattered), for the holes of ``blob``.
     """
     mark_worker_thread()  # a decorated function called in here runs inline
-    _say_started(topic, key)
+    try:
+        _say_started(topic, key)
+    except Exception as exc:
+        raise _Unannounced(f"{type(exc).__name__}: {exc}") from None
     try:
         fn, npos, names, values, holes = cloudpickle.loads(blob)
     except Exception as exc:
@@ -809,6 +818,11 @@ class DaskPool(Pool):
                     f"the dask worker cannot load {call.name} or its arguments: {exc}; "
                     "install the module on the workers (docs/dask.md, "
                     '"Ship your code to the cluster")'
+                ) from None
+            if status == "error" and isinstance(exc, _Unannounced):
+                raise ClusterUnavailable(
+                    f"pool {self.name!r}: the dask worker could not reach the scheduler "
+                    f"to start {call.name}, which did not run: {exc}"
                 ) from None
             if status == "error" and isinstance(exc, _NO_WORKER):
                 raise ClusterUnavailable(

@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import cloudpickle
 import psutil
 import pytest
 
@@ -409,6 +410,7 @@ def test_version_check() -> None:
 DASK_PARENT_SCRIPT = """
 import asyncio
 
+import cloudpickle
 import psutil
 
 from offload import Offloader, OffloadSettings
@@ -787,3 +789,13 @@ async def test_without_cryptography_the_embedded_cluster_does_not_start(
         async with Offloader(dask_settings()):
             pytest.fail("the body must not run")
     assert hosts == []  # refused before any process started
+
+
+def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> None:
+    # Outside a worker, as on one that cannot reach its scheduler: the call must not
+    # run, since a crash of it would then pass for a task that never started.
+    marker = tmp_path / "ran"
+    blob = cloudpickle.dumps((funcs.touch_then, 1, (), [str(marker)], ()))
+    with pytest.raises(_dask._Unannounced):
+        _dask._invoke("topic", "key", blob)
+    assert not marker.exists()
