@@ -4,8 +4,9 @@
 
     caller task ── pickle the call (fn, arguments) into one blob
         ├─ scatter large arguments (one round trip, only when there are some)
-        ├─ client.submit(_invoke, topic, key, blob, ...) ──> scheduler ──> a worker:
-        │      _invoke logs "key started" on the scheduler, unpickles the blob, runs it
+        ├─ client.submit(invoke, topic, key, blob, ...) ──> scheduler ──> a worker:
+        │      invoke (_dask_task) logs "key started" on the scheduler, unpickles
+        │      the blob, runs it
         └─ await the future <── scheduler: "started" event, then done ── the result
     cancelled or past its deadline: the future is cancelled in the background; with
     hard_cancel, the worker running it is restarted too
@@ -43,11 +44,11 @@ What Dask cannot do, and what the pool does instead (see docs/dask.md):
   fails them all alike: the "started" events tell the pool which of them ran, and
   it sends the others again;
 - a worker that cannot unpickle a task breaks its connection to the scheduler: the
-  call travels pickled inside the task, and is unpickled by :func:`_invoke`, where a
+  call travels pickled inside the task, and is unpickled by :func:`~._dask_task.invoke`, where a
   missing module fails that call alone.
 
 This module is imported only when a pool of kind dask starts, and on Dask workers
-(which unpickle :func:`_invoke` by reference): nothing else imports distributed.
+(which unpickle :func:`~._dask_task.invoke` by reference): nothing else imports distributed.
 """
 
 from __future__ import annotations
@@ -63,7 +64,6 @@ import signal
 import subprocess
 import traceback
 import uuid
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -78,10 +78,11 @@ from .._errors import (
     WorkerCrashed,
 )
 from .._helper_threads import run_in_helper_thread
-from .._where import mark_worker_thread
 from ._base import Pool
 from ._dask_host import host_command as _host_command
 from ._dask_host import host_config
+from ._dask_task import CannotLoad, Unannounced, allowed_failures, invoke, kill_this_process
+from ._dask_versions import version_mismatches
 from ._sched import start_below
 from ._spawner import spawner, wait_future
 
@@ -90,13 +91,11 @@ try:
     from dask.sizeof import sizeof
     from dask.utils import parse_timedelta
     from distributed import Client as _Client
-    from distributed import get_worker
     from distributed import scheduler as _scheduler
     from distributed.client import ClosedClientError, FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
     from distributed.security import Security as _Security
-    from distributed.utils import sync
     from distributed.versions import get_versions
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
@@ -124,7 +123,7 @@ if TYPE_CHECKING:
     from .._call import Call
     from .._settings import PoolSettings
 
-__all__ = ("SCATTER_THRESHOLD", "DaskPool", "version_mismatches")
+__all__ = ("SCATTER_THRESHOLD", "DaskPool")
 
 logger = logging.getLogger("offload")
 
@@ -142,67 +141,6 @@ CANCEL_TIMEOUT = 30.0
 RECONNECT_INTERVAL = 1.0
 #: seconds between two questions to the scheduler, at most (see DaskPool._watch)
 PING_INTERVAL = 5.0
-#: packages that must be the same on the client, the scheduler and every worker:
-#: they decide how tasks and results are pickled. Python is compared on major.minor.
-MUST_AGREE = ("python", "cloudpickle", "dask", "distributed", "offload")
-
-
-class _CannotLoad(Exception):
-    """Raised on a worker that cannot unpickle a call: its function or arguments
-    need a module, or a class, that the worker cannot import."""
-
-
-class _Unannounced(Exception):
-    """Raised on a worker that could not tell the scheduler a task starts: the task
-    does not run (were it to crash, it would be taken as never started, and run
-    again)."""
-
-
-def _invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
-    """Run on a worker: tell the pool the call has started, unpickle it, run it.
-
-    The call travels pickled inside the task (``blob``), so that the scheduler never
-    needs the user's modules, and a worker that lacks one fails this call alone, as
-    :class:`_CannotLoad` (Dask would break the worker's connection instead). Its
-    large arguments arrive apart (``large``, scattered), for the holes of ``blob``.
-    """
-    mark_worker_thread()  # a decorated function called in here runs inline
-    try:
-        _say_started(topic, key)
-    except Exception as exc:
-        raise _Unannounced(f"{type(exc).__name__}: {exc}") from None
-    try:
-        fn, npos, names, values, holes = cloudpickle.loads(blob)
-    except Exception as exc:
-        raise _CannotLoad(f"{type(exc).__name__}: {exc}") from None
-    for i, value in zip(holes, large, strict=True):
-        values[i] = value
-    if getattr(type(fn), "__offload_function__", False):
-        fn = getattr(fn, "__wrapped__")  # noqa: B009
-    return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
-
-
-def _say_started(topic: str, key: str) -> None:
-    """Log on the scheduler, and wait until it has, that the task ``key`` runs: a
-    task whose worker dies without having said so never ran, and is sent again.
-
-    Dask hands a worker more tasks than it has threads, and fails them all when it
-    dies; the pool learns which of them ran from this event, which the scheduler
-    sends it before it reports the worker's death (one stream, in order).
-    """
-    worker = get_worker()
-    sync(worker.loop, worker.scheduler.log_event, topic=topic, msg=key)
-
-
-async def _kill_this_process() -> None:
-    """Run on a worker by ``hard_cancel``: end the worker process at once. A
-    coroutine function, as Dask requires of one that is run without waiting."""
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _allowed_failures(dask_scheduler: Any) -> int:
-    """Run on the scheduler: how often it retries a task whose worker died."""
-    return int(dask_scheduler.allowed_failures)
 
 
 def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
@@ -211,46 +149,6 @@ def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subp
     from its start (``_sched.py``), as its scheduler, nannies and workers then are:
     the seconds of CPU they take to start must not compete with the event loop."""
     return start_below(args, settings, stdin=subprocess.PIPE, pass_fds=(report_fd,))
-
-
-def _short(version: object, package: str) -> object:
-    if package == "python" and isinstance(version, str):
-        return ".".join(version.split(".")[:2])
-    return version
-
-
-def version_mismatches(versions: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """Compare the package versions of ``client.get_versions()``.
-
-    :returns: ``(fatal, other)``: one line per package whose versions differ between
-        the client, the scheduler and the workers; ``fatal`` for :data:`MUST_AGREE`
-    """
-
-    def packages(node: Any) -> dict[str, Any]:
-        return dict(node.get("packages", {})) if isinstance(node, Mapping) else {}
-
-    client = packages(versions.get("client"))
-    scheduler = packages(versions.get("scheduler"))
-    workers = {addr: packages(node) for addr, node in versions.get("workers", {}).items()}
-    names = set(client) | set(scheduler)
-    for worker in workers.values():
-        names |= set(worker)
-    fatal: list[str] = []
-    other: list[str] = []
-    for name in sorted(names):
-        seen = {
-            "client": _short(client.get(name), name),
-            "scheduler": _short(scheduler.get(name), name),
-        }
-        for addr, worker in workers.items():
-            seen[f"worker {addr}"] = _short(worker.get(name), name)
-        if len(set(seen.values())) <= 1:
-            continue
-        line = f"{name}: " + ", ".join(
-            f"{where} {'MISSING' if v is None else v}" for where, v in seen.items()
-        )
-        (fatal if name in MUST_AGREE else other).append(line)
-    return fatal, other
 
 
 def _safe_key_name(call: Call) -> str:
@@ -312,7 +210,7 @@ class DaskPool(Pool):
         self._host: subprocess.Popen[bytes] | None = None
         self._calls: set[_InFlight] = set()
         self._capacity = self.max_workers + settings.max_pending
-        # The tasks' "started" events (see _say_started): their topic, the stream
+        # The tasks' "started" events (see _dask_task.say_started): their topic, the stream
         # to the scheduler that carries our subscription, and the keys in flight,
         # True once started.
         self._topic = f"offload-started-{uuid.uuid4().hex}"
@@ -538,7 +436,7 @@ class DaskPool(Pool):
                 self.max_workers = max(1, int(info.get("total_threads") or 0))
                 self._capacity = self.max_workers + self.settings.max_pending
             try:
-                retries = await client.run_on_scheduler(_allowed_failures)
+                retries = await client.run_on_scheduler(allowed_failures)
             except Exception as exc:  # pickled functions refused, say
                 logger.debug("pool %r: cannot read allowed-failures: %s", self.name, exc)
             else:
@@ -747,7 +645,7 @@ class DaskPool(Pool):
 
     @staticmethod
     def _pickle(call: Call) -> tuple[bytes, list[Any]]:
-        """The call pickled for :func:`_invoke`, its large arguments apart (they are
+        """The call pickled for :func:`~._dask_task.invoke`, its large arguments apart (they are
         scattered to the workers ahead of the task)."""
         values = [*call.args, *call.kwargs.values()]
         holes = tuple(i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD)
@@ -777,7 +675,7 @@ class DaskPool(Pool):
                     raise self._unavailable(call, exc) from exc
             try:
                 entry.future = client.submit(
-                    _invoke,
+                    invoke,
                     self._topic,
                     key,
                     blob,
@@ -813,13 +711,13 @@ class DaskPool(Pool):
                     "pool %r: dask worker %s died while running %s", self.name, worker, call.name
                 )
                 raise WorkerCrashed(f"the dask worker {worker} running {call.name} died") from None
-            if status == "error" and isinstance(exc, _CannotLoad):
+            if status == "error" and isinstance(exc, CannotLoad):
                 raise SerializationError(
                     f"the dask worker cannot load {call.name} or its arguments: {exc}; "
                     "install the module on the workers (docs/dask.md, "
                     '"Ship your code to the cluster")'
                 ) from None
-            if status == "error" and isinstance(exc, _Unannounced):
+            if status == "error" and isinstance(exc, Unannounced):
                 raise ClusterUnavailable(
                     f"pool {self.name!r}: the dask worker could not reach the scheduler "
                     f"to start {call.name}, which did not run: {exc}"
@@ -901,4 +799,4 @@ class DaskPool(Pool):
         # runs in its thread; its nanny starts a new one. The same on the embedded
         # cluster, whose workers are children of its host, not of this process.
         # (Dask's own restart_workers first waits up to 4 s for the task to end.)
-        await client.run(_kill_this_process, workers=[worker], wait=False)
+        await client.run(kill_this_process, workers=[worker], wait=False)

@@ -41,7 +41,9 @@ from offload import (
     WorkerCrashed,
 )
 from offload._pools import _dask
-from offload._pools._dask import SCATTER_THRESHOLD, DaskPool, version_mismatches
+from offload._pools._dask import SCATTER_THRESHOLD, DaskPool
+from offload._pools._dask_task import Unannounced, invoke
+from offload._pools._dask_versions import version_mismatches
 from offload._pools._sched import LONG_SLICE_NS, time_slice
 
 from .. import funcs
@@ -796,6 +798,6 @@ def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> None:
     # run, since a crash of it would then pass for a task that never started.
     marker = tmp_path / "ran"
     blob = cloudpickle.dumps((funcs.touch_then, 1, (), [str(marker)], ()))
-    with pytest.raises(_dask._Unannounced):
-        _dask._invoke("topic", "key", blob)
+    with pytest.raises(Unannounced):
+        invoke("topic", "key", blob)
     assert not marker.exists()
