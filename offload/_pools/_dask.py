@@ -44,11 +44,12 @@ What Dask cannot do, and what the pool does instead (see docs/dask.md):
   fails them all alike: the "started" events tell the pool which of them ran, and
   it sends the others again;
 - a worker that cannot unpickle a task breaks its connection to the scheduler: the
-  call travels pickled inside the task, and is unpickled by :func:`~._dask_task.invoke`, where a
-  missing module fails that call alone.
+  call travels pickled inside the task, and is unpickled by the task itself
+  (``_dask_task.invoke``), where a missing module fails that call alone.
 
-This module is imported only when a pool of kind dask starts, and on Dask workers
-(which unpickle :func:`~._dask_task.invoke` by reference): nothing else imports distributed.
+This module is imported only when a pool of kind dask starts; Dask workers import
+``_dask_task``, whose :func:`invoke` they unpickle by reference. Nothing else
+imports distributed.
 """
 
 from __future__ import annotations
