@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from ._decorator import offload as offload
     from ._errors import CallAborted as CallAborted
     from ._errors import CallCancelled as CallCancelled
+    from ._errors import ClusterUnavailable as ClusterUnavailable
     from ._errors import OffloadError as OffloadError
     from ._errors import OffloadTimeout as OffloadTimeout
     from ._errors import PoolClosed as PoolClosed
@@ -45,6 +46,7 @@ __version__ = "0.1.0"
 __all__ = (
     "CallAborted",
     "CallCancelled",
+    "ClusterUnavailable",
     "Executor",
     "LoopStats",
     "OffloadError",
@@ -70,6 +72,7 @@ __all__ = (
 _WHERE = {
     "CallAborted": "._errors",
     "CallCancelled": "._errors",
+    "ClusterUnavailable": "._errors",
     "Executor": "._executor",
     "LoopStats": "._lag",
     "OffloadError": "._errors",

@@ -7,6 +7,7 @@
     ├── WorkerCrashed                        the worker running this call died
     ├── PoolOverloaded                       the pool's queue is full; refused at once
     ├── PoolClosed                           the pool is shutting down or stopped
+    │   └── ClusterUnavailable (also ConnectionError)  a dask pool's cluster cannot be reached
     ├── PoolStartError                       a pool could not start
     ├── SerializationError                   arguments, function or result would not pickle
     ├── CallAborted                          the function raised SystemExit, KeyboardInterrupt...
@@ -25,6 +26,7 @@ import signal
 __all__ = (
     "CallAborted",
     "CallCancelled",
+    "ClusterUnavailable",
     "OffloadError",
     "OffloadTimeout",
     "PoolClosed",
@@ -71,6 +73,12 @@ class PoolOverloaded(OffloadError):
 
 class PoolClosed(OffloadError):
     """The pool is shutting down or stopped and accepts no calls."""
+
+
+class ClusterUnavailable(PoolClosed, ConnectionError):
+    """The pool's cluster cannot be reached: its scheduler is down or the connection
+    to it was lost. A call refused with it never ran; a call in flight when the
+    connection was lost may have run. The pool reconnects by itself."""
 
 
 class PoolStartError(OffloadError):

@@ -134,8 +134,9 @@ class PoolSettings(BaseModel):
     hard_cancel: bool = Field(
         default=False,
         description="kind dask: when a running call is cancelled or passes its deadline, "
-        "restart the worker process running it (Dask cannot interrupt a task; other tasks "
-        "on that worker fail with WorkerCrashed). Process pools always stop the work; "
+        "restart the worker process running it (Dask cannot interrupt a task; other calls "
+        "running on that worker fail with WorkerCrashed, calls waiting there are sent "
+        "again). Process pools always stop the work; "
         "threads cannot",
     )
 

@@ -666,3 +666,25 @@ def channel_of_forked_child() -> list[str]:
     os.close(read)
     os.waitpid(child, 0)
     return b"".join(chunks).decode().splitlines()
+
+
+def scheduler_processing(dask_scheduler: Any) -> dict[int, list[str]]:
+    """Run on a Dask scheduler: the keys it has handed to each worker, by worker pid
+    (running or waiting there)."""
+    return {
+        int(worker.pid): [str(task.key) for task in worker.processing]
+        for worker in dask_scheduler.workers.values()
+    }
+
+
+def wait_for_verdict(folder: str) -> str:
+    """Block until the file named by this process's pid exists in ``folder``, then
+    end the process at once if it says "crash", else return what it says. The test
+    writes it whole (a rename)."""
+    path = os.path.join(folder, str(os.getpid()))
+    wait_for_file(path)
+    with open(path) as f:
+        verdict = f.read()
+    if verdict == "crash":
+        os._exit(3)
+    return verdict

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = (
     "CallAborted",
     "CallCancelled",
+    "ClusterUnavailable",
     "Executor",
     "LoopStats",
     "OffloadError",
@@ -61,6 +62,7 @@ def test_error_hierarchy() -> None:
     for name in (
         "CallAborted",
         "CallCancelled",
+        "ClusterUnavailable",
         "OffloadTimeout",
         "PoolClosed",
         "PoolOverloaded",
@@ -70,6 +72,9 @@ def test_error_hierarchy() -> None:
     ):
         assert issubclass(getattr(offload, name), offload.OffloadError), name
     assert issubclass(offload.OffloadTimeout, TimeoutError)
+    # an outage is retried like a closed pool (503), and is a connection error
+    assert issubclass(offload.ClusterUnavailable, offload.PoolClosed)
+    assert issubclass(offload.ClusterUnavailable, ConnectionError)
     assert issubclass(offload.OffloadError, Exception)
 
 

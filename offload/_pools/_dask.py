@@ -2,12 +2,15 @@
 
 ::
 
-    caller task ── scatter large arguments (one round trip, only when there are some)
-        │
-        ├─ client.submit(_invoke, fn, ...) ──> scheduler ──> a worker runs it
-        └─ await the future <── scheduler: done ── gather the result
+    caller task ── pickle the call (fn, arguments) into one blob
+        ├─ scatter large arguments (one round trip, only when there are some)
+        ├─ client.submit(invoke, topic, key, blob, ...) ──> scheduler ──> a worker:
+        │      invoke (_dask_task) logs "key started" on the scheduler, unpickles
+        │      the blob, runs it
+        └─ await the future <── scheduler: "started" event, then done ── the result
     cancelled or past its deadline: the future is cancelled in the background; with
     hard_cancel, the worker running it is restarted too
+    its worker died before it started (it waited there behind another task): sent again
 
 The asynchronous client lives on the Offloader's event loop: it is created in
 :meth:`DaskPool.start` and closed in :meth:`DaskPool._stop`. With no scheduler address
@@ -20,6 +23,15 @@ connects to it by address, as to any cluster, and the host stops with the pool::
                                                                   (scheduler, nannies)
                                                                    └─> worker processes
 
+The embedded cluster speaks TLS with a certificate made for it at start, which the
+host hands to the pool through the report pipe: no other client gets in.
+
+Failures are mapped at one place, :meth:`DaskPool._outcome`; the scheduler gone (or
+the embedded host) is :class:`ClusterUnavailable`, at once, never a wait: while the
+client is not connected, calls are refused, and once Dask's client has given up
+reconnecting (after its connect timeout), the pool connects a new one in the
+background.
+
 What Dask cannot do, and what the pool does instead (see docs/dask.md):
 
 - a running task cannot be interrupted: cancelling its future only drops its result;
@@ -27,31 +39,39 @@ What Dask cannot do, and what the pool does instead (see docs/dask.md):
 - a task whose worker dies is retried elsewhere up to the scheduler's
   ``allowed-failures`` times: the embedded cluster allows none, so a crash reaches the
   caller at once as :class:`WorkerCrashed`; an external scheduler is the operator's,
-  and the pool warns at start when it retries.
+  and the pool warns at start when it retries;
+- a worker is handed more tasks than it has threads, and when it dies the scheduler
+  fails them all alike: the "started" events tell the pool which of them ran, and
+  it sends the others again;
+- a worker that cannot unpickle a task breaks its connection to the scheduler: the
+  call travels pickled inside the task, and is unpickled by the task itself
+  (``_dask_task.invoke``), where a missing module fails that call alone.
 
-This module is imported only when a pool of kind dask starts, and on Dask workers
-(which unpickle :func:`_invoke` by reference): nothing else imports distributed.
+This module is imported only when a pool of kind dask starts; Dask workers import
+``_dask_task``, whose :func:`invoke` they unpickle by reference. Nothing else
+imports distributed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import signal
 import subprocess
-import sys
 import traceback
 import uuid
-from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import cloudpickle
 
 from .._errors import (
+    ClusterUnavailable,
     PoolOverloaded,
     PoolStartError,
     RemoteTraceback,
@@ -59,28 +79,45 @@ from .._errors import (
     WorkerCrashed,
 )
 from .._helper_threads import run_in_helper_thread
-from .._where import mark_worker_thread
 from ._base import Pool
+from ._dask_host import host_command as _host_command
 from ._dask_host import host_config
 from ._nesting import refusal
+from ._dask_task import CannotLoad, Unannounced, allowed_failures, invoke, kill_this_process
+from ._dask_versions import version_mismatches
 from ._sched import start_below
 from ._spawner import spawner, wait_future
 
 try:
     import dask.config
     from dask.sizeof import sizeof
+    from dask.utils import parse_timedelta
     from distributed import Client as _Client
-    from distributed.client import FutureCancelledError
+    from distributed import scheduler as _scheduler
+    from distributed.client import ClosedClientError, FutureCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
+    from distributed.security import Security as _Security
     from distributed.versions import get_versions
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
         "pools of kind 'dask' need Dask distributed: pip install 'offload[dask]'"
     ) from exc
 
-# Its constructor is untyped: called through Any.
+#: what the scheduler fails a task with when no worker could take it for its
+#: ``no-workers-timeout`` (the first is newer than the oldest distributed we support)
+_NO_WORKER: tuple[type[Exception], ...] = tuple(
+    cls
+    for cls in (
+        getattr(_scheduler, "NoWorkerError", None),
+        getattr(_scheduler, "NoValidWorkerError", None),
+    )
+    if cls is not None
+)
+
+# Their constructors are untyped: called through Any.
 Client: Any = _Client
+Security: Any = _Security
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -88,7 +125,7 @@ if TYPE_CHECKING:
     from .._call import Call
     from .._settings import PoolSettings
 
-__all__ = ("SCATTER_THRESHOLD", "DaskPool", "version_mismatches")
+__all__ = ("SCATTER_THRESHOLD", "DaskPool")
 
 logger = logging.getLogger("offload")
 
@@ -102,36 +139,10 @@ CONNECT_TIMEOUT = 60.0
 HOST_CLOSE_TIMEOUT = 10.0
 #: seconds the background clean-up of a cancelled call (cancel, restart) may take
 CANCEL_TIMEOUT = 30.0
-#: packages that must be the same on the client, the scheduler and every worker:
-#: they decide how tasks and results are pickled. Python is compared on major.minor.
-MUST_AGREE = ("python", "cloudpickle", "dask", "distributed", "offload")
-
-
-def _invoke(fn: Callable[..., Any], npos: int, names: tuple[str, ...], *values: Any) -> Any:
-    """Run on a worker: call ``fn``, the original of a decorated function.
-
-    Every argument is positional in the task, so that none of the user's keywords
-    can clash with ``Client.submit``'s own (``key``, ``workers``, ``pure``...).
-    """
-    mark_worker_thread()  # a decorated function called in here runs inline
-    if getattr(type(fn), "__offload_function__", False):
-        fn = getattr(fn, "__wrapped__")  # noqa: B009
-    return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
-
-
-async def _kill_this_process() -> None:
-    """Run on a worker by ``hard_cancel``: end the worker process at once. A
-    coroutine function, as Dask requires of one that is run without waiting."""
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _allowed_failures(dask_scheduler: Any) -> int:
-    """Run on the scheduler: how often it retries a task whose worker died."""
-    return int(dask_scheduler.allowed_failures)
-
-
-def _host_command(config: dict[str, Any]) -> list[str]:
-    return [sys.executable, "-m", "offload._pools._dask_host", json.dumps(config)]
+#: seconds between two attempts to connect again to a scheduler that is gone
+RECONNECT_INTERVAL = 1.0
+#: seconds between two questions to the scheduler, at most (see DaskPool._watch)
+PING_INTERVAL = 5.0
 
 
 def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
@@ -142,59 +153,41 @@ def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subp
     return start_below(args, settings, stdin=subprocess.PIPE, pass_fds=(report_fd,))
 
 
-def _short(version: object, package: str) -> object:
-    if package == "python" and isinstance(version, str):
-        return ".".join(version.split(".")[:2])
-    return version
-
-
-def version_mismatches(versions: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """Compare the package versions of ``client.get_versions()``.
-
-    :returns: ``(fatal, other)``: one line per package whose versions differ between
-        the client, the scheduler and the workers; ``fatal`` for :data:`MUST_AGREE`
-    """
-
-    def packages(node: Any) -> dict[str, Any]:
-        return dict(node.get("packages", {})) if isinstance(node, Mapping) else {}
-
-    client = packages(versions.get("client"))
-    scheduler = packages(versions.get("scheduler"))
-    workers = {addr: packages(node) for addr, node in versions.get("workers", {}).items()}
-    names = set(client) | set(scheduler)
-    for worker in workers.values():
-        names |= set(worker)
-    fatal: list[str] = []
-    other: list[str] = []
-    for name in sorted(names):
-        seen = {
-            "client": _short(client.get(name), name),
-            "scheduler": _short(scheduler.get(name), name),
-        }
-        for addr, worker in workers.items():
-            seen[f"worker {addr}"] = _short(worker.get(name), name)
-        if len(set(seen.values())) <= 1:
-            continue
-        line = f"{name}: " + ", ".join(
-            f"{where} {'MISSING' if v is None else v}" for where, v in seen.items()
-        )
-        (fatal if name in MUST_AGREE else other).append(line)
-    return fatal, other
-
-
 def _safe_key_name(call: Call) -> str:
     name = getattr(call.target, "__name__", None) or "call"
     return re.sub(r"\W", "_", name) or "call"
 
 
+class _Credentials(_Security):
+    """The embedded cluster's client credentials, their SSL context made once, in a
+    thread: ``Security`` makes one for every client it is given to, writing the key
+    it holds in memory to a temporary directory, on the event loop."""
+
+    # No __slots__ of its own: Security checks its fields against self.__slots__.
+    args: dict[str, Any]
+
+    def __init__(self, **fields: Any) -> None:
+        super().__init__(**fields)  # type: ignore[no-untyped-call]
+
+    def get_connection_args(self, role: str) -> dict[str, Any]:
+        args: dict[str, Any] = self.args
+        return args
+
+
 class _InFlight:
     """One call between submit and outcome: what ``_abort`` needs to end it."""
 
-    __slots__ = ("future", "scope")
+    __slots__ = ("future", "lost", "scope")
 
     def __init__(self, scope: anyio.CancelScope) -> None:
         self.scope = scope
         self.future: Any = None
+        # Why the scope was cancelled, when it was not a shutdown.
+        self.lost: ClusterUnavailable | None = None
+
+
+#: what an attempt returns when its worker died before the task started
+_NEVER_STARTED = object()
 
 
 class DaskPool(Pool):
@@ -211,10 +204,25 @@ class DaskPool(Pool):
         super().__init__(name, settings, task_group)
         # distributed is only partly typed: its client and futures are handled as Any.
         self._client: Any = None
+        self._address: str | None = None
+        # The embedded cluster's credentials; None for an external cluster, whose
+        # client reads them from Dask's configuration.
+        self._security: Any = None
         # The embedded cluster's host process; None for an external cluster.
         self._host: subprocess.Popen[bytes] | None = None
         self._calls: set[_InFlight] = set()
         self._capacity = self.max_workers + settings.max_pending
+        # The tasks' "started" events (see _dask_task.say_started): their topic, the stream
+        # to the scheduler that carries our subscription, and the keys in flight,
+        # True once started.
+        self._topic = f"offload-started-{uuid.uuid4().hex}"
+        self._subscribed: Any = None
+        self._attempts: dict[str, bool] = {}
+        self._reconnecting: anyio.CancelScope | None = None
+        self._watching = anyio.CancelScope()
+        # Why calls are refused while the scheduler keeps its connections open but
+        # does not answer; None when it answers.
+        self._silent: str | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -228,8 +236,13 @@ class DaskPool(Pool):
             or dask.config.get("scheduler-address", None)
         )
 
+    #: whether ``cryptography`` can be imported, which the embedded cluster's TLS
+    #: certificate needs (``prepare`` looks)
+    _can_certify = True
+
     @classmethod
     def prepare(cls) -> None:
+        cls._can_certify = importlib.util.find_spec("cryptography") is not None
         # The embedded cluster's host is started from the spawner thread, whose
         # start (Thread.start waits for the thread to run) must not be on the loop.
         spawner().submit(int).result()
@@ -251,27 +264,31 @@ class DaskPool(Pool):
         if address is None and (reason := refusal(self.name)) is not None:
             self._refuse_to_start(reason)
             return
+        if address is not None:
+            self._refuse_tls_without_credentials(address)
         try:
             with anyio.fail_after(CONNECT_TIMEOUT):
                 if address is None:
                     address = await self._start_host()
-                self._client = await Client(
-                    address,
-                    asynchronous=True,
-                    set_as_default=False,
-                    timeout=CONNECT_TIMEOUT,
-                )
+                self._address = address
+                self._client = await self._connect()
                 await self._check_cluster()
+            self._task_group.start_soon(self._watch, self._watching)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self._stop()
+            if isinstance(exc, PoolStartError) or not isinstance(exc, Exception):
+                raise
+            where = address or "(embedded cluster)"
             if isinstance(exc, (OSError, TimeoutError)):
                 raise PoolStartError(
                     f"pool {self.name!r} could not connect to the dask scheduler "
-                    f"at {address or '(embedded cluster)'}: "
-                    f"{exc or f'no answer within {CONNECT_TIMEOUT:.0f} s'}"
+                    f"at {where}: {exc or f'no answer within {CONNECT_TIMEOUT:.0f} s'}"
                 ) from exc
-            raise
+            raise PoolStartError(
+                f"pool {self.name!r} could not start its dask client for {where}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         logger.info(
             "pool %r: connected to the dask scheduler at %s (%s, %d calls in flight at most)",
             self.name,
@@ -282,6 +299,43 @@ class DaskPool(Pool):
             self._capacity,
         )
 
+    def _refuse_tls_without_credentials(self, address: str) -> None:
+        """distributed fails a ``tls://`` address without TLS settings with a bare
+        TypeError (no ``ssl_context``): say what to set instead."""
+        if not address.startswith("tls://"):
+            return
+        tls = Security().get_tls_config_for_role("client")
+        if tls["ca_file"] and tls["cert"]:
+            return
+        raise PoolStartError(
+            f"pool {self.name!r}: the scheduler address {address} asks for TLS, but "
+            "Dask's configuration gives the client no certificate: set "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT "
+            "and DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY (distributed.comm.tls in Dask's "
+            "configuration), or use the tcp:// address"
+        )
+
+    async def _connect(self) -> Any:
+        """A client of ``self._address``, subscribed to its tasks' "started" events.
+        It waits for the scheduler, and later reconnects to it, for Dask's connect
+        timeout (``distributed.comm.timeouts.connect``, 30 s by default)."""
+        client = await Client(
+            self._address, asynchronous=True, set_as_default=False, security=self._security
+        )
+        self._subscribe(client)
+        return client
+
+    def _subscribe(self, client: Any) -> None:
+        # A client that reconnects by itself does not subscribe again: we do, on
+        # the new stream, ahead of the next task.
+        client.subscribe_topic(self._topic, self._on_started)
+        self._subscribed = client.scheduler_comm
+
+    def _on_started(self, event: tuple[float, Any]) -> None:
+        key = event[1]
+        if key in self._attempts:
+            self._attempts[key] = True
+
     async def _start_host(self) -> str:
         """Start the embedded cluster's host process; return its scheduler's address.
 
@@ -290,11 +344,15 @@ class DaskPool(Pool):
         ``self._host`` as soon as it exists, so that ``_stop`` ends it whatever happens
         next.
         """
+        if not self._can_certify:
+            raise PoolStartError(
+                f"pool {self.name!r}: the embedded dask cluster needs the cryptography "
+                "package for its TLS certificate: pip install 'offload[dask]'"
+            )
         report_r, report_w = os.pipe()
         try:
             config = host_config(
                 n_workers=self.max_workers,
-                hard_cancel=self.settings.hard_cancel,
                 report_fd=report_w,
                 close_timeout=HOST_CLOSE_TIMEOUT,
             )
@@ -315,7 +373,19 @@ class DaskPool(Pool):
                 f"pool {self.name!r}: the embedded dask cluster did not start: its host "
                 f"process {host.pid} exited with status {status} (its error is on stderr)"
             )
-        return str(json.loads(line)["address"])
+        report = json.loads(line)
+        # The cluster accepts only clients with its certificate (see _dask_host).
+        security = _Credentials(
+            require_encryption=True,
+            tls_ca_file=report["ca"],
+            tls_client_cert=report["cert"],
+            tls_client_key=report["key"],
+        )
+        security.args = await run_in_helper_thread(
+            _Security.get_connection_args, security, "client"
+        )
+        self._security = security
+        return str(report["address"])
 
     @staticmethod
     async def _read_report(host: subprocess.Popen[bytes], fd: int) -> bytes:
@@ -372,7 +442,7 @@ class DaskPool(Pool):
                 self.max_workers = max(1, int(info.get("total_threads") or 0))
                 self._capacity = self.max_workers + self.settings.max_pending
             try:
-                retries = await client.run_on_scheduler(_allowed_failures)
+                retries = await client.run_on_scheduler(allowed_failures)
             except Exception as exc:  # pickled functions refused, say
                 logger.debug("pool %r: cannot read allowed-failures: %s", self.name, exc)
             else:
@@ -394,6 +464,9 @@ class DaskPool(Pool):
                 host.stdin.close()  # nothing is ever written to it: nothing to flush
 
     async def _stop(self) -> None:
+        self._watching.cancel()
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         client, self._client = self._client, None
         host, self._host = self._host, None
         with anyio.CancelScope(shield=True):
@@ -447,38 +520,134 @@ class DaskPool(Pool):
 
     # -- calls -----------------------------------------------------------------
 
-    async def _execute(self, call: Call) -> Any:
-        if self._forced or self._client is None:
+    def _ready_client(self) -> Any:
+        """The client, if it is connected to its scheduler; else an error at once,
+        never a wait: an outage lasts as long as it lasts."""
+        client = self._client
+        if self._forced or client is None:
             raise self._closed_error()
+        host = self._host
+        if host is not None and host.poll() is not None:
+            raise ClusterUnavailable(
+                f"pool {self.name!r}: the embedded dask cluster is gone: its host process "
+                f"{host.pid} exited with status {host.returncode}; restart the Offloader"
+            )
+        if self._silent is not None:
+            raise ClusterUnavailable(self._silent)
+        if client.status != "running":
+            if client.status in ("closing", "closed"):
+                self._reconnect_soon()
+            raise ClusterUnavailable(
+                f"pool {self.name!r}: the dask scheduler at {self._address} cannot be "
+                f"reached (the client is {client.status}); calls fail at once until "
+                "the pool is connected again"
+            )
+        if client.scheduler_comm is not self._subscribed:
+            self._subscribe(client)  # it reconnected by itself
+        return client
+
+    async def _watch(self, scope: anyio.CancelScope) -> None:
+        """Ask the scheduler who it is every few seconds. One that keeps its
+        connections open but does not answer within Dask's TCP timeout
+        (``distributed.comm.timeouts.tcp``, 30 s by default: a frozen process, or
+        one stuck for that long) is taken as gone: the calls in flight fail with
+        :class:`ClusterUnavailable`, and new ones at once, until it answers again.
+        Dask's client would wait for it for ever: the kernel of a stopped process
+        still acknowledges what is sent to it, so no TCP timeout ever fires."""
+        timeout = float(parse_timedelta(dask.config.get("distributed.comm.timeouts.tcp")))
+        interval = min(PING_INTERVAL, timeout / 4)
+        with scope:
+            while True:
+                await anyio.sleep(interval)
+                client = self._client
+                if client is None or client.status != "running":
+                    continue
+                try:
+                    with anyio.fail_after(timeout):
+                        await client.scheduler.identity(n_workers=0)
+                except TimeoutError:
+                    if self._silent is None:
+                        self._went_silent(timeout)
+                except Exception as exc:  # lost: the client's own reconnection handles it
+                    logger.debug("pool %r: asking the scheduler: %s", self.name, exc)
+                else:
+                    if self._silent is not None:
+                        logger.warning(
+                            "pool %r: the dask scheduler at %s answers again",
+                            self.name,
+                            self._address,
+                        )
+                        self._silent = None
+
+    def _went_silent(self, timeout: float) -> None:
+        message = (
+            f"pool {self.name!r}: the dask scheduler at {self._address} has not answered "
+            f"for {timeout:g} s (distributed.comm.timeouts.tcp); calls fail at once "
+            "until it answers again"
+        )
+        logger.error("%s", message)
+        self._silent = message
+        for entry in list(self._calls):
+            entry.lost = ClusterUnavailable(f"{message}; a call in flight may have run")
+            entry.scope.cancel()
+
+    def _reconnect_soon(self) -> None:
+        if self._reconnecting is None and not self._closing:
+            self._reconnecting = anyio.CancelScope()
+            self._task_group.start_soon(self._reconnect, self._reconnecting)
+
+    async def _reconnect(self, scope: anyio.CancelScope) -> None:
+        """Connect a new client once the scheduler is back: Dask's own client gives
+        up after its connect timeout, and stays closed for good."""
+        logger.warning(
+            "pool %r: lost the dask scheduler at %s; reconnecting", self.name, self._address
+        )
+        try:
+            with scope:
+                while True:
+                    try:
+                        with anyio.fail_after(CONNECT_TIMEOUT):
+                            client = await self._connect()
+                    except (OSError, TimeoutError) as exc:
+                        logger.debug("pool %r: reconnecting: %s", self.name, exc)
+                        await anyio.sleep(RECONNECT_INTERVAL)
+                        continue
+                    old, self._client = self._client, client
+                    logger.warning(
+                        "pool %r: connected again to the dask scheduler at %s",
+                        self.name,
+                        self._address,
+                    )
+                    if old is not None:
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT):
+                            await old.close()
+                    return
+        finally:
+            self._reconnecting = None
+
+    async def _execute(self, call: Call) -> Any:
+        self._ready_client()
         if len(self._calls) >= self._capacity:
             raise PoolOverloaded(
                 f"pool {self.name!r} is full: {self._capacity} calls are in flight "
                 f"on the dask cluster (max_workers + max_pending)"
             )
-        client = self._client
         entry = _InFlight(anyio.CancelScope())
         self._calls.add(entry)
-        scattered: list[Any] = []
         try:
             with entry.scope:
-                values = [*call.args, *call.kwargs.values()]
-                scattered = await self._scatter_large(client, values)
-                try:
-                    entry.future = client.submit(
-                        _invoke,
-                        call.fn,
-                        len(call.args),
-                        tuple(call.kwargs),
-                        *values,
-                        key=f"{_safe_key_name(call)}-{uuid.uuid4().hex}",
-                        pure=False,
-                        retries=0,
+                blob, large = self._pickle(call)
+                while True:
+                    outcome = await self._attempt(call, entry, blob, large)
+                    if outcome is not _NEVER_STARTED:
+                        return outcome
+                    logger.info(
+                        "pool %r: %s never started on a dask worker that died: sent again",
+                        self.name,
+                        call.name,
                     )
-                except Exception as exc:
-                    raise SerializationError(
-                        f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
-                    ) from exc
-                return await self._outcome(call, entry.future)
+            if entry.lost is not None:  # the scope was cancelled by _went_silent
+                raise entry.lost
             raise self._closed_error()  # the scope was cancelled by _abort
         except BaseException:
             future = entry.future
@@ -487,31 +656,91 @@ class DaskPool(Pool):
             raise
         finally:
             self._calls.discard(entry)
+
+    @staticmethod
+    def _pickle(call: Call) -> tuple[bytes, list[Any]]:
+        """The call pickled for :func:`~._dask_task.invoke`, its large arguments apart (they are
+        scattered to the workers ahead of the task)."""
+        values = [*call.args, *call.kwargs.values()]
+        holes = tuple(i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD)
+        large = [values[i] for i in holes]
+        for i in holes:
+            values[i] = None
+        try:
+            blob = cloudpickle.dumps((call.fn, len(call.args), tuple(call.kwargs), values, holes))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
+            ) from exc
+        return blob, large
+
+    async def _attempt(self, call: Call, entry: _InFlight, blob: bytes, large: list[Any]) -> Any:
+        """Send the call as one task; its outcome, or ``_NEVER_STARTED``."""
+        client = self._ready_client()
+        key = f"{_safe_key_name(call)}-{uuid.uuid4().hex}"
+        scattered: list[Any] = []
+        self._attempts[key] = False
+        try:
+            if large:
+                try:
+                    # In a list, so that a list or dict argument is scattered whole.
+                    scattered = await client.scatter(large, hash=False)
+                except (OSError, ClosedClientError) as exc:
+                    raise self._unavailable(call, exc) from exc
+            try:
+                entry.future = client.submit(
+                    invoke,
+                    self._topic,
+                    key,
+                    blob,
+                    *scattered,
+                    key=key,
+                    pure=False,
+                    retries=0,
+                )
+            except ClosedClientError as exc:
+                raise self._unavailable(call, exc) from exc
+            return await self._outcome(call, client, entry.future)
+        finally:
+            del self._attempts[key]
             for future in scattered:
                 future.release()
 
-    async def _scatter_large(self, client: Any, values: list[Any]) -> list[Any]:
-        """Replace the large values in ``values`` by futures of data on the workers."""
-        large = [i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD]
-        if not large:
-            return []
-        # In a list, so that a list or dict argument is scattered whole, not by item.
-        futures: list[Any] = await client.scatter([values[i] for i in large], hash=False)
-        for i, future in zip(large, futures, strict=True):
-            values[i] = future
-        return futures
+    def _unavailable(self, call: Call, exc: BaseException) -> ClusterUnavailable:
+        return ClusterUnavailable(
+            f"pool {self.name!r} lost the dask scheduler at {self._address} "
+            f"while running {call.name} (it may have run): {exc}"
+        )
 
-    async def _outcome(self, call: Call, future: Any) -> Any:
+    async def _outcome(self, call: Call, client: Any, future: Any) -> Any:
         try:
             return await future
         except Exception as exc:
             status = future.status
             if isinstance(exc, KilledWorker):
+                if not await self._started(client, future.key):
+                    return _NEVER_STARTED
                 worker = getattr(getattr(exc, "last_worker", None), "address", "?")
                 logger.error(
                     "pool %r: dask worker %s died while running %s", self.name, worker, call.name
                 )
                 raise WorkerCrashed(f"the dask worker {worker} running {call.name} died") from None
+            if status == "error" and isinstance(exc, CannotLoad):
+                raise SerializationError(
+                    f"the dask worker cannot load {call.name} or its arguments: {exc}; "
+                    "install the module on the workers (docs/dask.md, "
+                    '"Ship your code to the cluster")'
+                ) from None
+            if status == "error" and isinstance(exc, Unannounced):
+                raise ClusterUnavailable(
+                    f"pool {self.name!r}: the dask worker could not reach the scheduler "
+                    f"to start {call.name}, which did not run: {exc}"
+                ) from None
+            if status == "error" and isinstance(exc, _NO_WORKER):
+                raise ClusterUnavailable(
+                    f"pool {self.name!r}: the dask cluster has no worker that could run "
+                    f"{call.name} within the scheduler's no-workers-timeout: {exc}"
+                ) from None
             if status == "error":  # the function raised: its own exception, as is
                 tb = await future.traceback()
                 text = "".join(traceback.format_exception(type(exc), exc, tb))
@@ -519,24 +748,39 @@ class DaskPool(Pool):
             if isinstance(exc, FutureCancelledError):
                 if self._forced:
                     raise self._closed_error() from None
+                if exc.reason == "scheduler-connection-lost":
+                    raise self._unavailable(call, exc) from exc
                 raise WorkerCrashed(
                     f"{call.name} was lost on the dask cluster (cancelled: {exc.reason})"
                 ) from exc
-            if isinstance(exc, (CommClosedError, OSError)):
-                raise WorkerCrashed(
-                    f"lost contact with the dask cluster while running {call.name}: {exc}"
-                ) from exc
+            if isinstance(exc, (CommClosedError, OSError, ClosedClientError)):
+                raise self._unavailable(call, exc) from exc
             if status == "finished":  # it ran; its result did not travel back
                 raise SerializationError(
                     f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
                 ) from exc
             raise
 
+    async def _started(self, client: Any, key: str) -> bool:
+        """Whether the task ``key`` started before its worker died: its event came
+        with the task's reports; else the scheduler's log of the topic says (it
+        keeps the last ``distributed.admin.low-level-log-length`` events). In doubt,
+        it started: a call is never run twice."""
+        if self._attempts.get(key):
+            return True
+        try:
+            with anyio.fail_after(CANCEL_TIMEOUT):
+                events = await client.get_events(self._topic)
+        except Exception:
+            return True
+        return any(msg == key for _, msg in events)
+
     async def _stop_remote(self, future: Any, call: Call) -> None:
         """Cancel a call whose caller left; with hard_cancel, restart its worker."""
-        client = self._client
-        if client is None:
-            return
+        # The client that submitted it: after a reconnection, not the pool's.
+        client = future.client
+        if self._client is None or client.status != "running" or self._silent is not None:
+            return  # no answer to wait for: the future, released, frees the task later
         with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT):
             try:
                 worker = None
@@ -569,4 +813,4 @@ class DaskPool(Pool):
         # runs in its thread; its nanny starts a new one. The same on the embedded
         # cluster, whose workers are children of its host, not of this process.
         # (Dask's own restart_workers first waits up to 4 s for the task to end.)
-        await client.run(_kill_this_process, workers=[worker], wait=False)
+        await client.run(kill_this_process, workers=[worker], wait=False)

@@ -1,10 +1,11 @@
 """The host process of a dask pool's embedded cluster.
 
-Started by :class:`~offload._pools._dask.DaskPool` as
-``python -m offload._pools._dask_host CONFIG``, CONFIG a JSON object (see
-:func:`host_config`). The cluster's scheduler and nannies run here, on the loop
-thread of a synchronous ``LocalCluster``, not on the application's event loop: in the
-application's process they held its loop for tens of milliseconds while they started.
+Started by :class:`~offload._pools._dask.DaskPool` with :func:`host_command`:
+``python -P -c BOOT CONFIG PATH...``, CONFIG a JSON object (see :func:`host_config`),
+PATH the application's ``sys.path``, installed before anything is imported. The
+cluster's scheduler and nannies run here, on the loop thread of a synchronous
+``LocalCluster``, not on the application's event loop: in the application's process
+they held its loop for tens of milliseconds while they started.
 
 ::
 
@@ -25,12 +26,24 @@ Its life:
   a pipe whose write end only this process holds; a thread in the child blocks on it
   and calls ``os._exit`` at EOF, which the kernel delivers when this process exits,
   SIGKILL included;
-- it writes the scheduler's address on the report fd once the cluster runs, then
-  waits for EOF on stdin: the pool closes it when it stops. It then closes the cluster
-  (bounded) and exits 0. A cluster that cannot start: the error on stderr, exit 1.
+- it writes the scheduler's address and the cluster's credentials on the report fd
+  once the cluster runs, then waits for EOF on stdin: the pool closes it when it
+  stops. It then closes the cluster (bounded) and exits 0. A cluster that cannot
+  start: the error on stderr, exit 1.
 
-It imports distributed only in :func:`main`: the workers, started by
-``multiprocessing``'s spawn, import this module again as their ``__mp_main__``.
+Whom it trusts:
+
+- the cluster speaks TLS only, with a certificate made for it at start
+  (``Security.temporary()``) that is both its authority and the only certificate
+  it accepts: the scheduler, the nannies and the workers refuse every connection
+  that does not present it (a plain connection fails its handshake). The key never
+  touches a command line or a file of ours; the application's client gets it
+  through the report pipe, which only the two processes hold;
+- the HTTP servers that Dask runs beside them (on free loopback ports) serve the
+  health check alone: no task names, no metrics;
+- nothing is imported from the current directory: ``-P`` keeps it off ``sys.path``
+  (Python 3.11+), and multiprocessing passes the flag on to the workers it spawns;
+  the boot installs the application's path before its first import.
 """
 
 from __future__ import annotations
@@ -40,30 +53,41 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import traceback
 from typing import Any
 
-__all__ = ("host_config", "main")
+__all__ = ("host_command", "host_config", "main")
+
+# ``sys`` is built in: importing it reads no directory.
+_BOOT = "import sys; sys.path[:] = sys.argv[2:]; from offload._pools._dask_host import main; main()"
 
 _PR_SET_PDEATHSIG = 1
+
+
+def host_command(config: dict[str, Any]) -> list[str]:
+    """The host's command line: this interpreter with the options it runs with (as
+    multiprocessing passes them on), ``-P`` so that the current directory is never
+    on its path, nor on its workers' (Python 3.11+), the boot, its configuration and
+    the application's ``sys.path``."""
+    # Private, but what multiprocessing's spawn uses for the same purpose.
+    flags: list[str] = getattr(subprocess, "_args_from_interpreter_flags", list)()
+    if sys.version_info >= (3, 11) and "-P" not in flags:
+        flags.append("-P")
+    return [sys.executable, *flags, "-c", _BOOT, json.dumps(config), *sys.path]
 
 
 def host_config(
     *,
     n_workers: int,
-    hard_cancel: bool,
     report_fd: int,
     close_timeout: float,
 ) -> dict[str, Any]:
     """The host's configuration, from the application's process."""
     return {
-        # So that the workers can import what the application can: spawn hands the
-        # host's sys.path on to them.
-        "sys_path": list(sys.path),
         "parent": os.getpid(),
         "n_workers": n_workers,
-        "hard_cancel": hard_cancel,
         "report_fd": report_fd,
         "close_timeout": close_timeout,
     }
@@ -83,18 +107,27 @@ def _die_with_parent(parent: int) -> None:
 def _start_cluster(config: dict[str, Any]) -> Any:
     import dask.config
     import distributed
+    from distributed.security import Security
 
-    cluster_class: Any = distributed.LocalCluster  # untyped: called through Any
-
-    # A worker restarted by hard_cancel would take down the calls queued on it with
-    # the one it ran; saturation 1.0 keeps queued tasks on the scheduler.
-    overrides = {"distributed.scheduler.worker-saturation": 1.0} if config["hard_cancel"] else {}
+    # untyped: called through Any
+    cluster_class: Any = distributed.LocalCluster
+    security: Any = Security
+    # The HTTP servers would tell anyone on the machine the cluster's tasks and
+    # workers: the health check alone. (The nannies pass this configuration on to
+    # their workers.)
+    health = ["distributed.http.health"]
+    overrides = {
+        "distributed.scheduler.http.routes": health,
+        "distributed.worker.http.routes": health,
+    }
     with dask.config.set(overrides):
         return cluster_class(
             n_workers=int(config["n_workers"]),
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
+            security=security.temporary(),
+            protocol="tls://",
             dashboard_address=None,
             scheduler_kwargs={
                 # A crash is reported at once, never retried on another worker.
@@ -114,7 +147,6 @@ def main() -> None:
     # when its pool, and so this cluster, stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(int(config["parent"]))
-    sys.path[:] = config["sys_path"]
     report = os.fdopen(int(config["report_fd"]), "w")
     os.set_inheritable(report.fileno(), False)
     # The workers inherit fds 0-2: stdout and stderr stay the application's (a print
@@ -132,7 +164,13 @@ def main() -> None:
         sys.stderr.flush()
         os._exit(1)  # the threads of a half-started cluster must not keep us alive
     try:
-        report.write(json.dumps({"address": cluster.scheduler_address}) + "\n")
+        security = cluster.security
+        credentials = {
+            "ca": security.tls_ca_file,
+            "cert": security.tls_client_cert,
+            "key": security.tls_client_key,
+        }
+        report.write(json.dumps({"address": cluster.scheduler_address, **credentials}) + "\n")
         report.flush()
         report.close()
         while os.read(lifeline, 4096):

@@ -20,12 +20,14 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import cloudpickle
 import psutil
 import pytest
 
 pytest.importorskip("distributed")
 
 from offload import (
+    ClusterUnavailable,
     Executor,
     Offloader,
     OffloadError,
@@ -33,12 +35,15 @@ from offload import (
     OffloadTimeout,
     PoolOverloaded,
     PoolSettings,
+    PoolStartError,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
 )
 from offload._pools import _dask
-from offload._pools._dask import SCATTER_THRESHOLD, DaskPool, version_mismatches
+from offload._pools._dask import SCATTER_THRESHOLD, DaskPool
+from offload._pools._dask_task import Unannounced, invoke
+from offload._pools._dask_versions import version_mismatches
 from offload._pools._sched import LONG_SLICE_NS, time_slice
 
 from .. import funcs
@@ -407,6 +412,7 @@ def test_version_check() -> None:
 DASK_PARENT_SCRIPT = """
 import asyncio
 
+import cloudpickle
 import psutil
 
 from offload import Offloader, OffloadSettings
@@ -593,3 +599,205 @@ async def test_cancelled_start_leaves_nothing_behind(
         BOUND,
         lambda: f"{[p for p in tree if not gone(p.pid)]} outlived the cancelled start",
     )
+
+
+# -- a crash fails its own call only -----------------------------------------------
+
+
+def decide(folder: Path, pid: int, verdict: str) -> None:
+    """Tell the held call on worker ``pid`` what to do (see funcs.wait_for_verdict)."""
+    part = folder / f"{pid}.part"
+    part.write_text(verdict)
+    os.replace(part, folder / str(pid))
+
+
+async def crash_fails_only_its_own_call(ex: Executor, client: Any, folder: Path) -> None:
+    """Each worker runs a held call and has a second call waiting behind it, on the
+    worker (Dask hands a worker more tasks than it has threads); one held call
+    crashes: it alone fails, the call waiting behind it on its worker runs."""
+    n = len(await client.run_on_scheduler(funcs.scheduler_workers))
+    assert n >= 1
+    processing: dict[int, list[str]] = {}
+
+    async def placed(prefix: str, count: int) -> bool:
+        processing.update(await client.run_on_scheduler(funcs.scheduler_processing))
+        keys = [k for ks in processing.values() for k in ks if k.startswith(prefix)]
+        return len(keys) == count
+
+    held: dict[int, Any] = {}
+    after: dict[int, Any] = {}
+
+    async def hold(i: int) -> None:
+        try:
+            held[i] = await ex.run(funcs.wait_for_verdict, str(folder))
+        except Exception as exc:
+            held[i] = exc
+
+    async def follow(i: int) -> None:
+        try:
+            after[i] = await ex.run(funcs.add, i, i)
+        except Exception as exc:
+            after[i] = exc
+
+    with anyio.fail_after(BOOT):
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(hold, i)
+            await wait_until_async(lambda: placed("wait_for_verdict", n), BOUND, "held")
+            assert all(
+                sum(k.startswith("wait_for_verdict") for k in keys) == 1
+                for keys in processing.values()
+            ), processing
+            for i in range(n):
+                tg.start_soon(follow, i)
+            await wait_until_async(lambda: placed("add", n), BOUND, lambda: f"{processing}")
+            # a worker with a call waiting behind its held one: that held one crashes
+            doomed = next(
+                pid for pid, keys in processing.items() if any(k.startswith("add") for k in keys)
+            )
+            for pid in processing:
+                decide(folder, pid, "crash" if pid == doomed else "ok")
+    crashed = [r for r in held.values() if isinstance(r, WorkerCrashed)]
+    assert len(crashed) == 1, held
+    assert sorted(r for r in held.values() if r == "ok") == ["ok"] * (n - 1), held
+    assert after == {i: 2 * i for i in range(n)}
+
+
+async def test_a_crash_fails_its_own_call_only(dask_ex: Executor, tmp_path: Path) -> None:
+    await crash_fails_only_its_own_call(dask_ex, client_of(dask_ex), tmp_path)
+    await healed(dask_ex)
+
+
+# -- trust ----------------------------------------------------------------------------
+
+
+async def outsider_runs(address: str, **client: Any) -> int:
+    """Connect an outside client to ``address`` and run a task with it."""
+    from distributed import Client
+
+    outsider = await Client(address, asynchronous=True, set_as_default=False, timeout=3, **client)
+    try:
+        pid: int = await outsider.submit(os.getpid, pure=False)
+        return pid
+    finally:
+        await outsider.close()
+
+
+async def raw_identity(address: str) -> Any:
+    """Ask ``address`` who it is over a plain connection speaking Dask's protocol."""
+    from distributed.comm.core import connect
+
+    comm = await connect(address, timeout=3)
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        with anyio.fail_after(BOUND):
+            return await comm.read()
+    finally:
+        comm.abort()
+
+
+async def test_an_outside_client_is_refused(dask_ex: Executor) -> None:
+    from distributed.security import Security
+
+    client = client_of(dask_ex)
+    scheduler = client.scheduler.address
+    workers = await client.run_on_scheduler(funcs.scheduler_workers)
+    here = scheduler.split("://", 1)[1]
+    # a client without the cluster's certificate (plain, or with a certificate of its
+    # own) is refused, or gets no handshake before its timeout
+    with pytest.raises(OSError):
+        await outsider_runs(f"tcp://{here}")
+    with pytest.raises(OSError):
+        await outsider_runs(f"tls://{here}", security=Security.temporary())
+    # a raw connection gets no answer, from the scheduler nor from any worker
+    for address in [scheduler, *workers]:
+        with pytest.raises(OSError):
+            await raw_identity(f"tcp://{address.split('://', 1)[1]}")
+    assert await dask_ex.run(funcs.add, 1, 2) == 3  # the pool's own client still works
+
+
+# A module named like one that the host or its workers import at start, in the
+# directory the application runs in: if it is ever imported, it leaves a mark (the
+# command line of the process that imported it), then stands aside for the real
+# module so that the cluster still works.
+SHADOW = """
+import json, os, sys
+with open({mark!r}, "a") as f:
+    f.write(json.dumps(sys.argv) + "\\n")
+del sys.modules[__name__]
+sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
+import {name} as _real
+globals().update(vars(_real))
+"""
+
+
+@pytest.mark.parametrize("name", ["socket", "json"])
+async def test_the_cluster_never_imports_from_the_current_directory(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mark = tmp_path / "imported"
+    here = tmp_path / "cwd"
+    here.mkdir()
+    (here / f"{name}.py").write_text(SHADOW.format(mark=str(mark), name=name))
+    monkeypatch.chdir(here)
+    async with Offloader(dask_settings(max_workers=1)) as ex:
+        assert await ex.pool("dask").run(funcs.add, 2, 3) == 5
+    # The host (its argument is its configuration) and its workers (multiprocessing's
+    # spawn). The process pool's workers are tested with the process pool.
+    lines = mark.read_text().splitlines() if mark.exists() else []
+    cluster = [line for line in lines if "report_fd" in line or "--multiprocessing-fork" in line]
+    assert not cluster, cluster
+
+
+# -- code the cluster cannot import --------------------------------------------------
+
+
+async def test_a_function_the_cluster_cannot_import_is_a_serialization_error(
+    dask_ex: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module only this process can import: the cluster started before it existed.
+    (tmp_path / "only_here_mod.py").write_text("def inc(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here_mod  # type: ignore[import-not-found]
+
+    with anyio.fail_after(BOUND):
+        with pytest.raises(SerializationError, match="only_here_mod"):
+            await dask_ex.run(only_here_mod.inc, 1)
+        with pytest.raises(SerializationError, match="only_here_mod"):
+            await dask_ex.run(funcs.echo, only_here_mod.inc)  # as an argument too
+    assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_calls_fail_fast_once_the_embedded_cluster_is_gone() -> None:
+    async with Offloader(dask_settings(max_workers=1)) as ex:
+        executor = ex.pool("dask")
+        host = host_of(executor)
+        tree = [host, *host.children(recursive=True)]
+        host.kill()  # its workers die with it
+        await wait_until(lambda: all(gone(p.pid) for p in tree), BOUND, "the cluster died")
+        for _ in range(2):
+            # no deadline of its own: it must not wait for a cluster that is gone
+            with anyio.fail_after(BOUND), pytest.raises(ClusterUnavailable, match="embedded"):
+                await executor.run(funcs.add, 1, 2)
+
+
+async def test_without_cryptography_the_embedded_cluster_does_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DaskPool, "prepare", classmethod(lambda cls: None))
+    monkeypatch.setattr(DaskPool, "_can_certify", False)  # what prepare finds without it
+    hosts = spy_on_hosts(monkeypatch)
+    with pytest.raises(PoolStartError, match=r"cryptography.*offload\[dask\]"):
+        async with Offloader(dask_settings()):
+            pytest.fail("the body must not run")
+    assert hosts == []  # refused before any process started
+
+
+def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> None:
+    # Outside a worker, as on one that cannot reach its scheduler: the call must not
+    # run, since a crash of it would then pass for a task that never started.
+    marker = tmp_path / "ran"
+    blob = cloudpickle.dumps((funcs.touch_then, 1, (), [str(marker)], ()))
+    with pytest.raises(Unannounced):
+        invoke("topic", "key", blob)
+    assert not marker.exists()

@@ -1,0 +1,85 @@
+"""What a dask pool runs on the cluster: its tasks' entry point on a worker, and the
+small functions it runs on a worker or on the scheduler.
+
+Workers unpickle :func:`invoke` by reference, so they import this module, not the
+pool's: it needs only distributed and cloudpickle.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import cloudpickle
+from distributed import get_worker
+from distributed.utils import sync
+
+from .._where import mark_worker_thread
+
+__all__ = (
+    "CannotLoad",
+    "Unannounced",
+    "allowed_failures",
+    "invoke",
+    "kill_this_process",
+    "say_started",
+)
+
+
+class CannotLoad(Exception):
+    """Raised on a worker that cannot unpickle a call: its function or arguments
+    need a module, or a class, that the worker cannot import."""
+
+
+class Unannounced(Exception):
+    """Raised on a worker that could not tell the scheduler a task starts: the task
+    does not run (were it to crash, it would be taken as never started, and run
+    again)."""
+
+
+def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
+    """Run on a worker: tell the pool the call has started, unpickle it, run it.
+
+    The call travels pickled inside the task (``blob``), so that the scheduler never
+    needs the user's modules, and a worker that lacks one fails this call alone, as
+    :class:`CannotLoad` (Dask would break the worker's connection instead). Its
+    large arguments arrive apart (``large``, scattered), for the holes of ``blob``.
+    """
+    mark_worker_thread()  # a decorated function called in here runs inline
+    try:
+        say_started(topic, key)
+    except Exception as exc:
+        raise Unannounced(f"{type(exc).__name__}: {exc}") from None
+    try:
+        fn, npos, names, values, holes = cloudpickle.loads(blob)
+    except Exception as exc:
+        raise CannotLoad(f"{type(exc).__name__}: {exc}") from None
+    for i, value in zip(holes, large, strict=True):
+        values[i] = value
+    if getattr(type(fn), "__offload_function__", False):
+        fn = getattr(fn, "__wrapped__")  # noqa: B009
+    return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+
+
+def say_started(topic: str, key: str) -> None:
+    """Log on the scheduler, and wait until it has, that the task ``key`` runs: a
+    task whose worker dies without having said so never ran, and is sent again.
+
+    Dask hands a worker more tasks than it has threads, and fails them all when it
+    dies; the pool learns which of them ran from this event, which the scheduler
+    sends it before it reports the worker's death (one stream, in order).
+    """
+    worker = get_worker()
+    sync(worker.loop, worker.scheduler.log_event, topic=topic, msg=key)
+
+
+async def kill_this_process() -> None:
+    """Run on a worker by ``hard_cancel``: end the worker process at once. A
+    coroutine function, as Dask requires of one that is run without waiting."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def allowed_failures(dask_scheduler: Any) -> int:
+    """Run on the scheduler: how often it retries a task whose worker died."""
+    return int(dask_scheduler.allowed_failures)
