@@ -82,9 +82,9 @@ from .._helper_threads import run_in_helper_thread
 from ._base import Pool
 from ._dask_host import host_command as _host_command
 from ._dask_host import host_config
-from ._nesting import refusal
 from ._dask_task import CannotLoad, Unannounced, allowed_failures, invoke, kill_this_process
 from ._dask_versions import version_mismatches
+from ._nesting import refusal
 from ._sched import start_below
 from ._spawner import spawner, wait_future
 
