@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ("in_worker", "in_worker_process", "mark_worker_process", "mark_worker_thread")
+__all__ = (
+    "in_worker",
+    "in_worker_process",
+    "mark_worker_process",
+    "mark_worker_thread",
+    "unmark_worker_thread",
+)
 
 _in_process = False
 _thread = threading.local()
@@ -22,8 +28,14 @@ def mark_worker_process() -> None:
 
 
 def mark_worker_thread() -> None:
-    """Called by each worker thread of a thread pool (or a Dask task) before it runs calls."""
+    """Called by each worker thread of a thread pool before it runs calls, and by a Dask
+    task for its own run (:func:`unmark_worker_thread` after: the thread is Dask's)."""
     _thread.worker = True
+
+
+def unmark_worker_thread() -> None:
+    """Undo :func:`mark_worker_thread`."""
+    _thread.worker = False
 
 
 def in_worker_process() -> bool:

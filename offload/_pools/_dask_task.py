@@ -15,7 +15,7 @@ import cloudpickle
 from distributed import get_worker
 from distributed.utils import sync
 
-from .._where import mark_worker_thread
+from .._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
     "CannotLoad",
@@ -46,20 +46,25 @@ def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
     :class:`CannotLoad` (Dask would break the worker's connection instead). Its
     large arguments arrive apart (``large``, scattered), for the holes of ``blob``.
     """
-    mark_worker_thread()  # a decorated function called in here runs inline
+    # A decorated function called in here runs inline; only while this task runs, for
+    # the thread is Dask's and runs other tasks too.
+    mark_worker_thread()
     try:
-        say_started(topic, key)
-    except Exception as exc:
-        raise Unannounced(f"{type(exc).__name__}: {exc}") from None
-    try:
-        fn, npos, names, values, holes = cloudpickle.loads(blob)
-    except Exception as exc:
-        raise CannotLoad(f"{type(exc).__name__}: {exc}") from None
-    for i, value in zip(holes, large, strict=True):
-        values[i] = value
-    if getattr(type(fn), "__offload_function__", False):
-        fn = getattr(fn, "__wrapped__")  # noqa: B009
-    return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+        try:
+            say_started(topic, key)
+        except Exception as exc:
+            raise Unannounced(f"{type(exc).__name__}: {exc}") from None
+        try:
+            fn, npos, names, values, holes = cloudpickle.loads(blob)
+        except Exception as exc:
+            raise CannotLoad(f"{type(exc).__name__}: {exc}") from None
+        for i, value in zip(holes, large, strict=True):
+            values[i] = value
+        if getattr(type(fn), "__offload_function__", False):
+            fn = getattr(fn, "__wrapped__")  # noqa: B009
+        return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+    finally:
+        unmark_worker_thread()
 
 
 def say_started(topic: str, key: str) -> None:

@@ -45,6 +45,7 @@ from offload._pools._dask import SCATTER_THRESHOLD, DaskPool
 from offload._pools._dask_task import Unannounced, invoke
 from offload._pools._dask_versions import version_mismatches
 from offload._pools._sched import LONG_SLICE_NS, time_slice
+from offload._where import in_worker
 
 from .. import funcs
 from ..conftest import children
@@ -793,7 +794,7 @@ async def test_without_cryptography_the_embedded_cluster_does_not_start(
     assert hosts == []  # refused before any process started
 
 
-def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> None:
+async def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> None:
     # Outside a worker, as on one that cannot reach its scheduler: the call must not
     # run, since a crash of it would then pass for a task that never started.
     marker = tmp_path / "ran"
@@ -801,3 +802,5 @@ def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> None:
     with pytest.raises(Unannounced):
         invoke("topic", "key", blob)
     assert not marker.exists()
+    # The thread is Dask's: it is a worker's only while the task runs.
+    assert not in_worker()
