@@ -34,7 +34,7 @@ from starlette.routing import Router
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
-from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, WorkerCrashed
+from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, PoolStartError, WorkerCrashed
 from ._executor import Executor
 from ._offloader import Offloader, starts_on_first_use
 from ._servers import server_processes
@@ -267,6 +267,7 @@ _HANDLED: tuple[type[Exception], ...] = (
     OffloadTimeout,
     PoolOverloaded,
     PoolClosed,
+    PoolStartError,
     WorkerCrashed,
     ClientDisconnect,
 )
@@ -275,8 +276,9 @@ _HANDLED: tuple[type[Exception], ...] = (
 def add_exception_handlers(app: Starlette) -> None:
     """Answer offload's errors with the right status and a short JSON body.
 
-    ``OffloadTimeout`` -> 504, ``PoolOverloaded`` and ``PoolClosed`` -> 503 with
-    ``Retry-After``, ``WorkerCrashed`` -> 500. The body is FastAPI's
+    ``OffloadTimeout`` -> 504; ``PoolOverloaded``, ``PoolClosed`` and
+    ``PoolStartError`` (a pool that lost its workers and cannot start new ones) -> 503
+    with ``Retry-After``; ``WorkerCrashed`` -> 500. The body is FastAPI's
     ``{"detail": ...}`` with a fixed message: nothing about the function, its
     arguments or the worker leaks to the client. A call cancelled because its client
     left (``ClientDisconnect``) gets a bodiless 499. Exceptions raised by your own
@@ -291,6 +293,8 @@ def add_exception_handlers(app: Starlette) -> None:
         OffloadTimeout: _timeout,
         PoolOverloaded: _overloaded,
         PoolClosed: _closed,
+        # A pool without workers heals when a start succeeds: as unavailable as closed.
+        PoolStartError: _closed,
         WorkerCrashed: _crashed,
         ClientDisconnect: _disconnected,
     }

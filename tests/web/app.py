@@ -13,7 +13,14 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect
 
-from offload import Executor, OffloadSettings, PoolClosed, PoolOverloaded, get_executor
+from offload import (
+    Executor,
+    OffloadSettings,
+    PoolClosed,
+    PoolOverloaded,
+    PoolStartError,
+    get_executor,
+)
 from offload.fastapi import Lifespan, install
 
 from .. import funcs
@@ -109,6 +116,11 @@ async def overload(ex: Executor = Depends(get_executor)) -> None:
 @app.get("/closed")
 async def closed() -> None:
     raise PoolClosed("pool 'process' is closed")
+
+
+@app.get("/start-error")
+async def start_error() -> None:
+    raise PoolStartError("pool 'process' has had no worker for 60 s")
 
 
 @app.get("/user-error")

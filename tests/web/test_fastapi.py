@@ -39,6 +39,7 @@ async def test_dependency_and_decorator_in_routes(server: Server) -> None:
         ("/timeout", 504, None),
         ("/overload", 503, "1"),
         ("/closed", 503, "1"),
+        ("/start-error", 503, "1"),
         ("/crash", 500, None),
     ],
 )
