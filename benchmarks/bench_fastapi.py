@@ -639,7 +639,7 @@ def minmax(stats: Mapping[str, float], key: str, fmt: str) -> list[str]:
 
 
 def goals(summary: Mapping[str, Mapping[str, float]], rounds: Sequence[Round]) -> list[str]:
-    """The FastAPI issue's goals, for offload's process pool at each priority."""
+    """The FastAPI integration's goals, for offload's process pool at each priority."""
     floor = summary[FLOOR]["p99_vs_idle"]
     out = [f"- floor: /ping p99 {floor:.2f}x idle with every CPU busy and no work requests"]
     for name in (OFFLOAD_DEFAULT, OFFLOAD_IDLE, OFFLOAD_NORMAL):

@@ -10,7 +10,7 @@ caller's event loop wakes. Contenders are in ``_contenders``.
 The warm pools are created once; each round runs every scenario for every
 contender in a shuffled order, so the machine's noise hits all alike; the report
 gives medians over rounds and ratios to the best peer of the same family, and says
-which of issue 4's targets are met.
+which of the project's targets are met.
 
 Run from the repository root (needs ``pip install -e ".[bench]"``)::
 

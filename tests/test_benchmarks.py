@@ -181,7 +181,7 @@ def test_diagnose_runs(args: list[str], expected: list[str]) -> None:
 @pytest.mark.timeout(180)
 def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
     """``bench_fastapi.py`` measures every mode, its two references included, and says
-    how each offload priority stands against the issue's goals."""
+    how each offload priority stands against the integration's goals."""
     out = tmp_path / "fastapi.json"
     command = [sys.executable, "benchmarks/bench_fastapi.py", "--quick", "--duration", "0.4"]
     done = subprocess.run(
