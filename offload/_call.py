@@ -12,13 +12,22 @@ __all__ = ("Call", "describe")
 
 
 def describe(fn: Callable[..., Any]) -> str:
-    """A readable name for ``fn`` in errors and logs: ``module.qualname``."""
-    target = getattr(fn, "__wrapped__", fn)
-    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
-    if name is None:
-        return repr(fn)
-    module = getattr(target, "__module__", None)
-    return f"{module}.{name}" if module else name
+    """A readable name for ``fn`` in errors and logs: ``module.qualname``.
+
+    Never raises: it is called on error paths, where a user's ``__repr__`` or
+    ``__getattr__`` that fails must not replace the error being reported.
+    """
+    try:
+        target = getattr(fn, "__wrapped__", fn)
+        name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None)
+        if not isinstance(name, str):  # a partial, a callable object
+            text = repr(fn)
+            return text if len(text) <= 200 else f"{text[:200]}..."
+        module = getattr(target, "__module__", None)
+        return f"{module}.{name}" if isinstance(module, str) else name
+    except Exception:
+        kind = type(fn)
+        return f"a {kind.__module__}.{kind.__qualname__} object"
 
 
 class Call:

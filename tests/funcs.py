@@ -688,3 +688,17 @@ def wait_for_verdict(folder: str) -> str:
     if verdict == "crash":
         os._exit(3)
     return verdict
+
+
+class BadRepr:
+    """A callable object that will not pickle (it holds a lock) and whose ``repr()``
+    fails: errors about it must still be offload's own."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __call__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        raise ValueError("no repr")

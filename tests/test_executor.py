@@ -21,6 +21,7 @@ from offload import (
     OffloadTimeout,
     PoolClosed,
     PoolStats,
+    SerializationError,
 )
 
 from . import funcs
@@ -454,3 +455,10 @@ async def test_entering_an_offloader_twice_is_a_checkpoint_too() -> None:
             async with off:
                 pytest.fail("entered twice")  # pragma: no cover
         assert scope.cancelled_caught  # cancelled at the checkpoint, before the refusal
+
+
+async def test_a_callable_whose_repr_fails_gets_offloads_own_error(ex: Executor) -> None:
+    # The error names the function; a repr() that raises must not replace the error.
+    with pytest.raises(SerializationError, match=r"BadRepr"):
+        await ex.pool("process").run(funcs.BadRepr())
+    assert await ex.pool("process").run(funcs.add, 1, 2) == 3
