@@ -49,6 +49,7 @@ from offload._where import in_worker
 
 from .. import funcs
 from ..conftest import children
+from .test_process_confinement import SHADOW
 from .test_process_faults import gone, script_env, wait_until, wait_until_async
 
 WORKERS = 2
@@ -715,21 +716,6 @@ async def test_an_outside_client_is_refused(dask_ex: Executor) -> None:
         with pytest.raises(OSError):
             await raw_identity(f"tcp://{address.split('://', 1)[1]}")
     assert await dask_ex.run(funcs.add, 1, 2) == 3  # the pool's own client still works
-
-
-# A module named like one that the host or its workers import at start, in the
-# directory the application runs in: if it is ever imported, it leaves a mark (the
-# command line of the process that imported it), then stands aside for the real
-# module so that the cluster still works.
-SHADOW = """
-import json, os, sys
-with open({mark!r}, "a") as f:
-    f.write(json.dumps(sys.argv) + "\\n")
-del sys.modules[__name__]
-sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
-import {name} as _real
-globals().update(vars(_real))
-"""
 
 
 @pytest.mark.parametrize("name", ["socket", "json"])

@@ -40,12 +40,13 @@ from .test_process_faults import (
 )
 
 # A module named like one the worker imports at start, in the directory the
-# application runs in: if it is ever imported, it leaves a mark, then stands aside
-# for the real module so that the worker still works and the test fails on the mark.
+# application runs in: if it is ever imported, it leaves a mark (the command line of
+# the process that imported it), then stands aside for the real module so that the
+# worker still works and the test fails on the mark.
 SHADOW = """
-import os, sys
+import json, os, sys
 with open({mark!r}, "a") as f:
-    f.write(__name__ + "\\n")
+    f.write(json.dumps(sys.argv) + "\\n")
 del sys.modules[__name__]
 sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
 import {name} as _real
