@@ -1,6 +1,6 @@
 """How late a 1 ms sleeper on the event loop wakes while offload does its heaviest work.
 
-Issue 8's scenarios, each in a fresh Offloader on asyncio, with anyio's backend
+Its scenarios, each in a fresh Offloader on asyncio, with anyio's backend
 imported first (as in any Starlette app):
 
 * ``start and stop``: entering and leaving an Offloader with both pools;
