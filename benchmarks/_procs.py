@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 #: processes that live until their parent exits, by design: not left behind (a
-#: worker's guard ends its process group when it exits: offload/_pools/_worker.py)
+#: worker's guard ends its process group when it exits: offload/_pools/process/worker.py)
 HELPERS = ("resource_tracker", "semaphore_tracker", "forkserver", "offload-guard")
 
 

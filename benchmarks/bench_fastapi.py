@@ -408,7 +408,7 @@ def worker_priority(servers: Servers) -> dict[str, Any]:
             for child in parent.children(recursive=True):
                 cmdline = " ".join(child.cmdline())
                 kind = "other"
-                if "offload._pools._worker" in cmdline:
+                if "offload._pools.process.worker" in cmdline:
                     kind = "offload worker"
                 elif "loky" in cmdline and "resource_tracker" not in cmdline:
                     kind = "loky worker"

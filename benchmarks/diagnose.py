@@ -19,7 +19,7 @@
 ``python benchmarks/diagnose.py slices``
     How late a 1 ms sleeper on the loop wakes, and how many ~25 ms calls two busy
     workers finish a second, in rounds of 4 s, alternately: workers as by default
-    (niceness 10 and the longest time slice, see ``offload/_pools/_sched.py``), at
+    (niceness 10 and the longest time slice, see ``offload/_pools/process/sched.py``), at
     niceness 10 with the kernel's default slice, and under ``SCHED_IDLE``.
 ``python benchmarks/diagnose.py probe-cost``
     What the suite's 1 ms lag probe costs the loop's process: CPU time per wake-up,
@@ -199,7 +199,7 @@ SLICE_VARIANTS = ("default", "kernel's slice", "SCHED_IDLE")
 
 
 async def slices(runs: int) -> None:
-    from offload._pools import _sched
+    from offload._pools.process import sched as _sched
 
     ask = _sched._ask_for_slice
     n = iterations()

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._executor import Executor as Executor
     from ._lag import LoopStats as LoopStats
     from ._offloader import Offloader as Offloader
-    from ._pools._thread import check_cancelled as check_cancelled
+    from ._pools.thread import check_cancelled as check_cancelled
     from ._settings import OffloadSettings as OffloadSettings
     from ._settings import PoolSettings as PoolSettings
     from ._stats import OffloaderStats as OffloaderStats
@@ -89,7 +89,7 @@ _WHERE = {
     "RemoteTraceback": "._errors",
     "SerializationError": "._errors",
     "WorkerCrashed": "._errors",
-    "check_cancelled": "._pools._thread",
+    "check_cancelled": "._pools.thread",
     "get_executor": ".fastapi",
     "lifespan": ".fastapi",
     "offload": "._decorator",

@@ -14,7 +14,7 @@ from ._types import UNSET, Unset, check_sync_callable, check_timeout
 if TYPE_CHECKING:
     from ._decorator import OffloadedFunction
     from ._offloader import Offloader
-    from ._pools._base import Pool
+    from ._pools.base import Pool
     from ._stats import PoolStats
     from ._types import P
 

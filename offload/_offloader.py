@@ -21,14 +21,16 @@ from ._lag import LagProbe
 # the GIL, and made in a thread while the loop ran, it made a 1 ms sleeper on the loop
 # wake up to 4 ms late at p99 (docs/design.md). The dask kind stays imported on first
 # use: distributed takes seconds, and is optional.
-from ._pools import _process, _thread, pool_class  # noqa: F401
+from ._pools import pool_class
+from ._pools import thread as _thread_kind  # noqa: F401
+from ._pools.process import pool as _process_kind  # noqa: F401
 from ._settings import OffloadSettings, usable_cpus
 from ._stats import OffloaderStats
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from ._pools._base import Pool
+    from ._pools.base import Pool
     from ._settings import Kind
 
 __all__ = ("Offloader", "active_offloader", "newest_offloader", "starts_on_first_use")

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from starlette.types import ExceptionHandler
 
     from ._call import Call
-    from ._pools._base import Pool
+    from ._pools.base import Pool
     from ._settings import OffloadSettings
 
 __all__ = (

@@ -41,7 +41,7 @@ def live_children():
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            # not a worker's guard (offload/_pools/_worker.py), which dies with it
+            # not a worker's guard (offload/_pools/process/worker.py), which dies with it
             if p.status() != psutil.STATUS_ZOMBIE and "offload-guard" not in p.cmdline():
                 out.append(p.pid)
         except psutil.NoSuchProcess:
@@ -86,7 +86,7 @@ def run_script(tmp_path: Path, body: str) -> dict[str, object]:
 def is_live_worker(pid: int) -> bool:
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and "offload._pools._worker" in " ".join(
+        return p.status() != psutil.STATUS_ZOMBIE and "offload._pools.process.worker" in " ".join(
             p.cmdline()
         )
     except psutil.Error:

@@ -108,7 +108,7 @@ def alive(pids: list[int]) -> list[int]:
 def assert_all_gone(demo: Demo, timeout: float = 10) -> None:
     """The demo's descendants were seen (server, load, workers), and are all gone."""
     kinds = " ".join(demo.seen.values())
-    for part in ("uvicorn", "offload._demo_load", "offload._pools._worker"):
+    for part in ("uvicorn", "offload._demo_load", "offload._pools.process.worker"):
         assert part in kinds, f"never saw {part} among {demo.seen}"
     deadline = time.monotonic() + timeout
     while left := alive(list(demo.seen)):

@@ -17,7 +17,7 @@ from .extras import ROOT, command, installed_by
         ("offload", ()),
         ("offload.fastapi", ("fastapi",)),
         ("offload.prometheus", ("metrics",)),
-        ("offload._pools._dask", ("dask",)),
+        ("offload._pools.dask.pool", ("dask",)),
         ("offload._demo", ("demo",)),
         ("offload._demo_app", ("demo",)),
         ("offload._demo_load", ("demo",)),

@@ -22,7 +22,7 @@ ML = {"ml": PoolSettings(kind="process", max_workers=1)}
 
 
 def worker_count() -> int:
-    return sum("offload._pools._worker" in " ".join(p.cmdline()) for p in children())
+    return sum("offload._pools.process.worker" in " ".join(p.cmdline()) for p in children())
 
 
 @pytest.mark.parametrize(

@@ -150,4 +150,4 @@ def test_errors_load_without_pydantic_or_anyio() -> None:
 
 def test_worker_module_is_light() -> None:
     # a process worker starts with this module; it must not pay for pydantic or anyio
-    assert _loaded_after("import offload._pools._worker") == []
+    assert _loaded_after("import offload._pools.process.worker") == []

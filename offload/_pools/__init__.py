@@ -9,14 +9,14 @@ from importlib import import_module
 TYPE_CHECKING = False  # not typing's: workers import this package (see offload/__init__.py)
 
 if TYPE_CHECKING:
-    from ._base import Pool
+    from .base import Pool
 
 __all__ = ("pool_class",)
 
 _KINDS = {
-    "thread": ("offload._pools._thread", "ThreadPool"),
-    "process": ("offload._pools._process", "ProcessPool"),
-    "dask": ("offload._pools._dask", "DaskPool"),
+    "thread": ("offload._pools.thread", "ThreadPool"),
+    "process": ("offload._pools.process.pool", "ProcessPool"),
+    "dask": ("offload._pools.dask.pool", "DaskPool"),
 }
 
 

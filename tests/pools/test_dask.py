@@ -40,11 +40,11 @@ from offload import (
     SerializationError,
     WorkerCrashed,
 )
-from offload._pools import _dask
-from offload._pools._dask import SCATTER_THRESHOLD, DaskPool
-from offload._pools._dask_task import Unannounced, invoke
-from offload._pools._dask_versions import version_mismatches
-from offload._pools._sched import LONG_SLICE_NS, time_slice
+from offload._pools.dask import pool as _dask
+from offload._pools.dask.pool import SCATTER_THRESHOLD, DaskPool
+from offload._pools.dask.task import Unannounced, invoke
+from offload._pools.dask.versions import version_mismatches
+from offload._pools.process.sched import LONG_SLICE_NS, time_slice
 from offload._where import in_worker
 
 from .. import funcs
@@ -459,7 +459,7 @@ async def test_embedded_cluster_dies_with_killed_parent(tmp_path: Path) -> None:
             pids = [int(p) for p in line.split()]
             procs = {pid: psutil.Process(pid) for pid in pids}
             cmdlines = {pid: " ".join(p.cmdline()) for pid, p in procs.items()}
-            hosts = [pid for pid, c in cmdlines.items() if "offload._pools._dask_host" in c]
+            hosts = [pid for pid, c in cmdlines.items() if "offload._pools.dask.host" in c]
             assert len(hosts) == 1, cmdlines
             assert procs[hosts[0]].ppid() == parent.pid
             workers = [pid for pid, c in cmdlines.items() if "multiprocessing.spawn" in c]

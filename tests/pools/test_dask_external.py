@@ -29,7 +29,7 @@ from offload import (
     SerializationError,
     WorkerCrashed,
 )
-from offload._pools._dask import DaskPool
+from offload._pools.dask.pool import DaskPool
 
 from .. import funcs
 from ..conftest import children

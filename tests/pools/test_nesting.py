@@ -78,10 +78,10 @@ async def main():
             except Exception as exc:
                 outcome["call"] = describe(exc)
         me = psutil.Process()
-        outcome["nested"] = [  # workers of workers (not a worker's guard: see _worker.py)
+        outcome["nested"] = [  # workers of workers (not a worker's guard: see worker.py)
             p.pid
             for p in me.children(recursive=True)
-            if p.ppid() != me.pid and "offload._pools._worker" in " ".join(p.cmdline())
+            if p.ppid() != me.pid and "offload._pools.process.worker" in " ".join(p.cmdline())
         ]
         outcome["after"] = await pool.run(funcs.add, 2, 2)  # the pool carries on
     print(json.dumps(outcome), flush=True)

@@ -22,8 +22,9 @@ from offload import (
     SerializationError,
     WorkerCrashed,
 )
-from offload._pools import _cma, _wire
-from offload._pools._process import ProcessPool
+from offload._pools.process import cma as _cma
+from offload._pools.process import wire as _wire
+from offload._pools.process.pool import ProcessPool
 
 from .. import funcs
 

@@ -25,7 +25,8 @@ from offload import (
     PoolSettings,
     WorkerCrashed,
 )
-from offload._pools import _cma, _sched
+from offload._pools.process import cma as _cma
+from offload._pools.process import sched as _sched
 from offload._settings import usable_cpus
 
 from .. import funcs
@@ -219,10 +220,10 @@ def test_workers_keep_the_scheduling_policy_of_the_parent(
 
 
 NO_SIGNAL_FLAG = """
-import offload._pools._handle
+import offload._pools.process.handle
 
 # As on macOS: sends cannot ask for no SIGPIPE.
-offload._pools._handle._NO_SIGNAL = 0
+offload._pools.process.handle._NO_SIGNAL = 0
 """
 
 
@@ -424,7 +425,7 @@ def strays():
     found = []
     for child in psutil.Process().children():
         try:
-            if "offload._pools._worker" in " ".join(child.cmdline()):
+            if "offload._pools.process.worker" in " ".join(child.cmdline()):
                 continue
         except psutil.Error:  # a zombie
             pass

@@ -38,7 +38,7 @@ from ..conftest import Backend, loop_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 #: appears in the command line of every worker process (see ``_process._BOOT``)
-WORKER_MARK = "offload._pools._worker"
+WORKER_MARK = "offload._pools.process.worker"
 
 
 # -- helpers ---------------------------------------------------------------------------

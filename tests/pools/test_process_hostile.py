@@ -26,7 +26,7 @@ from offload import (
     PoolSettings,
     SerializationError,
 )
-from offload._pools import _process
+from offload._pools.process import pool as _process
 
 from .. import funcs
 from ..conftest import Backend, loop_name
@@ -110,7 +110,7 @@ async def test_a_failed_send_fails_its_call_alone(monkeypatch: pytest.MonkeyPatc
     # the worker. The call fails, and the one worker is not lost to the pool.
     import numpy as np
 
-    from offload._pools import _wire
+    from offload._pools.process import wire as _wire
 
     monkeypatch.setattr(_wire, "MAX_PARTS", 1 << 16)
     arrays = [np.full(4, i) for i in range(3000)]

@@ -30,7 +30,7 @@ class Server:
         pids = set()
         for child in psutil.Process(self.proc.pid).children(recursive=True):
             try:
-                if "offload._pools._worker" in " ".join(child.cmdline()):
+                if "offload._pools.process.worker" in " ".join(child.cmdline()):
                     pids.add(child.pid)
             except psutil.NoSuchProcess:
                 pass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from types import FrameType
 
-from .._where import in_worker_process
+from ..._where import in_worker_process
 
 __all__ = ("refusal",)
 

@@ -28,7 +28,7 @@ from .._errors import CallAborted, CallCancelled, PoolOverloaded
 from .._helper_threads import run_in_helper_thread
 from .._types import generator_refusal
 from .._where import mark_worker_thread
-from ._base import Pool
+from .base import Pool
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup

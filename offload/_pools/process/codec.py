@@ -13,11 +13,11 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
-from .._errors import CallAborted, OffloadError, RemoteTraceback, SerializationError
-from . import _wire
+from ..._errors import CallAborted, OffloadError, RemoteTraceback, SerializationError
+from . import wire
 
 if TYPE_CHECKING:
-    from .._call import Call
+    from ..._call import Call
 
 __all__ = ("decode_reply", "encode_request", "function_blob")
 
@@ -53,7 +53,7 @@ def function_blob(fn: Callable[..., Any]) -> tuple[bytes, bool]:
     return cloudpickle.dumps(fn, protocol=5), False
 
 
-def _refers_to_main(data: _wire.Buffer) -> bool:
+def _refers_to_main(data: wire.Buffer) -> bool:
     """Whether a pickle may name something in ``__main__``, which a worker has not (its
     own ``__main__`` is another): every such reference spells the module's name. A
     string that merely contains it costs a needless by-value pickle, nothing else."""
@@ -70,8 +70,8 @@ def _importable(fn: object) -> bool:
     return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
 
 
-def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> _wire.Frame:
-    """The call as a frame for a worker (``cross_memory``: see :func:`_wire.encode`).
+def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> wire.Frame:
+    """The call as a frame for a worker (``cross_memory``: see :func:`wire.encode`).
 
     :raises SerializationError: the function or arguments do not pickle, or take more
         than ``max_payload`` bytes
@@ -85,12 +85,12 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         ) from exc
     args, kwargs = call.args, call.kwargs
     if bytes in map(type, args):
-        args = tuple(map(_wire.out_of_band, args))
+        args = tuple(map(wire.out_of_band, args))
     if kwargs and bytes in map(type, kwargs.values()):
-        kwargs = {name: _wire.out_of_band(value) for name, value in kwargs.items()}
+        kwargs = {name: wire.out_of_band(value) for name, value in kwargs.items()}
     request = (blob, cache, args, kwargs)
     try:
-        parts = _wire.encode(request, cross_memory=cross_memory)
+        parts = wire.encode(request, cross_memory=cross_memory)
         if _refers_to_main(parts[1]):  # the pickle: header or table, pickle, buffers
             raise pickle.PicklingError("refers to __main__")
     except BaseException as exc:
@@ -98,7 +98,7 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         try:  # what plain pickle refuses (lambdas, closures), or sends by a name
             import cloudpickle  # the worker cannot look up (``__main__``)
 
-            parts = _wire.encode(request, cloudpickle.dumps, cross_memory)
+            parts = wire.encode(request, cloudpickle.dumps, cross_memory)
         except BaseException as exc:
             _reraise_interrupt(exc)
             raise SerializationError(
@@ -113,22 +113,22 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
     return parts
 
 
-def decode_reply(call: Call, data: _wire.Received, buffers: list[_wire.Received]) -> Any:
+def decode_reply(call: Call, data: wire.Received, buffers: list[wire.Received]) -> Any:
     """The outcome of ``call`` from a worker's answer: its result, or its exception
     raised (a ``BaseException`` that is not an ``Exception`` as :class:`CallAborted`).
 
     :raises SerializationError: the result could not be pickled, unpickled or sent
     """
     try:
-        status, value = _wire.decode(data, buffers)
+        status, value = wire.decode(data, buffers)
     except BaseException as exc:
         _reraise_interrupt(exc)
         raise SerializationError(
             f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
         ) from exc
-    if status == _wire.OK:
+    if status == wire.OK:
         return value
-    if status == _wire.RAISED:
+    if status == wire.RAISED:
         blob, tb = value
         try:
             error = pickle.loads(blob)
@@ -147,18 +147,18 @@ def decode_reply(call: Call, data: _wire.Received, buffers: list[_wire.Received]
             raise error from RemoteTraceback(tb)
         finally:
             del error  # its traceback holds this frame: no cycle for the GC to find
-    if status == _wire.RAISED_UNPICKLABLE:
+    if status == wire.RAISED_UNPICKLABLE:
         type_name, message, tb, aborted = value
         raise (CallAborted if aborted else OffloadError)(
             f"{call.name} raised {type_name}: {message} "
             "(the exception could not be sent from the worker: it does not pickle and unpickle)"
         ) from RemoteTraceback(tb)
-    if status == _wire.BAD_REQUEST:
+    if status == wire.BAD_REQUEST:
         message, tb = value
         raise SerializationError(
             f"the worker could not unpickle the call to {call.name}: {message}"
         ) from RemoteTraceback(tb)
-    if status == _wire.TOO_LARGE:
+    if status == wire.TOO_LARGE:
         raise SerializationError(
             f"the result of {call.name} takes {value[0]} bytes pickled, more than the pool's "
             f"max_payload ({value[1]} bytes)"

@@ -38,7 +38,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .._settings import PoolSettings
+    from ..._settings import PoolSettings
 
 __all__ = ("start_below", "time_slice")
 
@@ -83,7 +83,7 @@ class _SchedAttr(ctypes.Structure):
 
 def start_below(args: list[str], settings: PoolSettings, **popen: Any) -> subprocess.Popen[bytes]:
     """``subprocess.Popen(args, **popen)``, the process below the event loop as its
-    pool's settings say. Only on the spawner thread (``_spawner.py``), whose own time
+    pool's settings say. Only on the spawner thread (``spawner.py``), whose own time
     slice it sets.
 
     - The time slice is inherited: the spawner thread asks for the one the child must

@@ -15,7 +15,7 @@ import cloudpickle
 from distributed import get_worker
 from distributed.utils import sync
 
-from .._where import mark_worker_thread, unmark_worker_thread
+from ..._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
     "CannotLoad",

@@ -10,7 +10,7 @@ ever being copied into the pickle stream::
     buffers bytes, each as long as its entry says, except the REMOTE ones
 
 A buffer of :data:`BIG_BUFFER` bytes or more is REMOTE when the pool copies between
-memories (``_cma.py``): it stays out of the frame, in the sender's memory, and the
+memories (``cma.py``): it stays out of the frame, in the sender's memory, and the
 parent copies it in one system call:
 
 * a result: the entry gives its address in the worker; the parent reads it into a
@@ -22,10 +22,10 @@ parent copies it in one system call:
 
 Both sides use :func:`encode`; the worker reads with :func:`recv_frame` on a
 blocking socket, the parent reads without blocking the event loop (see
-``_handle.py``). This module imports neither anyio nor pydantic: workers load it.
+``handle.py``). This module imports neither anyio nor pydantic: workers load it.
 
 Workers import it at start: it keeps to the modules they load anyway (no typing, no
-contextlib), as does ``_worker.py``.
+contextlib), as does ``worker.py``.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _new_buffer(size: int, as_bytes: bool) -> Received:
     not 16384: ~15 ms less here)."""
     if as_bytes:
         made: bytes = _bytes_maker()(None, size)
-        from ._cma import huge_pages
+        from .cma import huge_pages
 
         huge_pages(made)
         return made
@@ -231,7 +231,7 @@ def encode(
         size = raw.nbytes
         total += size
         if cross_memory and size >= BIG_BUFFER:
-            from ._cma import address_of
+            from .cma import address_of
 
             flags = REMOTE | (AS_BYTES if type(raw.obj) is bytes else 0)
             table += _ENTRY.pack(size | flags, address_of(raw))
@@ -313,7 +313,7 @@ def _with_room(
 def fetch(pid: int, buffers: Sequence[Received | Remote]) -> list[Received]:
     """The parent's side of a result: ``buffers`` with every :class:`Remote` read
     out of worker ``pid`` into a buffer of our own. Blocking: call in a thread."""
-    from ._cma import address_of, read
+    from .cma import address_of, read
 
     mine, pairs = _with_room(buffers)
     read(pid, [(address_of(room), buf.address, buf.size) for room, buf in pairs])
@@ -323,7 +323,7 @@ def fetch(pid: int, buffers: Sequence[Received | Remote]) -> list[Received]:
 def make_room(buffers: Sequence[Received | Remote]) -> tuple[list[Received], list[int]]:
     """The worker's side of a call: ``buffers`` with every :class:`Remote` replaced
     by room for it, and the addresses of that room, for the parent to write to."""
-    from ._cma import address_of
+    from .cma import address_of
 
     mine, pairs = _with_room(buffers)
     return mine, [address_of(room) for room, _ in pairs]
@@ -332,7 +332,7 @@ def make_room(buffers: Sequence[Received | Remote]) -> tuple[list[Received], lis
 def deliver(pid: int, remote: Sequence[memoryview], addresses: Sequence[int]) -> None:
     """Write a call's REMOTE buffers where worker ``pid`` made room for them.
     Blocking: call in a thread."""
-    from ._cma import address_of, write
+    from .cma import address_of, write
 
     write(
         pid,

@@ -1,6 +1,6 @@
 """The worker process: read a call, run it, write the answer, repeat.
 
-Started by ``_process.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
+Started by ``pool.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
 PATH...``, PATH the parent's ``sys.path``, installed before anything is imported.
 It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
 in a few tens of milliseconds.
@@ -29,8 +29,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-from .._where import mark_worker_process
-from ._wire import (
+from ..._where import mark_worker_process
+from .wire import (
     BAD_REQUEST,
     BAD_RESULT,
     OK,
@@ -54,7 +54,7 @@ TYPE_CHECKING = False  # not typing's: see offload/__init__.py
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._wire import Frame, Received
+    from .wire import Frame, Received
 
 __all__ = ("main",)
 
@@ -100,7 +100,7 @@ def main() -> None:
         _leave_if_forked()
     probe = 0
     if cross_memory:
-        from ._cma import PROBE, address_of
+        from .cma import PROBE, address_of
 
         probe = address_of(PROBE)
     send_parts(sock, encode((OK, (os.getpid(), probe))))
@@ -279,7 +279,7 @@ def _exception_reply(exc: BaseException) -> tuple[int, Any]:
         pickle.loads(blob)  # the parent must be able to rebuild it, too
     except BaseException:
         try:  # an exception whose __init__ needs what its args lack (HTTPException)
-            from ._rebuild import dumps
+            from .rebuild import dumps
 
             blob = dumps(exc)
             pickle.loads(blob)

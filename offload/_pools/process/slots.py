@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
-from .._errors import PoolOverloaded
+from ..._errors import PoolOverloaded
 
 __all__ = ("SlotQueue",)
 

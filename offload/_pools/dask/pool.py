@@ -70,7 +70,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import cloudpickle
 
-from .._errors import (
+from ..._errors import (
     ClusterUnavailable,
     PoolOverloaded,
     PoolStartError,
@@ -78,15 +78,15 @@ from .._errors import (
     SerializationError,
     WorkerCrashed,
 )
-from .._helper_threads import run_in_helper_thread
-from ._base import Pool
-from ._dask_host import host_command as _host_command
-from ._dask_host import host_config
-from ._dask_task import CannotLoad, Unannounced, allowed_failures, invoke, kill_this_process
-from ._dask_versions import version_mismatches
-from ._nesting import refusal
-from ._sched import start_below
-from ._spawner import spawner, wait_future
+from ..._helper_threads import run_in_helper_thread
+from ..base import Pool
+from ..process.nesting import refusal
+from ..process.sched import start_below
+from ..process.spawner import spawner, wait_future
+from .host import host_command as _host_command
+from .host import host_config
+from .task import CannotLoad, Unannounced, allowed_failures, invoke, kill_this_process
+from .versions import version_mismatches
 
 try:
     import dask.config
@@ -122,8 +122,8 @@ Security: Any = _Security
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from .._call import Call
-    from .._settings import PoolSettings
+    from ..._call import Call
+    from ..._settings import PoolSettings
 
 __all__ = ("SCATTER_THRESHOLD", "DaskPool")
 
@@ -148,7 +148,7 @@ PING_INTERVAL = 5.0
 def _spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
     """Start the embedded cluster's host (on the spawner thread): stdin a pipe that
     only we hold, the report fd its own, stdout and stderr ours; below the event loop
-    from its start (``_sched.py``), as its scheduler, nannies and workers then are:
+    from its start (``process/sched.py``), as its scheduler, nannies and workers then are:
     the seconds of CPU they take to start must not compete with the event loop."""
     return start_below(args, settings, stdin=subprocess.PIPE, pass_fds=(report_fd,))
 
@@ -358,7 +358,7 @@ class DaskPool(Pool):
             )
             args = _host_command(config)
             try:
-                # On the spawner thread (see _spawner.py); waited for even when
+                # On the spawner thread (see process/spawner.py); waited for even when
                 # cancelled, so that a started host always reaches us.
                 future = spawner().submit(_spawn_host, args, report_w, self.settings)
                 host = self._host = await wait_future(future)

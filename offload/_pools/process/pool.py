@@ -4,7 +4,7 @@
 
     caller task ──encode──> SlotQueue.get() ──> WorkerHandle.send ──┐
         ^                                                      │ socketpair
-        └── decode <── WorkerHandle.recv <──────────────────────────┘ worker: _worker.py
+        └── decode <── WorkerHandle.recv <──────────────────────────┘ worker: worker.py
     watcher task (one per worker): pidfd readable ─> exited ─> replacement
 
 Unlike ``ProcessPoolExecutor`` and loky, the parent knows which call each worker
@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import anyio.lowlevel
 
-from .._errors import (
+from ..._errors import (
     OffloadError,
     PoolClosed,
     PoolStartError,
@@ -45,23 +45,23 @@ from .._errors import (
     WorkerCrashed,
     describe_exit,
 )
-from .._helper_threads import run_in_helper_thread
-from .._where import in_worker_process
-from . import _cma, _wire
-from ._base import Pool
-from ._codec import decode_reply, encode_request
-from ._handle import WorkerHandle, quiet_channel
-from ._nesting import refusal
-from ._sched import start_below
-from ._slots import SlotQueue
-from ._spawner import spawner, wait_future
-from ._worker import EXIT_OUT_OF_MEMORY
+from ..._helper_threads import run_in_helper_thread
+from ..._where import in_worker_process
+from ..base import Pool
+from . import cma, wire
+from .codec import decode_reply, encode_request
+from .handle import WorkerHandle, quiet_channel
+from .nesting import refusal
+from .sched import start_below
+from .slots import SlotQueue
+from .spawner import spawner, wait_future
+from .worker import EXIT_OUT_OF_MEMORY
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from .._call import Call
-    from .._settings import PoolSettings
+    from ..._call import Call
+    from ..._settings import PoolSettings
 
 __all__ = ("ProcessPool",)
 
@@ -72,7 +72,9 @@ logger = logging.getLogger("offload")
 # ``socket.py`` would run in every worker (and offload itself may be importable only
 # from a directory of the parent's path). ``sys`` is built in: importing it reads no
 # directory.
-_BOOT = "import sys; sys.path[:] = sys.argv[4:]; from offload._pools._worker import main; main()"
+_BOOT = (
+    "import sys; sys.path[:] = sys.argv[4:]; from offload._pools.process.worker import main; main()"
+)
 
 
 def _worker_command(*args: str) -> list[str]:
@@ -87,7 +89,7 @@ def _worker_command(*args: str) -> list[str]:
 def _start_worker(
     args: list[str], fds: tuple[int, ...], settings: PoolSettings
 ) -> subprocess.Popen[bytes]:
-    """Start a worker process, below the event loop from its start (``_sched.py``).
+    """Start a worker process, below the event loop from its start (``sched.py``).
 
     In a session of its own, so that the programs its calls start share its process
     group, and end with it (:meth:`WorkerHandle.end_group`).
@@ -134,7 +136,7 @@ class ProcessPool(Pool):
         self._stopping = False
         self._death_r = -1
         self._death_w = -1
-        self._cross_memory = settings.cross_memory and _cma.available()
+        self._cross_memory = settings.cross_memory and cma.available()
         self._quiet_until = 0.0  # no warning about slow results before then
 
     # -- lifecycle -------------------------------------------------------------
@@ -150,7 +152,7 @@ class ProcessPool(Pool):
             return  # it will not start (see start)
         # Thread.start() waits for the new thread to run: not on the loop.
         spawner().submit(int).result()
-        _cma.available()  # cached: reads /proc
+        cma.available()  # cached: reads /proc
 
     async def start(self) -> None:
         # Not raised: an Offloader in a worker may use its thread pools.
@@ -185,7 +187,7 @@ class ProcessPool(Pool):
         parent, child = socket.socketpair()
         args = _worker_command(str(child.fileno()), str(self._death_r), str(os.getpid()))
         try:
-            # On the spawner thread (see _spawner.py); waited for even when
+            # On the spawner thread (see spawner.py); waited for even when
             # cancelled, so that a started process always reaches the pool.
             future = spawner().submit(
                 _start_worker, args, (child.fileno(), self._death_r), self.settings
@@ -217,9 +219,9 @@ class ProcessPool(Pool):
                     settings.initializer,
                     settings.initializer_args,
                 )
-                await worker.send(_wire.encode(boot))
+                await worker.send(wire.encode(boot))
                 data, received = await worker.recv()
-                status, value = _wire.decode(data, _wire.local(received))
+                status, value = wire.decode(data, wire.local(received))
         except BaseException as exc:
             self._kill(worker)
             if isinstance(exc, TimeoutError):
@@ -235,13 +237,13 @@ class ProcessPool(Pool):
                     f"({describe_exit(worker.returncode)})"
                 ) from exc
             raise
-        if status != _wire.OK:
+        if status != wire.OK:
             self._kill(worker)
             type_name, message, tb = value
             raise PoolStartError(
                 f"the initializer of pool {self.name!r} raised {type_name}: {message}"
             ) from RemoteTraceback(tb)
-        if self._cross_memory and not _cma.readable(worker.pid, value[1]):
+        if self._cross_memory and not cma.readable(worker.pid, value[1]):
             # A security module may refuse what the kernel otherwise allows: this
             # worker expects copies between memories, so it goes; the next one won't.
             logger.info(
@@ -470,7 +472,7 @@ class ProcessPool(Pool):
             raise self._refusal()
         request = encode_request(call, self.settings.max_payload, self._cross_memory)
         job = None
-        if not self._slots.idle and not request.remote and request.size <= _wire.SCRATCH:
+        if not self._slots.idle and not request.remote and request.size <= wire.SCRATCH:
             job = _Job(call, request)  # it will wait: whoever frees a worker may send it
         while True:
             if self._forced:
@@ -502,10 +504,10 @@ class ProcessPool(Pool):
                     data, buffers = await self._exchange(worker, request)
                 else:
                     data, received = await worker.recv()
-                    if _wire.has_remote(received):
+                    if wire.has_remote(received):
                         data, buffers = await self._fetch(worker, data, received)
                     else:
-                        buffers = _wire.local(received)
+                        buffers = wire.local(received)
             except (EOFError, OSError, ValueError, anyio.ClosedResourceError) as exc:
                 if self._forced:  # killed by _abort
                     raise self._closed_error() from None
@@ -561,7 +563,7 @@ class ProcessPool(Pool):
             finally:
                 self._unclaim(worker)
             self._release(worker)
-            if buffers and _wire.big((data, *buffers)):
+            if buffers and wire.big((data, *buffers)):
                 # A large ``bytes`` is one copy, made by os.pread in a thread
                 # without the GIL; arrays are views on the received buffers.
                 return await run_in_helper_thread(decode_reply, call, data, buffers)
@@ -626,32 +628,32 @@ class ProcessPool(Pool):
         self._unclaim(worker)
 
     async def _exchange(
-        self, worker: WorkerHandle, request: _wire.Frame
-    ) -> tuple[_wire.Received, list[_wire.Received]]:
+        self, worker: WorkerHandle, request: wire.Frame
+    ) -> tuple[wire.Received, list[wire.Received]]:
         """The rest of a call with REMOTE arguments once its frame is sent: they are
-        written, and its answer read, REMOTE buffers included (see ``_wire.py``)."""
+        written, and its answer read, REMOTE buffers included (see ``wire.py``)."""
         data, received = await worker.recv()
-        status, addresses = _wire.decode(data, _wire.local(received))
-        if status != _wire.WRITE_TO:  # a channel out of step: fails as a channel error
+        status, addresses = wire.decode(data, wire.local(received))
+        if status != wire.WRITE_TO:  # a channel out of step: fails as a channel error
             raise ValueError(f"expected WRITE_TO from worker {worker.pid}, got {status}")
         await self._copy(
-            worker, functools.partial(_wire.deliver, worker.pid, request.remote, addresses)
+            worker, functools.partial(wire.deliver, worker.pid, request.remote, addresses)
         )
-        await worker.send(_wire.GO_AHEAD)
+        await worker.send(wire.GO_AHEAD)
         data, received = await worker.recv()
-        if not _wire.has_remote(received):
-            return data, _wire.local(received)
+        if not wire.has_remote(received):
+            return data, wire.local(received)
         return await self._fetch(worker, data, received)
 
     async def _fetch(
         self,
         worker: WorkerHandle,
-        data: _wire.Received,
-        received: list[_wire.Received | _wire.Remote],
-    ) -> tuple[_wire.Received, list[_wire.Received]]:
+        data: wire.Received,
+        received: list[wire.Received | wire.Remote],
+    ) -> tuple[wire.Received, list[wire.Received]]:
         """An answer's REMOTE buffers, read out of the worker's memory."""
-        buffers = await self._copy(worker, functools.partial(_wire.fetch, worker.pid, received))
-        await worker.send(_wire.GO_AHEAD)
+        buffers = await self._copy(worker, functools.partial(wire.fetch, worker.pid, received))
+        await worker.send(wire.GO_AHEAD)
         return data, buffers
 
     async def _copy(self, worker: WorkerHandle, copy: Callable[[], T]) -> T:
@@ -699,10 +701,10 @@ class _Job:
 
     __slots__ = ("call", "request", "unsent")
 
-    def __init__(self, call: Call, request: _wire.Frame) -> None:
+    def __init__(self, call: Call, request: wire.Frame) -> None:
         self.call = call
         self.request = request
-        self.unsent: Sequence[_wire.Buffer] = ()
+        self.unsent: Sequence[wire.Buffer] = ()
 
 
 @atexit.register

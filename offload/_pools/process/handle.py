@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from . import _wire
+from . import wire
 
 if TYPE_CHECKING:
-    from .._call import Call
+    from ..._call import Call
 
 __all__ = ("WorkerHandle", "quiet_channel")
 
@@ -110,7 +110,7 @@ class WorkerHandle:
         self.proc = proc
         self.pid = proc.pid
         self.sock = sock
-        self.scratch = memoryview(bytearray(_wire.SCRATCH))
+        self.scratch = memoryview(bytearray(wire.SCRATCH))
         self.pidfd: int | None = None
         if hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
@@ -132,7 +132,7 @@ class WorkerHandle:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    def send_some(self, parts: list[_wire.Buffer]) -> Sequence[_wire.Buffer]:
+    def send_some(self, parts: list[wire.Buffer]) -> Sequence[wire.Buffer]:
         """Write what the channel takes of a frame of at most :data:`CHUNK` bytes at
         once, without waiting; return the rest, for :meth:`send`. (A larger frame is
         returned whole: :meth:`send` pauses for the loop while writing it.)"""
@@ -140,30 +140,30 @@ class WorkerHandle:
         if size > CHUNK:
             return parts
         try:
-            sent = self.sock.sendmsg(_wire.batch(parts), (), _NO_SIGNAL)
+            sent = self.sock.sendmsg(wire.batch(parts), (), _NO_SIGNAL)
         except BlockingIOError:
             return parts
-        return _wire.remaining(parts, sent) if sent < size else ()
+        return wire.remaining(parts, sent) if sent < size else ()
 
-    async def send(self, parts: Sequence[_wire.Buffer]) -> None:
+    async def send(self, parts: Sequence[wire.Buffer]) -> None:
         sock = self.sock
         views = parts
         if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
-                    views = _wire.remaining(views, sock.sendmsg(_wire.batch(views), (), _NO_SIGNAL))
+                    views = wire.remaining(views, sock.sendmsg(wire.batch(views), (), _NO_SIGNAL))
                 except BlockingIOError:
                     await anyio.wait_writable(sock)
             return
         unyielded = 0
         while views:
             try:
-                sent = sock.sendmsg(_wire.batch(_wire.head(views, CHUNK)), (), _NO_SIGNAL)
+                sent = sock.sendmsg(wire.batch(wire.head(views, CHUNK)), (), _NO_SIGNAL)
             except BlockingIOError:
                 unyielded = 0
                 await anyio.wait_writable(sock)
                 continue
-            views = _wire.remaining(views, sent)
+            views = wire.remaining(views, sent)
             unyielded += sent
             if unyielded >= YIELD_EVERY and views:
                 # The worker drains the channel as fast as it is filled: without a
@@ -171,16 +171,16 @@ class WorkerHandle:
                 unyielded = 0
                 await anyio.lowlevel.checkpoint()
 
-    async def recv(self) -> tuple[_wire.Received, list[_wire.Received | _wire.Remote]]:
+    async def recv(self) -> tuple[wire.Received, list[wire.Received | wire.Remote]]:
         scratch = self.scratch
         # Not tried at once: the frame was just sent, the answer is not here yet.
         n = await self._read_into(scratch, len(scratch), eager=False)
         if not n:
             raise EOFError("the worker closed its channel")
-        frame = _wire.whole_frame(scratch, n)
+        frame = wire.whole_frame(scratch, n)
         if frame is not None:
             return frame
-        parser = _wire.parse_frame(scratch, n)
+        parser = wire.parse_frame(scratch, n)
         unyielded = n
         try:
             view = next(parser)

@@ -1,6 +1,6 @@
 """The host process of a dask pool's embedded cluster.
 
-Started by :class:`~offload._pools._dask.DaskPool` with :func:`host_command`:
+Started by :class:`~offload._pools.dask.pool.DaskPool` with :func:`host_command`:
 ``python -P -c BOOT CONFIG PATH...``, CONFIG a JSON object (see :func:`host_config`),
 PATH the application's ``sys.path``, installed before anything is imported. The
 cluster's scheduler and nannies run here, on the loop thread of a synchronous
@@ -61,7 +61,7 @@ from typing import Any
 __all__ = ("host_command", "host_config", "main")
 
 # ``sys`` is built in: importing it reads no directory.
-_BOOT = "import sys; sys.path[:] = sys.argv[2:]; from offload._pools._dask_host import main; main()"
+_BOOT = "import sys; sys.path[:] = sys.argv[2:]; from offload._pools.dask.host import main; main()"
 
 _PR_SET_PDEATHSIG = 1
 
