@@ -1,4 +1,8 @@
-"""The suite's PNG charts: each scenario's figures beside its loop lag (p99 and max)."""
+"""The suite's PNG charts: each scenario's figures beside its loop lag (p99 and max).
+
+Sized for the docs site: a figure is 1,000 px wide and shown in a column of about
+750 px on a laptop, so no text is set below 10 pt (about 10 px once scaled down).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ if TYPE_CHECKING:
     from _scenario import Table
 
 LAG_FLOOR_MS = 0.01  # log axis: lag below this is drawn at it
+TEXT_PT = 10  # the smallest text of a chart (see the module's docstring)
+TITLE_PT = 12
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,7 @@ def _bars(
         shown += xs
         bars = ax.barh(ys, xs, height=height, label=label)
         texts = ["-" if v is None else f"{v:,.0f}" if v >= 1000 else f"{v:.3g}" for v in values]
-        ax.bar_label(bars, texts, fontsize=7, padding=2)
+        ax.bar_label(bars, texts, fontsize=TEXT_PT, padding=2)
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
     ax.grid(axis="x", alpha=0.3)
@@ -114,7 +120,7 @@ def draw(report: dict[str, Any], tables: list[Table], out_dir: Path) -> dict[str
         rows = len(keys)
         n_names = max(len(summary[k]) for k in keys)
         fig, axes = plt.subplots(
-            rows, 2, figsize=(11, 0.5 + rows * (0.45 * n_names + 0.9)), squeeze=False
+            rows, 2, figsize=(10, 0.7 + rows * (0.5 * n_names + 1.1)), squeeze=False
         )
         for row, key in enumerate(keys):
             med, table = summary[key], by_key[key]
@@ -131,26 +137,32 @@ def draw(report: dict[str, Any], tables: list[Table], out_dir: Path) -> dict[str
             if chart.target is not None:
                 left.axvline(chart.target, color="k", linestyle="--", linewidth=1, label="target")
             left.set_xlabel(chart.unit)
-            left.set_title(table.title, fontsize=10)
+            left.set_title(table.title, fontsize=TITLE_PT)
             lags = [
                 (lbl, [med[n].get(k) for n in names])
                 for k, lbl in (("lag_p99_ms", "p99"), ("lag_max_ms", "max"))
             ]
             _bars(right, names, lags, log=True)
             right.set_xlabel("ms late (log)")
-            right.set_title("event-loop lag (1 ms sleep)", fontsize=10)
+            right.set_title("event-loop lag (1 ms sleep)", fontsize=TITLE_PT)
             for ax in (left, right):
                 for tick in ax.get_yticklabels():
                     if tick.get_text() not in peers:
                         tick.set_fontweight("bold")
-                ax.tick_params(axis="y", labelsize=8)
-            if row == 0:
+                ax.tick_params(labelsize=TEXT_PT)
+                ax.xaxis.label.set_size(TEXT_PT + 1)
+            if row == rows - 1:  # under the last row: a legend inside would hide bars
                 for ax in (left, right):
-                    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+                    ax.legend(
+                        fontsize=TEXT_PT, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3
+                    )
         mode = "quick run" if report["config"]["quick"] else f"{report['config']['rounds']} rounds"
-        fig.suptitle(f"offload benchmark suite ({mode}, {report['date'][:10]}); bold: offload")
+        fig.suptitle(
+            f"offload benchmark suite ({mode}, {report['date'][:10]}); bold: offload",
+            fontsize=TITLE_PT,
+        )
         fig.tight_layout()
-        fig.savefig(out_dir / chart.file, dpi=90)
+        fig.savefig(out_dir / chart.file, dpi=100)
         plt.close(fig)
         written.update(dict.fromkeys(keys, chart.file))
     return written

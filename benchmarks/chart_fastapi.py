@@ -39,7 +39,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
 
     summary = report["summary"]
     config = report["config"]
-    fig = Figure(figsize=(10, 4.6), dpi=100, layout="constrained")
+    fig = Figure(figsize=(10, 5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ping, work = fig.subplots(1, 2, width_ratios=(3, 2))
     labels = [label for _, label, _ in MODES]
@@ -51,26 +51,26 @@ def draw(report: dict[str, Any], path: Path) -> None:
     ping.bar([x - width / 2 for x in xs], p50, width, color=colours, alpha=0.55, label="p50")
     ping.bar([x + width / 2 for x in xs], p99, width, color=colours, label="p99")
     for x, (a, b) in enumerate(zip(p50, p99, strict=True)):
-        ping.annotate(f"{a:.1f}", (x - width / 2, a), ha="center", va="bottom", fontsize=8)
-        ping.annotate(f"{b:.1f}", (x + width / 2, b), ha="center", va="bottom", fontsize=8)
+        ping.annotate(f"{a:.1f}", (x - width / 2, a), ha="center", va="bottom", fontsize=10)
+        ping.annotate(f"{b:.1f}", (x + width / 2, b), ha="center", va="bottom", fontsize=10)
     ping.set_yscale("log")
     ping.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ping.set_xticks(list(xs), labels, fontsize=9)
+    ping.set_xticks(list(xs), labels, fontsize=11)
     ping.set_ylabel("ms (log scale)")
-    ping.set_title("GET /ping while the server is loaded: p50 (light), p99 (dark)", fontsize=10)
+    ping.set_title("GET /ping while the server is loaded: p50 (light), p99 (dark)", fontsize=12)
     ping.grid(True, axis="y", which="both", alpha=0.3)
 
     loaded = MODES[1:]
     rates = [summary[mode]["req_per_s"] for mode, _, _ in loaded]
     work.bar(range(len(loaded)), rates, color=[c for _, _, c in loaded])
     for x, rate in enumerate(rates):
-        work.annotate(f"{rate:g}", (x, rate), ha="center", va="bottom", fontsize=8)
+        work.annotate(f"{rate:g}", (x, rate), ha="center", va="bottom", fontsize=10)
     bare = summary["bare processes"]["req_per_s"]
     work.axhline(bare, color="black", linestyle=":", linewidth=1)
-    work.annotate(f"bare processes, no server: {bare:g}", (-0.4, bare), va="bottom", fontsize=8)
-    work.set_xticks(range(len(loaded)), [label for _, label, _ in loaded], fontsize=9)
+    work.annotate(f"bare processes, no server: {bare:g}", (-0.4, bare), va="bottom", fontsize=10)
+    work.set_xticks(range(len(loaded)), [label for _, label, _ in loaded], fontsize=11)
     work.set_ylabel("CPU-bound requests completed / s")
-    work.set_title("throughput of the CPU-bound route", fontsize=10)
+    work.set_title("throughput of the CPU-bound route", fontsize=12)
     work.set_ylim(0, bare * 1.2)
     work.grid(True, axis="y", alpha=0.3)
 
@@ -80,7 +80,7 @@ def draw(report: dict[str, Any], path: Path) -> None:
         f"{config['concurrency']} clients, one task {task_ms:.0f} ms alone, "
         f"{machine['cpus']} CPUs ({machine['cpu']}), medians of {config['rounds']} rounds, "
         f"{report['date'][:10]}",
-        fontsize=10,
+        fontsize=12,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
