@@ -41,6 +41,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "errors.md": ("fastapi",),
     "fastapi.md": ("fastapi", "metrics"),
     "guide.md": ("metrics",),
+    "index.md": ("fastapi",),
     "quickstart.md": ("fastapi",),
 }
 ALSO: dict[str, tuple[str, ...]] = {"guide.md": ("trio",)}
