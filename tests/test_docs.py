@@ -159,8 +159,8 @@ def test_settings_reference_names_every_field() -> None:
     page = (DOCS / "settings.md").read_text()
     for name in (*OffloadSettings.model_fields, *PoolSettings.model_fields):
         assert f"| `{name}` |" in page, name
-    assert "`OFFLOAD_PROCESS__MAX_WORKERS`" in page
-    assert "`OFFLOAD_POOLS__<NAME>__KIND`" in page
+    assert "`OFFLOAD_PROCESS__MAX_WORKERS=4`" in page
+    assert "`OFFLOAD_POOLS__<NAME>__FIELD`" in page
 
 
 def test_readme_links_resolve() -> None:

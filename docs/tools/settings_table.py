@@ -116,10 +116,17 @@ def row(cells: list[str]) -> str:
     return "| " + " | ".join(c.replace("\n", " ") for c in cells) + " |"
 
 
+def _type_and_default(type_text: str, default: str, unit: str) -> str:
+    unit = f" ({unit})" if unit else ""
+    return f"{type_text}{unit}; default: {default}"
+
+
 def render() -> str:
+    """Two tables of three or four narrow columns: they fit a laptop's column, where a
+    column per attribute (and the long environment variables) did not."""
     lines = ["### Offloader", ""]
-    lines.append(row(["field", "environment variable", "type", "default", "unit", "meaning"]))
-    lines.append(row(["---"] * 6))
+    lines.append(row(["field", "environment variable", "type and default", "meaning"]))
+    lines.append(row(["---"] * 4))
     for name, field in OffloadSettings.model_fields.items():
         env = f"`OFFLOAD_{name.upper()}`"
         if isinstance(field.annotation, type) and issubclass(field.annotation, PoolSettings):
@@ -131,9 +138,11 @@ def render() -> str:
                 [
                     f"`{name}`",
                     env,
-                    type_name(field.annotation, field.metadata),
-                    default_text(field),
-                    UNITS.get(name, ""),
+                    _type_and_default(
+                        type_name(field.annotation, field.metadata),
+                        default_text(field),
+                        UNITS.get(name, ""),
+                    ),
                     field.description or POOL_FIELDS.get(name, ""),
                 ]
             )
@@ -142,37 +151,32 @@ def render() -> str:
         "",
         "### Pools",
         "",
-        "Every pool has these fields: the built-in `thread` and `process` pools "
-        "(`OFFLOAD_THREAD__...`, `OFFLOAD_PROCESS__...`) and each named pool "
-        "(`OFFLOAD_POOLS__<NAME>__...`; names are read in lower case).",
+        "Every pool has these fields: the built-in `thread` and `process` pools and each "
+        "named pool. A field `FIELD` is read from `OFFLOAD_THREAD__FIELD`, "
+        "`OFFLOAD_PROCESS__FIELD` and `OFFLOAD_POOLS__<NAME>__FIELD` (upper case; pool "
+        "names are read in lower case), e.g. `OFFLOAD_PROCESS__MAX_WORKERS=4`. The built-in "
+        "pools' kinds are fixed: `kind` is for named pools.",
         "",
-        row(["field", "environment variables", "type", "default", "unit", "pools", "meaning"]),
-        row(["---"] * 7),
+        row(["field", "type and default", "kinds", "meaning"]),
+        row(["---"] * 4),
     ]
     for name, field in PoolSettings.model_fields.items():
-        upper = name.upper()
-        applies = APPLIES_TO.get(name, "all")
-        prefixes = {
-            "all": ["THREAD__", "PROCESS__", "POOLS__<NAME>__"],
-            "process": ["PROCESS__", "POOLS__<NAME>__"],
-            "process, dask (embedded)": ["PROCESS__", "POOLS__<NAME>__"],
-            "dask": ["POOLS__<NAME>__"],
-        }[applies]
-        if name == "kind":
-            prefixes = ["POOLS__<NAME>__"]
-        env = "<br>".join(f"`OFFLOAD_{prefix}{upper}`" for prefix in prefixes)
+        meaning = field.description or ""
         if name in ENV_FORMAT:
-            env += f"<br>{ENV_FORMAT[name]}"
+            meaning += f"; in the environment, {ENV_FORMAT[name]}"
         lines.append(
             row(
                 [
                     f"`{name}`",
-                    env,
-                    type_name(field.annotation, field.metadata),
-                    "required for a named pool" if name == "kind" else default_text(field),
-                    UNITS.get(name, ""),
-                    applies,
-                    field.description or "",
+                    "`thread` \\| `process` \\| `dask`; required for a named pool"
+                    if name == "kind"
+                    else _type_and_default(
+                        type_name(field.annotation, field.metadata),
+                        default_text(field),
+                        UNITS.get(name, ""),
+                    ),
+                    APPLIES_TO.get(name, "all"),
+                    meaning,
                 ]
             )
         )
