@@ -1,8 +1,8 @@
 """The FastAPI demo's measurement as a benchmark: offload's process pool beside its peers.
 
-The demo app (:mod:`offload._demo_app`, on uvicorn) serves the same pure-Python CPU
-work (:func:`offload._demo.burn`, calibrated once to take ``--task-ms``) in several
-ways; for each mode a separate load process (:mod:`offload._demo_load`) has
+The demo app (:mod:`offload.demo.app`, on uvicorn) serves the same pure-Python CPU
+work (:func:`offload.demo.command.burn`, calibrated once to take ``--task-ms``) in several
+ways; for each mode a separate load process (:mod:`offload.demo.load`) has
 ``--concurrency`` clients loop on it for ``--duration`` seconds while a pinger
 requests ``/ping`` every 10 ms. Modes:
 
@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from _report import version
 
 from offload import PoolSettings
-from offload._demo import (
+from offload.demo.command import (
     Children,
     DemoError,
     Phase,
@@ -111,7 +111,7 @@ FLOOR_MARGIN = 3.0
 #: how many tasks it finished within them
 BARE_CODE = """\
 import os, sys, time
-from offload._demo import burn
+from offload.demo.command import burn
 steps, seconds, niceness = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 os.nice(niceness)
 end = time.perf_counter() + seconds
@@ -237,7 +237,7 @@ def run_phase(
         "load",
         [
             "-m",
-            "offload._demo_load",
+            "offload.demo.load",
             *("--port", str(port), "--steps", str(steps)),
             *("--duration", str(args.duration), "--concurrency", str(args.concurrency)),
             *("--idle", "0", "--modes", IDLE if mode.route == FLOOR else mode.route),

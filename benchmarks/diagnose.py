@@ -300,8 +300,8 @@ def probe_cost(runs: int) -> None:
 def server_cost(seconds: float) -> None:
     import psutil
 
-    from offload._demo import Children, start_server
-    from offload._demo_load import PingConnection
+    from offload.demo.command import Children, start_server
+    from offload.demo.load import PingConnection
 
     servers = (("--loop", "asyncio", "--http", "h11"), ("--loop", "uvloop", "--http", "httptools"))
     for args in servers:

@@ -1,3 +1,3 @@
-from offload._demo import main
+from offload.demo.command import main
 
 main()

@@ -14,7 +14,7 @@
         return await executor.run(resize, data, 256)
 
 This is the only module of the library that imports FastAPI or Starlette (the demo's
-app, ``_demo_app.py``, is an application of it); ``import offload`` loads it only when
+app, ``offload/demo/app.py``, is an application of it); ``import offload`` loads it only when
 one of its names is used.
 """
 

@@ -108,7 +108,7 @@ def alive(pids: list[int]) -> list[int]:
 def assert_all_gone(demo: Demo, timeout: float = 10) -> None:
     """The demo's descendants were seen (server, load, workers), and are all gone."""
     kinds = " ".join(demo.seen.values())
-    for part in ("uvicorn", "offload._demo_load", "offload._pools.process.worker"):
+    for part in ("uvicorn", "offload.demo.load", "offload._pools.process.worker"):
         assert part in kinds, f"never saw {part} among {demo.seen}"
     deadline = time.monotonic() + timeout
     while left := alive(list(demo.seen)):
@@ -150,9 +150,11 @@ def test_demo_prints_the_table_and_draws_the_chart(tmp_path: Path) -> None:
         assert p99 > 0
         assert rate > 0
         busy[mode] = row.group(3)
+    busy["idle"] = re.search(idle, out, re.M).group(3)  # type: ignore[union-attr]
     if Path("/proc/self/schedstat").exists():
-        # The blocking route computes on the loop; the process pool leaves it free.
-        assert int(busy["blocking"].rstrip("%")) >= 50, out
+        # The blocking route computes on the loop; the idle phase and the process pool
+        # leave it free. Compared within the run: the shares depend on the machine's load.
+        assert int(busy["idle"].rstrip("%")) < int(busy["blocking"].rstrip("%")), out
         assert int(busy["process"].rstrip("%")) < int(busy["blocking"].rstrip("%")), out
     chart = tmp_path / "c.png"
     assert chart.read_bytes().startswith(PNG)

@@ -18,9 +18,9 @@ from .extras import ROOT, command, installed_by
         ("offload.fastapi", ("fastapi",)),
         ("offload.prometheus", ("metrics",)),
         ("offload._pools.dask.pool", ("dask",)),
-        ("offload._demo", ("demo",)),
-        ("offload._demo_app", ("demo",)),
-        ("offload._demo_load", ("demo",)),
+        ("offload.demo.command", ("demo",)),
+        ("offload.demo.app", ("demo",)),
+        ("offload.demo.load", ("demo",)),
     ],
 )
 def test_module_imports_with_its_extra(

@@ -1,8 +1,8 @@
 """``python -m offload demo``: a real FastAPI server stalls under CPU-bound work, then does not.
 
-It starts the example app :mod:`offload._demo_app` with uvicorn in a child process,
+It starts the example app :mod:`offload.demo.app` with uvicorn in a child process,
 on a free port of 127.0.0.1, and drives it from another child process
-(:mod:`offload._demo_load`). The app serves the same pure-Python work (:func:`burn`,
+(:mod:`offload.demo.load`). The app serves the same pure-Python work (:func:`burn`,
 calibrated here to take ``--task-ms``) three ways: ``blocking`` (an ``async def``
 route calling it), ``thread`` (``anyio.to_thread.run_sync``) and ``process``
 (offload's process pool). For each, ``--concurrency`` clients loop on it for
@@ -59,7 +59,7 @@ STOP_TIMEOUT = {"load": 5.0, "server": 10.0}
 #: seconds the server gets to start
 START_TIMEOUT = 60.0
 PR_SET_PDEATHSIG = 1
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 class DemoError(Exception):
@@ -362,7 +362,7 @@ def start_server(
             [
                 "-m",
                 "uvicorn",
-                "offload._demo_app:app",
+                "offload.demo.app:app",
                 "--fd",
                 str(fd),
                 "--app-dir",
@@ -484,7 +484,7 @@ def drive(
         "load",
         [
             "-m",
-            "offload._demo_load",
+            "offload.demo.load",
             "--port",
             str(port),
             "--steps",

@@ -1,6 +1,6 @@
 """The example FastAPI app that ``python -m offload demo`` serves with uvicorn.
 
-It serves the same CPU-bound, pure-Python work (:func:`offload._demo.burn`, a
+It serves the same CPU-bound, pure-Python work (:func:`offload.demo.command.burn`, a
 fixed number of ``steps`` given as a query parameter) several ways, next to a
 ``/ping`` that answers at once:
 
@@ -13,7 +13,7 @@ fixed number of ``steps`` given as a query parameter) several ways, next to a
 - ``GET /work/loky``: loky's reusable executor, one worker per CPU, created at the
   first request (a peer for ``benchmarks/bench_fastapi.py``; the demo does not use it).
 
-Run it alone with ``uvicorn offload._demo_app:app`` (needs ``offload[demo]``).
+Run it alone with ``uvicorn offload.demo.app:app`` (needs ``offload[demo]``).
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the routes' annotations.
@@ -24,10 +24,10 @@ import anyio.to_thread
 from fastapi import Depends, FastAPI, Query
 from loky import cpu_count, get_reusable_executor
 
-from ._demo import burn
-from ._executor import Executor
-from ._settings import OffloadSettings
-from .fastapi import Lifespan, get_executor, install
+from offload import Executor, OffloadSettings
+from offload.fastapi import Lifespan, get_executor, install
+
+from .command import burn
 
 __all__ = ("SETTINGS", "app")
 

@@ -1,6 +1,6 @@
 """The load generator of ``python -m offload demo``, run in a process of its own.
 
-``python -m offload._demo_load --port P --steps N ...`` talks HTTP/1.1 with
+``python -m offload.demo.load --port P --steps N ...`` talks HTTP/1.1 with
 keep-alive to the demo app on 127.0.0.1 (a minimal client on asyncio streams, no
 dependency). It runs an idle phase, where a pinger requests ``/ping`` every 10 ms
 alone, then one phase per mode, where ``--concurrency`` clients loop on
@@ -181,7 +181,7 @@ class Pinger:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "offload._demo_load",
+            "offload.demo.load",
             "--pinger",
             "--port",
             str(self.port),
@@ -340,7 +340,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m offload._demo_load", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m offload.demo.load", description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pinger", action="store_true", help="be the pinger process")
     parser.add_argument("--parent", type=int, help="the pinger's parent process")
