@@ -1,7 +1,7 @@
 """The FastAPI demo's measurement as a benchmark: offload's process pool beside its peers.
 
 The demo app (:mod:`offload.demo.app`, on uvicorn) serves the same pure-Python CPU
-work (:func:`offload.demo.command.burn`, calibrated once to take ``--task-ms``) in several
+work (:func:`offload.demo.work.burn`, calibrated once to take ``--task-ms``) in several
 ways; for each mode a separate load process (:mod:`offload.demo.load`) has
 ``--concurrency`` clients loop on it for ``--duration`` seconds while a pinger
 requests ``/ping`` every 10 ms. Modes:
@@ -72,20 +72,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from _report import version
 
 from offload import PoolSettings
-from offload.demo.command import (
-    Children,
-    DemoError,
-    Phase,
-    Progress,
-    _positive,
-    _signals_ignored,
-    _terminated,
-    _timed,
-    burn,
-    calibrate,
-    load_records,
-    start_server,
-)
+from offload.demo.children import Children, DemoError, signals_ignored, start_server
+from offload.demo.command import load_records, positive, terminated
+from offload.demo.report import Phase, Progress
+from offload.demo.work import burn, calibrate, timed
 
 BENCH_DIR = Path(__file__).resolve().parent
 NICENESS_VAR = "OFFLOAD_PROCESS__NICENESS"
@@ -111,7 +101,7 @@ FLOOR_MARGIN = 3.0
 #: how many tasks it finished within them
 BARE_CODE = """\
 import os, sys, time
-from offload.demo.command import burn
+from offload.demo.work import burn
 steps, seconds, niceness = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 os.nice(niceness)
 end = time.perf_counter() + seconds
@@ -211,7 +201,7 @@ def environ(values: Mapping[str, str]) -> Iterator[None]:
 
 def single_task(steps: int) -> float:
     """Seconds one task of ``steps`` takes alone, here: the fastest of 5."""
-    return min(_timed(burn, steps) for _ in range(5))
+    return min(timed(burn, steps) for _ in range(5))
 
 
 def run_phase(
@@ -517,10 +507,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     seen = worker_priority(servers)
                     progress.set("stopping the servers")
                 finally:  # what the servers started, while they still run
-                    with _signals_ignored():
+                    with signals_ignored():
                         leftovers = descendants(servers)
         finally:  # the servers are stopped: stop what outlives them
-            with _signals_ignored():
+            with signals_ignored():
                 stopped = stop_leftovers(leftovers)
     except BaseException:
         progress.close("stopped")
@@ -691,16 +681,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 round, 1.5 s per mode: < 60 s")
     parser.add_argument(
-        "--rounds", type=_positive(int), help="rounds of every mode (default: 3, --quick: 1)"
+        "--rounds", type=positive(int), help="rounds of every mode (default: 3, --quick: 1)"
     )
     parser.add_argument(
-        "--duration", type=_positive(float), help="seconds per mode (default: 5, --quick: 1.5)"
+        "--duration", type=positive(float), help="seconds per mode (default: 5, --quick: 1.5)"
     )
     parser.add_argument(
-        "--concurrency", type=_positive(int), default=8, help="work clients (default: 8)"
+        "--concurrency", type=positive(int), default=8, help="work clients (default: 8)"
     )
     parser.add_argument(
-        "--task-ms", type=_positive(float), default=40.0, help="ms of CPU per task (default: 40)"
+        "--task-ms", type=positive(float), default=40.0, help="ms of CPU per task (default: 40)"
     )
     parser.add_argument("--json", type=Path, default=BENCH_DIR / "results" / "fastapi.json")
     parser.add_argument("--seed", type=int, default=random.randrange(2**32))
@@ -709,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.duration = float(args.duration or (1.5 if args.quick else 5.0))
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)  # cleans up like Ctrl-C
+        signal.signal(signal.SIGTERM, terminated)  # cleans up like Ctrl-C
     try:
         result = run(args)
     except KeyboardInterrupt:

@@ -300,7 +300,7 @@ def probe_cost(runs: int) -> None:
 def server_cost(seconds: float) -> None:
     import psutil
 
-    from offload.demo.command import Children, start_server
+    from offload.demo.children import Children, start_server
     from offload.demo.load import PingConnection
 
     servers = (("--loop", "asyncio", "--http", "h11"), ("--loop", "uvloop", "--http", "httptools"))

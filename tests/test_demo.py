@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from offload.__main__ import main as offload_main
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("matplotlib")
@@ -27,6 +29,70 @@ ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 MODES = ("blocking", "thread", "process")
 NUMBER = r"(\d+(?:\.\d+)?)"
+
+#: imports the library and its FastAPI integration, runs a call in each kind of pool,
+#: prints the demo's modules then imported
+CORE_ONLY = """\
+import sys
+
+import anyio
+
+import offload
+import offload.fastapi
+from offload import Offloader, OffloadSettings
+
+
+async def main() -> None:
+    async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+        assert await ex.pool("process").run(abs, -3) == 3
+        assert await ex.pool("thread").run(abs, -4) == 4
+
+
+anyio.run(main)
+assert "offload.fastapi" in sys.modules
+print(sorted(name for name in sys.modules if name.split(".")[:2] == ["offload", "demo"]))
+"""
+
+
+def test_the_library_never_imports_the_demo(tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    result = subprocess.run(
+        [sys.executable, "-c", CORE_ONLY],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        ([], "a command is required: demo"),
+        (["info"], "invalid choice: 'info'"),
+    ],
+)
+def test_an_unknown_command_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], argv: list[str], error: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        offload_main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python -m offload "), err
+    assert error in err
+
+
+def test_the_command_hands_its_arguments_to_the_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        offload_main(["demo", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m offload demo "), out
+    assert "--chart PATH" in out
 
 
 class Demo:

@@ -1,6 +1,6 @@
 """The example FastAPI app that ``python -m offload demo`` serves with uvicorn.
 
-It serves the same CPU-bound, pure-Python work (:func:`offload.demo.command.burn`, a
+It serves the same CPU-bound, pure-Python work (:func:`offload.demo.work.burn`, a
 fixed number of ``steps`` given as a query parameter) several ways, next to a
 ``/ping`` that answers at once:
 
@@ -27,7 +27,7 @@ from loky import cpu_count, get_reusable_executor
 from offload import Executor, OffloadSettings
 from offload.fastapi import Lifespan, get_executor, install
 
-from .command import burn
+from .work import burn
 
 __all__ = ("SETTINGS", "app")
 
