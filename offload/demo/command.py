@@ -14,8 +14,9 @@ request of the server waits), how the server's event-loop thread spent the time 
 Linux: running, or ready to run without a CPU; what ``Offloader.stats().loop`` reports
 as ``busy`` and ``cpu_wait`` inside an app), and the work's throughput against the
 ideal (CPUs divided by the time one task takes alone); and it draws the distributions
-of the ``/ping`` latencies to a PNG (``--chart``). Ctrl-C stops it, its children with it.
-Needs ``pip install 'offload[demo]'`` (FastAPI, uvicorn, matplotlib).
+of the ``/ping`` latencies to a PNG, in a fresh temporary directory or at
+``--output``, and prints its path. Ctrl-C stops it, its children with it.
+Needs ``pip install 'offload[demo]'`` (FastAPI, uvicorn; matplotlib for the chart).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +37,7 @@ from types import FrameType
 from typing import Any
 
 from .children import Children, DemoError, in_main_thread, start_server
-from .report import Phase, Progress, render_table, write_chart
+from .report import Phase, Progress, chart_missing, render_table, write_chart
 from .work import burn, calibrate, timed
 
 __all__ = ("conclude", "load_records", "main", "parser", "positive", "terminated")
@@ -43,8 +45,10 @@ __all__ = ("conclude", "load_records", "main", "parser", "positive", "terminated
 MODES = ("blocking", "thread", "process")
 #: seconds of the idle phase, the pinger alone
 IDLE_SECONDS = 2.0
-#: the packages of the ``demo`` extra
-NEEDS = ("fastapi", "uvicorn", "matplotlib")
+#: the packages of the ``demo`` extra the demo cannot run without
+NEEDS = ("fastapi", "uvicorn")
+#: the chart's name in the temporary directory made for it
+CHART_NAME = "offload-demo.png"
 
 
 def loop_clock(pid: int) -> tuple[float, float] | None:
@@ -191,9 +195,17 @@ def conclude(
     timings: tuple[float, float],
     args: argparse.Namespace,
 ) -> None:
-    """Print the table, then draw the chart and print its path."""
+    """Print the table, then draw the chart and print its path, or say why there is none.
+
+    Without ``--output``, the chart goes to a temporary directory made for it: a run
+    from any directory leaves nothing there.
+    """
     print(render_table(phases, cpus=cpus, steps=steps, timings=timings, args=args))
-    chart = Path(args.chart).resolve()
+    missing = chart_missing()
+    if missing is not None:
+        print(f"\nno chart: {missing}")
+        return
+    chart: Path = args.output or Path(tempfile.mkdtemp(prefix="offload-demo-")) / CHART_NAME
     title = (
         f"/ping latency while {args.concurrency} clients request "
         f"{min(timings) * 1000:.0f} ms of CPU work ({cpus} CPUs)"
@@ -214,7 +226,8 @@ route calling it), in a thread (anyio.to_thread.run_sync), and in offload's proc
 pool. A separate process drives each mode with --concurrency clients for --duration
 seconds while it requests /ping every 10 ms. Prints a Markdown table (/ping latency,
 work requests per second, percent of the ideal) and writes a chart of the /ping
-latencies. About 30 s with the defaults; Ctrl-C stops it and everything it started.
+latencies to a new temporary directory (or --output), then prints its path. About
+30 s with the defaults; Ctrl-C stops it and everything it started.
 """
 
 
@@ -239,10 +252,10 @@ def parser(prog: str = "python -m offload demo") -> argparse.ArgumentParser:
         help="milliseconds of CPU per work request (default: 40)",
     )
     demo.add_argument(
-        "--chart",
-        default="offload-demo.png",
+        "--output",
+        type=output_path,
         metavar="PATH",
-        help="where to write the PNG chart (default: offload-demo.png)",
+        help=f"where to write the PNG chart (default: {CHART_NAME} in a new temporary directory)",
     )
     return demo
 
@@ -258,6 +271,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m offload demo"
             f"the demo needs {', '.join(missing)}: pip install 'offload[demo]' "
             '(from a checkout: pip install -e ".[demo]")\n',
         )
+    if (no_chart := chart_missing()) is not None:
+        print(f"offload demo: {no_chart}: the table only, no chart", file=sys.stderr)
     if in_main_thread():
         signal.signal(signal.SIGTERM, terminated)  # cleans up like Ctrl-C
     try:
@@ -281,3 +296,13 @@ def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def output_path(text: str) -> Path:
+    """An argparse type: where the chart goes, checked before the run rather than after."""
+    path = Path(text).expanduser().resolve()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"is a directory: {text}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {path.parent}")
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 from collections.abc import Mapping
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     import argparse
 
-__all__ = ("Phase", "Progress", "render_table", "write_chart")
+__all__ = ("Phase", "Progress", "chart_missing", "render_table", "write_chart")
 
 #: what each mode is, for the table's legend
 EXPLAIN = {
@@ -115,6 +116,13 @@ def render_table(
         if phase.errors:
             lines.append(f"- {name}: {phase.errors} requests failed")
     return "\n".join(lines)
+
+
+def chart_missing() -> str | None:
+    """Why no chart can be drawn here, or None if it can."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "matplotlib is not installed (pip install 'offload[demo]')"
+    return None
 
 
 def write_chart(path: Path, phases: Mapping[str, Phase], title: str) -> None:
