@@ -10,17 +10,19 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
+
+# loky (for usable_cpus) and the built-in pool kinds (below) come with the
+# Offloader, not at its first start: an import holds the GIL, and made in a thread
+# while the loop ran, it made a 1 ms sleeper on the loop wake up to 4 ms late at p99
+# (docs/design.md). The dask kind stays imported on first use: distributed takes
+# seconds, and is optional.
+import loky  # noqa: F401
 from anyio.lowlevel import RunVar
 
 from ._errors import PoolClosed
 from ._executor import Executor
 from ._helper_threads import run_in_helper_thread
 from ._lag import LagProbe
-
-# The built-in kinds come with the Offloader, not at its first start: an import holds
-# the GIL, and made in a thread while the loop ran, it made a 1 ms sleeper on the loop
-# wake up to 4 ms late at p99 (docs/design.md). The dask kind stays imported on first
-# use: distributed takes seconds, and is optional.
 from ._pools import pool_class
 from ._pools import thread as _thread_kind  # noqa: F401
 from ._pools.process import pool as _process_kind  # noqa: F401

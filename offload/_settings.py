@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
@@ -174,44 +173,22 @@ class PoolSettings(BaseModel):
 
 @functools.cache
 def usable_cpus() -> int:
-    """The CPUs this process may use: its affinity mask, capped by its cgroup's CPU
-    quota, so that a container limited to 2 CPUs does not start one worker per host
-    core. The count loky's ``cpu_count()`` gives; loky itself is not imported for it:
-    that import (45 modules) took ~50 ms of the GIL, while the event loop waited.
+    """The CPUs this process may use: loky's ``cpu_count()``. It takes the smallest of
+    the CPU count, the affinity mask, the cgroup's CPU quota rounded up (v2's
+    ``cpu.max``, else v1's ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``) and
+    ``LOKY_MAX_CPU_COUNT``, so that a container limited to 2 CPUs does not start one
+    worker per host core.
 
-    The first call reads files under /sys: an Offloader makes it in a thread before it
-    starts its pools.
+    loky is imported here, not at the top: ``import offload`` and worker processes
+    never need it. :mod:`offload._offloader` imports it with the pool kinds, so that
+    an Offloader's start imports nothing (an import holds the GIL). The first call
+    reads files under /sys: an Offloader makes it in a thread before it starts its
+    pools, and later calls (on the loop's thread) find it cached.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    quota = cgroup_cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, math.ceil(quota))
-    return max(1, cpus)
+    from loky import cpu_count
 
-
-def cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
-    """How many CPUs' worth of time this process's cgroup may use, or ``None`` where
-    no quota is set (or there is no cgroup file system): cgroup v2's ``cpu.max``,
-    else v1's ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``, as loky reads them."""
-    try:
-        with open(os.path.join(root, "cpu.max")) as file:
-            quota, period = file.read().split()
-    except (OSError, ValueError):
-        try:
-            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as file:
-                quota = file.read().strip()
-            with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as file:
-                period = file.read().strip()
-        except OSError:
-            return None
-    try:
-        quota_us, period_us = int(quota), int(period)
-    except ValueError:  # "max": no quota
-        return None
-    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    count: int = cpu_count()
+    return count
 
 
 class PoolSettingsDict(TypedDict, total=False):

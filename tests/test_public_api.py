@@ -40,7 +40,16 @@ PUBLIC = (
 )
 FASTAPI_NAMES = ("get_executor", "lifespan")
 
-HEAVY = ("fastapi", "starlette", "pydantic", "pydantic_settings", "anyio", "dask", "distributed")
+HEAVY = (
+    "fastapi",
+    "starlette",
+    "pydantic",
+    "pydantic_settings",
+    "anyio",
+    "loky",
+    "dask",
+    "distributed",
+)
 
 
 def test_all_is_a_sorted_tuple_of_the_pinned_names() -> None:

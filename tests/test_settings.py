@@ -11,7 +11,7 @@ import pydantic
 import pytest
 
 from offload import OffloadSettings, PoolSettings
-from offload._settings import cgroup_cpu_quota
+from offload._settings import usable_cpus
 
 
 @pytest.fixture(autouse=True)
@@ -51,20 +51,15 @@ def test_default_max_workers_resolve() -> None:
     assert s.thread.resolved_max_workers("thread") == min(32, (os.cpu_count() or 1) + 4)
 
 
-def test_cgroup_cpu_quota(tmp_path: Path) -> None:
-    # The count loky gives: v2's cpu.max first, then v1's quota over period.
-    assert cgroup_cpu_quota(str(tmp_path)) is None  # no cgroup file system
-    v1 = tmp_path / "cpu"
-    v1.mkdir()
-    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
-    (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    assert cgroup_cpu_quota(str(tmp_path)) == 1.5
-    (v1 / "cpu.cfs_quota_us").write_text("-1\n")  # v1 without a quota
-    assert cgroup_cpu_quota(str(tmp_path)) is None
-    (tmp_path / "cpu.max").write_text("250000 100000\n")
-    assert cgroup_cpu_quota(str(tmp_path)) == 2.5
-    (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert cgroup_cpu_quota(str(tmp_path)) is None
+def test_process_workers_follow_lokys_cpu_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # loky's count, cgroup quota and affinity included; its own cap is honoured too
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    usable_cpus.cache_clear()
+    try:
+        assert OffloadSettings().process.resolved_max_workers("process") == 1
+    finally:
+        usable_cpus.cache_clear()
+    assert usable_cpus() == loky.cpu_count()
 
 
 def test_settings_are_frozen() -> None:
