@@ -6,8 +6,8 @@ nobody does. :class:`DisconnectMiddleware` puts a :class:`Watch` between the ser
 and the app. The Watch is the only caller of the server's ``receive``, one call at a
 time; the app's ``receive`` gets every message in order, body chunks included, and
 then a repeatable ``http.disconnect`` (hypercorn delivers it only once). While an
-offloaded call runs, :meth:`Watch.client_gone` reads ahead: it queues body chunks the
-app has not asked for yet (up to 64 KiB; not when the client sent
+offloaded call runs, :meth:`Watch.wait_until_client_leaves` reads ahead: it queues
+body chunks the app has not asked for yet (up to 64 KiB; not when the client sent
 ``Expect: 100-continue``, which reading would answer), then waits for the disconnect.
 
 ``http.disconnect`` also arrives after a complete response (uvicorn returns it at
@@ -46,7 +46,7 @@ READ_AHEAD_MESSAGES = 256
 
 class Watch:
     """One request's (or WebSocket's) view of its client: the app's ``receive``, and
-    :meth:`client_gone`."""
+    :meth:`wait_until_client_leaves`."""
 
     def __init__(self, receive: Receive, scope: Scope) -> None:
         self._upstream = receive
@@ -56,7 +56,7 @@ class Watch:
         # Created on first use: most requests never need them, and every request
         # would pay for anyio finding out which event loop runs.
         self._lock_: anyio.Lock | None = None
-        self._gone_: anyio.Event | None = None
+        self._left_: anyio.Event | None = None
         self._queue: deque[Message] = deque()
         self._queued_bytes = 0
         self._body_done = False  # an HTTP request's; a WebSocket's messages never end
@@ -70,12 +70,12 @@ class Watch:
         return self._lock_
 
     @property
-    def _gone(self) -> anyio.Event:
-        if self._gone_ is None:
-            self._gone_ = anyio.Event()
+    def _left(self) -> anyio.Event:
+        if self._left_ is None:
+            self._left_ = anyio.Event()
             if self._disconnected is not None and not self.response_done:
-                self._gone_.set()
-        return self._gone_
+                self._left_.set()
+        return self._left_
 
     @property
     def disconnect(self) -> Message | None:
@@ -95,8 +95,8 @@ class Watch:
         kind = message["type"]
         if kind in ("http.disconnect", "websocket.disconnect"):
             self._disconnected = message
-            if not self.response_done and self._gone_ is not None:
-                self._gone_.set()
+            if not self.response_done and self._left_ is not None:
+                self._left_.set()
             return
         self._queue.append(message)
         self._queued_bytes += _size(message)
@@ -116,9 +116,9 @@ class Watch:
                 if not self._queue and self._disconnected is None:
                     await self._pull()
 
-    async def client_gone(self) -> None:
+    async def wait_until_client_leaves(self) -> None:
         """Return once the client has left before the response was complete."""
-        while not self._gone.is_set():
+        while not self._left.is_set():
             reading_ahead = not self._body_done
             if (
                 self.response_done
@@ -128,10 +128,10 @@ class Watch:
                 or len(self._queue) >= READ_AHEAD_MESSAGES
             ):
                 # Nothing more to learn by reading: wait for the app to read on.
-                await self._gone.wait()
+                await self._left.wait()
                 return
             async with self._lock:
-                if not self._gone.is_set() and self._disconnected is None:
+                if not self._left.is_set() and self._disconnected is None:
                     await self._pull()
 
 

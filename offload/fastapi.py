@@ -188,14 +188,14 @@ class RequestExecutor(Executor):
             return await self._submit_asyncio(loop, pool, call)
         result: Any = None
         error: Exception | None = None
-        gone = False
+        left = False
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope() as scope:
 
                 async def listen() -> None:
-                    nonlocal gone
-                    await self._watch.client_gone()
-                    gone = True
+                    nonlocal left
+                    await self._watch.wait_until_client_leaves()
+                    left = True
                     scope.cancel()
 
                 tg.start_soon(listen)
@@ -204,8 +204,8 @@ class RequestExecutor(Executor):
                 except Exception as exc:  # kept out of the task group: no ExceptionGroup
                     error = exc
             tg.cancel_scope.cancel()
-        if gone:
-            raise self._gone_error()
+        if left:
+            raise self._disconnect_error()
         if error is not None:
             try:
                 raise error
@@ -223,20 +223,20 @@ class RequestExecutor(Executor):
         running = True
         with anyio.CancelScope() as scope:
 
-            def heard(task: asyncio.Task[None]) -> None:
+            def on_listener_done(task: asyncio.Task[None]) -> None:
                 if not task.cancelled() and task.exception() is None and running:
                     scope.cancel()
 
-            listener = loop.create_task(self._watch.client_gone())
-            listener.add_done_callback(heard)
+            listener = loop.create_task(self._watch.wait_until_client_leaves())
+            listener.add_done_callback(on_listener_done)
             try:
                 return await pool.run(call)
             finally:
                 running = False
                 listener.cancel()
-        raise self._gone_error()  # reached only when heard() cancelled the scope
+        raise self._disconnect_error()  # reached only when on_listener_done() cancelled the scope
 
-    def _gone_error(self) -> Exception:
+    def _disconnect_error(self) -> Exception:
         message = self._watch.disconnect
         if message is not None and message["type"] == "websocket.disconnect":
             return WebSocketDisconnect(message.get("code", 1000), message.get("reason"))

@@ -190,7 +190,7 @@ async def test_websocket_read_ahead_is_bounded_by_messages_too() -> None:
 
     watch = Watch(receive, {"type": "websocket", "headers": []})
     with anyio.move_on_after(0.3):
-        await watch.client_gone()
+        await watch.wait_until_client_leaves()
     assert pulled == READ_AHEAD_MESSAGES
     received = [await watch.receive() for _ in range(READ_AHEAD_MESSAGES + 1)]
     assert pulled == READ_AHEAD_MESSAGES + 1  # the queue first, then the server again
