@@ -6,9 +6,10 @@ import functools
 import importlib
 import types
 from collections.abc import Callable, Coroutine
+from types import EllipsisType
 from typing import Any, Generic, overload
 
-from ._types import UNSET, P, T, Unset, check_sync_callable, check_timeout
+from ._types import P, T, check_sync_callable, check_timeout
 from ._where import in_worker
 
 __all__ = ("OffloadedFunction", "offload")
@@ -33,7 +34,7 @@ class OffloadedFunction(Generic[P, T]):
     __qualname__: str
 
     def __init__(
-        self, fn: Callable[P, T], *, kind: str | None, timeout: float | Unset | None
+        self, fn: Callable[P, T], *, kind: str | None, timeout: float | EllipsisType | None
     ) -> None:
         functools.update_wrapper(self, fn)
         self.__wrapped__ = fn
@@ -74,7 +75,7 @@ class OffloadedFunction(Generic[P, T]):
             if not isinstance(exc, anyio.get_cancelled_exc_class()):
                 await anyio.lowlevel.checkpoint()  # as Executor.run: yields, failing or not
             raise
-        if self._timeout is not UNSET:
+        if self._timeout is not ...:
             executor = executor.options(timeout=self._timeout)
         return await executor.run(self, *args, **kwargs)
 
@@ -93,7 +94,7 @@ class OffloadedFunction(Generic[P, T]):
 
 
 def _rebuild(
-    fn: Callable[..., Any], kind: str | None, timeout: float | Unset | None
+    fn: Callable[..., Any], kind: str | None, timeout: float | EllipsisType | None
 ) -> OffloadedFunction[..., Any]:
     return OffloadedFunction(fn, kind=kind, timeout=timeout)
 
@@ -115,7 +116,7 @@ def offload(fn: Callable[P, T], /) -> OffloadedFunction[P, T]: ...
 
 @overload
 def offload(
-    *, kind: str | None = None, timeout: float | None = None
+    *, kind: str | None = None, timeout: float | EllipsisType | None = ...
 ) -> Callable[[Callable[P, T]], OffloadedFunction[P, T]]: ...
 
 
@@ -124,7 +125,7 @@ def offload(
     /,
     *,
     kind: str | None = None,
-    timeout: float | Unset | None = UNSET,
+    timeout: float | EllipsisType | None = ...,
 ) -> OffloadedFunction[P, T] | Callable[[Callable[P, T]], OffloadedFunction[P, T]]:
     """Make a blocking function awaitable, running it in a pool.
 
@@ -141,7 +142,8 @@ def offload(
     :param kind: the pool: ``"thread"``, ``"process"`` or a pool named in the
         settings; default: the settings' ``default_pool``. Checked at call time.
     :param timeout: seconds from the call until :class:`~offload.OffloadTimeout`;
-        default: the pool's ``timeout`` setting
+        ``None`` for no deadline; ``...`` (the default, as when it is not given) for
+        the pool's ``timeout`` setting
     :raises TypeError: if the decorated object is not callable or is an async
         function, or an option has the wrong type
     :raises ValueError: if ``timeout`` is not positive

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from types import EllipsisType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio.lowlevel
 
 from ._call import Call
-from ._types import UNSET, Unset, check_sync_callable, check_timeout
+from ._types import check_sync_callable, check_timeout
 
 if TYPE_CHECKING:
     from ._decorator import OffloadedFunction
@@ -44,14 +45,14 @@ class Executor:
         offloader: Offloader,
         pool: str | None = None,
         *,
-        timeout: float | Unset | None = UNSET,
+        timeout: float | EllipsisType | None = ...,
     ) -> None:
         self._offloader = offloader
         self._pool_name = pool if pool is not None else offloader.settings.default_pool
         self._timeout = timeout
 
     def __repr__(self) -> str:
-        timeout = "" if self._timeout is UNSET else f", timeout={self._timeout!r}"
+        timeout = "" if self._timeout is ... else f", timeout={self._timeout!r}"
         return f"<Executor pool={self._pool_name!r}{timeout}>"
 
     @property
@@ -73,12 +74,12 @@ class Executor:
         derived._pool_name = name
         return derived
 
-    def options(self, *, timeout: float | Literal[Unset.UNSET] | None = UNSET) -> Executor:
+    def options(self, *, timeout: float | EllipsisType | None = ...) -> Executor:
         """An executor whose calls use these options.
 
         :param timeout: seconds from the call (queue wait included) until
-            :class:`~offload.OffloadTimeout`; ``None`` for no deadline; unset to use
-            the pool's ``timeout`` setting
+            :class:`~offload.OffloadTimeout`; ``None`` for no deadline; ``...`` (the
+            default, as when it is not given) for the pool's ``timeout`` setting
         :raises TypeError: ``timeout`` is not a number (a ``bool`` is not one here)
         :raises ValueError: ``timeout`` is not positive
         """
@@ -127,7 +128,7 @@ class Executor:
         try:
             check_sync_callable(fn)
             pool = self._offloader.get_pool(self._pool_name, refusing=True)
-            timeout = pool.settings.timeout if self._timeout is UNSET else self._timeout
+            timeout = pool.settings.timeout if self._timeout is ... else self._timeout
             result: T = await self._submit(pool, Call(fn, args, kwargs, timeout))
         except BaseException as exc:
             if not isinstance(exc, anyio.get_cancelled_exc_class()):

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from enum import Enum
 from types import BuiltinFunctionType, FunctionType, MethodType
-from typing import TYPE_CHECKING, Final, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 __all__ = (
-    "UNSET",
     "P",
     "T",
-    "Unset",
     "check_sync_callable",
     "check_timeout",
     "generator_refusal",
@@ -24,13 +21,11 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class Unset(Enum):
-    """Tells "not passed" apart from ``None`` (which means "no timeout")."""
-
-    UNSET = "UNSET"
-
-
-UNSET: Final = Unset.UNSET
+# A timeout option is ``float | EllipsisType | None``, spelled out where it is taken:
+# seconds; None, no deadline; ``...`` (the default), the pool's ``timeout`` setting.
+# Ellipsis rather than a sentinel of offload's own (or an alias of that union): a
+# public signature then names nothing its reader cannot import, and None stays free
+# to mean "no deadline".
 
 
 _REFUSED_FLAGS = inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR | inspect.CO_GENERATOR
@@ -84,12 +79,13 @@ def _is_offloaded(fn: object) -> bool:
 
 
 def check_timeout(timeout: object) -> None:
-    """Refuse a timeout the settings would refuse, and a ``bool`` (which is an ``int``).
+    """Refuse a timeout the settings would refuse, and a ``bool`` (which is an ``int``);
+    ``None`` and ``...`` (the pool's setting) pass.
 
     :raises TypeError: ``timeout`` is not a number, or is a ``bool``
     :raises ValueError: ``timeout`` is not positive (or is NaN)
     """
-    if timeout is None or timeout is UNSET:
+    if timeout is None or timeout is ...:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a positive number of seconds or None, not {timeout!r}")

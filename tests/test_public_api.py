@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -160,3 +163,105 @@ def test_errors_load_without_pydantic_or_anyio() -> None:
 def test_worker_module_is_light() -> None:
     # a process worker starts with this module; it must not pay for pydantic or anyio
     assert _loaded_after("import offload._pools.process.worker") == []
+
+
+# Names of offload's private modules that public signatures may show, and why: each
+# is a type its caller never has to name or build (a literal, a dict, a function),
+# or an object only offload's own code asks for.
+PUBLIC_MODULES = ("offload", "offload.fastapi", "offload.prometheus")
+SHOWN_PRIVATE_NAMES = {
+    "offload._settings.Kind": 'a Literal: callers write "thread", "process" or "dask"',
+    "offload._settings.PoolSettingsDict": "a TypedDict: callers write a plain dict",
+    "offload._pools.base.Pool": "Offloader.get_pool: the pool itself, for offload's own code",
+    "offload._disconnect.Watch": "RequestExecutor's, built by get_executor, never by callers",
+}
+
+
+def _public_objects() -> list[tuple[str, object]]:
+    found: list[tuple[str, object]] = []
+    for module in map(importlib.import_module, PUBLIC_MODULES):
+        for name in module.__all__:
+            found.append((f"{module.__name__}.{name}", getattr(module, name)))
+    return found
+
+
+def test_public_signatures_show_no_private_name() -> None:
+    # What mkdocstrings renders (griffe reads the source, TYPE_CHECKING imports and
+    # overloads included): every name in a public function's or method's parameters,
+    # defaults and return must be importable from a public module, or be a type
+    # variable. A private sentinel as a default (``timeout: float | Unset = UNSET``)
+    # would tell the reader to pass something they cannot name.
+    griffe = pytest.importorskip("griffe")
+
+    package = griffe.load("offload", search_paths=[str(ROOT)])
+    public = {path.rsplit(".", 1)[1] for path, _ in _public_objects()}
+
+    def private(path: str) -> bool:
+        if not path.startswith("offload.") or path in SHOWN_PRIVATE_NAMES:
+            return False
+        module, _, name = path.removesuffix(".args").removesuffix(".kwargs").rpartition(".")
+        if name in public or (module in PUBLIC_MODULES and not name.startswith("_")):
+            return False
+        try:
+            value = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # a member of a private class, say
+            return True
+        return not isinstance(value, (typing.TypeVar, typing.ParamSpec))
+
+    def names(expr: object) -> list[str]:
+        if not isinstance(expr, griffe.Expr):
+            return []
+        return [p.canonical_path for p in expr.iterate(flat=True) if isinstance(p, griffe.ExprName)]
+
+    shown: list[str] = []
+    for path, _ in _public_objects():
+        obj = package[path.removeprefix("offload.")]
+        obj = obj.final_target if isinstance(obj, griffe.Alias) else obj
+        members = [obj]
+        if isinstance(obj, griffe.Class):
+            members += [
+                m.final_target if isinstance(m, griffe.Alias) else m
+                for name, m in obj.all_members.items()
+                if not name.startswith("_") or name in ("__init__", "__call__", "__aenter__")
+            ]
+        for member in members:
+            if isinstance(member, griffe.Attribute):
+                shown += [f"{member.path}: {n}" for n in names(member.annotation) if private(n)]
+            if not isinstance(member, griffe.Function):
+                continue
+            for function in (member, *(member.overloads or ())):
+                for p in function.parameters:
+                    for n in names(p.annotation) + names(p.default):
+                        if private(n):
+                            shown.append(f"{function.path}({p.name}): {n}")
+                shown += [f"{function.path} -> {n}" for n in names(function.returns) if private(n)]
+    assert shown == []
+
+
+def test_public_defaults_are_plain_values() -> None:
+    # At run time too (help(), IDEs, inspect.signature): no default is an object of
+    # offload's own, such as a private "not given" sentinel.
+    checked = 0
+    for path, value in _public_objects():
+        targets = [value]
+        if isinstance(value, type):
+            targets += [
+                getattr(value, name)
+                for name in dir(value)
+                if (not name.startswith("_") or name in ("__init__", "__call__"))
+                and callable(getattr(value, name))
+                and not isinstance(getattr(value, name), type)
+            ]
+        for target in targets:
+            try:
+                signature = inspect.signature(target)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+            checked += 1
+            for p in signature.parameters.values():
+                kind = type(p.default)
+                assert not kind.__module__.startswith("offload"), (path, target, p)
+            assert "Unset" not in str(signature), (path, signature)
+    assert checked > 20
+    timeout = inspect.signature(offload.Executor.options).parameters["timeout"]
+    assert timeout.default is ...  # "not given": the pool's own timeout; None: no deadline
