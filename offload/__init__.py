@@ -43,32 +43,10 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = (
-    "CallAborted",
-    "CallCancelled",
-    "ClusterUnavailable",
-    "Executor",
-    "LoopStats",
-    "OffloadError",
-    "OffloadSettings",
-    "OffloadTimeout",
-    "OffloadedFunction",
-    "Offloader",
-    "OffloaderStats",
-    "PoolClosed",
-    "PoolOverloaded",
-    "PoolSettings",
-    "PoolStartError",
-    "PoolStats",
-    "RemoteTraceback",
-    "SerializationError",
-    "WorkerCrashed",
-    "check_cancelled",
-    "get_executor",
-    "lifespan",
-    "offload",
-)
-
+# The public names, each once, with the module that defines it: ``__all__`` and the
+# lazy loading below come from it. The imports above are the same names for type
+# checkers, which cannot follow ``__getattr__``; tests/test_public_api.py checks that
+# both say the same.
 _WHERE = {
     "CallAborted": "._errors",
     "CallCancelled": "._errors",
@@ -95,6 +73,8 @@ _WHERE = {
     "offload": "._decorator",
 }
 
+__all__ = tuple(sorted(_WHERE))
+
 
 def __getattr__(name: str) -> Any:
     try:
@@ -103,7 +83,22 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'offload' has no attribute {name!r}") from None
     value = getattr(import_module(module, __name__), name)
     globals()[name] = value
+    _name_public_objects()
     return value
+
+
+def _name_public_objects() -> None:
+    """Give the public classes and functions of every module loaded so far the module
+    ``offload``, where users import them from: reprs, tracebacks, pickles and the API
+    reference then show ``offload.Offloader``, not its private module. A pickle still
+    loads anywhere: ``offload.Offloader`` resolves through ``__getattr__``."""
+    import sys
+    import types
+
+    for name, module in _WHERE.items():
+        value = getattr(sys.modules.get(__name__ + module), name, None)
+        if isinstance(value, (type, types.FunctionType)):
+            value.__module__ = __name__
 
 
 def __dir__() -> list[str]:

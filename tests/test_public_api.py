@@ -70,6 +70,65 @@ def test_every_name_resolves(name: str) -> None:
     assert getattr(value, "__name__", name) == name
 
 
+def test_type_checkers_see_the_same_names() -> None:
+    # The package's TYPE_CHECKING imports (what mypy and pyright read) and its
+    # lazy-import table (what runs) name the same objects, from the same modules.
+    import ast
+
+    tree = ast.parse(Path(offload.__file__).read_text())
+    seen: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for stmt in node.body:
+                if isinstance(stmt, ast.ImportFrom) and stmt.level == 1:
+                    for alias in stmt.names:
+                        assert alias.asname == alias.name, f"re-export {alias.name} as itself"
+                        seen[alias.name] = f".{stmt.module}"
+    assert seen == offload._WHERE
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_objects_name_the_package_as_their_module(name: str) -> None:
+    value = getattr(offload, name)
+    if isinstance(value, type) or inspect.isfunction(value):
+        assert value.__module__ == "offload"
+        assert repr(value).startswith(("<class 'offload.", "<function "))
+
+
+def test_public_errors_pickle_across_processes() -> None:
+    # An error made in one process is rebuilt in another from its public path
+    # ("offload.WorkerCrashed"), which a fresh interpreter resolves lazily.
+    import pickle
+
+    errors = [
+        getattr(offload, name)("boom")
+        for name in PUBLIC
+        if isinstance(getattr(offload, name), type)
+        and issubclass(getattr(offload, name), Exception)
+        and name != "WorkerCrashed"
+    ]
+    errors.append(offload.WorkerCrashed("died", pid=12, exitcode=-9))
+    script = (
+        "import pickle, sys\n"
+        "errors = pickle.loads(sys.stdin.buffer.read())\n"
+        "sys.stdout.buffer.write(pickle.dumps([(type(e).__module__, e) for e in errors]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        input=pickle.dumps(errors),
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    back = pickle.loads(proc.stdout)
+    assert [type(e) for _, e in back] == [type(e) for e in errors]
+    assert {module for module, _ in back} == {"offload"}
+    assert [e.args for _, e in back] == [e.args for e in errors]
+    assert (back[-1][1].pid, back[-1][1].exitcode) == (12, -9)
+
+
 def test_error_hierarchy() -> None:
     for name in (
         "CallAborted",
