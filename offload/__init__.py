@@ -31,11 +31,11 @@ if TYPE_CHECKING:
     from ._errors import SerializationError as SerializationError
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._executor import Executor as Executor
-    from ._lag import LoopStats as LoopStats
     from ._offloader import Offloader as Offloader
     from ._pools.thread import check_cancelled as check_cancelled
     from ._settings import OffloadSettings as OffloadSettings
     from ._settings import PoolSettings as PoolSettings
+    from ._stats import LoopStats as LoopStats
     from ._stats import OffloaderStats as OffloaderStats
     from ._stats import PoolStats as PoolStats
     from .fastapi import get_executor as get_executor
@@ -52,7 +52,7 @@ _WHERE = {
     "CallCancelled": "._errors",
     "ClusterUnavailable": "._errors",
     "Executor": "._executor",
-    "LoopStats": "._lag",
+    "LoopStats": "._stats",
     "OffloadError": "._errors",
     "OffloadSettings": "._settings",
     "OffloadTimeout": "._errors",

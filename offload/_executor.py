@@ -13,11 +13,10 @@ from ._call import Call
 from ._types import check_sync_callable, check_timeout
 
 if TYPE_CHECKING:
-    from ._decorator import OffloadedFunction
     from ._offloader import Offloader
     from ._pools.base import Pool
     from ._stats import PoolStats
-    from ._types import P
+    from ._types import Offloaded, P
 
 __all__ = ("Executor",)
 
@@ -89,7 +88,7 @@ class Executor:
         return derived
 
     @overload
-    async def run(self, fn: OffloadedFunction[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+    async def run(self, fn: Offloaded[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
 
     @overload
     async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...

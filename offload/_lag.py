@@ -27,40 +27,16 @@ import contextlib
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import anyio
 
-__all__ = ("LagProbe", "LoopStats")
+from ._stats import LoopStats
+
+__all__ = ("LagProbe",)
 
 #: how many recent samples the percentiles are computed over
 LAG_WINDOW = 1024
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)  # not on Windows, where the open fails anyway
-
-
-@dataclass(frozen=True, slots=True)
-class LoopStats:
-    """Event-loop lag seen by the Offloader's probe (seconds, over recent samples).
-
-    ``samples`` is how many wake-ups the figures cover (the last 1024), ``interval``
-    the probe's sleep. A healthy loop shows a p99 well under a millisecond; a p99 or
-    a max of tens of milliseconds means something holds the loop's thread.
-
-    Over the time those wake-ups span, ``busy`` is the fraction the loop's thread ran
-    on a CPU, and ``cpu_wait`` the fraction it was ready to run without one (Linux;
-    None elsewhere): lag with a high ``busy`` is code on the loop, lag with a high
-    ``cpu_wait`` is a machine whose CPUs are all taken, lag with neither is a
-    blocking call or another thread holding the GIL.
-    """
-
-    interval: float
-    samples: int
-    lag_p50: float | None
-    lag_p90: float | None
-    lag_p99: float | None
-    lag_max: float | None
-    busy: float | None = None
-    cpu_wait: float | None = None
 
 
 class LagProbe:

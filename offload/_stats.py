@@ -1,15 +1,12 @@
-"""Pool statistics: the immutable record callers see and the counters pools keep."""
+"""Statistics: the immutable records callers see (a pool's, the event loop's) and the
+counters pools keep."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ._lag import LoopStats
-
-__all__ = ("Counters", "OffloaderStats", "PoolStats")
+__all__ = ("Counters", "LoopStats", "OffloaderStats", "PoolStats")
 
 #: how many recent call latencies the percentiles are computed over
 LATENCY_WINDOW = 1024
@@ -109,6 +106,31 @@ class Counters:
             latency_p99=pct(0.99),
             slow_decodes=self.slow_decodes,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStats:
+    """Event-loop lag seen by the Offloader's probe (seconds, over recent samples).
+
+    ``samples`` is how many wake-ups the figures cover (the last 1024), ``interval``
+    the probe's sleep. A healthy loop shows a p99 well under a millisecond; a p99 or
+    a max of tens of milliseconds means something holds the loop's thread.
+
+    Over the time those wake-ups span, ``busy`` is the fraction the loop's thread ran
+    on a CPU, and ``cpu_wait`` the fraction it was ready to run without one (Linux;
+    None elsewhere): lag with a high ``busy`` is code on the loop, lag with a high
+    ``cpu_wait`` is a machine whose CPUs are all taken, lag with neither is a
+    blocking call or another thread holding the GIL.
+    """
+
+    interval: float
+    samples: int
+    lag_p50: float | None
+    lag_p90: float | None
+    lag_p99: float | None
+    lag_max: float | None
+    busy: float | None = None
+    cpu_wait: float | None = None
 
 
 class OffloaderStats(dict[str, "PoolStats"]):

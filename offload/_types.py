@@ -7,7 +7,8 @@ from types import BuiltinFunctionType, FunctionType, MethodType
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Coroutine
+    from typing import Any, Protocol
 
 __all__ = (
     "P",
@@ -19,6 +20,20 @@ __all__ = (
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    T_co = TypeVar("T_co", covariant=True)
+
+    class Offloaded(Protocol[P, T_co]):
+        """An :class:`~offload.OffloadedFunction`, as ``Executor.run`` types it: calling
+        it makes a coroutine of its result, and ``run`` returns that result itself.
+
+        Structural, so that the executor's module names nothing of the decorator's,
+        which sits above it (the decorator runs calls through an executor)."""
+
+        __offload_function__: bool
+
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T_co]: ...
 
 
 # A timeout option is ``float | EllipsisType | None``, spelled out where it is taken:
