@@ -47,7 +47,7 @@ __version__ = "0.1.0"
 # lazy loading below come from it. The imports above are the same names for type
 # checkers, which cannot follow ``__getattr__``; tests/test_public_api.py checks that
 # both say the same.
-_WHERE = {
+_MODULE_OF = {
     "CallAborted": "._errors",
     "CallCancelled": "._errors",
     "ClusterUnavailable": "._errors",
@@ -73,12 +73,12 @@ _WHERE = {
     "offload": "._decorator",
 }
 
-__all__ = tuple(sorted(_WHERE))
+__all__ = tuple(sorted(_MODULE_OF))
 
 
 def __getattr__(name: str) -> Any:
     try:
-        module = _WHERE[name]
+        module = _MODULE_OF[name]
     except KeyError:
         raise AttributeError(f"module 'offload' has no attribute {name!r}") from None
     value = getattr(import_module(module, __name__), name)
@@ -95,7 +95,7 @@ def _name_public_objects() -> None:
     import sys
     import types
 
-    for name, module in _WHERE.items():
+    for name, module in _MODULE_OF.items():
         value = getattr(sys.modules.get(__name__ + module), name, None)
         if isinstance(value, (type, types.FunctionType)):
             value.__module__ = __name__

@@ -21,7 +21,10 @@ from ._settings import OffloadSettings
 __all__ = ("current_offloader",)
 
 
-class _Default:
+class _DefaultOffloader:
+    """One event loop's default Offloader: started by :meth:`run` in a system task;
+    ``ready`` is set once ``offloader`` runs, or ``error`` says why it could not."""
+
     __slots__ = ("error", "offloader", "ready", "task")
 
     def __init__(self) -> None:
@@ -48,7 +51,7 @@ class _Default:
             self.ready.set()
 
 
-_default: RunVar[_Default] = RunVar("offload_default")
+_default: RunVar[_DefaultOffloader] = RunVar("offload_default")
 
 
 async def current_offloader() -> Offloader:
@@ -58,7 +61,7 @@ async def current_offloader() -> Offloader:
         return offloader
     default = _default.get(None)
     if default is None or default.error is not None:
-        default = _Default()
+        default = _DefaultOffloader()
         _default.set(default)
         _spawn_system_task(default)
     if default.offloader is None:
@@ -69,7 +72,7 @@ async def current_offloader() -> Offloader:
     return default.offloader
 
 
-def _spawn_system_task(default: _Default) -> None:
+def _spawn_system_task(default: _DefaultOffloader) -> None:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:

@@ -253,11 +253,11 @@ def install(app: Starlette) -> None:
     error mapping when it starts, or at its first request without offload's lifespan
     (:func:`cover_mounted_apps`).
     """
-    app.add_middleware(DisconnectMiddleware, on_first_request=_cover)
+    app.add_middleware(DisconnectMiddleware, on_first_request=_cover_apps_mounted_in)
     add_exception_handlers(app)
 
 
-def _cover(app: Any) -> None:
+def _cover_apps_mounted_in(app: Any) -> None:
     if isinstance(app, Starlette):
         cover_mounted_apps(app)
 

@@ -84,7 +84,7 @@ def test_type_checkers_see_the_same_names() -> None:
                     for alias in stmt.names:
                         assert alias.asname == alias.name, f"re-export {alias.name} as itself"
                         seen[alias.name] = f".{stmt.module}"
-    assert seen == offload._WHERE
+    assert seen == offload._MODULE_OF
 
 
 @pytest.mark.parametrize("name", PUBLIC)
