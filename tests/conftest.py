@@ -1,3 +1,20 @@
+"""Fixtures shared by the whole suite.
+
+Event loops. Every async test runs once per loop (the ``anyio_backend`` fixture):
+
+- on asyncio and trio, the two anyio backends, by default;
+- on asyncio, uvloop and trio when marked ``all_loops`` (a test, or a whole module
+  with ``pytestmark = pytest.mark.all_loops``): the contract every loop must keep
+  (the executor, the decorator, the fault matrix of the process pool);
+- on the loops it names when it parametrises ``anyio_backend`` itself
+  (``@pytest.mark.parametrize("anyio_backend", ["asyncio"])``): a test that only
+  makes sense on one loop.
+
+``anyio_backend`` is module-scoped, so a module-scoped async fixture (``shared_ex``:
+pools started once per module and loop) keeps its loop across the module's tests;
+pytest runs a module's tests grouped by loop.
+"""
+
 from __future__ import annotations
 
 import os
@@ -12,17 +29,33 @@ from offload import Executor, Offloader, OffloadSettings
 
 Backend = str | tuple[str, dict[str, Any]]
 
+ASYNCIO = pytest.param("asyncio", id="asyncio")
+# what uvicorn runs on when uvloop is installed (uvicorn[standard], fastapi[standard])
+UVLOOP = pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")
+TRIO = pytest.param("trio", id="trio")
 
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        # what uvicorn runs on when uvloop is installed (uvicorn[standard], fastapi[standard])
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-        pytest.param("trio", id="trio"),
-    ]
-)
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Give every async test its event loops: see the module's docstring."""
+    if "anyio_backend" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers("parametrize"):
+        names = marker.args[0]
+        if "anyio_backend" in (names.split(",") if isinstance(names, str) else names):
+            return  # a test that only makes sense on the loops it names
+    loops = (
+        [ASYNCIO, UVLOOP, TRIO]
+        if metafunc.definition.get_closest_marker("all_loops")
+        else [ASYNCIO, TRIO]
+    )
+    metafunc.parametrize("anyio_backend", loops, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
 def anyio_backend(request: pytest.FixtureRequest) -> Backend:
-    # Explicit, so that a missing trio or uvloop fails loudly instead of shrinking the suite.
+    # Explicit, so that a missing trio or uvloop fails loudly instead of shrinking the
+    # suite. Module-scoped: a module-scoped async fixture (a pool started once per
+    # module and loop) needs its loop to outlive one test.
     backend: Backend = request.param
     return backend
 

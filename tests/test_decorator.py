@@ -24,6 +24,8 @@ from offload import (
 
 from . import funcs
 
+# the contract every event loop keeps (see tests/conftest.py)
+pytestmark = pytest.mark.all_loops
 MAIN_PID = os.getpid()
 
 

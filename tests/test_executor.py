@@ -28,6 +28,8 @@ from . import funcs
 from .conftest import Backend, loop_name
 from .pools.test_process_faults import run_script
 
+# the contract every event loop keeps (see tests/conftest.py)
+pytestmark = pytest.mark.all_loops
 MAIN_PID = os.getpid()
 
 

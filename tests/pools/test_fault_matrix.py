@@ -41,6 +41,8 @@ from offload import (
 from .. import funcs
 from .test_process_faults import gone, wait_until, worker_pids, worker_procs
 
+# the contract every event loop keeps (see tests/conftest.py)
+pytestmark = pytest.mark.all_loops
 MAX_WORKERS = 2
 #: seconds the pool gets to be back at MAX_WORKERS live workers after a fault
 RECOVERY = 5.0
