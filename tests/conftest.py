@@ -67,8 +67,7 @@ def loop_name(backend: Backend) -> str:
     return "uvloop" if backend[1].get("use_uvloop") else backend[0]
 
 
-@pytest.fixture
-def settings() -> OffloadSettings:
+def small_settings() -> OffloadSettings:
     return OffloadSettings(
         process={"max_workers": 2},
         thread={"max_workers": 4},
@@ -77,9 +76,31 @@ def settings() -> OffloadSettings:
 
 
 @pytest.fixture
+def settings() -> OffloadSettings:
+    return small_settings()
+
+
+@pytest.fixture
 async def ex(settings: OffloadSettings) -> AsyncIterator[Executor]:
+    """An Offloader of the test's own: its stats count only this test's calls."""
     async with Offloader(settings) as executor:
         yield executor
+
+
+@pytest.fixture(scope="module")
+async def shared_ex() -> AsyncIterator[Executor]:
+    """An Offloader like ``ex``'s, started once per module and loop.
+
+    For a test that only makes calls and checks what they return: not for one that
+    reads stats, kills, replaces or counts workers, changes settings or stops pools
+    (those use ``ex``). Its workers run before each test starts, so
+    ``no_leftover_children`` does not count them; its exit is checked here.
+    """
+    before = {p.pid for p in children()}
+    async with Offloader(small_settings()) as executor:
+        yield executor
+    leftover = [p.pid for p in children() if p.pid not in before]
+    assert not leftover, f"the shared pools left processes behind: {leftover}"
 
 
 def children() -> list[psutil.Process]:

@@ -31,6 +31,12 @@ from .. import funcs
 MB = 1 << 20
 
 
+@pytest.fixture
+def ex(shared_ex: Executor) -> Executor:
+    """The tests here that take ``ex`` only check what comes back: one start per module."""
+    return shared_ex
+
+
 def process(**pool: Any) -> OffloadSettings:
     return OffloadSettings(
         process=PoolSettings(kind="process", max_workers=1, **pool), thread={"max_workers": 1}

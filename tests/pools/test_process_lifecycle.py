@@ -129,7 +129,7 @@ async def test_calls_fail_with_pool_start_error_if_the_pool_does_not_recover(
     tmp_path: Path,
 ) -> None:
     flag = tmp_path / "broken"
-    async with Offloader(broken_settings(flag, start_timeout=5)) as ex:
+    async with Offloader(broken_settings(flag, start_timeout=3)) as ex:
         pool = ex.pool("process")
         pid = await lose_the_only_worker(pool, flag)
         with anyio.fail_after(30), pytest.raises(PoolStartError) as info:
