@@ -13,12 +13,22 @@ Event loops. Every async test runs once per loop (the ``anyio_backend`` fixture)
 ``anyio_backend`` is module-scoped, so a module-scoped async fixture (``shared_ex``:
 pools started once per module and loop) keeps its loop across the module's tests;
 pytest runs a module's tests grouped by loop.
+
+Processes. ``pytest -n 2`` (the README's command) runs the suite in two pytest-xdist
+workers, a module's tests in one of them (``--dist loadfile``, in pyproject's
+addopts). A test marked ``alone`` (it measures CPU time or loop lag against a bound)
+runs while no other test runs (see ``pytest_runtest_protocol``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import psutil
@@ -39,6 +49,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Give every async test its event loops: see the module's docstring."""
     if "anyio_backend" not in metafunc.fixturenames:
         return
+    fixturedefs = metafunc._arg2fixturedefs.get("anyio_backend", ())
+    if fixturedefs and fixturedefs[-1].func.__module__ != __name__:
+        return  # a module that names its one loop with a fixture of its own
     for marker in metafunc.definition.iter_markers("parametrize"):
         names = marker.args[0]
         if "anyio_backend" in (names.split(",") if isinstance(names, str) else names):
@@ -124,6 +137,62 @@ def children() -> list[psutil.Process]:
 
 def _is_resource_tracker(proc: psutil.Process) -> bool:
     return "multiprocessing.resource_tracker" in " ".join(proc.cmdline())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xdist_main_is_main() -> Iterator[None]:
+    """Under pytest-xdist, the worker's main program runs as a module named
+    ``__channelexec__``, and every test below its top-level frame: to offload's guard
+    against pools started while a module is imported, that frame would be such a
+    module. It is the program's main: named so, as under plain pytest."""
+    renamed = []
+    frame: FrameType | None = sys._getframe()
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and frame.f_globals.get("__name__") == (
+            "__channelexec__"
+        ):
+            frame.f_globals["__name__"] = "__main__"
+            renamed.append(frame.f_globals)
+        frame = frame.f_back
+    try:
+        yield
+    finally:
+        for globs in renamed:
+            globs["__name__"] = "__channelexec__"
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under ``pytest -n``, a test marked ``alone`` (it measures CPU time or loop lag
+    against a bound) runs while no other test of the suite runs.
+
+    A readers-writer lock between the xdist workers, held from a test's setup to its
+    teardown (module fixtures included: a server's start is work too): every test
+    holds ``tests.lock`` shared, an ``alone`` test holds it exclusively. ``gate.lock``
+    makes that one wait only for the tests already running, not for all those queued
+    behind them.
+    """
+    basetemp = item.config.option.basetemp
+    if "PYTEST_XDIST_WORKER" not in os.environ or not basetemp:
+        return (yield)
+    root = Path(basetemp).parent  # the workers' basetemps share it
+    alone = item.get_closest_marker("alone") is not None
+    with contextlib.ExitStack() as stack:
+        with _flock(root / "gate.lock", fcntl.LOCK_EX):
+            stack.enter_context(
+                _flock(root / "tests.lock", fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            )
+        return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -43,6 +43,7 @@ async def samples(offloader: Offloader, at_least: int) -> LoopStats:
             await anyio.sleep(0.005)
 
 
+@pytest.mark.alone
 async def test_a_stall_of_the_loop_shows_as_lag() -> None:
     async with Offloader(fast()) as ex:
         before = await samples(ex.offloader, 3)
@@ -105,6 +106,7 @@ def sharing_one_cpu() -> Iterator[None]:
             rival.kill()
 
 
+@pytest.mark.alone
 @pytest.mark.skipif(not SCHEDSTAT.exists(), reason="the kernel does not count CPU waits")
 async def test_a_loop_without_a_cpu_shows_as_cpu_wait() -> None:
     started = time.monotonic()

@@ -215,6 +215,7 @@ async def lag_during(work: Any) -> float:
     return worst
 
 
+@pytest.mark.alone
 async def test_the_loop_stays_free_while_64_mb_travel() -> None:
     array = np.ones(8 * MB)  # 64 MB
     blob = b"\x01" * (64 * MB)
@@ -236,6 +237,7 @@ async def test_the_loop_stays_free_while_64_mb_travel() -> None:
     assert worst < 0.020, f"the loop was held for {worst * 1000:.1f} ms"
 
 
+@pytest.mark.alone
 async def test_arguments_over_max_payload_fail_alone_and_fast() -> None:
     huge = b"\x00" * (200 * MB)
     async with Offloader(process(max_payload="100MB")) as ex:

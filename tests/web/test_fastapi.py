@@ -16,6 +16,14 @@ from offload.fastapi import STATE_KEY, warn_if_oversubscribed
 from .conftest import Server, assert_gone, start_server
 
 
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    # The code under test runs in the server's process, on its loop: the client's
+    # loop adds nothing. And this module's server is shared, so a second pass of the
+    # tests would find the workers the first pass's crashes left restarting.
+    return "asyncio"
+
+
 async def test_lifespan_starts_warm_workers_and_keeps_app_state(server: Server) -> None:
     async with httpx.AsyncClient(base_url=server.url) as client:
         health = (await client.get("/health")).json()

@@ -24,6 +24,12 @@ def raise_keyword_error(code: int) -> None:
     raise KeywordError(code=code)
 
 
+@pytest.fixture
+def ex(shared_ex: Executor) -> Executor:
+    """Every test here only checks what comes back: one start per module."""
+    return shared_ex
+
+
 async def error_of(ex: Executor, fn, *args) -> BaseException:
     with pytest.raises(Exception) as info:
         await ex.pool("process").run(fn, *args)
