@@ -226,7 +226,8 @@ async def serve():
     )
     async with Offloader(dask) as ex:
         assert await ex.pool("dask").run(funcs.add, 1, 2) == 3
-        host = [p for p in psutil.Process().children() if "_dask_host" in " ".join(p.cmdline())]
+        host = [p for p in psutil.Process().children() if "dask.host" in " ".join(p.cmdline())]
+        assert len(host) == 1, host
         child = os.fork()
         if child == 0:  # lives on until the parent has stopped its pool
             os.close(write_end)

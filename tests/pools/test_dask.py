@@ -40,9 +40,10 @@ from offload import (
     SerializationError,
     WorkerCrashed,
 )
-from offload._pools.dask import pool as _dask
+from offload._pools.dask import embedded
+from offload._pools.dask.embedded import EmbeddedCluster
 from offload._pools.dask.pool import SCATTER_THRESHOLD, DaskPool
-from offload._pools.dask.task import Unannounced, invoke
+from offload._pools.dask.task import CannotReportStart, invoke
 from offload._pools.dask.versions import version_mismatches
 from offload._pools.process.sched import LONG_SLICE_NS, time_slice
 from offload._where import in_worker
@@ -104,9 +105,14 @@ def client_of(ex: Executor) -> Any:
     return client
 
 
+def host_popen(pool: DaskPool) -> subprocess.Popen[bytes] | None:
+    """The pool's embedded cluster's host process, if it has one."""
+    return None if pool._embedded is None else pool._embedded.process
+
+
 def host_of(ex: Executor) -> psutil.Process:
     """The embedded cluster's host process: its scheduler and nannies run there."""
-    host = pool_of(ex)._host
+    host = host_popen(pool_of(ex))
     assert host is not None
     return psutil.Process(host.pid)
 
@@ -484,7 +490,7 @@ async def test_the_host_exits_and_leaves_nothing_when_the_pool_stops() -> None:
         executor = ex.pool("dask")
         assert await executor.run(funcs.add, 1, 2) == 3
         pool = pool_of(executor)
-        host = pool._host
+        host = host_popen(pool)
         assert host is not None
         proc = psutil.Process(host.pid)
         assert proc.ppid() == os.getpid()
@@ -497,7 +503,7 @@ async def test_the_host_exits_and_leaves_nothing_when_the_pool_stops() -> None:
         assert {p.nice() for p in tree} == {nice}
         if time_slice(os.getpid()) is not None:  # Linux 6.12+: and the long slice
             assert {time_slice(p.pid) for p in tree} == {LONG_SLICE_NS}
-    assert pool._host is None
+    assert pool._embedded is None
     # it closed its cluster and exited by itself when the pool closed its stdin
     assert host.returncode == 0
     await wait_until(
@@ -510,13 +516,13 @@ async def test_the_host_exits_and_leaves_nothing_when_the_pool_stops() -> None:
 def spy_on_hosts(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
     """Every host process the pools start from now on, in a list."""
     hosts: list[subprocess.Popen[bytes]] = []
-    spawn = _dask._spawn_host
+    spawn = embedded.spawn_host
 
     def spy(*args: Any) -> subprocess.Popen[bytes]:
         hosts.append(spawn(*args))
         return hosts[-1]
 
-    monkeypatch.setattr(_dask, "_spawn_host", spy)
+    monkeypatch.setattr(embedded, "spawn_host", spy)
     return hosts
 
 
@@ -525,7 +531,7 @@ async def test_a_host_that_exits_at_start_fails_the_start_with_its_status(
 ) -> None:
     hosts = spy_on_hosts(monkeypatch)
     monkeypatch.setattr(
-        _dask, "_host_command", lambda config: [sys.executable, "-c", "import sys; sys.exit(3)"]
+        embedded, "host_command", lambda config: [sys.executable, "-c", "import sys; sys.exit(3)"]
     )
     with pytest.raises(OffloadError, match=r"its host process \d+ exited with status 3"):
         async with Offloader(dask_settings()):
@@ -772,7 +778,8 @@ async def test_without_cryptography_the_embedded_cluster_does_not_start(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(DaskPool, "prepare", classmethod(lambda cls: None))
-    monkeypatch.setattr(DaskPool, "_can_certify", False)  # what prepare finds without it
+    # what prepare finds without it
+    monkeypatch.setattr(EmbeddedCluster, "can_make_certificate", False)
     hosts = spy_on_hosts(monkeypatch)
     with pytest.raises(PoolStartError, match=r"cryptography.*offload\[dask\]"):
         async with Offloader(dask_settings()):
@@ -785,7 +792,7 @@ async def test_a_task_that_cannot_say_it_starts_does_not_run(tmp_path: Path) -> 
     # run, since a crash of it would then pass for a task that never started.
     marker = tmp_path / "ran"
     blob = cloudpickle.dumps((funcs.touch_then, 1, (), [str(marker)], ()))
-    with pytest.raises(Unannounced):
+    with pytest.raises(CannotReportStart):
         invoke("topic", "key", blob)
     assert not marker.exists()
     # The thread is Dask's: it is a worker's only while the task runs.

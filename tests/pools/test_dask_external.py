@@ -163,7 +163,7 @@ async def test_connects_by_address_and_runs_calls(scheduler_address: str) -> Non
         remote = ex.pool("remote")
         pool = ex.offloader.get_pool("remote")
         assert isinstance(pool, DaskPool)
-        assert pool._host is None  # nothing embedded
+        assert pool._embedded is None  # nothing embedded
         with anyio.fail_after(BOOT):
             await pool._client.wait_for_workers(2)
         assert await remote.run(funcs.add, 2, 3) == 5
@@ -187,7 +187,7 @@ async def test_honours_dask_scheduler_address(
     async with Offloader(settings(None)) as ex:
         pool = ex.offloader.get_pool("remote")
         assert isinstance(pool, DaskPool)
-        assert pool._host is None
+        assert pool._embedded is None
         assert await ex.pool("remote").run(funcs.add, 1, 2) == 3
 
 

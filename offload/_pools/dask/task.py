@@ -19,11 +19,11 @@ from ..._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
     "CannotLoad",
-    "Unannounced",
+    "CannotReportStart",
     "allowed_failures",
     "invoke",
     "kill_this_process",
-    "say_started",
+    "report_start",
 )
 
 
@@ -32,7 +32,7 @@ class CannotLoad(Exception):
     need a module, or a class, that the worker cannot import."""
 
 
-class Unannounced(Exception):
+class CannotReportStart(Exception):
     """Raised on a worker that could not tell the scheduler a task starts: the task
     does not run (were it to crash, it would be taken as never started, and run
     again)."""
@@ -51,9 +51,9 @@ def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
     mark_worker_thread()
     try:
         try:
-            say_started(topic, key)
+            report_start(topic, key)
         except Exception as exc:
-            raise Unannounced(f"{type(exc).__name__}: {exc}") from None
+            raise CannotReportStart(f"{type(exc).__name__}: {exc}") from None
         try:
             fn, npos, names, values, holes = cloudpickle.loads(blob)
         except Exception as exc:
@@ -67,7 +67,7 @@ def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
         unmark_worker_thread()
 
 
-def say_started(topic: str, key: str) -> None:
+def report_start(topic: str, key: str) -> None:
     """Log on the scheduler, and wait until it has, that the task ``key`` runs: a
     task whose worker dies without having said so never ran, and is sent again.
 

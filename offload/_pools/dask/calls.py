@@ -1,0 +1,282 @@
+"""A dask pool's calls: each is pickled into one task (its large arguments scattered
+ahead of it), submitted, and awaited; Dask's failures become offload's errors here,
+at one place (``_outcome``); a call its caller left is cancelled on the cluster."""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import cloudpickle
+from dask.sizeof import sizeof
+from distributed import scheduler as _scheduler
+from distributed.client import ClosedClientError, FutureCancelledError
+from distributed.comm.core import CommClosedError
+from distributed.scheduler import KilledWorker
+
+from ..._errors import (
+    ClusterUnavailable,
+    PoolOverloaded,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashed,
+)
+from .connection import CANCEL_TIMEOUT, DaskConnection
+from .task import CannotLoad, CannotReportStart, invoke, kill_this_process
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ..._call import Call
+    from ..._settings import PoolSettings
+
+__all__ = ("SCATTER_THRESHOLD", "DaskCalls")
+
+logger = logging.getLogger("offload")
+
+#: arguments larger than this (bytes, as ``dask.sizeof`` measures them) are scattered
+#: to the workers ahead of the call instead of travelling inside the task
+SCATTER_THRESHOLD = 1 << 20
+
+#: what the scheduler fails a task with when no worker could take it for its
+#: ``no-workers-timeout`` (the first is newer than the oldest distributed we support)
+_NO_WORKER_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls
+    for cls in (
+        getattr(_scheduler, "NoWorkerError", None),
+        getattr(_scheduler, "NoValidWorkerError", None),
+    )
+    if cls is not None
+)
+
+#: what an attempt returns when its worker died before the task started
+_NEVER_STARTED = object()
+
+
+def _task_key(call: Call) -> str:
+    """A key of its own for one attempt at ``call``, which the scheduler's task list
+    names after the function."""
+    name = getattr(call.target, "__name__", None) or "call"
+    name = re.sub(r"\W", "_", name) or "call"
+    return f"{name}-{uuid.uuid4().hex}"
+
+
+class CallInFlight:
+    """One call between submit and outcome: what ``_end_calls`` needs to end it."""
+
+    __slots__ = ("future", "lost", "scope")
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+        self.future: Any = None
+        # Why the scope was cancelled, when it was not a shutdown.
+        self.lost: ClusterUnavailable | None = None
+
+
+class DaskCalls(DaskConnection):
+    """The part of :class:`~.pool.DaskPool` that runs calls, at most
+    ``max_workers + max_pending`` in flight."""
+
+    def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
+        super().__init__(name, settings, task_group)
+        self._calls: set[CallInFlight] = set()
+
+    def _end_calls(self, lost: str | None) -> None:
+        for entry in list(self._calls):
+            if lost is not None:  # one error each: they are raised in separate tasks
+                entry.lost = ClusterUnavailable(lost)
+            entry.scope.cancel()
+
+    async def _execute(self, call: Call) -> Any:
+        self._ready_client()
+        if len(self._calls) >= self._capacity:
+            raise PoolOverloaded(
+                f"pool {self.name!r} is full: {self._capacity} calls are in flight "
+                f"on the dask cluster (max_workers + max_pending)"
+            )
+        entry = CallInFlight(anyio.CancelScope())
+        self._calls.add(entry)
+        try:
+            with entry.scope:
+                blob, large = self._pickle(call)
+                while True:
+                    outcome = await self._attempt(call, entry, blob, large)
+                    if outcome is not _NEVER_STARTED:
+                        return outcome
+                    logger.info(
+                        "pool %r: %s never started on a dask worker that died: sent again",
+                        self.name,
+                        call.name,
+                    )
+            if entry.lost is not None:  # the scope was cancelled by _went_silent
+                raise entry.lost
+            raise self._closed_error()  # the scope was cancelled by _abort
+        except BaseException:
+            future = entry.future
+            if future is not None and not future.done():
+                self._task_group.start_soon(self._cancel_task, future, call)
+            raise
+        finally:
+            self._calls.discard(entry)
+
+    @staticmethod
+    def _pickle(call: Call) -> tuple[bytes, list[Any]]:
+        """The call pickled for :func:`~.task.invoke`, its large arguments apart (they
+        are scattered to the workers ahead of the task)."""
+        values = [*call.args, *call.kwargs.values()]
+        holes = tuple(i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD)
+        large = [values[i] for i in holes]
+        for i in holes:
+            values[i] = None
+        try:
+            blob = cloudpickle.dumps((call.fn, len(call.args), tuple(call.kwargs), values, holes))
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
+            ) from exc
+        return blob, large
+
+    async def _attempt(self, call: Call, entry: CallInFlight, blob: bytes, large: list[Any]) -> Any:
+        """Send the call as one task; its outcome, or ``_NEVER_STARTED``."""
+        client = self._ready_client()
+        key = _task_key(call)
+        scattered: list[Any] = []
+        self._task_started[key] = False
+        try:
+            if large:
+                try:
+                    # In a list, so that a list or dict argument is scattered whole.
+                    scattered = await client.scatter(large, hash=False)
+                except (OSError, ClosedClientError) as exc:
+                    raise self._unavailable(call, exc) from exc
+            try:
+                entry.future = client.submit(
+                    invoke,
+                    self._topic,
+                    key,
+                    blob,
+                    *scattered,
+                    key=key,
+                    pure=False,
+                    retries=0,
+                )
+            except ClosedClientError as exc:
+                raise self._unavailable(call, exc) from exc
+            return await self._outcome(call, client, entry.future)
+        finally:
+            del self._task_started[key]
+            for future in scattered:
+                future.release()
+
+    def _unavailable(self, call: Call, exc: BaseException) -> ClusterUnavailable:
+        return ClusterUnavailable(
+            f"pool {self.name!r} lost the dask scheduler at {self._address} "
+            f"while running {call.name} (it may have run): {exc}"
+        )
+
+    async def _outcome(self, call: Call, client: Any, future: Any) -> Any:
+        try:
+            return await future
+        except Exception as exc:
+            status = future.status
+            if isinstance(exc, KilledWorker):
+                if not await self._did_start(client, future.key):
+                    return _NEVER_STARTED
+                worker = getattr(getattr(exc, "last_worker", None), "address", "?")
+                logger.error(
+                    "pool %r: dask worker %s died while running %s", self.name, worker, call.name
+                )
+                raise WorkerCrashed(f"the dask worker {worker} running {call.name} died") from None
+            if status == "error" and isinstance(exc, CannotLoad):
+                raise SerializationError(
+                    f"the dask worker cannot load {call.name} or its arguments: {exc}; "
+                    "install the module on the workers (docs/dask.md, "
+                    '"Ship your code to the cluster")'
+                ) from None
+            if status == "error" and isinstance(exc, CannotReportStart):
+                raise ClusterUnavailable(
+                    f"pool {self.name!r}: the dask worker could not reach the scheduler "
+                    f"to start {call.name}, which did not run: {exc}"
+                ) from None
+            if status == "error" and isinstance(exc, _NO_WORKER_ERRORS):
+                raise ClusterUnavailable(
+                    f"pool {self.name!r}: the dask cluster has no worker that could run "
+                    f"{call.name} within the scheduler's no-workers-timeout: {exc}"
+                ) from None
+            if status == "error":  # the function raised: its own exception, as is
+                tb = await future.traceback()
+                text = "".join(traceback.format_exception(type(exc), exc, tb))
+                raise exc from RemoteTraceback(text)
+            if isinstance(exc, FutureCancelledError):
+                if self._forced:
+                    raise self._closed_error() from None
+                if exc.reason == "scheduler-connection-lost":
+                    raise self._unavailable(call, exc) from exc
+                raise WorkerCrashed(
+                    f"{call.name} was lost on the dask cluster (cancelled: {exc.reason})"
+                ) from exc
+            if isinstance(exc, (CommClosedError, OSError, ClosedClientError)):
+                raise self._unavailable(call, exc) from exc
+            if status == "finished":  # it ran; its result did not travel back
+                raise SerializationError(
+                    f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
+                ) from exc
+            raise
+
+    async def _did_start(self, client: Any, key: str) -> bool:
+        """Whether the task ``key`` started before its worker died: its event came
+        with the task's reports; else the scheduler's log of the topic says (it
+        keeps the last ``distributed.admin.low-level-log-length`` events). In doubt,
+        it started: a call is never run twice."""
+        if self._task_started.get(key):
+            return True
+        try:
+            with anyio.fail_after(CANCEL_TIMEOUT):
+                events = await client.get_events(self._topic)
+        except Exception:
+            return True
+        return any(msg == key for _, msg in events)
+
+    async def _cancel_task(self, future: Any, call: Call) -> None:
+        """Cancel a call whose caller left; with hard_cancel, restart its worker."""
+        # The client that submitted it: after a reconnection, not the pool's.
+        client = future.client
+        if self._client is None or client.status != "running" or self._silent is not None:
+            return  # no answer to wait for: the future, released, frees the task later
+        with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT):
+            try:
+                worker = None
+                if self.settings.hard_cancel:
+                    processing = await client.processing()
+                    worker = next(
+                        (addr for addr, keys in processing.items() if future.key in keys), None
+                    )
+                await client.cancel([future])
+                if worker is not None:
+                    await self._restart_worker(client, worker, call)
+            except Exception as exc:
+                logger.warning(
+                    "pool %r: could not cancel %s on the dask cluster: %s",
+                    self.name,
+                    call.name,
+                    exc,
+                )
+
+    async def _restart_worker(self, client: Any, worker: str, call: Call) -> None:
+        logger.info(
+            "pool %r: restarting dask worker %s running %s (%s)",
+            self.name,
+            worker,
+            call.name,
+            "deadline passed" if anyio.current_time() >= call.deadline else "cancelled",
+        )
+        self.counters.recycled += 1
+        # The worker kills itself from its event loop, which is free while the task
+        # runs in its thread; its nanny starts a new one. The same on the embedded
+        # cluster, whose workers are children of its host, not of this process.
+        # (Dask's own restart_workers first waits up to 4 s for the task to end.)
+        await client.run(kill_this_process, workers=[worker], wait=False)
