@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 __all__ = ("pool_class",)
 
-_KINDS = {
+#: kind -> (module, class); the module is imported when a pool of that kind first starts
+_KINDS: dict[str, tuple[str, str]] = {
     "thread": ("offload._pools.thread", "ThreadPool"),
     "process": ("offload._pools.process.pool", "ProcessPool"),
     "dask": ("offload._pools.dask.pool", "DaskPool"),

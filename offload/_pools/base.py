@@ -150,10 +150,10 @@ class Pool(ABC):
         :raises PoolClosed: the pool is closing, or was forced shut during the call
         :raises PoolOverloaded: every worker is busy and the queue is full
         :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds,
-            or may not start its workers here (see ``process/nesting.py``)
+            may not start its workers here (see ``process/nesting.py``), or starts on
+            first use and could not start (its cause: the error a warm start would
+            have raised)
         :raises WorkerCrashed: the worker died while running the call
-        :raises PoolStartError: the pool starts on first use, and could not start (its
-            cause: the error a warm start would have raised)
         """
         counters = self.counters
         if self._closing:
