@@ -4,7 +4,8 @@ Dask's client runs on asyncio only, so these tests run on asyncio alone, except 
 one that checks the clear error under trio. The module-scoped Offloader owns a
 LocalCluster of two single-threaded worker processes, which runs in a host process of
 its own: the tests ask it about its scheduler and workers through the client. Every
-wait is a bounded poll.
+wait is a bounded poll. How one call fails at each stage (its exceptions, pickling,
+crashes) is tested with every kind in ``test_fault_matrix.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from offload import (
     PoolOverloaded,
     PoolSettings,
     PoolStartError,
-    RemoteTraceback,
     SerializationError,
     WorkerCrashed,
 )
@@ -218,17 +217,6 @@ async def test_calls_run_in_the_cluster_workers(dask_ex: Executor) -> None:
     assert psutil.Process(pid).ppid() == host_of(dask_ex).pid
 
 
-async def test_user_exception_keeps_its_type_with_the_remote_traceback(
-    dask_ex: Executor,
-) -> None:
-    with pytest.raises(funcs.Boom, match="kaboom") as info:
-        await dask_ex.run(funcs.boom, "kaboom")
-    cause = info.value.__cause__
-    assert isinstance(cause, RemoteTraceback)
-    assert "raise Boom(message)" in cause.tb
-    assert await dask_ex.run(funcs.add, 2, 2) == 4
-
-
 async def test_a_decorated_function_calls_itself_in_a_dask_worker(dask_ex: Executor) -> None:
     assert await dask_ex.run(funcs.fib, 12) == 144
 
@@ -243,14 +231,6 @@ async def test_identical_calls_are_separate_calls(dask_ex: Executor) -> None:
             tg.start_soon(one, results)
     results.append(await dask_ex.run(funcs.random_token))
     assert len(set(results)) == 5  # never deduplicated as Dask's pure calls would be
-
-
-async def test_unpicklable_argument_and_result(dask_ex: Executor) -> None:
-    with pytest.raises(SerializationError, match="echo"):
-        await dask_ex.run(funcs.echo, threading.Lock())
-    with pytest.raises(SerializationError, match="return_lock"):
-        await dask_ex.run(funcs.return_lock)
-    assert await dask_ex.run(funcs.add, 1, 1) == 2
 
 
 async def test_large_arguments_are_scattered(
