@@ -1,35 +1,30 @@
-"""A failure at each stage of a call fails that call only, and clearly: one suite,
-run against every kind that can meet the failure.
+"""A failure at each stage of a call fails that call only, and clearly: one suite, run
+against every kind that can meet the failure (helpers in ``matrix.py``).
 
 The stages: pickling the arguments (parent), unpickling them (worker), running,
-pickling the result (worker), unpickling it (parent), plus deadlines, a worker killed
-while idle, exceptions that will not travel, and initializers that fail.
+pickling the result (worker), unpickling it (parent), plus a worker killed while idle
+and exceptions that will not travel. After every case the pool must be sound: a normal
+call succeeds, ``stats()`` counts both calls where they belong, and the live workers
+are back to ``max_workers`` within a bounded wait (``wait_until``).
 
-After every case the pool must be sound: a normal call succeeds, ``stats()`` counts
-both calls where they belong, and the live workers are back to ``max_workers`` within
-a bounded wait. Every wait is a bounded poll (``wait_until``).
+Which kind meets which case (each skip says why):
 
-Which kind meets which case (the reasons are in ``NOT_FOR``, and in each skip):
-
-- thread: the failures of running; nothing is pickled, and a thread is this process,
-  which a crash would end;
-- process: every case;
-- dask: every case but deadlines (Dask cannot stop a running task; ``test_dask.py``
-  covers its deadline and ``hard_cancel``); on asyncio only, with one embedded cluster
-  for the module, since starting one takes seconds;
-- the initializer and shutdown cases are the process kind's own (only it runs
-  initializers and replaces its workers itself).
+- thread: the failures of running; nothing is pickled, and a crash would end this
+  process;
+- process: every case; dask: every case but two of its four crashes (a worker's death
+  is reported alike whatever kills it), on asyncio only, its client's loop, with one
+  embedded cluster for the module, since starting one takes seconds;
+- the process kind's own cases (a deadline that kills its worker, initializers,
+  ``start_timeout``, shutdown while a worker boots) are in
+  ``test_fault_matrix_process.py``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 import signal
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -45,48 +40,33 @@ from offload import (
     Offloader,
     OffloadError,
     OffloadSettings,
-    OffloadTimeout,
-    PoolSettings,
-    PoolStartError,
-    RemoteTraceback,
     SerializationError,
     WorkerCrashed,
 )
 
 from .. import funcs
 from ..conftest import Backend, children, loop_name
-from .test_process_faults import gone, wait_until, wait_until_async, worker_pids, worker_procs
+from .matrix import (
+    CALL_BOUND,
+    KINDS,
+    MAX_WORKERS,
+    assert_pool_recovers,
+    assert_remote_cause,
+    counters,
+    error_of,
+    live_workers,
+    matrix_settings,
+    pid_pickling_result,
+    pid_unpickling_args,
+    serving_pids,
+    settled,
+)
+from .test_process_faults import gone, wait_until, worker_pids
 
 # the contract every event loop keeps (see tests/conftest.py)
 pytestmark = pytest.mark.all_loops
-MAX_WORKERS = 2
-#: seconds the pool gets to be back at MAX_WORKERS live workers after a fault (a
-#: dask worker's nanny, and the client's view of the scheduler, take longer)
-RECOVERY = {"thread": 5.0, "process": 5.0, "dask": 15.0}
-#: seconds any single faulty call may take before the test gives up on it
-CALL_BOUND = 15.0
-COUNTERS = ("completed", "failed", "timed_out", "cancelled", "crashed", "rejected")
-KINDS = ("thread", "process", "dask")
-
 
 # -- one pool of each kind -------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", params=["asyncio", "uvloop", "trio"])
-def anyio_backend(request: pytest.FixtureRequest) -> Backend:
-    """The suite's loops, for the module: one dask pool serves every dask case."""
-    if request.param == "uvloop":
-        return ("asyncio", {"use_uvloop": True})
-    backend: str = request.param
-    return backend
-
-
-def matrix_settings(**process: Any) -> OffloadSettings:
-    return OffloadSettings(
-        process=PoolSettings(max_workers=MAX_WORKERS, **process),
-        thread=PoolSettings(max_workers=2),
-        shutdown_timeout=5,
-    )
 
 
 #: the processes of the module's dask cluster, once it runs (see no_leftover_children)
@@ -149,107 +129,15 @@ async def pool_of(kind: str, shared_dask: Executor | None) -> AsyncIterator[Exec
         yield ex.pool(kind)
 
 
-# -- helpers ---------------------------------------------------------------------------
-
-
-def counters(pool: Executor) -> dict[str, int]:
-    stats = pool.stats()
-    return {name: getattr(stats, name) for name in COUNTERS}
-
-
-def expected_counters(**counts: int) -> dict[str, int]:
-    return {name: counts.get(name, 0) for name in COUNTERS}
-
-
-async def live_workers(pool: Executor) -> set[int]:
-    """The pids of the pool's worker processes; none for threads."""
-    kind = pool.stats().kind
-    if kind == "process":
-        return worker_pids()
-    if kind == "dask":  # asked of the scheduler: the workers are its host's children
-        client = pool.offloader.get_pool(pool.pool_name)._client  # type: ignore[attr-defined]
-        pids: list[int] = await client.run_on_scheduler(funcs.scheduler_worker_pids)
-        return set(pids)
-    return set()
-
-
-async def settled(pool: Executor) -> set[int]:
-    """Wait until the pool has MAX_WORKERS live, idle workers; their pids."""
-    kind = pool.stats().kind
-    processes = 0 if kind == "thread" else MAX_WORKERS
-    pids: set[int] = set()
-
-    async def whole() -> bool:
-        pids.clear()
-        pids.update(await live_workers(pool))
-        stats = pool.stats()
-        return (stats.workers, stats.busy, len(pids)) == (MAX_WORKERS, 0, processes)
-
-    await wait_until_async(
-        whole,
-        RECOVERY[kind],
-        lambda: f"{MAX_WORKERS} live workers: stats={pool.stats()} live={pids}",
-    )
-    return pids
-
-
-async def error_of(pool: Executor, fn: Callable[..., Any], *args: Any) -> Exception:
-    """The exception ``pool.run(fn, *args)`` raises; fail if it returns or hangs."""
-    with anyio.fail_after(CALL_BOUND):
-        try:
-            result = await pool.run(fn, *args)
-        except Exception as exc:
-            return exc
-    pytest.fail(f"{fn.__name__}{args} returned {result!r} instead of failing")
-
-
-async def serving_pids(pool: Executor) -> set[int]:
-    """The pids of the workers that serve MAX_WORKERS concurrent calls: one each, since
-    every call holds its worker for 0.2 s. (Process pools only: a dask scheduler
-    places tasks as it sees fit.)"""
-    pids: list[int] = []
-
-    async def one() -> None:
-        pids.append(await pool.run(funcs.sleep_getpid, 0.2))
-
-    with anyio.fail_after(CALL_BOUND):
-        async with anyio.create_task_group() as tg:
-            for _ in range(MAX_WORKERS):
-                tg.start_soon(one)
-    assert len(pids) == MAX_WORKERS
-    return set(pids)
-
-
-async def assert_pool_recovers(pool: Executor, before: dict[str, int], **counts: int) -> None:
-    """After a fault: back to MAX_WORKERS live workers; a normal call succeeds; the
-    counters moved by ``counts`` (the faulty call) plus one completed call."""
-    await settled(pool)
-    assert await pool.run(funcs.add, 40, 2) == 42
-    delta = {name: counters(pool)[name] - before[name] for name in COUNTERS}
-    counts["completed"] = counts.get("completed", 0) + 1
-    assert delta == expected_counters(**counts), pool.stats()
-    stats = pool.stats()
-    assert (stats.busy, stats.queued) == (0, 0), stats
-
-
-def assert_remote_cause(exc: BaseException, kind: str, *needles: str) -> None:
-    """A worker process's traceback is the cause; a thread's is the exception's own."""
-    if kind == "thread":
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        for needle in needles:
-            assert needle in frames + repr(exc), (needle, frames)
-        return
-    cause = exc.__cause__
-    assert isinstance(cause, RemoteTraceback), repr(cause)
-    for needle in needles:
-        assert needle in cause.tb, (needle, cause.tb)
-
-
 # -- the stages of one call, as a table ------------------------------------------------
 
 #: why a kind does not meet a case
 NOTHING_PICKLED = "thread: a call's objects are passed as they are; nothing is pickled"
 THIS_PROCESS = "thread: the call runs in this process, which a crash would end"
+ONE_DEATH = (
+    "dask: the scheduler reports a worker's death alike whatever killed it (run-os-exit, "
+    "run-sigkill-from-outside), and each costs a worker restart of seconds"
+)
 
 
 @dataclass(frozen=True)
@@ -274,25 +162,6 @@ class Case:
     not_for: dict[str, str] = field(default_factory=dict)
     #: kind -> why it does not pass the case yet (a strict xfail: fixing it shows)
     known_gap: dict[str, str] = field(default_factory=dict)
-
-
-def pid_named(pattern: str) -> Callable[[Exception], int]:
-    """Reads the worker's pid from the error, or from its remote traceback."""
-
-    def pid(exc: Exception) -> int:
-        cause = exc.__cause__
-        text = str(exc) + (cause.tb if isinstance(cause, RemoteTraceback) else "")
-        found = re.search(pattern, text)
-        assert found, text
-        return int(found[1])
-
-    return pid
-
-
-#: the worker that refused the arguments names itself
-pid_unpickling_args = pid_named(r"refusing to unpickle in process (\d+)")
-#: the result names the worker that pickled it; the parent's refusal quotes it
-pid_pickling_result = pid_named(r"pickled in process (\d+)")
 
 
 def check_unpickle_args(exc: Exception, kind: str) -> None:
@@ -399,7 +268,7 @@ CASES = [
         check_crash(-signal.SIGSEGV, "killed by SIGSEGV"),
         "crashed",
         "replaced",
-        not_for={"thread": NOTHING_PICKLED},
+        not_for={"thread": NOTHING_PICKLED, "dask": ONE_DEATH},
     ),
     Case("run-raises", lambda _: (funcs.boom, ("kaboom",)), check_boom, "failed", "reused"),
     Case(
@@ -416,7 +285,7 @@ CASES = [
         check_crash(-signal.SIGSEGV, "killed by SIGSEGV"),
         "crashed",
         "replaced",
-        not_for={"thread": THIS_PROCESS},
+        not_for={"thread": THIS_PROCESS, "dask": ONE_DEATH},
     ),
     Case(
         "run-sigkill-from-outside",
@@ -524,6 +393,7 @@ async def test_stage_fault_fails_only_its_call(
                 assert dead in original
                 await wait_until(lambda: gone(dead), 3, f"crashed worker {dead} gone")
             now = await settled(pool)
+            # one worker replaced: the call was not retried on another
             assert len(now - original) == 1, (original, now)
             if kind == "process":
                 assert dead not in now
@@ -577,38 +447,6 @@ async def test_unpicklable_argument_is_refused_before_dispatch(
         await assert_pool_recovers(pool, before, failed=1, completed=MAX_WORKERS + served)
 
 
-async def test_deadline_on_call_stuck_in_c_kills_its_worker(tmp_path: Path) -> None:
-    """``time.sleep(60)`` under a 0.5 s deadline: OffloadTimeout within 1.5 s, the
-    sleeping worker is killed, and its replacement serves the next calls.
-
-    The process kind's alone: a thread cannot be stopped (``test_thread.py``), and a
-    dask task runs on unless ``hard_cancel`` restarts its worker (``test_dask.py``)."""
-    async with Offloader(matrix_settings()) as ex:
-        pool = ex.pool("process")
-        original = await settled(pool)
-        before = counters(pool)
-        pidfile = tmp_path / "pid"
-
-        started = time.perf_counter()
-        error = await error_of(
-            pool.options(timeout=0.5), funcs.write_pid_then_sleep, str(pidfile), 60
-        )
-        elapsed = time.perf_counter() - started
-        assert type(error) is OffloadTimeout, repr(error)
-        assert isinstance(error, TimeoutError)
-        assert "write_pid_then_sleep" in str(error), str(error)
-        assert 0.5 <= elapsed < 1.5, elapsed
-
-        sleeper = int(pidfile.read_text())
-        assert sleeper in original
-        await wait_until(lambda: gone(sleeper), 3, f"the sleeping worker {sleeper} killed")
-        now = await settled(pool)
-        assert sleeper not in now
-        assert len(now - original) == 1, (original, now)
-        assert await serving_pids(pool) == now  # the replacement serves calls
-        await assert_pool_recovers(pool, before, timed_out=1, completed=MAX_WORKERS)
-
-
 @pytest.mark.parametrize(
     "kind",
     [pytest.param("thread", marks=pytest.mark.skip(reason=THIS_PROCESS)), "process", "dask"],
@@ -646,100 +484,3 @@ async def test_worker_killed_while_idle_fails_no_call(
             served = MAX_WORKERS
         assert pool.stats().crashed == before["crashed"]
         await assert_pool_recovers(pool, before, completed=8 + served)
-
-
-# -- initializers ----------------------------------------------------------------------
-
-
-async def test_initializer_that_raises_fails_start() -> None:
-    settings = matrix_settings(
-        initializer="tests.funcs:failing_initializer",
-        initializer_args=("no model file",),
-    )
-    offloader = Offloader(settings)
-    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
-        async with offloader:
-            pytest.fail("the block ran though the pool could not start")
-    message = str(info.value)
-    assert "tests.funcs.InitializerFailed" in message, message
-    assert "no model file" in message, message
-    assert_remote_cause(info.value, "failing_initializer", "no model file")
-    assert not offloader.running
-    assert worker_procs() == [], worker_pids()
-
-
-async def test_initializer_that_crashes_fails_start() -> None:
-    settings = matrix_settings(
-        initializer="tests.funcs:crashing_initializer", initializer_args=(7,)
-    )
-    offloader = Offloader(settings)
-    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
-        async with offloader:
-            pytest.fail("the block ran though the pool could not start")
-    message = str(info.value)
-    assert "exited with code 7" in message, message
-    assert not offloader.running
-    assert worker_procs() == [], worker_pids()
-
-
-async def test_worker_slower_than_start_timeout_fails_start(tmp_path: Path) -> None:
-    flag = tmp_path / "slow"
-    flag.write_text("")
-    settings = matrix_settings(
-        initializer="tests.funcs:sleep_if_exists",
-        initializer_args=(str(flag), CALL_BOUND * 4),
-        start_timeout=0.5,
-    )
-    offloader = Offloader(settings)
-    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
-        async with offloader:
-            pytest.fail("the block ran though the pool could not start")
-    assert "0.5 s" in str(info.value), str(info.value)
-    assert "start_timeout" in str(info.value), str(info.value)
-    assert not offloader.running
-
-
-# -- shutting down right after a fault -------------------------------------------------
-
-
-@pytest.mark.parametrize("boot", [0.5, 5.0], ids=["boot-0.5s", "boot-5s"])
-async def test_exit_while_replacement_boots_logs_no_error(
-    boot: float, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A crash, then the Offloader exits while the crashed worker's replacement is
-    still booting: shutdown is bounded and quiet. The replacement is stopped by the
-    pool itself; that is no failure to start a worker and must not be logged as one.
-
-    An initializer that sleeps ``boot`` seconds once a flag file exists holds the
-    replacement (only) in its boot, so the block exits inside that window for sure.
-    5 s outlasts the grace ``_stop`` gives processes before SIGKILL.
-    """
-    caplog.set_level(logging.INFO, logger="offload")
-    flag = tmp_path / "slow"
-    settings = matrix_settings(
-        initializer="tests.funcs:sleep_if_exists", initializer_args=(str(flag), boot)
-    )
-    async with Offloader(settings) as ex:
-        pool = ex.pool("process")
-        original = await settled(pool)
-        flag.write_text("")
-        error = await error_of(pool, funcs.exit_now, 3)
-        assert isinstance(error, WorkerCrashed)
-        await wait_until(
-            lambda: len(worker_procs()) == MAX_WORKERS and worker_pids() != original,
-            RECOVERY["process"],
-            lambda: f"a replacement process started: live={worker_pids()}",
-        )
-        assert pool.stats().workers == MAX_WORKERS - 1  # ...and it is still booting
-        started = time.perf_counter()
-    elapsed = time.perf_counter() - started
-    assert worker_procs() == [], worker_pids()
-    assert elapsed < 5.0, elapsed
-    stray = [
-        f"{r.levelname}: {r.getMessage()}"
-        for r in caplog.records
-        if r.name.startswith("offload")
-        and r.levelno >= logging.ERROR
-        and "exit_now" not in r.getMessage()  # the crash itself is rightly an error
-    ]
-    assert stray == []
