@@ -125,7 +125,10 @@ async def pool_of(kind: str, shared_dask: Executor | None) -> AsyncIterator[Exec
     if shared_dask is not None:
         yield shared_dask
         return
-    async with Offloader(matrix_settings()) as ex:
+    settings = matrix_settings()
+    if kind == "thread":  # the process pool, unused, would start on first use: never
+        settings = OffloadSettings(thread=settings.thread, default_pool="thread")
+    async with Offloader(settings) as ex:
         yield ex.pool(kind)
 
 
