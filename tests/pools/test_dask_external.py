@@ -326,6 +326,20 @@ def cluster():
     return [scheduler, worker]
 
 
+def wait_listening(seconds=60):
+    # Until the scheduler accepts connections: the client's first connection must
+    # not spend its short window (2 s) on the scheduler's start on a loaded machine.
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
 def kill(procs):
     for p in procs:
         p.kill()
@@ -338,6 +352,7 @@ def outcome(exc):
 
 async def main():
     procs = cluster()
+    wait_listening()
     report = {}
     settings = OffloadSettings(
         process={"max_workers": 1},
