@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from importlib import import_module
 
-# Not typing.TYPE_CHECKING: importing typing costs a worker process ~15 ms of its
-# start, and workers import this package.
+# Not typing.TYPE_CHECKING: importing typing is a large part of a worker process's
+# start (docs/benchmarks.md, "Figures behind the code"), and workers import this
+# package.
 TYPE_CHECKING = False
 
 if TYPE_CHECKING:

@@ -121,8 +121,8 @@ class Executor:
         # one refused at once (PoolOverloaded, PoolClosed) yields before it raises, so
         # that a caller retrying on the error still lets the loop run: busy workers'
         # answers are read, deadlines fire. Not a full checkpoint on every call: that
-        # cost the parent ~7 us of CPU per no-op round trip (a quarter of it); this
-        # check, ~2 us on asyncio and nothing measurable on trio.
+        # cost the parent a quarter of its CPU per no-op round trip, this check a
+        # fraction of it (docs/benchmarks.md, "Figures behind the code").
         await anyio.lowlevel.checkpoint_if_cancelled()
         try:
             check_sync_callable(fn)

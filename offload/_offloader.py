@@ -13,9 +13,9 @@ import anyio.lowlevel
 
 # loky (for usable_cpus) and the built-in pool kinds (below) come with the
 # Offloader, not at its first start: an import holds the GIL, and made in a thread
-# while the loop ran, it made a 1 ms sleeper on the loop wake up to 4 ms late at p99
-# (docs/design.md). The dask kind stays imported on first use: distributed takes
-# seconds, and is optional.
+# while the loop ran, it made a sleeper on the loop wake up several times later
+# than asked (docs/benchmarks.md, "Figures behind the code"). The dask kind stays
+# imported on first use: distributed is large, and optional.
 import loky  # noqa: F401
 from anyio.lowlevel import RunVar
 

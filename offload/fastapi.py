@@ -214,9 +214,10 @@ class RequestExecutor(Executor):
         return result
 
     async def _submit_asyncio(self, loop: asyncio.AbstractEventLoop, pool: Pool, call: Call) -> Any:
-        # Every request pays for this, and an anyio task group costs about 100 µs
-        # more on asyncio than a bare task (CancelScope.cancel alone formats the
-        # task's repr): the listener is a plain task, cancelled once the call ends.
+        # Every request pays for this, and an anyio task group costs more on asyncio
+        # than a bare task (CancelScope.cancel alone formats the task's repr; see
+        # docs/benchmarks.md, "Figures behind the code"): the listener is a plain
+        # task, cancelled once the call ends.
         # The done callback retrieves whatever the listener ends with, so an error
         # of the server's receive never surfaces as "exception never retrieved"; the
         # call is cancelled only when the client has gone.

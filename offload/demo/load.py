@@ -224,7 +224,7 @@ class PingConnection:
 
     A plain socket loop, not asyncio streams: the pinger's own CPU time is taken from
     the machine it measures, and a ping here costs a few syscalls (asyncio's stream
-    client took ~0.7 ms of CPU per ping on the 2-vCPU VM of docs/benchmarks.md).
+    client costs many times more: docs/benchmarks.md, "Figures behind the code").
     """
 
     def __init__(self, port: int) -> None:

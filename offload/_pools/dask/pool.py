@@ -42,7 +42,8 @@ class DaskPool(DaskCalls):
         EmbeddedCluster.prepare()
         # The client sends its package versions when it connects, and _check_cluster
         # asks for offload's: importlib.metadata reads and parses files (and imports
-        # email's parser the first time), ~30 ms on the loop; distributed caches them.
+        # email's parser the first time), which would hold the loop (docs/benchmarks.md,
+        # "Figures behind the code"); distributed caches them.
         get_versions(packages=["offload"])
 
     async def start(self) -> None:
