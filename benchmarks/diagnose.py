@@ -19,7 +19,7 @@
 ``python benchmarks/diagnose.py slices``
     How late a 1 ms sleeper on the loop wakes, and how many ~25 ms calls two busy
     workers finish a second, in rounds of 4 s, alternately: workers as by default
-    (niceness 10 and the longest time slice, see ``offload/_pools/process/sched.py``), at
+    (niceness 10 and the longest time slice, see ``offload/_pools/process/scheduling.py``), at
     niceness 10 with the kernel's default slice, and under ``SCHED_IDLE``.
 ``python benchmarks/diagnose.py probe-cost``
     What the suite's 1 ms lag probe costs the loop's process: CPU time per wake-up,
@@ -199,19 +199,19 @@ SLICE_VARIANTS = ("default", "kernel's slice", "SCHED_IDLE")
 
 
 async def slices(runs: int) -> None:
-    from offload._pools.process import sched as _sched
+    from offload._pools.process import scheduling as _scheduling
 
-    ask = _sched._ask_for_slice
+    ask = _scheduling._ask_for_slice
     n = iterations()
     results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in SLICE_VARIANTS}
     try:
         for run in range(runs):
             order = SLICE_VARIANTS if run % 2 == 0 else SLICE_VARIANTS[::-1]
             for variant in order:
-                _sched._ask_for_slice = ask if variant == "default" else _no_slice
+                _scheduling._ask_for_slice = ask if variant == "default" else _no_slice
                 results[variant].append(await _busy_workers(variant == "SCHED_IDLE", n))
     finally:
-        _sched._ask_for_slice = ask
+        _scheduling._ask_for_slice = ask
     for variant, values in results.items():
         print(
             f"{variant}: lag p99 {statistics.median(v[0] for v in values):.2f} ms, "
@@ -222,7 +222,7 @@ async def slices(runs: int) -> None:
 
 
 def _no_slice(pid: int, nanoseconds: int) -> None:
-    """Stands in for ``_sched._ask_for_slice``: workers keep the kernel's slice."""
+    """Stands in for ``_scheduling._ask_for_slice``: workers keep the kernel's slice."""
 
 
 async def _busy_workers(idle: bool, n: int, seconds: float = 4.0) -> tuple[float, float, float]:

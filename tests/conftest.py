@@ -240,6 +240,6 @@ def no_blocking_on_the_loop(request: pytest.FixtureRequest) -> Iterator[None]:
     with blockbuster_ctx(scanned_modules=["offload"]) as bb:
         # /proc/<pid>/statm is made by the kernel on read: no disk, microseconds.
         bb.functions["io.BufferedReader.read"].can_block_in(
-            "offload/_pools/process/handle.py", "rss"
+            "offload/_pools/process/worker_handle.py", "rss"
         )
         yield

@@ -150,7 +150,7 @@ class Pool(ABC):
         :raises PoolClosed: the pool is closing, or was forced shut during the call
         :raises PoolOverloaded: every worker is busy and the queue is full
         :raises PoolStartError: the pool has had no worker for ``start_timeout`` seconds,
-            may not start its workers here (see ``process/nesting.py``), or starts on
+            may not start its workers here (see ``process/nested_pools.py``), or starts on
             first use and could not start (its cause: the error a warm start would
             have raised)
         :raises WorkerCrashed: the worker died while running the call

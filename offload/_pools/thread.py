@@ -51,12 +51,12 @@ def check_cancelled() -> None:
 
     :raises CallCancelled: if the call running in this thread was abandoned
     """
-    job: _Job | None = getattr(_local, "job", None)
+    job: _ThreadCall | None = getattr(_local, "job", None)
     if job is not None and job.abandoned:
         raise CallCancelled(f"{job.call.name} was abandoned by its caller")
 
 
-class _Job:
+class _ThreadCall:
     """A call as a worker thread sees it. The lock orders "finished" against
     "abandoned", so exactly one of wake() or release() runs."""
 
@@ -85,7 +85,7 @@ class _Job:
         self.wake: Callable[[], None] = _nothing
         # once an abandoned job is done with; given the job rather than closing over it:
         # a job referring to itself would be a cycle, freed only by the cyclic GC
-        self.release: Callable[[_Job], None] = _ignore
+        self.release: Callable[[_ThreadCall], None] = _ignore
 
     def run(self) -> None:
         with self.lock:
@@ -133,7 +133,7 @@ def _nothing() -> None:
     pass
 
 
-def _ignore(job: _Job) -> None:
+def _ignore(job: _ThreadCall) -> None:
     pass
 
 
@@ -142,7 +142,7 @@ def _start_all(threads: list[threading.Thread]) -> None:
         thread.start()
 
 
-def _worker(jobs: queue.SimpleQueue[_Job | None]) -> None:
+def _worker(jobs: queue.SimpleQueue[_ThreadCall | None]) -> None:
     mark_worker_thread()
     while (job := jobs.get()) is not None:
         job.run()
@@ -159,7 +159,7 @@ class _AsyncioBridge:
         except RuntimeError:  # the loop is closed: nobody is left to tell
             pass
 
-    async def wait(self, job: _Job, jobs: queue.SimpleQueue[_Job | None]) -> None:
+    async def wait(self, job: _ThreadCall, jobs: queue.SimpleQueue[_ThreadCall | None]) -> None:
         future = self.loop.create_future()
 
         def done() -> None:
@@ -188,7 +188,7 @@ class _TrioBridge:
         except self.trio.RunFinishedError:
             pass
 
-    async def wait(self, job: _Job, jobs: queue.SimpleQueue[_Job | None]) -> None:
+    async def wait(self, job: _ThreadCall, jobs: queue.SimpleQueue[_ThreadCall | None]) -> None:
         lowlevel = self.trio.lowlevel
         task = lowlevel.current_task()
         job.wake = lambda: self.call_soon_threadsafe(lambda: lowlevel.reschedule(task))
@@ -214,11 +214,11 @@ class ThreadPool(Pool):
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_ThreadCall | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._bridge: _AsyncioBridge | _TrioBridge | None = None
         self._capacity = self.max_workers + settings.max_pending
-        self._in_pool: set[_Job] = set()  # queued, running, or abandoned and not done
+        self._in_pool: set[_ThreadCall] = set()  # queued, running, or abandoned and not done
 
     async def start(self) -> None:
         try:
@@ -248,7 +248,7 @@ class ThreadPool(Pool):
             )
         bridge = self._bridge
         assert bridge is not None
-        job = _Job(call)
+        job = _ThreadCall(call)
         job.release = self._release
         in_pool.add(job)
         job.waiting = True
@@ -281,7 +281,7 @@ class ThreadPool(Pool):
                 del error, job
         return job.result
 
-    def _release(self, job: _Job) -> None:
+    def _release(self, job: _ThreadCall) -> None:
         """In the job's thread: an abandoned job is done, its slot free again."""
         assert self._bridge is not None
         self._bridge.call_soon_threadsafe(functools.partial(self._in_pool.discard, job))

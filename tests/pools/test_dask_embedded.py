@@ -27,7 +27,7 @@ from offload._pools.dask.embedded import EmbeddedCluster
 from offload._pools.dask.pool import DaskPool
 from offload._pools.dask.task import CannotReportStart, invoke
 from offload._pools.dask.versions import version_mismatches
-from offload._pools.process.sched import LONG_SLICE_NS, time_slice
+from offload._pools.process.scheduling import LONG_SLICE_NS, time_slice
 from offload._where import in_worker
 
 from .. import funcs

@@ -22,8 +22,9 @@ from offload import (
     SerializationError,
     WorkerCrashed,
 )
-from offload._pools.process import cma as _cma
-from offload._pools.process import wire as _wire
+from offload._pools.process import buffers as _buffers
+from offload._pools.process import cross_memory as _cross_memory
+from offload._pools.process import remote_buffers as _remote_buffers
 from offload._pools.process.pool import ProcessPool
 
 from .. import funcs
@@ -50,8 +51,8 @@ def read_only(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 CASES: dict[str, Any] = {
     "empty bytes": b"",
-    "bytes just under the out-of-band size": os.urandom(_wire.BIG_BYTES - 1),
-    "bytes out of band": os.urandom(_wire.BIG_BYTES),
+    "bytes just under the out-of-band size": os.urandom(_buffers.BIG_BYTES - 1),
+    "bytes out of band": os.urandom(_buffers.BIG_BYTES),
     "bytes in a mapping": os.urandom(2 * MB),
     "bytearray in a mapping": bytearray(os.urandom(2 * MB)),
     "empty array": np.empty((0, 3)),
@@ -87,7 +88,7 @@ async def test_large_bytes_as_keyword_and_result(ex: Executor) -> None:
     assert made == b"\xab" * 5 * MB
 
 
-BIG = _wire.BIG_BUFFER  # from here on, buffers are copied between memories
+BIG = _buffers.BIG_BUFFER  # from here on, buffers are copied between memories
 BIG_CASES: dict[str, Any] = {
     "bytes": os.urandom(BIG),
     "bytearray": bytearray(os.urandom(BIG + 1)),
@@ -150,7 +151,7 @@ async def test_a_worker_killed_mid_copy_fails_that_call_alone(
     monkeypatch: pytest.MonkeyPatch, copy: str
 ) -> None:
     shm_before = set(os.listdir("/dev/shm"))
-    real = getattr(_wire, copy)
+    real = getattr(_remote_buffers, copy)
 
     def kill_then_copy(pid: int, *args: Any) -> Any:
         # In the copying thread, the worker dies for real (SIGKILL) before the copy.
@@ -165,7 +166,7 @@ async def test_a_worker_killed_mid_copy_fails_that_call_alone(
         pool = ex.pool("process")
         first = await pool.run(funcs.getpid)
         with monkeypatch.context() as patch:
-            patch.setattr(_wire, copy, kill_then_copy)
+            patch.setattr(_remote_buffers, copy, kill_then_copy)
             # an argument to copy in, or a result to copy out
             arg: Any = np.ones(BIG) if copy == "deliver" else BIG
             fn: Any = funcs.echo if copy == "deliver" else funcs.make_bytes
@@ -185,7 +186,7 @@ async def test_a_worker_killed_mid_copy_fails_that_call_alone(
 async def test_a_worker_whose_memory_cannot_be_read_gets_the_channel(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_cma, "readable", lambda pid, address: False)
+    monkeypatch.setattr(_cross_memory, "readable", lambda pid, address: False)
     async with Offloader(process()) as ex:
         pool = ex.pool("process")
         assert not pool_of(pool)._cross_memory

@@ -25,8 +25,8 @@ from offload import (
     PoolSettings,
     WorkerCrashed,
 )
-from offload._pools.process import cma as _cma
-from offload._pools.process import sched as _sched
+from offload._pools.process import cross_memory as _cross_memory
+from offload._pools.process import scheduling as _scheduling
 from offload._settings import usable_cpus
 
 from .. import funcs
@@ -128,7 +128,7 @@ async def test_pool_runs_without_optional_os_feature(
     name: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delattr(os, name)
-    monkeypatch.setattr(_sched, "_nice_command", lambda: None)  # the parent lowers workers
+    monkeypatch.setattr(_scheduling, "_nice_command", lambda: None)  # the parent lowers workers
     usable_cpus.cache_clear()
     caplog.set_level(logging.DEBUG, logger="offload")
     settings = OffloadSettings(
@@ -166,14 +166,14 @@ async def test_pool_runs_without_cross_memory_calls(monkeypatch: pytest.MonkeyPa
     def no_libc() -> None:
         raise AttributeError("process_vm_readv")
 
-    monkeypatch.setattr(_cma, "_libc", no_libc)
-    _cma.available.cache_clear()
+    monkeypatch.setattr(_cross_memory, "_libc", no_libc)
+    _cross_memory.available.cache_clear()
     try:
         async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
             data = await ex.pool("process").run(funcs.make_bytes, 5 << 20)
             assert len(data) == 5 << 20
     finally:
-        _cma.available.cache_clear()
+        _cross_memory.available.cache_clear()
 
 
 POLICY_SCRIPT = """
@@ -220,10 +220,10 @@ def test_workers_keep_the_scheduling_policy_of_the_parent(
 
 
 NO_SIGNAL_FLAG = """
-import offload._pools.process.handle
+import offload._pools.process.worker_handle
 
 # As on macOS: sends cannot ask for no SIGPIPE.
-offload._pools.process.handle._NO_SIGNAL = 0
+offload._pools.process.worker_handle._NO_SIGNAL = 0
 """
 
 

@@ -37,7 +37,7 @@ from .. import funcs
 from ..conftest import Backend, loop_name
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-#: appears in the command line of every worker process (see ``_process._BOOT``)
+#: appears in the command line of every worker process (see ``launch._BOOT``)
 WORKER_MARK = "offload._pools.process.worker"
 
 
@@ -235,22 +235,22 @@ async def test_cancel_scope_stops_running_call_and_kills_its_worker(ex: Executor
 async def test_call_started_on_hand_off_then_cancelled_kills_its_worker(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A waiting call's frame is sent by whoever frees a worker (``_start_job``);
+    """A waiting call's frame is sent by whoever frees a worker (``_send_on_handoff``);
     cancelled before its own task runs, the call is stopped like a running one."""
     async with Offloader(settings(max_workers=1)) as ex:
         pool = ex.pool("process")
         impl = ex.offloader.get_pool("process")
         first = await pool.run(funcs.getpid)
         scope = anyio.CancelScope()
-        slots = impl._slots  # type: ignore[attr-defined]
-        real = slots._start
+        handoff = impl._handoff  # type: ignore[attr-defined]
+        real = handoff._send_early
 
         def start_then_cancel(worker: Any, job: Any) -> bool:
             started: bool = real(worker, job)
             scope.cancel()  # the waiting caller, before it runs again
             return started
 
-        monkeypatch.setattr(slots, "_start", start_then_cancel)
+        monkeypatch.setattr(handoff, "_send_early", start_then_cancel)
         async with anyio.create_task_group() as tg:
             tg.start_soon(pool.run, funcs.sleep_getpid, 0.2)  # holds the only worker
             await wait_until(lambda: pool.stats().busy == 1, 5, "the worker busy")

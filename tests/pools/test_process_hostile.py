@@ -26,7 +26,7 @@ from offload import (
     PoolSettings,
     SerializationError,
 )
-from offload._pools.process import pool as _process
+from offload._pools.process import exchange as _exchange
 
 from .. import funcs
 from ..conftest import Backend, loop_name
@@ -110,9 +110,9 @@ async def test_a_failed_send_fails_its_call_alone(monkeypatch: pytest.MonkeyPatc
     # the worker. The call fails, and the one worker is not lost to the pool.
     import numpy as np
 
-    from offload._pools.process import wire as _wire
+    from offload._pools.process import sending as _sending
 
-    monkeypatch.setattr(_wire, "MAX_PARTS", 1 << 16)
+    monkeypatch.setattr(_sending, "MAX_PARTS", 1 << 16)
     arrays = [np.full(4, i) for i in range(3000)]
     async with Offloader(one_worker()) as ex:
         pool = ex.pool("process")
@@ -358,7 +358,7 @@ async def test_results_whose_decoding_holds_the_loop_are_counted_and_named(
     started = time.perf_counter()
     pickle.loads(blob)
     baseline = time.perf_counter() - started
-    monkeypatch.setattr(_process, "SLOW_DECODE", baseline / 10)
+    monkeypatch.setattr(_exchange, "SLOW_DECODE", baseline / 10)
     async with Offloader(one_worker()) as ex:
         pool = ex.pool("process")
         assert await pool.run(funcs.add, 1, 2) == 3

@@ -24,8 +24,8 @@ from offload import (
     PoolStartError,
     WorkerCrashed,
 )
-from offload._pools.process import sched as _sched
-from offload._pools.process.sched import LONG_SLICE_NS, time_slice
+from offload._pools.process import scheduling as _scheduling
+from offload._pools.process.scheduling import LONG_SLICE_NS, time_slice
 
 from .. import funcs
 from ..conftest import Backend, children, loop_name
@@ -181,16 +181,16 @@ async def test_workers_run_at_lower_priority(niceness: int, idle_priority: bool)
         if ours is None:
             return  # a kernel that does not say (before Linux 6.12): nothing asked of it
         # Below the loop, a worker asks for the longest slice, so that the loop's
-        # thread, waking with the default one, preempts it at once (_pools/process/sched.py).
+        # thread, waking with the default one, preempts it at once (_pools/process/scheduling.py).
         long = niceness and not idle_priority
         assert time_slice(pid) == (LONG_SLICE_NS if long else ours)
 
 
-# What a process started by start_below says of itself at its first instruction, and
-# again once told to (by then start_below has returned).
+# What a process started by start_at_lower_priority says of itself at its first instruction, and
+# again once told to (by then start_at_lower_priority has returned).
 PRIORITY_NOW = (
     "import os, sys; sys.path[:0] = [sys.argv[1]];"
-    "from offload._pools.process.sched import time_slice;"
+    "from offload._pools.process.scheduling import time_slice;"
     "say = lambda: print(os.getpriority(os.PRIO_PROCESS, 0), time_slice(0), flush=True);"
     "say(); sys.stdin.readline(); say()"
 )
@@ -201,16 +201,16 @@ def test_a_process_starts_below_the_loop(
     nice_command: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An interpreter's start is tens of ms of CPU: it must not run at the loop's
-    # priority until the parent gets to lower it (_pools/process/sched.py). Where there is no
+    # priority until the parent gets to lower it (_pools/process/scheduling.py). Where there is no
     # `nice` command, the parent lowers it once Popen returns.
     if not nice_command:
-        monkeypatch.setattr(_sched, "_nice_command", lambda: None)
+        monkeypatch.setattr(_scheduling, "_nice_command", lambda: None)
     long = time_slice(0) is not None  # Linux 6.12+: the long slice too
     below = f"{min(19, os.getpriority(os.PRIO_PROCESS, 0) + 7)} {LONG_SLICE_NS if long else None}"
     root = str(Path(__file__).resolve().parent.parent.parent)
-    with ThreadPoolExecutor(1) as spawner:  # start_below sets its caller's own slice
+    with ThreadPoolExecutor(1) as spawner:  # start_at_lower_priority sets its caller's own slice
         proc = spawner.submit(
-            _sched.start_below,
+            _scheduling.start_at_lower_priority,
             [sys.executable, "-c", PRIORITY_NOW, root],
             PoolSettings(niceness=7),
             stdin=subprocess.PIPE,

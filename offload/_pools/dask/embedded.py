@@ -17,7 +17,7 @@ from distributed.security import Security as _Security
 
 from ..._errors import PoolStartError
 from ..._helper_threads import run_in_helper_thread
-from ..process.sched import start_below
+from ..process.scheduling import start_at_lower_priority as start_below
 from ..process.spawner import spawner, wait_future
 from .host import host_command, host_config
 

@@ -17,7 +17,7 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
     ) from exc
 
 from ..._errors import PoolStartError
-from ..process.nesting import refusal
+from ..process.nested_pools import refusal
 from .calls import SCATTER_THRESHOLD, DaskCalls
 from .connection import CONNECT_TIMEOUT
 from .embedded import EmbeddedCluster

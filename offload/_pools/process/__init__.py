@@ -1,4 +1,71 @@
-"""The process pool: supervised worker processes (see :mod:`.pool`).
+"""The process pool: supervised worker processes, one socket each.
 
-Workers import :mod:`.worker` from this package at start: this file imports nothing.
+The data flow of one call (each box names the module that does it)::
+
+    |=============== parent: the event loop's thread ===============|== worker ==|
+
+    caller task: ProcessPool._execute                      (pool.py)
+      |
+      | encode the function and arguments                  (call_encoding.py)
+      |   pickle 5, large buffers out of band              (framing.py, buffers.py)
+      v
+    wait for a free worker, first come first served        (handoff.py)
+      |   at most max_pending wait, then PoolOverloaded
+      |   a small call is sent by whoever frees the worker (exchange.WaitingCall)
+      v
+    send the frame over the worker's socketpair            (exchange.py,
+      |   sendmsg of header, pickle and buffers,             worker_handle.py,
+      |   under IOV_MAX, resumed after partial sends         sending.py)
+      |   buffers of 4 MiB or more stay REMOTE: copied
+      |   into the worker's memory with process_vm_writev  (remote_buffers.py,
+      |                                                     cross_memory.py)
+      +-------------------------------------------------------> main loop
+                                                               (worker.py):
+                                                               read the call,
+                                                               run it, encode
+                                                               the outcome
+      +<------------------------------------------------------ (status, value)
+      | read the reply, REMOTE results copied out of the
+      | worker's memory with process_vm_readv               (exchange.py)
+      v
+    decode: the result, or the exception raised with the
+    worker's traceback as its cause; large ``bytes`` in a
+    helper thread, slow decodes counted                    (call_encoding.py,
+                                                            exchange.py)
+
+    watcher task, one per worker: the pidfd becomes readable when the worker exits,
+    the pool ends its process group and starts a replacement (pool.py, launch.py)
+
+Worker processes are started by one long-lived thread (spawner.py), below the event
+loop (scheduling.py), with the parent's ``sys.path`` on their command line, and told
+their limits and initializer in a first message (launch.py).
+
+Deadline passed, or caller cancelled, while a worker runs the call
+    The caller gets ``OffloadTimeout`` (or its cancellation) at once. The worker is
+    somewhere in the call: it gets SIGTERM, then SIGKILL after ``KILL_GRACE``; its
+    watcher sees it exit and a replacement starts in the background. Other calls are
+    not touched. A call still waiting for a worker just leaves the line (handoff.py).
+
+Worker crash (segfault, ``os._exit``, killed, out of memory)
+    The caller reading its reply sees EOF, waits briefly for the exit status, and
+    raises ``WorkerCrashed`` with it; only that call fails. The watcher reaps the
+    worker, kills what is left of its process group, and starts a replacement, backing
+    off while starts fail (``PoolStartError`` for the waiting calls once
+    ``start_timeout`` has passed without a worker).
+
+Recycling (``max_tasks_per_worker``, ``max_memory_per_worker``)
+    After a call, a worker past its limit is retired: its channel is shut down, it
+    exits cleanly (SIGKILL after a grace otherwise), and a replacement starts; for the
+    call limit, one call early, so that capacity has no gap (worker_handle.py, pool.py).
+
+Shutdown (``Pool.aclose``, ../base.py)
+    New calls get ``PoolClosed``; calls in flight may finish until the drain deadline,
+    then their workers are killed. Idle workers are retired, the rest killed, and the
+    write end of the death pipe closed: a worker still there reads EOF and exits.
+    Should the parent die, however it dies, its workers die too (``PR_SET_PDEATHSIG``
+    or the death pipe), and each worker's guard ends its process group (worker.py).
+
+Workers import ``offload._pools.process.worker`` at start, and with it this package:
+this file imports nothing, and the modules a worker loads (worker.py, framing.py,
+buffers.py, remote_buffers.py, sending.py) import neither anyio nor pydantic.
 """

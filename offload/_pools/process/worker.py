@@ -1,6 +1,6 @@
 """The worker process: read a call, run it, write the answer, repeat.
 
-Started by ``pool.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
+Started by ``launch.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
 PATH...``, PATH the parent's ``sys.path``, installed before anything is imported.
 It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
 in a few tens of milliseconds.
@@ -30,31 +30,29 @@ import threading
 from collections.abc import Callable
 
 from ..._where import mark_worker_process
-from .wire import (
+from .buffers import out_of_band
+from .framing import (
     BAD_REQUEST,
     BAD_RESULT,
     OK,
     RAISED,
     RAISED_UNPICKLABLE,
-    SCRATCH,
+    SCRATCH_SIZE,
     TOO_LARGE,
     WRITE_TO,
     decode,
     encode,
-    has_remote,
-    local,
-    make_room,
-    out_of_band,
     recv_frame,
-    recv_go_ahead,
-    send_parts,
 )
+from .remote_buffers import has_remote, inline_buffers, make_room, recv_go_ahead
+from .sending import send_parts
 
 TYPE_CHECKING = False  # not typing's: see offload/__init__.py
 if TYPE_CHECKING:
     from typing import Any
 
-    from .wire import Frame, Received
+    from .buffers import Received
+    from .framing import Frame
 
 __all__ = ("main",)
 
@@ -83,9 +81,9 @@ def main() -> None:
     _guard_group()
     faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
-    scratch = memoryview(bytearray(SCRATCH))
+    scratch = memoryview(bytearray(SCRATCH_SIZE))
     data, received = recv_frame(sock, scratch)
-    boot = decode(data, local(received))
+    boot = decode(data, inline_buffers(received))
     max_payload, cross_memory, memory_limit, initializer, initializer_args = boot
     if memory_limit is not None:
         _cap_memory(memory_limit)
@@ -100,7 +98,7 @@ def main() -> None:
         _leave_if_forked()
     probe = 0
     if cross_memory:
-        from .cma import PROBE, address_of
+        from .cross_memory import PROBE, address_of
 
         probe = address_of(PROBE)
     send_parts(sock, encode((OK, (os.getpid(), probe))))
@@ -158,12 +156,12 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                 send_parts(sock, encode((WRITE_TO, addresses)))
                 recv_go_ahead(sock)  # the parent wrote them
             else:
-                buffers = local(received)
+                buffers = inline_buffers(received)
             del received
         except (EOFError, ConnectionError):
             return  # the parent closed the channel: a clean stop
         reply: tuple[int, Any]
-        spent = False
+        leave_after_reply = False
         try:
             fn, args, kwargs = _load_call(data, buffers)
         except BaseException as exc:
@@ -178,15 +176,15 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             try:
                 reply = (OK, out_of_band(fn(*args, **kwargs)))
             except BaseException as exc:
-                spent = _out_of_memory(exc)
+                leave_after_reply = _out_of_memory(exc)
                 reply = _exception_reply(exc)
             # A callable's state and the arguments go now, not when the next call
-            # comes (only plain functions are cached, see _codec.function_blob).
+            # comes (only plain functions are cached, see call_encoding.function_blob).
             del fn, args, kwargs
         parts = _encode_reply(reply, max_payload, cross_memory)
         del reply
         _leave_if_forked()  # once per call: getpid is a system call
-        if spent and not parts.remote:
+        if leave_after_reply and not parts.remote:
             # A call sent to it from now on fails to send (EPIPE), and the parent
             # gives it to another worker, rather than to one about to leave.
             sock.shutdown(socket.SHUT_RD)
@@ -196,7 +194,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                 recv_go_ahead(sock)  # the parent has read them
             except (EOFError, ConnectionError):
                 return
-        if spent:
+        if leave_after_reply:
             sys.exit(EXIT_OUT_OF_MEMORY)
         del parts
 
@@ -279,7 +277,7 @@ def _exception_reply(exc: BaseException) -> tuple[int, Any]:
         pickle.loads(blob)  # the parent must be able to rebuild it, too
     except BaseException:
         try:  # an exception whose __init__ needs what its args lack (HTTPException)
-            from .rebuild import dumps
+            from .exception_pickling import dumps
 
             blob = dumps(exc)
             pickle.loads(blob)

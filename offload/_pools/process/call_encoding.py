@@ -14,7 +14,8 @@ from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 from ..._errors import CallAborted, OffloadError, RemoteTraceback, SerializationError
-from . import wire
+from . import framing
+from .buffers import Buffer, Received, out_of_band
 
 if TYPE_CHECKING:
     from ..._call import Call
@@ -53,7 +54,7 @@ def function_blob(fn: Callable[..., Any]) -> tuple[bytes, bool]:
     return cloudpickle.dumps(fn, protocol=5), False
 
 
-def _refers_to_main(data: wire.Buffer) -> bool:
+def _refers_to_main(data: Buffer) -> bool:
     """Whether a pickle may name something in ``__main__``, which a worker has not (its
     own ``__main__`` is another): every such reference spells the module's name. A
     string that merely contains it costs a needless by-value pickle, nothing else."""
@@ -70,8 +71,8 @@ def _importable(fn: object) -> bool:
     return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
 
 
-def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> wire.Frame:
-    """The call as a frame for a worker (``cross_memory``: see :func:`wire.encode`).
+def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> framing.Frame:
+    """The call as a frame for a worker (``cross_memory``: see :func:`.framing.encode`).
 
     :raises SerializationError: the function or arguments do not pickle, or take more
         than ``max_payload`` bytes
@@ -85,12 +86,12 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         ) from exc
     args, kwargs = call.args, call.kwargs
     if bytes in map(type, args):
-        args = tuple(map(wire.out_of_band, args))
+        args = tuple(map(out_of_band, args))
     if kwargs and bytes in map(type, kwargs.values()):
-        kwargs = {name: wire.out_of_band(value) for name, value in kwargs.items()}
+        kwargs = {name: out_of_band(value) for name, value in kwargs.items()}
     request = (blob, cache, args, kwargs)
     try:
-        parts = wire.encode(request, cross_memory=cross_memory)
+        parts = framing.encode(request, cross_memory=cross_memory)
         if _refers_to_main(parts[1]):  # the pickle: header or table, pickle, buffers
             raise pickle.PicklingError("refers to __main__")
     except BaseException as exc:
@@ -98,7 +99,7 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         try:  # what plain pickle refuses (lambdas, closures), or sends by a name
             import cloudpickle  # the worker cannot look up (``__main__``)
 
-            parts = wire.encode(request, cloudpickle.dumps, cross_memory)
+            parts = framing.encode(request, cloudpickle.dumps, cross_memory)
         except BaseException as exc:
             _reraise_interrupt(exc)
             raise SerializationError(
@@ -113,22 +114,22 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
     return parts
 
 
-def decode_reply(call: Call, data: wire.Received, buffers: list[wire.Received]) -> Any:
+def decode_reply(call: Call, data: Received, buffers: list[Received]) -> Any:
     """The outcome of ``call`` from a worker's answer: its result, or its exception
     raised (a ``BaseException`` that is not an ``Exception`` as :class:`CallAborted`).
 
     :raises SerializationError: the result could not be pickled, unpickled or sent
     """
     try:
-        status, value = wire.decode(data, buffers)
+        status, value = framing.decode(data, buffers)
     except BaseException as exc:
         _reraise_interrupt(exc)
         raise SerializationError(
             f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
         ) from exc
-    if status == wire.OK:
+    if status == framing.OK:
         return value
-    if status == wire.RAISED:
+    if status == framing.RAISED:
         blob, tb = value
         try:
             error = pickle.loads(blob)
@@ -147,18 +148,18 @@ def decode_reply(call: Call, data: wire.Received, buffers: list[wire.Received]) 
             raise error from RemoteTraceback(tb)
         finally:
             del error  # its traceback holds this frame: no cycle for the GC to find
-    if status == wire.RAISED_UNPICKLABLE:
+    if status == framing.RAISED_UNPICKLABLE:
         type_name, message, tb, aborted = value
         raise (CallAborted if aborted else OffloadError)(
             f"{call.name} raised {type_name}: {message} "
             "(the exception could not be sent from the worker: it does not pickle and unpickle)"
         ) from RemoteTraceback(tb)
-    if status == wire.BAD_REQUEST:
+    if status == framing.BAD_REQUEST:
         message, tb = value
         raise SerializationError(
             f"the worker could not unpickle the call to {call.name}: {message}"
         ) from RemoteTraceback(tb)
-    if status == wire.TOO_LARGE:
+    if status == framing.TOO_LARGE:
         raise SerializationError(
             f"the result of {call.name} takes {value[0]} bytes pickled, more than the pool's "
             f"max_payload ({value[1]} bytes)"

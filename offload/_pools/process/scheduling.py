@@ -1,6 +1,6 @@
 """How worker processes are scheduled: below the event loop that waits for them.
 
-A process is below the loop from its first instruction (:func:`start_below`), not from
+A process is below the loop from its first instruction (:func:`start_at_lower_priority`), not from
 when the parent gets to it after ``Popen`` returns: an interpreter's start takes tens
 of milliseconds of CPU (a Dask cluster's host, seconds), and in ``perf`` traces of
 sched_switch events on the 2-vCPU VM, a process still at the loop's priority held the
@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ..._settings import PoolSettings
 
-__all__ = ("start_below", "time_slice")
+__all__ = ("start_at_lower_priority", "time_slice")
 
 logger = logging.getLogger("offload")
 
@@ -81,7 +81,9 @@ class _SchedAttr(ctypes.Structure):
     )
 
 
-def start_below(args: list[str], settings: PoolSettings, **popen: Any) -> subprocess.Popen[bytes]:
+def start_at_lower_priority(
+    args: list[str], settings: PoolSettings, **popen: Any
+) -> subprocess.Popen[bytes]:
     """``subprocess.Popen(args, **popen)``, the process below the event loop as its
     pool's settings say. Only on the spawner thread (``spawner.py``), whose own time
     slice it sets.

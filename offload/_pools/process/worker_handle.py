@@ -16,13 +16,18 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from . import wire
+from .framing import SCRATCH_SIZE, Remote, parse_frame, whole_frame
+from .sending import first_batch, first_bytes, remaining
 
 if TYPE_CHECKING:
     from ..._call import Call
+    from ..._settings import PoolSettings
+    from .buffers import Buffer, Received
 
-__all__ = ("WorkerHandle", "quiet_channel")
+__all__ = ("EXIT_STATUS_WAIT", "WorkerHandle", "quiet_channel")
 
+#: seconds a caller waits for a dead worker's exit status before reporting without it
+EXIT_STATUS_WAIT = 2.0
 #: bytes one system call may move: while the worker keeps up on the other end, a
 #: single recv or send of a large frame would otherwise copy on and on
 CHUNK = 1 << 18
@@ -90,15 +95,15 @@ class WorkerHandle:
         "call",
         "calls",
         "exited",
-        "held",
+        "in_use",
         "pid",
         "pidfd",
         "proc",
         "ready",
+        "replacement_started",
         "retiring",
         "scratch",
         "sock",
-        "successor",
     )
 
     def __init__(
@@ -110,7 +115,7 @@ class WorkerHandle:
         self.proc = proc
         self.pid = proc.pid
         self.sock = sock
-        self.scratch = memoryview(bytearray(wire.SCRATCH))
+        self.scratch = memoryview(bytearray(SCRATCH_SIZE))
         self.pidfd: int | None = None
         if hasattr(os, "pidfd_open"):
             with contextlib.suppress(OSError):
@@ -118,10 +123,10 @@ class WorkerHandle:
         self.exited = anyio.Event()
         self.calls = 0
         self.call: Call | None = None  # the call it runs, for the logs
-        self.held = False  # a caller is using the channel: only it may close it
+        self.in_use = False  # a caller is using the channel: only it may close it
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
-        self.successor = False  # its replacement was started before it retired
+        self.replacement_started = False  # before it retired
         # On asyncio the channel's reader stays registered between calls (see _read_into).
         self._loop = loop
         self._reader_on = False
@@ -132,7 +137,7 @@ class WorkerHandle:
     def returncode(self) -> int | None:
         return self.proc.returncode
 
-    def send_some(self, parts: list[wire.Buffer]) -> Sequence[wire.Buffer]:
+    def send_some(self, parts: list[Buffer]) -> Sequence[Buffer]:
         """Write what the channel takes of a frame of at most :data:`CHUNK` bytes at
         once, without waiting; return the rest, for :meth:`send`. (A larger frame is
         returned whole: :meth:`send` pauses for the loop while writing it.)"""
@@ -140,30 +145,30 @@ class WorkerHandle:
         if size > CHUNK:
             return parts
         try:
-            sent = self.sock.sendmsg(wire.batch(parts), (), _NO_SIGNAL)
+            sent = self.sock.sendmsg(first_batch(parts), (), _NO_SIGNAL)
         except BlockingIOError:
             return parts
-        return wire.remaining(parts, sent) if sent < size else ()
+        return remaining(parts, sent) if sent < size else ()
 
-    async def send(self, parts: Sequence[wire.Buffer]) -> None:
+    async def send(self, parts: Sequence[Buffer]) -> None:
         sock = self.sock
         views = parts
         if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
-                    views = wire.remaining(views, sock.sendmsg(wire.batch(views), (), _NO_SIGNAL))
+                    views = remaining(views, sock.sendmsg(first_batch(views), (), _NO_SIGNAL))
                 except BlockingIOError:
                     await anyio.wait_writable(sock)
             return
         unyielded = 0
         while views:
             try:
-                sent = sock.sendmsg(wire.batch(wire.head(views, CHUNK)), (), _NO_SIGNAL)
+                sent = sock.sendmsg(first_batch(first_bytes(views, CHUNK)), (), _NO_SIGNAL)
             except BlockingIOError:
                 unyielded = 0
                 await anyio.wait_writable(sock)
                 continue
-            views = wire.remaining(views, sent)
+            views = remaining(views, sent)
             unyielded += sent
             if unyielded >= YIELD_EVERY and views:
                 # The worker drains the channel as fast as it is filled: without a
@@ -171,16 +176,16 @@ class WorkerHandle:
                 unyielded = 0
                 await anyio.lowlevel.checkpoint()
 
-    async def recv(self) -> tuple[wire.Received, list[wire.Received | wire.Remote]]:
+    async def recv(self) -> tuple[Received, list[Received | Remote]]:
         scratch = self.scratch
         # Not tried at once: the frame was just sent, the answer is not here yet.
         n = await self._read_into(scratch, len(scratch), eager=False)
         if not n:
             raise EOFError("the worker closed its channel")
-        frame = wire.whole_frame(scratch, n)
+        frame = whole_frame(scratch, n)
         if frame is not None:
             return frame
-        parser = wire.parse_frame(scratch, n)
+        parser = parse_frame(scratch, n)
         unyielded = n
         try:
             view = next(parser)
@@ -280,6 +285,24 @@ class WorkerHandle:
                 return int(statm.read().split()[1]) * _PAGE_SIZE
         except (OSError, ValueError, IndexError):
             return 0
+
+    def due_for_recycling(self, settings: PoolSettings, pool_name: str) -> bool:
+        """Whether the worker is due for replacement after its latest call (logged)."""
+        limit = settings.max_tasks_per_worker
+        if limit is not None and self.calls >= limit:
+            logger.info("pool %r: recycling worker %d after %d calls", pool_name, self.pid, limit)
+            return True
+        memory = settings.max_memory_per_worker
+        if memory is not None and (rss := self.rss()) > memory:
+            logger.info(
+                "pool %r: recycling worker %d: %d bytes resident, limit %d",
+                pool_name,
+                self.pid,
+                rss,
+                memory,
+            )
+            return True
+        return False
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the worker and to every process of its process group (what

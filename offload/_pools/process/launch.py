@@ -1,0 +1,137 @@
+"""Launching a worker process: its command line, its start, its boot.
+
+A worker is started on the spawner thread (``spawner.py``), below the event loop from
+its first instruction (``scheduling.py``), in a session of its own, with one end of a
+socketpair (its channel to the parent) and the read end of the pool's death pipe
+(which reaches EOF when the parent dies, however it dies). Once it runs, the parent
+sends it the boot message (limits, cross-memory copies, the initializer) and waits
+for its answer: ready, or the initializer's failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ..._errors import PoolStartError, RemoteTraceback, describe_exit
+from .framing import OK, decode, encode
+from .remote_buffers import inline_buffers
+from .scheduling import start_at_lower_priority
+from .spawner import spawner, wait_future
+from .worker_handle import EXIT_STATUS_WAIT, WorkerHandle, quiet_channel
+
+if TYPE_CHECKING:
+    from ..._settings import PoolSettings
+
+__all__ = ("boot", "spawn", "worker_command")
+
+# The parent's sys.path, from the command line, is the worker's before it imports
+# anything: ``-c`` puts the current directory first on the path, where a
+# ``socket.py`` would run in every worker (and offload itself may be importable only
+# from a directory of the parent's path). ``sys`` is built in: importing it reads no
+# directory.
+_BOOT = (
+    "import sys; sys.path[:] = sys.argv[4:]; from offload._pools.process.worker import main; main()"
+)
+
+
+def worker_command(*args: str) -> list[str]:
+    """The command line of a worker: this interpreter with the options it runs with
+    (``-E``, ``-s``, ``-O``, ``-X ...``, as multiprocessing passes them on), the boot,
+    ``args``, then the parent's ``sys.path``."""
+    # Private, but what multiprocessing's spawn uses for the same purpose.
+    flags: Callable[[], list[str]] = getattr(subprocess, "_args_from_interpreter_flags", list)
+    return [sys.executable, *flags(), "-c", _BOOT, *args, *sys.path]
+
+
+def _start_process(
+    args: list[str], fds: tuple[int, ...], settings: PoolSettings
+) -> subprocess.Popen[bytes]:
+    """Start a worker process, below the event loop from its start (``scheduling.py``).
+
+    In a session of its own, so that the programs its calls start share its process
+    group, and end with it (:meth:`WorkerHandle.end_group`).
+    """
+    return start_at_lower_priority(
+        args, settings, pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+async def spawn(
+    death_fd: int, settings: PoolSettings, loop: asyncio.AbstractEventLoop | None
+) -> WorkerHandle:
+    """Start a worker process; the parent's handle on it, its channel not yet used."""
+    parent, child = socket.socketpair()
+    args = worker_command(str(child.fileno()), str(death_fd), str(os.getpid()))
+    try:
+        # On the spawner thread (see spawner.py); waited for even when
+        # cancelled, so that a started process always reaches the pool.
+        future = spawner().submit(_start_process, args, (child.fileno(), death_fd), settings)
+        proc = await wait_future(future)
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    parent = quiet_channel(parent)
+    parent.setblocking(False)
+    return WorkerHandle(proc, parent, loop)
+
+
+async def boot(
+    worker: WorkerHandle,
+    settings: PoolSettings,
+    cross_memory: bool,
+    pool_name: str,
+    kill: Callable[[WorkerHandle], None],
+) -> int:
+    """Send a new worker what it needs before its first call, and wait (up to
+    ``start_timeout``) for its answer: ready, with the address of its
+    ``cross_memory.PROBE`` (0 without cross-memory copies), which is returned.
+
+    :raises PoolStartError: it did not answer in time, died, or its initializer
+        raised; it is stopped with ``kill`` first, as on any other exception
+    """
+    start_timeout = settings.start_timeout
+    message = (
+        settings.max_payload,
+        cross_memory,
+        settings.hard_memory_limit,
+        settings.initializer,
+        settings.initializer_args,
+    )
+    try:
+        with anyio.fail_after(start_timeout):
+            await worker.send(encode(message))
+            data, received = await worker.recv()
+            status, value = decode(data, inline_buffers(received))
+    except BaseException as exc:
+        kill(worker)
+        if isinstance(exc, TimeoutError):
+            raise PoolStartError(
+                f"a worker of pool {pool_name!r} did not start within "
+                f"{start_timeout:g} s (start_timeout)"
+            ) from exc
+        if isinstance(exc, (EOFError, OSError)):
+            with anyio.move_on_after(EXIT_STATUS_WAIT, shield=True):
+                await worker.exited.wait()
+            raise PoolStartError(
+                f"a worker of pool {pool_name!r} failed to start "
+                f"({describe_exit(worker.returncode)})"
+            ) from exc
+        raise
+    if status != OK:
+        kill(worker)
+        type_name, message, tb = value
+        raise PoolStartError(
+            f"the initializer of pool {pool_name!r} raised {type_name}: {message}"
+        ) from RemoteTraceback(tb)
+    probe: int = value[1]
+    return probe
