@@ -13,11 +13,12 @@ The data flow of one call (each box names the module that does it)::
       |   at most max_pending wait, then PoolOverloaded
       |   a small call is sent by whoever frees the worker (exchange.WaitingCall)
       v
-    send the frame over the worker's socketpair            (exchange.py,
+    send the frame over the worker's socketpair            (pool.py,
       |   sendmsg of header, pickle and buffers,             worker_handle.py,
       |   under IOV_MAX, resumed after partial sends         sending.py)
       |   buffers of 4 MiB or more stay REMOTE: copied
-      |   into the worker's memory with process_vm_writev  (remote_buffers.py,
+      |   into the worker's memory with process_vm_writev  (exchange.py,
+      |                                                     remote_buffers.py,
       |                                                     cross_memory.py)
       +-------------------------------------------------------> main loop
                                                                (worker.py):
@@ -25,13 +26,13 @@ The data flow of one call (each box names the module that does it)::
                                                                run it, encode
                                                                the outcome
       +<------------------------------------------------------ (status, value)
-      | read the reply, REMOTE results copied out of the
-      | worker's memory with process_vm_readv               (exchange.py)
+      | read the reply; REMOTE results copied out of the
+      | worker's memory with process_vm_readv             (pool.py, exchange.py)
       v
     decode: the result, or the exception raised with the
     worker's traceback as its cause; large ``bytes`` in a
-    helper thread, slow decodes counted                    (call_encoding.py,
-                                                            exchange.py)
+    helper thread, slow decodes on the loop counted        (call_encoding.py,
+                                                            exchange.LoopDecoder)
 
     watcher task, one per worker: the pidfd becomes readable when the worker exits,
     the pool ends its process group and starts a replacement (pool.py, launch.py)

@@ -1,21 +1,26 @@
-"""One call's exchange with the worker that holds it: send the call, copy its large
-buffers, read the reply, decode it.
+"""One call's exchange with the worker that holds it, beyond the usual round trip.
 
 The caller's task does the socket I/O itself (``worker_handle.py``), waiting on the
-event loop: a round trip costs no thread hop. A call that waited for a worker may have
-been sent already by whoever freed one (:class:`WaitingCall`); its task then sends
-what did not fit at once, if anything. With REMOTE buffers (``remote_buffers.py``),
-the exchange has more steps::
+event loop: a round trip costs no thread hop. ``ProcessPool._execute`` sends the
+frame and reads a reply without REMOTE buffers itself, the path of every small call.
+This module holds the rest:
 
-    parent                               worker
-    call frame (REMOTE arguments) ──>
-                                  <──    (WRITE_TO, addresses)
-    copy the arguments in (deliver), GO_AHEAD ──>
-                                  <──    reply frame (REMOTE results)
-    copy the results out (fetch), GO_AHEAD ──>
+- :class:`WaitingCall`: a call waiting for a worker, whose frame whoever frees one
+  sends at once; its task then sends what did not fit, if anything;
+- the steps of a call with REMOTE buffers (``remote_buffers.py``)::
 
-The copies run in a helper thread (``cross_memory.py`` releases the GIL). What fails
-here raises to the pool (``pool.py``), which decides what becomes of the worker.
+      parent                                         worker
+      call frame (REMOTE arguments)            ──>
+                                               <──   (WRITE_TO, addresses)
+      copy the arguments in (deliver), GO_AHEAD ──>
+                                               <──   reply frame (REMOTE results)
+      copy the results out (fetch), GO_AHEAD   ──>
+
+  The copies run in a helper thread (``cross_memory.py`` releases the GIL);
+- :class:`LoopDecoder`: decoding a reply on the loop, and counting the slow ones.
+
+What fails here raises to the pool (``pool.py``), which decides what becomes of the
+worker.
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..._helper_threads import run_in_helper_thread
 from . import framing, remote_buffers
-from .buffers import slow_to_decode
 from .call_encoding import decode_reply
 from .remote_buffers import GO_AHEAD, has_remote, inline_buffers
 
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
     from .framing import Frame, Remote
     from .worker_handle import WorkerHandle
 
-__all__ = ("SlowDecodes", "WaitingCall", "decode_outcome", "receive_reply", "send_call")
+__all__ = ("LoopDecoder", "WaitingCall", "deliver_then_receive", "fetch_results")
 
 logger = logging.getLogger("offload")
 
@@ -68,46 +72,35 @@ class WaitingCall:
         self.unsent: Sequence[Buffer] = ()
 
 
-async def send_call(
-    worker: WorkerHandle, request: Frame, waiting: WaitingCall | None, sent_early: bool
-) -> None:
-    """Send the call's frame, or what is left of it if it was sent on hand-off."""
-    if not sent_early:
-        if unsent := worker.send_some(request):
-            await worker.send(unsent)
-    elif waiting is not None and waiting.unsent:
-        await worker.send(waiting.unsent)
-
-
-async def receive_reply(
+async def deliver_then_receive(
     worker: WorkerHandle, request: Frame, stop: StopWorker
 ) -> tuple[Received, list[Received]]:
-    """The worker's reply to the call just sent, its REMOTE buffers copied out, and
-    the call's REMOTE arguments copied in first, if it has any.
+    """The rest of a call with REMOTE arguments once its frame is sent: they are
+    copied into the worker, and its reply read, its REMOTE buffers copied out.
 
     ``stop(worker, reason)`` stops the worker when a copy fails while it is still there.
     """
-    if request.remote:
-        data, received = await worker.recv()
-        status, addresses = framing.decode(data, inline_buffers(received))
-        if status != framing.WRITE_TO:  # a channel out of step: fails as a channel error
-            raise ValueError(f"expected WRITE_TO from worker {worker.pid}, got {status}")
-        await _copy(
-            worker,
-            functools.partial(remote_buffers.deliver, worker.pid, request.remote, addresses),
-            stop,
-        )
-        await worker.send(GO_AHEAD)
+    data, received = await worker.recv()
+    status, addresses = framing.decode(data, inline_buffers(received))
+    if status != framing.WRITE_TO:  # a channel out of step: fails as a channel error
+        raise ValueError(f"expected WRITE_TO from worker {worker.pid}, got {status}")
+    await _copy(
+        worker,
+        functools.partial(remote_buffers.deliver, worker.pid, request.remote, addresses),
+        stop,
+    )
+    await worker.send(GO_AHEAD)
     data, received = await worker.recv()
     if not has_remote(received):
         return data, inline_buffers(received)
-    return data, await _fetch(worker, received, stop)
+    return data, await fetch_results(worker, received, stop)
 
 
-async def _fetch(
+async def fetch_results(
     worker: WorkerHandle, received: list[Received | Remote], stop: StopWorker
 ) -> list[Received]:
-    """A reply's REMOTE buffers, read out of the worker's memory."""
+    """A reply's buffers, the REMOTE ones read out of the worker's memory (``stop``:
+    see :func:`deliver_then_receive`)."""
     buffers = await _copy(
         worker, functools.partial(remote_buffers.fetch, worker.pid, received), stop
     )
@@ -129,9 +122,10 @@ async def _copy(worker: WorkerHandle, copy: Callable[[], T], stop: StopWorker) -
         raise
 
 
-class SlowDecodes:
-    """Counts the results whose decoding held the event loop, and names them in a
-    warning now and then (a pool's, at most every :data:`SLOW_DECODE_LOG_EVERY` s)."""
+class LoopDecoder:
+    """Decodes replies on the event loop, and counts those whose decoding held it,
+    naming them in a warning now and then (a pool's, at most every
+    :data:`SLOW_DECODE_LOG_EVERY` s)."""
 
     __slots__ = ("_counters", "_pool_name", "_quiet_until")
 
@@ -140,7 +134,17 @@ class SlowDecodes:
         self._counters = counters
         self._quiet_until = 0.0  # no warning before then
 
-    def note(self, call: Call, held: float) -> None:
+    def decode(self, call: Call, data: Received, buffers: list[Received]) -> Any:
+        """The call's result, or its exception raised (``call_encoding.decode_reply``)."""
+        decoding = time.perf_counter()
+        try:
+            return decode_reply(call, data, buffers)
+        finally:
+            held = time.perf_counter() - decoding
+            if held >= SLOW_DECODE:
+                self._note(call, held)
+
+    def _note(self, call: Call, held: float) -> None:
         counters = self._counters
         counters.slow_decodes += 1
         now = time.monotonic()
@@ -156,22 +160,3 @@ class SlowDecodes:
             held * 1000,
             counters.slow_decodes,
         )
-
-
-async def decode_outcome(
-    call: Call, data: Received, buffers: list[Received], slow: SlowDecodes
-) -> Any:
-    """The call's result, or its exception raised (see ``call_encoding.decode_reply``)."""
-    if buffers and slow_to_decode((data, *buffers)):
-        # A large ``bytes`` is one copy, made by os.pread in a thread
-        # without the GIL; arrays are views on the received buffers.
-        return await run_in_helper_thread(decode_reply, call, data, buffers)
-    # On the loop: a thread would not help, unpickling Python objects holds
-    # the GIL. A result that takes long to decode is counted and named.
-    decoding = time.perf_counter()
-    try:
-        return decode_reply(call, data, buffers)
-    finally:
-        held = time.perf_counter() - decoding
-        if held >= SLOW_DECODE:
-            slow.note(call, held)

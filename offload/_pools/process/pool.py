@@ -29,14 +29,17 @@ from ..._errors import (
     WorkerCrashed,
     describe_exit,
 )
+from ..._helper_threads import run_in_helper_thread
 from ..._where import in_worker_process
 from ..base import Pool
 from . import cross_memory, launch
-from .call_encoding import encode_request
-from .exchange import SlowDecodes, WaitingCall, decode_outcome, receive_reply, send_call
+from .buffers import slow_to_decode
+from .call_encoding import decode_reply, encode_request
+from .exchange import LoopDecoder, WaitingCall, deliver_then_receive, fetch_results
 from .framing import SCRATCH_SIZE
 from .handoff import Handoff
 from .nested_pools import refusal
+from .remote_buffers import has_remote, inline_buffers
 from .spawner import spawner
 from .worker import EXIT_OUT_OF_MEMORY
 from .worker_handle import EXIT_STATUS_WAIT, WorkerHandle
@@ -78,7 +81,7 @@ class ProcessPool(Pool):
         self._death_pipe_read = -1
         self._death_pipe_write = -1
         self._cross_memory = settings.cross_memory and cross_memory.available()
-        self._slow_decodes = SlowDecodes(name, self.counters)
+        self._decoder = LoopDecoder(name, self.counters)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -364,12 +367,23 @@ class ProcessPool(Pool):
                 self._claim(worker, call)
             try:
                 try:
-                    await send_call(worker, request, waiting, sent_early)
+                    if not sent_early:
+                        if unsent := worker.send_some(request):
+                            await worker.send(unsent)
+                    elif waiting is not None and waiting.unsent:
+                        await worker.send(waiting.unsent)
                 except (BrokenPipeError, ConnectionResetError):
                     # It died while idle (its end of the channel is closed), before
                     # reading this call, and its watcher has not run yet: try another.
                     continue
-                data, buffers = await receive_reply(worker, request, self._stop_worker)
+                if request.remote:
+                    data, buffers = await deliver_then_receive(worker, request, self._stop_worker)
+                else:
+                    data, received = await worker.recv()
+                    if has_remote(received):
+                        buffers = await fetch_results(worker, received, self._stop_worker)
+                    else:
+                        buffers = inline_buffers(received)
             except (EOFError, OSError, ValueError, anyio.ClosedResourceError) as exc:
                 if self._forced:  # killed by _abort
                     raise self._closed_error() from None
@@ -403,19 +417,19 @@ class ProcessPool(Pool):
             except BaseException:
                 # Cancelled mid-call (deadline, caller, shutdown): the worker is
                 # somewhere in the call, so it cannot be reused.
-                logger.info(
-                    "pool %r: killing worker %d running %s (%s)",
-                    self.name,
-                    worker.pid,
-                    call.name,
-                    "deadline passed" if anyio.current_time() >= call.deadline else "cancelled",
-                )
-                self._kill(worker)
+                passed = anyio.current_time() >= call.deadline
+                self._kill_running(worker, "deadline passed" if passed else "cancelled")
                 raise
             finally:
                 self._unclaim(worker)
             self._release(worker)
-            return await decode_outcome(call, data, buffers, self._slow_decodes)
+            if buffers and slow_to_decode((data, *buffers)):
+                # A large ``bytes`` is one copy, made by os.pread in a thread without
+                # the GIL; arrays are views on the received buffers.
+                return await run_in_helper_thread(decode_reply, call, data, buffers)
+            # On the loop: a thread would not help, unpickling Python objects holds
+            # the GIL. A result that takes long to decode is counted and named.
+            return self._decoder.decode(call, data, buffers)
 
     def _claim(self, worker: WorkerHandle, call: Call) -> None:
         worker.in_use = True
@@ -442,14 +456,13 @@ class ProcessPool(Pool):
 
     def _abandon_sent_call(self, worker: WorkerHandle) -> None:
         """The call sent by :meth:`_send_on_handoff` was cancelled before its task ran."""
-        logger.info(
-            "pool %r: killing worker %d running %s (cancelled)",
-            self.name,
-            worker.pid,
-            worker.call.name if worker.call is not None else "a call",
-        )
-        self._kill(worker)
+        self._kill_running(worker, "cancelled")
         self._unclaim(worker)
+
+    def _kill_running(self, worker: WorkerHandle, why: str) -> None:
+        name = worker.call.name if worker.call is not None else "a call"
+        logger.info("pool %r: killing worker %d running %s (%s)", self.name, worker.pid, name, why)
+        self._kill(worker)
 
     def _stop_worker(self, worker: WorkerHandle, reason: str) -> None:
         """Stop a worker whose channel can no longer be trusted, and say why."""
