@@ -96,7 +96,7 @@ def imports(path: Path) -> list[tuple[str, int, bool]]:
             else:
                 target = node.module or ""
             for alias in node.names:
-                # ``from . import wire`` imports the module offload._pools.process.wire
+                # ``from . import framing`` imports the module offload._pools.process.framing
                 sub = f"{target}.{alias.name}"
                 is_module = (PACKAGE.parent / Path(*sub.split("."))).with_suffix(".py").exists()
                 is_package = (PACKAGE.parent / Path(*sub.split(".")) / "__init__.py").exists()
