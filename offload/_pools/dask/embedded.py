@@ -17,7 +17,7 @@ from distributed.security import Security as _Security
 
 from ..._errors import PoolStartError
 from ..._helper_threads import run_in_helper_thread
-from ..process.scheduling import start_at_lower_priority as start_below
+from ..process.scheduling import start_at_lower_priority
 from ..process.spawner import spawner, wait_future
 from .host import host_command, host_config
 
@@ -36,9 +36,9 @@ HOST_CLOSE_TIMEOUT = 10.0
 def spawn_host(args: list[str], report_fd: int, settings: PoolSettings) -> subprocess.Popen[bytes]:
     """Start the embedded cluster's host (on the spawner thread): stdin a pipe that
     only we hold, the report fd its own, stdout and stderr ours; below the event loop
-    from its start (``process/sched.py``), as its scheduler, nannies and workers then are:
+    from its start (``process/scheduling.py``), as its scheduler, nannies and workers then are:
     the seconds of CPU they take to start must not compete with the event loop."""
-    return start_below(args, settings, stdin=subprocess.PIPE, pass_fds=(report_fd,))
+    return start_at_lower_priority(args, settings, stdin=subprocess.PIPE, pass_fds=(report_fd,))
 
 
 class CachedSecurity(_Security):
