@@ -170,3 +170,57 @@ def test_readme_links_resolve() -> None:
     assert local, "the README links to no page"
     for link in local:
         assert (ROOT / link).exists(), link
+
+
+# What fits the site's text column on a laptop screen (1,280 px and wider: the table of
+# contents sits in the left sidebar, `toc.integrate`, leaving a column of about 930 px):
+# code at 13.6 px is about 8 px a character, and a table's cells at 12.8 px wrap at
+# spaces only, so a table needs room for the longest word of each column plus padding.
+CODE_COLUMNS = 88
+TABLE_COLUMNS = 150  # characters of the longest words, plus 4 a column for padding
+
+
+def _fenced_lines(text: str) -> list[tuple[int, str]]:
+    lines, inside = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        elif inside:
+            lines.append((number, line))
+    return lines
+
+
+def _tables(text: str) -> list[tuple[int, list[list[str]]]]:
+    found: list[tuple[int, list[list[str]]]] = []
+    rows: list[list[str]] = []
+    for number, line in enumerate([*text.splitlines(), ""], 1):
+        if line.startswith("|"):
+            cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+            if not set("".join(cells)) <= set("-: "):  # not the delimiter row
+                rows.append([c.strip() for c in cells])
+        elif rows:
+            found.append((number - len(rows) - 1, rows))
+            rows = []
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_code_blocks_fit_a_laptop_column(page: Path) -> None:
+    text = page.read_text()
+    long = [f"{page.name}:{n}" for n, line in _fenced_lines(text) if len(line) > CODE_COLUMNS]
+    assert not long, f"code lines over {CODE_COLUMNS} characters: {long}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_tables_fit_a_laptop_column(page: Path) -> None:
+    wide = []
+    for number, rows in _tables(page.read_text()):
+        columns = max(len(r) for r in rows)
+        longest = [0] * columns
+        for row in rows:
+            for i, cell in enumerate(row):
+                words = re.sub(r"<br>|`|\*\*", " ", cell).split()
+                longest[i] = max(longest[i], *(len(w) for w in words), 0)
+        if sum(longest) + 4 * columns > TABLE_COLUMNS:
+            wide.append(f"{page.name}:{number} ({sum(longest)} + 4 x {columns})")
+    assert not wide, f"tables too wide for a laptop's column: {wide}"
