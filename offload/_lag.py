@@ -6,9 +6,9 @@ call, a long pickle) delays every timer and every ready callback behind it, so a
 wake-up that falls inside such a stall measures what a request arriving then would
 have waited. With the default 100 ms interval a stall of S ms is seen with
 probability S/100: the percentiles describe lag as a request arriving at a random
-moment meets it. Each wake-up costs what any timer does: on the 2-vCPU VM of
-docs/benchmarks.md an idle Offloader used 0.3% of a CPU with the probe on asyncio,
-0.5% on trio, and 0.01% without it.
+moment meets it. Each wake-up costs what any timer does: an idle Offloader uses a
+fraction of a percent of a CPU with the probe (docs/benchmarks.md, "Figures behind
+the code").
 
 A late wake-up alone does not say who made it late. So the probe also keeps, over the
 same wake-ups, how much of the time the loop's thread ran on a CPU (``busy``: code on

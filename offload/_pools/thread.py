@@ -235,8 +235,8 @@ class ThreadPool(Pool):
             for number in range(self.max_workers)
         ]
         self._threads.extend(threads)
-        # Thread.start() waits until the new thread runs: 0.1-4 ms each on the 2-vCPU
-        # VM while processes start, which the loop's thread must not spend.
+        # Thread.start() waits until the new thread runs: up to milliseconds each
+        # while processes start, which the loop's thread must not spend.
         await run_in_helper_thread(_start_all, threads)
 
     async def _execute(self, call: Call) -> Any:

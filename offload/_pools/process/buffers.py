@@ -114,7 +114,7 @@ def release(parts: Sequence[Buffer]) -> None:
             if part.fd >= 0:
                 os.close(part.fd)  # the mapping, and what views it, stay valid
                 part.fd = -1
-            # Unmapping 64 MB takes ~20 ms: here, in the decoding thread, rather
+            # Unmapping 64 MB takes milliseconds: here, in the decoding thread, rather
             # than wherever the last reference goes. Arrays made on the mapping
             # still export it, and keep it.
             try:

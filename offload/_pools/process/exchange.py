@@ -109,7 +109,8 @@ async def fetch_results(
 
 
 async def _copy(worker: WorkerHandle, copy: Callable[[], T], stop: StopWorker) -> T:
-    """Run a copy between memories (~15 ms per 64 MiB, without the GIL) in a thread.
+    """Run a copy between memories (milliseconds per 64 MiB, without the GIL) in a
+    thread.
 
     :raises OSError: the copy failed; the worker, if still there, waits for a
         go-ahead that will not come: it is stopped, and the call fails as a crash

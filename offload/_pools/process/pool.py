@@ -445,8 +445,9 @@ class ProcessPool(Pool):
 
     def _send_on_handoff(self, worker: WorkerHandle, waiting: WaitingCall) -> bool:
         """Send a waiting call's frame to the worker it is handed, now: its caller's
-        task runs a loop turn later, and the worker would idle until then (64 callers,
-        2 workers, no-op: 10.3k -> 13.6k calls/s here). Whether the call is on its way."""
+        task runs a loop turn later, and the worker would idle until then (a third more
+        calls a second with many callers: docs/benchmarks.md, "Figures behind the
+        code"). Whether the call is on its way."""
         try:
             waiting.unsent = worker.send_some(waiting.request)
         except OSError:  # BrokenPipeError (dead): the caller will see

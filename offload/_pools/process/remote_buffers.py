@@ -79,7 +79,7 @@ def inline_buffers(buffers: Sequence[Received | Remote]) -> list[Received]:
 def _room_for(size: int, as_bytes: bool) -> Received:
     """Room for a REMOTE buffer: a ``bytes`` not yet shown to anyone, or a private
     mapping on transparent huge pages (a 64 MiB buffer then takes 32 page faults,
-    not 16384: ~15 ms less here)."""
+    not 16,384; docs/benchmarks.md, "Figures behind the code")."""
     if as_bytes:
         made: bytes = _bytes_maker()(None, size)
         from .cross_memory import huge_pages

@@ -1,10 +1,11 @@
 """How worker processes are scheduled: below the event loop that waits for them.
 
-A process is below the loop from its first instruction (:func:`start_at_lower_priority`), not from
-when the parent gets to it after ``Popen`` returns: an interpreter's start takes tens
-of milliseconds of CPU (a Dask cluster's host, seconds), and in ``perf`` traces of
-sched_switch events on the 2-vCPU VM, a process still at the loop's priority held the
-CPU the loop's thread was waiting for 4-7 ms at a time. On Linux each of these is per
+A process is below the loop from its first instruction
+(:func:`start_at_lower_priority`), not from when the parent gets to it after ``Popen``
+returns: an interpreter's start takes tens of milliseconds of CPU (a Dask cluster's
+host, seconds), and in ``perf`` traces of sched_switch events, a process still at the
+loop's priority held the CPU the loop's thread was waiting for several milliseconds at
+a time (docs/benchmarks.md, "Figures behind the code"). On Linux each of these is per
 thread and inherited, so it reaches every thread and child process the worker starts
 later (a Dask cluster's nannies and workers included).
 

@@ -86,7 +86,7 @@ async def wait_future(future: Future[T]) -> T:
 
     Not ``anyio.to_thread.run_sync(future.result)``: that ties up one of anyio's
     worker threads per wait, and each new one is started by the loop's thread, which
-    waits until the thread runs (0.1-4 ms here while processes start). Shielded from
+    waits until the thread runs (milliseconds while processes start). Shielded from
     cancellation, as ``to_thread.run_sync`` is: what the future stands for (a started
     process) must reach its caller, who then sees the cancellation at its next
     checkpoint.
