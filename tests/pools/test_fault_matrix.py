@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -414,32 +413,38 @@ async def test_unpicklable_argument_is_refused_before_dispatch(
 ) -> None:
     """Pickling the arguments fails in the parent: SerializationError, nothing sent.
 
-    Both workers are busy while the call is made: a call that got as far as a worker
-    would wait in line, so an error at once (and no call queued) shows it never did.
+    Both workers are held while the call is made: a call that got as far as a worker
+    would wait in line, so an error while they are still held (and no call queued)
+    shows it never did.
     """
     async with pool_of(kind, shared_dask) as pool:
         original = await settled(pool)
         before = counters(pool)
         marker = tmp_path / "ran"
+        release = tmp_path / "release"
         occupied: list[str] = []
 
         async def occupy() -> None:
-            occupied.append(await pool.run(funcs.sleep_then, 0.5, "ok"))
+            occupied.append(await pool.run(funcs.wait_for_file, str(release), "ok"))
 
         async with anyio.create_task_group() as tg:
-            for _ in range(MAX_WORKERS):
-                tg.start_soon(occupy)
-            await wait_until(lambda: pool.stats().busy == MAX_WORKERS, 5, "all workers busy")
-            started = time.perf_counter()
-            error = await error_of(pool, funcs.touch_then, str(marker), threading.Lock())
-            elapsed = time.perf_counter() - started
-            assert pool.stats().queued == 0
+            try:
+                for _ in range(MAX_WORKERS):
+                    tg.start_soon(occupy)
+                await wait_until(lambda: pool.stats().busy == MAX_WORKERS, 5, "all workers busy")
+                error = await error_of(pool, funcs.touch_then, str(marker), threading.Lock())
+                # Every worker is held until the release: refused while they still are,
+                # the call never waited in line for one.
+                assert occupied == []
+                assert pool.stats().busy == MAX_WORKERS
+                assert pool.stats().queued == 0
+            finally:
+                release.write_text("")
         assert occupied == ["ok"] * MAX_WORKERS
 
         assert type(error) is SerializationError, repr(error)
         assert "tests.funcs.touch_then" in str(error), str(error)
         assert "lock" in str(error), str(error)
-        assert elapsed < 0.3, elapsed
         assert not marker.exists()
         assert await live_workers(pool) == original
         served = 0
