@@ -51,7 +51,8 @@ async def test_cancelled_body_stops_pools_without_waiting(
                 await anyio.sleep(0.01)
             cancelled = anyio.current_time()
             tg.cancel_scope.cancel()
-    assert anyio.current_time() - cancelled < 2
+    # The bound that matters is the one the cancelled body must not wait out.
+    assert anyio.current_time() - cancelled < settings.shutdown_timeout
     assert not offloader.running
     assert not children()
     with pytest.raises(PoolClosed):
