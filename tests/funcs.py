@@ -431,6 +431,12 @@ def wait_for_file(path: str, value: Any = None) -> Any:
     return value
 
 
+def wait_for_file_then_touch(path: str, marker: str) -> None:
+    """``wait_for_file``, then write ``marker``: shows that a call ran on to its end."""
+    wait_for_file(path)
+    Path(marker).write_text("done")
+
+
 def random_token() -> str:
     return os.urandom(8).hex()
 

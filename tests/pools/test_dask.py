@@ -252,14 +252,20 @@ async def test_deadline_gives_offload_timeout_and_cancels_the_task(
     dask_ex: Executor, tmp_path: Path
 ) -> None:
     marker = tmp_path / "ran"
+    release = tmp_path / "release"
     before = dask_ex.stats().timed_out
-    started = anyio.current_time()
-    with pytest.raises(OffloadTimeout, match="sleep_then_touch"):
-        await dask_ex.options(timeout=0.5).run(funcs.sleep_then_touch, 1.5, str(marker))
-    assert anyio.current_time() - started < 1.4  # the caller did not wait for the task
-    assert dask_ex.stats().timed_out == before + 1
-    # the future is cancelled: the scheduler forgets the task...
-    await no_task_named(dask_ex, "sleep_then_touch")
+    try:
+        with pytest.raises(OffloadTimeout, match="wait_for_file_then_touch"):
+            await dask_ex.options(timeout=0.5).run(
+                funcs.wait_for_file_then_touch, str(release), str(marker)
+            )
+        # The task ends only after the release: the caller did not wait for it.
+        assert not marker.exists()
+        assert dask_ex.stats().timed_out == before + 1
+        # the future is cancelled: the scheduler forgets the task...
+        await no_task_named(dask_ex, "wait_for_file_then_touch")
+    finally:
+        release.write_text("")
     # ...but Dask cannot interrupt a running task: without hard_cancel it runs on.
     await wait_until(marker.exists, BOUND, "the abandoned task finished on its worker")
     await healed(dask_ex)
@@ -281,7 +287,7 @@ async def test_hard_cancel_restarts_the_worker_running_the_call(
     assert running in pids
     await wait_until(lambda: gone(running), BOUND, "the worker running the call was killed")
     # killed through the scheduler, from its own event loop: long before the task's end
-    assert anyio.current_time() - timed_out < 1.5
+    assert anyio.current_time() - timed_out < 60 / 4
 
     async def replaced() -> bool:
         now = await worker_pids(dask_ex)
