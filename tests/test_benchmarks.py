@@ -144,7 +144,9 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
 
     idle, blocked, stalled = asyncio.run(main())
     assert idle["lag_samples"] >= 5
-    assert idle["lag_max_ms"] < 49
+    # The blocked loops' lags are bounds from below (the 50 ms block); the idle one has
+    # no bound of its own on a loaded machine, only the block to stay under.
+    assert idle["lag_max_ms"] < blocked["lag_max_ms"]
     assert blocked["lag_max_ms"] >= 49
     assert stalled["lag_max_ms"] >= 49
     assert stalled["lag_samples"] >= 3
@@ -201,7 +203,10 @@ def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
     assert floor["p99_vs_idle"] > 0
     assert "req_per_s" not in floor  # a reference for the pings only
     assert only_round["modes"]["bare processes"]["req_per_s"] > 0
-    assert only_round["modes"]["blocking"]["server_cpu_pct"] > 50  # the work ran in the server
+    # The work ran in the server, not in workers: how much CPU the server got depends
+    # on the machine's load, the share between the two does not.
+    blocking = only_round["modes"]["blocking"]
+    assert blocking["server_cpu_pct"] / 100 > 4 * blocking["workers_cpus"], blocking
     for name, mode in only_round["modes"].items():
         if name.startswith("offload-process"):
             assert mode["errors"] == 0, name
