@@ -43,7 +43,7 @@ async def samples(offloader: Offloader, at_least: int) -> LoopStats:
             await anyio.sleep(0.005)
 
 
-#: slack for the clocks' rounding when a figure is compared with its exact bound
+#: slack for the clocks' rounding (uvloop's counts whole ms) against an exact bound
 CLOCKS = 1e-3
 
 
@@ -60,7 +60,7 @@ async def test_a_stall_of_the_loop_shows_as_lag() -> None:
     # The wake-up due during the stall came at least the stall's length, less one
     # interval, late: a bound from below, whatever else the machine runs.
     assert after.lag_max is not None
-    assert after.lag_max >= 0.2 - 0.005
+    assert after.lag_max >= 0.2 - 0.005 - CLOCKS
     assert after.lag_max >= before.lag_max
     assert after.lag_p50 is not None
     assert after.lag_p90 is not None
