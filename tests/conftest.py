@@ -16,18 +16,16 @@ pytest runs a module's tests grouped by loop.
 
 Processes. ``pytest -n 2`` (the README's command) runs the suite in two pytest-xdist
 workers, a module's tests in one of them (``--dist loadfile``, in pyproject's
-addopts). A test marked ``alone`` (it measures CPU time or loop lag against a bound)
-runs while no other test runs (see ``pytest_runtest_protocol``).
+addopts). No test needs the machine to itself: a test that measures CPU time or
+loop lag compares it with a baseline measured in the same test, so it passes beside
+the other worker, or beside any other load.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -159,40 +157,6 @@ def xdist_main_is_main() -> Iterator[None]:
     finally:
         for globs in renamed:
             globs["__name__"] = "__channelexec__"
-
-
-@contextlib.contextmanager
-def _flock(path: Path, mode: int) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, mode)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """Under ``pytest -n``, a test marked ``alone`` (it measures CPU time or loop lag
-    against a bound) runs while no other test of the suite runs.
-
-    A readers-writer lock between the xdist workers, held from a test's setup to its
-    teardown (module fixtures included: a server's start is work too): every test
-    holds ``tests.lock`` shared, an ``alone`` test holds it exclusively. ``gate.lock``
-    makes that one wait only for the tests already running, not for all those queued
-    behind them.
-    """
-    basetemp = item.config.option.basetemp
-    if "PYTEST_XDIST_WORKER" not in os.environ or not basetemp:
-        return (yield)
-    root = Path(basetemp).parent  # the workers' basetemps share it
-    alone = item.get_closest_marker("alone") is not None
-    with contextlib.ExitStack() as stack:
-        with _flock(root / "gate.lock", fcntl.LOCK_EX):
-            stack.enter_context(
-                _flock(root / "tests.lock", fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
-            )
-        return (yield)
 
 
 @pytest.fixture(scope="session", autouse=True)

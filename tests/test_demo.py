@@ -302,7 +302,6 @@ def row(out: str, mode: str) -> re.Match[str]:
 
 
 @needs_demo_extra
-@pytest.mark.alone
 @pytest.mark.timeout(180)
 def test_demo_runs_every_phase_to_the_table_and_the_chart(tmp_path: Path) -> None:
     demo = short_run(tmp_path, "0.5")

@@ -47,7 +47,6 @@ async def samples(offloader: Offloader, at_least: int) -> LoopStats:
 CLOCKS = 1e-3
 
 
-@pytest.mark.alone
 async def test_a_stall_of_the_loop_shows_as_lag() -> None:
     started = time.monotonic()
     async with Offloader(fast()) as ex:
@@ -115,7 +114,6 @@ def sharing_one_cpu() -> Iterator[None]:
             rival.kill()
 
 
-@pytest.mark.alone
 @pytest.mark.skipif(not SCHEDSTAT.exists(), reason="the kernel does not count CPU waits")
 async def test_a_loop_without_a_cpu_shows_as_cpu_wait() -> None:
     started = time.monotonic()

@@ -239,7 +239,6 @@ async def lag_copying(*values: Any) -> float:
 ROUNDS = 3
 
 
-@pytest.mark.alone
 async def test_the_loop_stays_free_while_64_mb_travel() -> None:
     array = np.ones(8 * MB)  # 64 MB
     blob = b"\x01" * (64 * MB)
@@ -266,7 +265,6 @@ async def test_the_loop_stays_free_while_64_mb_travel() -> None:
     assert held < copy / 2, f"held {held * 1000:.1f} ms, a copy on the loop {copy * 1000:.1f} ms"
 
 
-@pytest.mark.alone
 async def test_arguments_over_max_payload_fail_alone_and_fast() -> None:
     huge = b"\x00" * (200 * MB)
     async with Offloader(process(max_payload="100MB")) as ex:

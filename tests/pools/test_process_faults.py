@@ -134,7 +134,6 @@ def settings(**process: Any) -> OffloadSettings:
 # -- 1. deadline -----------------------------------------------------------------------
 
 
-@pytest.mark.alone
 async def test_deadline_stops_cpu_bound_call_and_kills_its_worker(ex: Executor) -> None:
     pool = ex.pool("process")
     original = {p.pid: p for p in worker_procs()}
