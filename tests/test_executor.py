@@ -26,7 +26,7 @@ from offload import (
 
 from . import funcs
 from .conftest import Backend, loop_name
-from .pools.test_process_faults import run_script
+from .processes import run_script
 
 # the contract every event loop keeps (see tests/conftest.py)
 pytestmark = pytest.mark.all_loops

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .conftest import Backend, loop_name
-from .pools.test_process_faults import gone, run_script, wait_until
+from .processes import gone, run_script, wait_until
 
 #: seconds a forked child may run before SIGALRM ends it (a healthy one takes one or two)
 CHILD_DEADLINE = 20

@@ -14,7 +14,7 @@ import pytest
 from offload import Executor, OffloadSettings, PoolSettings, RemoteTraceback
 
 from .. import funcs
-from .test_process_faults import wait_until_async, worker_pids
+from ..processes import wait_until_async, worker_pids
 
 __all__ = (
     "CALL_BOUND",

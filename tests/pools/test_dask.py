@@ -38,7 +38,7 @@ from offload._pools.dask.pool import SCATTER_THRESHOLD, DaskPool
 
 from .. import funcs
 from ..conftest import children
-from .test_process_faults import gone, wait_until, wait_until_async
+from ..processes import gone, wait_until, wait_until_async
 
 WORKERS = 2
 PENDING = 2

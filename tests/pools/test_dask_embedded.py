@@ -31,6 +31,7 @@ from offload._pools.process.scheduling import LONG_SLICE_NS, time_slice
 from offload._where import in_worker
 
 from .. import funcs
+from ..processes import gone, script_env, wait_until
 from .test_dask import (
     BOOT,
     BOUND,
@@ -42,7 +43,6 @@ from .test_dask import (
     worker_pids,
 )
 from .test_process_confinement import SHADOW
-from .test_process_faults import gone, script_env, wait_until
 
 
 @pytest.fixture(scope="module")

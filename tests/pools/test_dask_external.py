@@ -33,8 +33,8 @@ from offload._pools.dask.pool import DaskPool
 
 from .. import funcs
 from ..conftest import children
+from ..processes import gone, run_script
 from .test_dask import crash_fails_only_its_own_call
-from .test_process_faults import gone, run_script
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a folder on the external scheduler's path, not on its workers'

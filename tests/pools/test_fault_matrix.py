@@ -45,6 +45,7 @@ from offload import (
 
 from .. import funcs
 from ..conftest import Backend, children, loop_name
+from ..processes import gone, wait_until, worker_pids
 from .matrix import (
     CALL_BOUND,
     KINDS,
@@ -60,7 +61,6 @@ from .matrix import (
     serving_pids,
     settled,
 )
-from .test_process_faults import gone, wait_until, worker_pids
 
 # the contract every event loop keeps (see tests/conftest.py)
 pytestmark = pytest.mark.all_loops

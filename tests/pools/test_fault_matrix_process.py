@@ -16,6 +16,7 @@ import pytest
 from offload import Offloader, OffloadTimeout, PoolStartError, WorkerCrashed
 
 from .. import funcs
+from ..processes import gone, wait_until, worker_pids, worker_procs
 from .matrix import (
     CALL_BOUND,
     MAX_WORKERS,
@@ -28,7 +29,6 @@ from .matrix import (
     serving_pids,
     settled,
 )
-from .test_process_faults import gone, wait_until, worker_pids, worker_procs
 
 # the contract every event loop keeps (see tests/conftest.py)
 pytestmark = pytest.mark.all_loops

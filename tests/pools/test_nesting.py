@@ -15,7 +15,7 @@ from offload import Offloader, OffloadSettings, PoolStartError, _where
 
 from .. import funcs
 from ..conftest import Backend, loop_name
-from .test_process_faults import run_script
+from ..processes import run_script
 
 # Starts an Offloader at import time, as a warm-up; its process pool has one worker so
 # that, were nesting not refused, the processes would make a chain, not a tree.

@@ -31,7 +31,7 @@ from offload._settings import usable_cpus
 
 from .. import funcs
 from ..conftest import Backend, loop_name
-from .test_process_faults import (
+from ..processes import (
     IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT,
     gone,
     run_script,

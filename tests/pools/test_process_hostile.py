@@ -30,7 +30,7 @@ from offload._pools.process import exchange as _exchange
 
 from .. import funcs
 from ..conftest import Backend, loop_name
-from .test_process_faults import gone, run_script, wait_until, worker_pids
+from ..processes import gone, run_script, wait_until, worker_pids
 
 #: seconds any single call of these tests may take before the test gives up on it
 CALL_BOUND = 20.0

@@ -29,7 +29,7 @@ from offload._pools.process.scheduling import LONG_SLICE_NS, time_slice
 
 from .. import funcs
 from ..conftest import Backend, children, loop_name
-from .test_process_faults import run_script
+from ..processes import run_script
 
 
 async def test_initializer_runs_once_per_worker() -> None:
