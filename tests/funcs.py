@@ -403,6 +403,15 @@ def crashing_initializer(code: int) -> None:
     os._exit(code)
 
 
+def crashing_initializer_with_child(code: int) -> None:
+    """Exit with ``code``, leaving a forked child that holds the worker's channel open:
+    the parent sees the worker exit before its channel reaches EOF."""
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+    os._exit(code)
+
+
 def sleep_then_touch(seconds: float, path: str) -> None:
     time.sleep(seconds)
     Path(path).write_text("done")

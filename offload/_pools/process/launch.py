@@ -107,6 +107,10 @@ async def boot(
         settings.initializer,
         settings.initializer_args,
     )
+    # The channel is this exchange's until it ends, as it is a call's: a worker seen
+    # to exit meanwhile has its channel shut for reading, not closed under the read
+    # (its end may outlive it, in a process it forked), and is closed here after.
+    worker.in_use = True
     try:
         with anyio.fail_after(start_timeout):
             await worker.send(encode(message))
@@ -127,6 +131,10 @@ async def boot(
                 f"({describe_exit(worker.returncode)})"
             ) from exc
         raise
+    finally:
+        worker.in_use = False
+        if worker.exited.is_set():
+            worker.close()
     if status != OK:
         kill(worker)
         type_name, message, tb = value
