@@ -88,26 +88,12 @@ async def test_initializer_that_raises_fails_start() -> None:
     assert worker_procs() == [], worker_pids()
 
 
-async def test_initializer_that_crashes_fails_start() -> None:
-    settings = matrix_settings(
-        initializer="tests.funcs:crashing_initializer", initializer_args=(7,)
-    )
-    offloader = Offloader(settings)
-    with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
-        async with offloader:
-            pytest.fail("the block ran though the pool could not start")
-    message = str(info.value)
-    assert "exited with code 7" in message, message
-    assert not offloader.running
-    assert worker_procs() == [], worker_pids()
-
-
-async def test_initializer_that_crashes_while_its_child_holds_the_channel() -> None:
-    # The worker's exit is seen while its channel is still open (a child holds it):
-    # the start must still fail with PoolStartError, not with the channel's closing.
-    settings = matrix_settings(
-        initializer="tests.funcs:crashing_initializer_with_child", initializer_args=(7,)
-    )
+# With a child: the worker's exit is seen while its channel is still open (the child
+# holds it); the start must still fail with PoolStartError, not with the channel's
+# closing.
+@pytest.mark.parametrize("initializer", ["crashing_initializer", "crashing_initializer_with_child"])
+async def test_initializer_that_crashes_fails_start(initializer: str) -> None:
+    settings = matrix_settings(initializer=f"tests.funcs:{initializer}", initializer_args=(7,))
     offloader = Offloader(settings)
     with anyio.fail_after(CALL_BOUND), pytest.raises(PoolStartError) as info:
         async with offloader:
