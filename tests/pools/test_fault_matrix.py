@@ -162,8 +162,6 @@ class Case:
     #: reads, from the error, the pid of the worker that handled the call
     worker_pid: Callable[[Exception], int] | None = None
     not_for: dict[str, str] = field(default_factory=dict)
-    #: kind -> why it does not pass the case yet (a strict xfail: fixing it shows)
-    known_gap: dict[str, str] = field(default_factory=dict)
 
 
 def check_unpickle_args(exc: Exception, kind: str) -> None:
@@ -237,13 +235,6 @@ def check_unrebuildable_exception(exc: Exception, kind: str) -> None:
     assert "first half" in message, message
     assert_remote_cause(exc, kind, "TwoArgError", "first half")
 
-
-#: Dask sends an exception it cannot pickle, or rebuild, as a plain Exception holding
-#: its repr, which the pool passes on as the function's own error
-DASK_PLAIN_EXCEPTION = (
-    "dask: an exception that will not travel arrives as Dask's plain Exception(repr), "
-    "not as an OffloadError naming it"
-)
 
 CASES = [
     Case(
@@ -329,7 +320,6 @@ CASES = [
         "failed",
         "reused",
         not_for={"thread": NOTHING_PICKLED},
-        known_gap={"dask": DASK_PLAIN_EXCEPTION},
     ),
     Case(
         "exception-unrebuildable",
@@ -338,7 +328,6 @@ CASES = [
         "failed",
         "reused",
         not_for={"thread": NOTHING_PICKLED},
-        known_gap={"dask": DASK_PLAIN_EXCEPTION},
     ),
 ]
 
@@ -350,8 +339,6 @@ def case_params() -> list[Any]:
             marks: list[pytest.MarkDecorator] = []
             if kind in case.not_for:
                 marks.append(pytest.mark.skip(reason=case.not_for[kind]))
-            if kind in case.known_gap:
-                marks.append(pytest.mark.xfail(reason=case.known_gap[kind], strict=True))
             params.append(pytest.param(case, kind, id=f"{case.id}-{kind}", marks=marks))
     return params
 

@@ -20,13 +20,14 @@ from distributed.scheduler import KilledWorker
 
 from ..._errors import (
     ClusterUnavailable,
+    OffloadError,
     PoolOverloaded,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
 )
 from .connection import CANCEL_TIMEOUT, DaskConnection
-from .task import CannotLoad, CannotReportStart, invoke, kill_this_process
+from .task import CannotLoad, CannotReportStart, CannotSendException, invoke, kill_this_process
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -207,6 +208,11 @@ class DaskCalls(DaskConnection):
                     f"pool {self.name!r}: the dask cluster has no worker that could run "
                     f"{call.name} within the scheduler's no-workers-timeout: {exc}"
                 ) from None
+            if status == "error" and isinstance(exc, CannotSendException):
+                raise OffloadError(
+                    f"{call.name} raised {exc.type_name}: {exc.message} (the exception "
+                    "could not be sent from the dask worker: it does not pickle and unpickle)"
+                ) from RemoteTraceback(exc.tb)
             if status == "error":  # the function raised: its own exception, as is
                 tb = await future.traceback()
                 text = "".join(traceback.format_exception(type(exc), exc, tb))

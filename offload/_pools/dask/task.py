@@ -8,7 +8,9 @@ pool's: it needs only distributed and cloudpickle.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
+import traceback
 from typing import Any
 
 import cloudpickle
@@ -20,6 +22,7 @@ from ..._where import mark_worker_thread, unmark_worker_thread
 __all__ = (
     "CannotLoad",
     "CannotReportStart",
+    "CannotSendException",
     "allowed_failures",
     "invoke",
     "kill_this_process",
@@ -30,6 +33,17 @@ __all__ = (
 class CannotLoad(Exception):
     """Raised on a worker that cannot unpickle a call: its function or arguments
     need a module, or a class, that the worker cannot import."""
+
+
+class CannotSendException(Exception):
+    """Raised on a worker in place of the function's exception when that one would not
+    reach the pool: it does not pickle, or pickle cannot rebuild it (Dask would send a
+    plain ``Exception`` holding its repr). Carries its type's full name, its message
+    and its traceback, as text."""
+
+    def __init__(self, type_name: str, message: str, tb: str) -> None:
+        super().__init__(type_name, message, tb)
+        self.type_name, self.message, self.tb = type_name, message, tb
 
 
 class CannotReportStart(Exception):
@@ -62,9 +76,36 @@ def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
             values[i] = value
         if getattr(type(fn), "__offload_function__", False):
             fn = getattr(fn, "__wrapped__")  # noqa: B009
-        return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+        try:
+            return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+        except Exception as exc:
+            if _travels(exc):
+                raise
+            kind = type(exc)
+            stand_in = CannotSendException(
+                f"{kind.__module__}.{kind.__qualname__}",
+                str(exc),
+                "".join(traceback.format_exception(kind, exc, exc.__traceback__)),
+            )
+        # Raised outside the handler: Dask pickles an exception with its __context__.
+        raise stand_in
     finally:
         unmark_worker_thread()
+
+
+def _travels(exc: BaseException) -> bool:
+    """Whether ``exc`` and the exceptions chained to it pickle, and pickle rebuilds
+    them, as Dask needs to send them to the pool. Paid only by a call that raised."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        try:
+            pickle.loads(cloudpickle.dumps(link))
+        except Exception:
+            return False
+        link = link.__cause__ or link.__context__
+    return True
 
 
 def report_start(topic: str, key: str) -> None:
