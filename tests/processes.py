@@ -154,3 +154,19 @@ async def main():
 
 anyio.run(main, backend=sys.argv[1] if sys.argv[1] != "uvloop" else "asyncio")
 """
+
+
+async def pids_of_concurrent_calls(pool: Any, count: int) -> list[int]:
+    """The pids that ``count`` calls made at once report: each holds its worker for
+    0.2 s, so on a process pool of ``count`` idle workers, one call lands on each."""
+    from . import funcs
+
+    pids: list[int] = []
+
+    async def one() -> None:
+        pids.append(await pool.run(funcs.sleep_getpid, 0.2))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(count):
+            tg.start_soon(one)
+    return pids

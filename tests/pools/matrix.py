@@ -14,7 +14,7 @@ import pytest
 from offload import Executor, OffloadSettings, PoolSettings, RemoteTraceback
 
 from .. import funcs
-from ..processes import wait_until_async, worker_pids
+from ..processes import pids_of_concurrent_calls, wait_until_async, worker_pids
 
 __all__ = (
     "CALL_BOUND",
@@ -108,15 +108,8 @@ async def serving_pids(pool: Executor) -> set[int]:
     """The pids of the workers that serve MAX_WORKERS concurrent calls: one each, since
     every call holds its worker for 0.2 s. (Process pools only: a dask scheduler
     places tasks as it sees fit.)"""
-    pids: list[int] = []
-
-    async def one() -> None:
-        pids.append(await pool.run(funcs.sleep_getpid, 0.2))
-
     with anyio.fail_after(CALL_BOUND):
-        async with anyio.create_task_group() as tg:
-            for _ in range(MAX_WORKERS):
-                tg.start_soon(one)
+        pids = await pids_of_concurrent_calls(pool, MAX_WORKERS)
     assert len(pids) == MAX_WORKERS
     return set(pids)
 

@@ -23,6 +23,7 @@ from .. import funcs
 from ..processes import (
     cpu_seconds,
     gone,
+    pids_of_concurrent_calls,
     settings,
     wait_until,
     worker_pids,
@@ -86,14 +87,7 @@ async def test_deadline_stops_cpu_bound_call_and_kills_its_worker(ex: Executor) 
         5,
         lambda: f"pool back to 2 workers: {pool.stats()}, {worker_pids()}",
     )
-    pids: list[int] = []
-
-    async def getpid() -> None:
-        pids.append(await pool.run(funcs.sleep_getpid, 0.2))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(getpid)
-        tg.start_soon(getpid)
+    pids = await pids_of_concurrent_calls(pool, 2)
     assert len(set(pids)) == 2
     assert busy not in pids
     assert set(pids) == worker_pids()
@@ -208,14 +202,7 @@ async def test_queued_call_past_deadline_never_runs(ex: Executor, tmp_path: Path
 
     # Had the call reached a worker after all, it would run before any later call
     # on that worker: one call on each worker is a barrier.
-    pids: list[int] = []
-
-    async def getpid() -> None:
-        pids.append(await pool.run(funcs.sleep_getpid, 0.2))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(getpid)
-        tg.start_soon(getpid)
+    pids = await pids_of_concurrent_calls(pool, 2)
     assert len(set(pids)) == 2
     assert not marker.exists()
     assert pool.stats().timed_out == 1

@@ -31,6 +31,7 @@ from ..conftest import Backend, loop_name
 from ..processes import (
     IDLE_WORKERS_DEAD_WITH_SIGPIPE_DEFAULT,
     gone,
+    pids_of_concurrent_calls,
     run_script,
     settings,
     wait_until,
@@ -223,14 +224,7 @@ async def test_unpicklable_argument_and_result(ex: Executor, tmp_path: Path) -> 
     assert "return_lock" in str(info.value)
 
     # The same two workers still serve calls.
-    pids: list[int] = []
-
-    async def getpid() -> None:
-        pids.append(await pool.run(funcs.sleep_getpid, 0.2))
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(getpid)
-        tg.start_soon(getpid)
+    pids = await pids_of_concurrent_calls(pool, 2)
     assert set(pids) == original
     assert worker_pids() == original
     assert pool.stats().crashed == 0
