@@ -9,6 +9,7 @@ from collections.abc import Sequence
 #: command -> the module whose ``main(argv, prog)`` runs it, and what it does
 COMMANDS = {
     "demo": ("offload.demo.command", "see a FastAPI server stall under CPU-bound work, then not"),
+    "info": ("offload.info.command", "what this machine and environment give the pools"),
 }
 
 

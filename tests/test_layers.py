@@ -38,9 +38,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload._disconnect", "offload._servers", "offload.fastapi", "offload.prometheus"),
     # the public names: loads any of the above on first use
     ("offload",),
-    # python -m offload: the demo, an application of the public names; the core
-    # never imports it
-    ("offload.demo", "offload.__main__"),
+    # python -m offload: the demo, an application of the public names, and info;
+    # the core never imports them
+    ("offload.demo", "offload.info", "offload.__main__"),
 )
 
 ORDER = [entry for layer in LAYERS for entry in layer]
