@@ -138,6 +138,11 @@ class PoolSettings(BaseModel):
         "again). Process pools always stop the work; "
         "threads cannot",
     )
+    forward_logs: bool = Field(
+        default=True,
+        description="kinds process and dask: records logged in a worker go to the parent's "
+        "logger of the same name, and its handlers; off: they stay in the worker",
+    )
 
     @model_validator(mode="after")
     def _check_kind_options(self) -> PoolSettings:
@@ -210,6 +215,7 @@ class PoolSettingsDict(TypedDict, total=False):
     address: str | None
     start_timeout: float
     hard_cancel: bool
+    forward_logs: bool
 
 
 class OffloadSettings(BaseSettings):

@@ -717,3 +717,20 @@ class BadRepr:
 
     def __repr__(self) -> str:
         raise ValueError("no repr")
+
+
+def log_on_worker(name: str, level: int, message: str, *args: Any, **extra: Any) -> None:
+    """Log one record on the logger ``name``, with ``extra`` attributes."""
+    import logging
+
+    logging.getLogger(name).log(level, message, *args, extra=extra or None)
+
+
+def worker_logging() -> tuple[list[str], str | None, str | None]:
+    """Where a record made here goes: the root logger's handlers' classes, and the
+    labels a record made in this call carries (``offload_pool``, ``offload_call``)."""
+    import logging
+
+    record = logging.getLogger("app").makeRecord("app", logging.WARNING, "f", 1, "m", (), None)
+    handlers = [type(h).__name__ for h in logging.getLogger().handlers]
+    return handlers, getattr(record, "offload_pool", None), getattr(record, "offload_call", None)

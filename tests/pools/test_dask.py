@@ -11,6 +11,7 @@ its own, in ``test_dask_embedded.py``.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -470,3 +471,75 @@ async def test_a_function_the_cluster_cannot_import_is_a_serialization_error(
         with pytest.raises(SerializationError, match="only_here_mod"):
             await dask_ex.run(funcs.echo, only_here_mod.inc)  # as an argument too
     assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+# -- log records -----------------------------------------------------------------------
+
+
+class Kept(logging.Handler):
+    """Keeps the records it handles; wakes a waiter at each (on the loop's thread,
+    where Dask's client hands forwarded records to their logger)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.arrived = anyio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.arrived.set()
+
+
+@pytest.fixture
+def kept() -> Iterator[Kept]:
+    handler = Kept()
+    logger = logging.getLogger("app.dask")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def test_a_record_logged_in_a_task_reaches_the_parents_logger(
+    dask_ex: Executor, kept: Kept
+) -> None:
+    await dask_ex.run(funcs.log_on_worker, "app.dask", logging.WARNING, "hello %s", "dask")
+    with anyio.fail_after(BOUND):
+        await kept.arrived.wait()
+    [record] = kept.records
+    assert (record.name, record.levelno, record.getMessage()) == (
+        "app.dask",
+        logging.WARNING,
+        "hello dask",
+    )
+    assert record.process != os.getpid()  # made in a worker
+    assert record.offload_pool == "dask"  # type: ignore[attr-defined]
+    assert record.offload_call == "tests.funcs.log_on_worker"  # type: ignore[attr-defined]
+
+
+async def test_records_carry_labels_only_while_a_call_runs(dask_ex: Executor) -> None:
+    handlers, pool, call = await dask_ex.run(funcs.worker_logging)
+    assert "_ForwardingLogHandler" in handlers  # Dask's, on the worker's root logger
+    assert (pool, call) == ("dask", "tests.funcs.worker_logging")
+    # The same thread, outside a call: a Dask task of another client, say.
+    assert await client_of(dask_ex).submit(funcs.worker_logging, pure=False) == (
+        handlers,
+        None,
+        None,
+    )
+
+
+async def test_an_attribute_that_cannot_travel_travels_as_its_repr(
+    dask_ex: Executor, kept: Kept
+) -> None:
+    # Dask's handler would raise TypeError out of the logging call, failing the task.
+    await dask_ex.run(funcs.log_on_worker, "app.dask", logging.ERROR, "odd", thing=object())
+    await dask_ex.run(funcs.log_on_worker, "app.dask", logging.ERROR, "plain", n=[1, "2"])
+    with anyio.fail_after(BOUND):
+        while len(kept.records) < 2:
+            kept.arrived = anyio.Event()
+            await kept.arrived.wait()
+    odd, plain = sorted(kept.records, key=lambda r: r.getMessage())
+    assert odd.thing.startswith("<object object at ")  # type: ignore[attr-defined]
+    assert list(plain.n) == [1, "2"]  # type: ignore[attr-defined]

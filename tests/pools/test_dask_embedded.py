@@ -350,3 +350,13 @@ async def test_a_task_that_cannot_report_its_start_does_not_run(tmp_path: Path) 
     assert not marker.exists()
     # The thread is Dask's: it is a worker's only while the task runs.
     assert not in_worker()
+
+
+# -- log records -----------------------------------------------------------------------
+
+
+async def test_without_forward_logs_records_stay_in_the_workers() -> None:
+    async with Offloader(dask_settings(forward_logs=False)) as ex:
+        handlers, pool, call = await ex.pool("dask").run(funcs.worker_logging)
+    assert "_ForwardingLogHandler" not in handlers
+    assert (pool, call) == (None, None)

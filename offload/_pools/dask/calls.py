@@ -161,6 +161,7 @@ class DaskCalls(DaskConnection):
                     key,
                     blob,
                     *scattered,
+                    labels=(self.name, call.name) if self.settings.forward_logs else None,
                     key=key,
                     pure=False,
                     retries=0,

@@ -115,7 +115,25 @@ class DaskConnection(Pool):
             security=None if embedded is None else embedded.security,
         )
         self._subscribe(client)
+        await self._forward_logs(client)
         return client
+
+    async def _forward_logs(self, client: Any) -> None:
+        """With ``forward_logs``, ask Dask to forward what its workers' root loggers
+        handle to this process, where each record goes to the logger of its name
+        (``Client.forward_logging``: a worker plugin, and a subscription of this client
+        to its topic). Refused, the pool runs on: its records stay in the workers."""
+        if not self.settings.forward_logs:
+            return
+        try:
+            await client.forward_logging()
+        except Exception as exc:  # plugins refused by the cluster, say
+            logger.warning(
+                "pool %r: cannot forward the dask workers' log records: %s; they stay "
+                "in the workers",
+                self.name,
+                exc,
+            )
 
     def _subscribe(self, client: Any) -> None:
         # A client that reconnects by itself does not subscribe again: we do, on
@@ -187,6 +205,9 @@ class DaskConnection(Pool):
             )
         if client.scheduler_comm is not self._subscribed:
             self._subscribe(client)  # it reconnected by itself
+            # Neither is the forwarding's subscription made again; nor its plugin,
+            # should the scheduler be a new one.
+            self._task_group.start_soon(self._forward_logs, client)
         return client
 
     async def _watch_scheduler(self, scope: anyio.CancelScope) -> None:

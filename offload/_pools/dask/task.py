@@ -1,5 +1,6 @@
 """What a dask pool runs on the cluster: its tasks' entry point on a worker, and the
-small functions it runs on a worker or on the scheduler.
+small functions it runs on a worker or on the scheduler; the labels a call's log
+records carry there.
 
 Workers unpickle :func:`invoke` by reference, so they import this module, not the
 pool's: it needs only distributed and cloudpickle.
@@ -7,14 +8,18 @@ pool's: it needs only distributed and cloudpickle.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import pickle
 import signal
+import threading
 import traceback
 from typing import Any
 
 import cloudpickle
 from distributed import get_worker
+from distributed.client import TOPIC_PREFIX_FORWARDED_LOG_RECORD
 from distributed.utils import sync
 
 from ..._where import mark_worker_thread, unmark_worker_thread
@@ -52,17 +57,26 @@ class CannotReportStart(Exception):
     again)."""
 
 
-def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
+def invoke(
+    topic: str, key: str, blob: bytes, *large: Any, labels: tuple[str, str] | None = None
+) -> Any:
     """Run on a worker: tell the pool the call has started, unpickle it, run it.
 
     The call travels pickled inside the task (``blob``), so that the scheduler never
     needs the user's modules, and a worker that lacks one fails this call alone, as
     :class:`CannotLoad` (Dask would break the worker's connection instead). Its
     large arguments arrive apart (``large``, scattered), for the holes of ``blob``.
+    With ``labels``, the pool's name and the call's, each log record made while the
+    call runs carries them as ``offload_pool`` and ``offload_call``.
     """
     # A decorated function called in here runs inline; only while this task runs, for
     # the thread is Dask's and runs other tasks too.
     mark_worker_thread()
+    labelled = None
+    if labels is not None:
+        _label_records()
+        _keep_records_sendable()
+        labelled = _labels.set(labels)
     try:
         try:
             report_start(topic, key)
@@ -90,7 +104,40 @@ def invoke(topic: str, key: str, blob: bytes, *large: Any) -> Any:
         # Raised outside the handler: Dask pickles an exception with its __context__.
         raise stand_in
     finally:
+        if labelled is not None:
+            _labels.reset(labelled)
         unmark_worker_thread()
+
+
+#: the pool's and the call's names, while a call that forwards its logs runs
+_labels: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "offload_dask_labels", default=None
+)
+_factory_lock = threading.Lock()
+_factory_installed = False
+
+
+def _label_records() -> None:
+    """Make every log record of this process carry the labels of the call running in
+    its thread, if any, once per process. A record factory, not a filter: a filter
+    sees only the records logged on its own logger (or reaching its handler), and the
+    handler that forwards them is Dask's (``Client.forward_logging``), which copies a
+    record's attributes as they are."""
+    global _factory_installed
+    with _factory_lock:
+        if _factory_installed:
+            return
+        previous = logging.getLogRecordFactory()
+
+        def labelled_record(*args: Any, **kwargs: Any) -> logging.LogRecord:
+            record = previous(*args, **kwargs)
+            labels = _labels.get()
+            if labels is not None:
+                record.offload_pool, record.offload_call = labels
+            return record
+
+        logging.setLogRecordFactory(labelled_record)
+        _factory_installed = True
 
 
 def _travels(exc: BaseException) -> bool:
@@ -129,3 +176,55 @@ async def kill_this_process() -> None:
 def allowed_failures(dask_scheduler: Any) -> int:
     """Run on the scheduler: how often it retries a task whose worker died."""
     return int(dask_scheduler.allowed_failures)
+
+
+class _Sendable(logging.Filter):
+    """Lets a record reach Dask's forwarding handler only once Dask can send it.
+
+    The handler sends a record's attributes with the worker's messages, which carry
+    only plain types; given anything else (``extra={"user": obj}``), it raises
+    TypeError out of the ``logger.warning(...)`` call, failing the task. Such an
+    attribute becomes its ``repr()`` (in this record, which the worker's other
+    handlers see after this one).
+    """
+
+    #: what the handler replaces before sending: never looked at
+    SKIP = frozenset({"msg", "args", "exc_info", "message"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        attributes = record.__dict__
+        for name, value in list(attributes.items()):
+            if name not in self.SKIP and not _plain(value):
+                try:
+                    attributes[name] = repr(value)
+                except Exception:
+                    attributes[name] = f"<{type(value).__qualname__} object>"
+        return True
+
+
+_SENDABLE = _Sendable()
+
+
+def _plain(value: object) -> bool:
+    """Whether Dask sends ``value`` in a message as it is (its ``_is_dumpable``)."""
+    kind = type(value)
+    if value is None or kind in (str, bool, bytes, int, float):
+        return True
+    if kind in (list, tuple):
+        return all(map(_plain, value))  # type: ignore[call-overload]
+    if kind is dict:
+        return all(type(k) is str and _plain(v) for k, v in value.items())  # type: ignore[attr-defined]
+    return False
+
+
+def _keep_records_sendable() -> None:
+    """Put :class:`_Sendable` on each of Dask's forwarding handlers of the root
+    logger (set up, or set up again, by ``Client.forward_logging``)."""
+    for handler in logging.getLogger().handlers:
+        topic = getattr(handler, "topic", None)
+        if (
+            isinstance(topic, str)
+            and topic.startswith(TOPIC_PREFIX_FORWARDED_LOG_RECORD)
+            and _SENDABLE not in handler.filters
+        ):
+            handler.addFilter(_SENDABLE)
