@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,22 @@ def test_the_json_keys_are_the_documented_ones(tmp_path: Path) -> None:
     cpus = report["cpus"]
     assert cpus["usable"] >= 1
     assert cpus["usable"] <= min(c for c in (cpus["cpu_count"], cpus["affinity"]) if c)
+
+
+def test_with_other_threads_running_nothing_is_forked_and_the_keys_stay() -> None:
+    from offload.info.machine import TRIED_ON_A_CHILD, features
+
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        found = features()
+    finally:
+        release.set()
+        other.join()
+    assert set(found) == KEYS["fast_paths"]
+    for name in set(TRIED_ON_A_CHILD) - {"cross_memory"}:
+        assert found[name].detail == "not tried: other threads run"
 
 
 # Runs ``python -m offload info --json`` as the base install has it (no FastAPI, no

@@ -32,6 +32,16 @@ from .._settings import PoolSettings, usable_cpus
 __all__ = ("CpuBudget", "Feature", "cpu_budget", "features")
 
 _PR_SET_PDEATHSIG = 1
+#: what :func:`features` tries on a forked child, in the order it reports them
+TRIED_ON_A_CHILD = (
+    "death_signal",
+    "cross_memory",
+    "niceness",
+    "long_time_slice",
+    "idle_priority",
+    "hard_memory_limit",
+    "pidfd",
+)
 #: what the memory-cap probe caps the child at
 _PROBE_CAP = 1 << 30
 #: loky's cgroup files, read as loky reads them (``loky.backend.context``)
@@ -132,8 +142,12 @@ def features() -> dict[str, Feature]:
     prctl = _prctl()
     if not hasattr(os, "fork") or threading.active_count() > 1:
         # A fork copies one thread: whatever lock another holds would stay held.
-        why = "no fork here" if not hasattr(os, "fork") else "other threads run: not tried"
-        found["cross_memory"] = Feature(cross_memory.available(), f"this process only; {why}")
+        why = "no fork here" if not hasattr(os, "fork") else "other threads run"
+        for name in TRIED_ON_A_CHILD:
+            found[name] = Feature(False, f"not tried: {why}")
+        found["cross_memory"] = Feature(
+            cross_memory.available(), f"this process's own memory only ({why})"
+        )
     else:
         _with_child(prctl, found)
     return {**found, **_without_child(prctl)}
@@ -187,6 +201,7 @@ def _try_scheduling(pid: int) -> dict[str, Feature]:
     found: dict[str, Feature] = {}
     if not hasattr(os, "getpriority"):
         found["niceness"] = Feature(False, "no os.setpriority here")
+        found["long_time_slice"] = Feature(False, "no os.setpriority here: not asked for")
     else:
         mine = os.getpriority(os.PRIO_PROCESS, 0)
         lower_priority(pid, PoolSettings(niceness=10))
