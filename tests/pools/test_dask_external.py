@@ -281,6 +281,7 @@ async def test_a_tls_address_without_tls_settings_fails_the_start() -> None:
 OUTAGE = """
 import ctypes
 import json
+import logging
 import os
 import signal
 import socket
@@ -350,6 +351,28 @@ def outcome(exc):
     return f"{type(exc).__name__}: {exc}"
 
 
+class Kept(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+KEPT = Kept()
+logging.getLogger("app.remote").addHandler(KEPT)
+
+
+async def logged(remote, message):
+    # What reaches this process's logger of a record a call logs on the cluster.
+    await remote.run(funcs.log_on_worker, "app.remote", logging.WARNING, message)
+    with anyio.move_on_after(15):
+        while message not in KEPT.messages:
+            await anyio.sleep(0.01)
+    return message in KEPT.messages
+
+
 async def main():
     procs = cluster()
     wait_listening()
@@ -366,6 +389,7 @@ async def main():
             pool = ex.offloader.get_pool("remote")
             await pool._client.wait_for_workers(1)
             report["before"] = await remote.run(funcs.add, 1, 2)
+            report["logged before"] = await logged(remote, "before")
             first = pool._client
 
             async def hold(name, release):
@@ -432,6 +456,8 @@ async def main():
                     break
                 except ClusterUnavailable:
                     await anyio.sleep(0.1)
+            # A new scheduler: the pool asked it to forward the logs again.
+            report["logged after"] = await logged(remote, "after")
     finally:
         kill(procs)
     print(json.dumps(report), flush=True)
@@ -460,6 +486,8 @@ async def test_an_outage_is_a_connection_error_and_the_pool_reconnects(
     assert all(o.startswith("ClusterUnavailable") for o in report["outage"]), report
     assert report["longest refusal"] < 5, report  # refused at once, not after a wait
     assert report["after"] == 5, report
+    assert report["logged before"] is True, report
+    assert report["logged after"] is True, report
 
 
 async def test_a_cluster_without_workers_is_unavailable(tmp_path: Path) -> None:
