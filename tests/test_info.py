@@ -129,6 +129,7 @@ def test_an_invalid_variable_is_named_and_exits_1(tmp_path: Path, json_output: b
         assert "error: OFFLOAD_PROCESS__MAX_WORKERS: Input should be greater than 0" in (
             result.stdout
         )
+        assert max(map(len, result.stdout.splitlines())) <= 88
         assert "Versions" in result.stdout  # the rest of the report is still there
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +145,8 @@ def _settings_lines(report: dict[str, Any]) -> list[str]:
         for error in part["errors"]:
             variable = error["variable"] or error["path"] or "settings"
             place = " (in the file)" if error["source"] == "file" else ""
-            lines.append(f"  error: {variable}{place}: {error['message']}")
+            text = f"error: {variable}{place}: {error['message']}"
+            lines += textwrap.wrap(text, WIDTH, initial_indent="  ", subsequent_indent="    ")
         return lines
     values: dict[str, dict[str, Any]] = part["values"]
     # The pools side by side, one row per field; the other settings one per line.
