@@ -35,9 +35,14 @@ class Call:
 
     The deadline is fixed when the call is made, so time spent waiting in a
     pool's queue counts against it.
+
+    Its pool notes where its time goes (``offload._stats``, "Where a call's time
+    went"): ``started`` (``time.perf_counter()`` when the pool took the call),
+    ``queue_wait`` (seconds until a worker took it; None: unknown) and ``ran``
+    (seconds the function ran, as its worker measured; None until it reports).
     """
 
-    __slots__ = ("args", "deadline", "fn", "kwargs", "timeout")
+    __slots__ = ("args", "deadline", "fn", "kwargs", "queue_wait", "ran", "started", "timeout")
 
     def __init__(
         self,
@@ -51,6 +56,9 @@ class Call:
         self.kwargs = kwargs
         self.timeout = timeout
         self.deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        self.started = 0.0
+        self.queue_wait: float | None = 0.0
+        self.ran: float | None = None
 
     @property
     def name(self) -> str:

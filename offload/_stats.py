@@ -1,15 +1,68 @@
 """Statistics: the immutable records callers see (a pool's, the event loop's) and the
-counters pools keep."""
+counters pools keep.
+
+Where a call's time went, three phases that add up to its latency (seconds):
+
+- *queue wait*: from the call to a worker taking it (kind process: a worker is handed
+  the call; thread: a thread starts it; dask: the pool hears the task's start);
+- *run*: the function itself, measured where it runs, around the call alone;
+- *transfer*: the rest: encoding, the copies both ways, decoding, the event loop's
+  hops (kind process); 0 for a thread call, which copies nothing; unknown (None) for
+  kind dask.
+
+A call has them once its worker reported back (it returned or raised); a call that
+timed out, crashed, was cancelled or refused has none.
+"""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ("Counters", "LoopStats", "OffloaderStats", "PoolStats")
+__all__ = (
+    "BUCKETS",
+    "Counters",
+    "Histogram",
+    "LoopStats",
+    "OffloaderStats",
+    "PoolStats",
+    "RequestTimings",
+    "per_function",
+    "request_timings",
+)
 
-#: how many recent call latencies the percentiles are computed over
+#: how many recent call latencies (and phases) the percentiles are computed over
 LATENCY_WINDOW = 1024
+#: the histograms' upper bounds (seconds), for calls from 10 us to a minute; past the
+#: last, +Inf
+BUCKETS: tuple[float, ...] = (
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+#: the label of the calls of functions past :data:`per_function`'s limit
+OTHER_FUNCTIONS = "other"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +83,20 @@ class PoolStats:
     page); each is also named in a warning, at most one a minute.
     Latencies (seconds, from the call to its outcome, queue wait included) cover the
     last 1024 calls.
+
+    Where the time of those calls went, each phase's percentiles (seconds; None while
+    no call of the window has it; see docs/observability.md, "Where the time went"):
+
+    - ``queue_wait_p50``, ``queue_wait_p90``, ``queue_wait_p99``: from the call to a
+      worker taking it;
+    - ``transfer_p50``, ``transfer_p90``, ``transfer_p99``: encoding, copying both
+      ways and decoding (kind process: the latency less queue wait and run); 0 for a
+      thread pool, which copies nothing; None for kind dask;
+    - ``run_p50``, ``run_p90``, ``run_p99``: the function itself, measured by the
+      worker that ran it.
+
+    Only calls whose worker reported back (the function returned or raised) have
+    phases: the last 1024 of them.
     """
 
     name: str
@@ -49,10 +116,117 @@ class PoolStats:
     latency_p90: float | None
     latency_p99: float | None
     slow_decodes: int = 0
+    queue_wait_p50: float | None = None
+    queue_wait_p90: float | None = None
+    queue_wait_p99: float | None = None
+    transfer_p50: float | None = None
+    transfer_p90: float | None = None
+    transfer_p99: float | None = None
+    run_p50: float | None = None
+    run_p90: float | None = None
+    run_p99: float | None = None
+
+
+class Histogram:
+    """Counts of observations by bucket of :data:`BUCKETS` (not cumulative: the last
+    count is past the last bound), and their sum, since the pool started."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(BUCKETS, value)] += 1
+        self.sum += value
+
+    def copy(self) -> Histogram:
+        twin = Histogram()
+        twin.counts = self.counts.copy()
+        twin.sum = self.sum
+        return twin
+
+
+class Phases:
+    """One histogram per measure of a call: its latency and each of its phases."""
+
+    __slots__ = ("latency", "queue_wait", "run", "transfer")
+
+    def __init__(self) -> None:
+        self.latency = Histogram()
+        self.queue_wait = Histogram()
+        self.transfer = Histogram()
+        self.run = Histogram()
+
+    def copy(self) -> Phases:
+        twin = Phases()
+        for name in self.__slots__:
+            setattr(twin, name, getattr(self, name).copy())
+        return twin
+
+
+class _PerFunction:
+    """Up to how many functions' calls get histograms of their own (0: none)."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self) -> None:
+        self.limit = 0
+
+
+#: set by an exporter that reports per function (``OffloadCollector(per_function=...)``);
+#: pools count per function from then on
+per_function = _PerFunction()
+
+
+class RequestTimings:
+    """The summed phases of the calls one request made (``OffloadSettings.server_timing``);
+    a phase no call measured stays None."""
+
+    __slots__ = ("calls", "queue_wait", "run", "transfer")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.queue_wait: float | None = None
+        self.transfer: float | None = None
+        self.run: float | None = None
+
+    def add(self, queue_wait: float | None, transfer: float | None, run: float) -> None:
+        self.calls += 1
+        if queue_wait is not None:
+            self.queue_wait = (self.queue_wait or 0.0) + queue_wait
+        if transfer is not None:
+            self.transfer = (self.transfer or 0.0) + transfer
+        self.run = (self.run or 0.0) + run
+
+
+#: the current request's :class:`RequestTimings`, set by the FastAPI integration
+request_timings: ContextVar[RequestTimings | None] = ContextVar(
+    "offload_request_timings", default=None
+)
+
+
+class Timed(Protocol):
+    """What :meth:`Counters.record` reads of a call (``offload._call.Call``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    #: seconds the function ran, as its worker measured; None: it did not report
+    ran: float | None
+    #: seconds from the call to a worker taking it; None: unknown
+    queue_wait: float | None
 
 
 class Counters:
-    """What a pool counts as calls end; turned into a :class:`PoolStats` on demand."""
+    """What a pool counts as calls end; turned into a :class:`PoolStats` on demand.
+
+    Besides the counts: the recent latencies and phases (for percentiles), and
+    histograms of them since the pool started, of the whole pool (``phases``) and,
+    when an exporter asks for them, per function (``functions``, by name, at most
+    ``per_function.limit`` of them, the rest under ``"other"``).
+    """
 
     __slots__ = (
         "cancelled",
@@ -60,11 +234,16 @@ class Counters:
         "completed",
         "crashed",
         "failed",
+        "functions",
         "latencies",
+        "phases",
+        "queue_waits",
         "recycled",
         "rejected",
+        "runs",
         "slow_decodes",
         "timed_out",
+        "transfers",
     )
 
     def __init__(self) -> None:
@@ -78,15 +257,68 @@ class Counters:
         self.closed = 0
         self.slow_decodes = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.queue_waits: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.transfers: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.runs: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.phases = Phases()
+        self.functions: dict[str, Phases] = {}
+
+    def record(self, call: Timed, latency: float, transfer: bool | None) -> None:
+        """A call ended after ``latency`` seconds; its phases, if its worker reported.
+
+        ``transfer``: how the pool knows a call's transfer: True, as what is left of
+        the latency; False, it has none (0); None, it does not know.
+        """
+        self.latencies.append(latency)
+        phases = self.phases
+        phases.latency.observe(latency)
+        run = call.ran
+        own = None
+        if limit := per_function.limit:
+            own = self._function_phases(call, limit)
+            own.latency.observe(latency)
+        if run is None:
+            return
+        queue_wait = call.queue_wait
+        moved: float | None = None
+        if transfer:
+            moved = max(0.0, latency - run - (queue_wait or 0.0))
+        elif transfer is not None:
+            moved = 0.0
+        self.runs.append(run)
+        phases.run.observe(run)
+        if queue_wait is not None:
+            self.queue_waits.append(queue_wait)
+            phases.queue_wait.observe(queue_wait)
+        if moved is not None:
+            self.transfers.append(moved)
+            phases.transfer.observe(moved)
+        if own is not None:
+            own.run.observe(run)
+            if queue_wait is not None:
+                own.queue_wait.observe(queue_wait)
+            if moved is not None:
+                own.transfer.observe(moved)
+        timings = request_timings.get()
+        if timings is not None:
+            timings.add(queue_wait, moved, run)
+
+    def _function_phases(self, call: Timed, limit: int) -> Phases:
+        name = call.name
+        found = self.functions.get(name)
+        if found is None:
+            if len(self.functions) >= limit:
+                name = OTHER_FUNCTIONS
+                found = self.functions.get(name)
+            if found is None:
+                found = self.functions[name] = Phases()
+        return found
 
     def snapshot(self, *, name: str, kind: str, workers: int, busy: int, queued: int) -> PoolStats:
-        ordered = sorted(self.latencies)
-
-        def pct(q: float) -> float | None:
-            if not ordered:
-                return None
-            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
+        latency = _percentiles(self.latencies)
+        queue_wait = _percentiles(self.queue_waits)
+        transfer = _percentiles(self.transfers)
+        run = _percentiles(self.runs)
         return PoolStats(
             name=name,
             kind=kind,
@@ -101,11 +333,29 @@ class Counters:
             recycled=self.recycled,
             rejected=self.rejected,
             closed=self.closed,
-            latency_p50=pct(0.50),
-            latency_p90=pct(0.90),
-            latency_p99=pct(0.99),
+            latency_p50=latency[0],
+            latency_p90=latency[1],
+            latency_p99=latency[2],
             slow_decodes=self.slow_decodes,
+            queue_wait_p50=queue_wait[0],
+            queue_wait_p90=queue_wait[1],
+            queue_wait_p99=queue_wait[2],
+            transfer_p50=transfer[0],
+            transfer_p90=transfer[1],
+            transfer_p99=transfer[2],
+            run_p50=run[0],
+            run_p90=run[1],
+            run_p99=run[2],
         )
+
+
+def _percentiles(window: deque[float]) -> tuple[float | None, float | None, float | None]:
+    """The 50th, 90th and 99th percentiles of ``window``; None when it is empty."""
+    if not window:
+        return None, None, None
+    ordered = sorted(window)
+    last = len(ordered) - 1
+    return tuple(ordered[min(last, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99))  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,6 +59,9 @@ class Pool(ABC):
     """A set of workers of one kind that runs calls under deadlines."""
 
     kind: ClassVar[Kind]
+    #: how the pool knows a call's transfer (``Counters.record``): True, what is left
+    #: of its latency past queue wait and run; False, it has none; None, unknown
+    transfer: ClassVar[bool | None] = None
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         self.name = name
@@ -159,7 +162,7 @@ class Pool(ABC):
         if self._closing:
             counters.closed += 1
             raise self._refusal()
-        started = time.perf_counter()
+        call.started = started = time.perf_counter()
         self._inflight += 1
         try:
             if call.deadline == math.inf:
@@ -195,7 +198,7 @@ class Pool(ABC):
             raise
         finally:
             self._inflight -= 1
-            counters.latencies.append(time.perf_counter() - started)
+            counters.record(call, time.perf_counter() - started, self.transfer)
             if self._drained is not None and not self._inflight:
                 self._drained.set()
         counters.completed += 1

@@ -18,6 +18,7 @@ import asyncio
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from types import CoroutineType, GeneratorType
 from typing import TYPE_CHECKING, Any
@@ -96,8 +97,12 @@ class _ThreadCall:
             return
         self.started = True
         _local.job = self
+        call = self.call
+        begun = time.perf_counter()
+        call.queue_wait = begun - call.started
         try:
-            result = self.call.target(*self.call.args, **self.call.kwargs)
+            result = call.target(*call.args, **call.kwargs)
+            call.ran = time.perf_counter() - begun
             if type(result) is GeneratorType:
                 # Its body would run on the event loop's thread as the caller iterates.
                 result.close()
@@ -110,6 +115,8 @@ class _ThreadCall:
                 )
             self.result = result
         except BaseException as exc:
+            if call.ran is None:
+                call.ran = time.perf_counter() - begun
             self.error = exc
         finally:
             _local.job = None
@@ -211,6 +218,8 @@ class ThreadPool(Pool):
     """
 
     kind = "thread"
+    #: arguments and results pass by reference: nothing is encoded nor copied
+    transfer = False
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)

@@ -146,7 +146,7 @@ class DaskCalls(DaskConnection):
         client = self._ready_client()
         key = _task_key(call)
         scattered: list[Any] = []
-        self._task_started[key] = False
+        self._task_started[key] = 0.0
         try:
             if large:
                 try:
@@ -170,7 +170,10 @@ class DaskCalls(DaskConnection):
                 raise self._unavailable(call, exc) from exc
             return await self._outcome(call, client, entry.future)
         finally:
-            del self._task_started[key]
+            if began := self._task_started.pop(key):
+                call.queue_wait = max(0.0, began - call.started)
+            else:
+                call.queue_wait = None
             for future in scattered:
                 future.release()
 
@@ -182,7 +185,8 @@ class DaskCalls(DaskConnection):
 
     async def _outcome(self, call: Call, client: Any, future: Any) -> Any:
         try:
-            return await future
+            result, call.ran = await future
+            return result
         except Exception as exc:
             status = future.status
             if isinstance(exc, KilledWorker):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from abc import abstractmethod
 from typing import TYPE_CHECKING, Any
@@ -60,10 +61,10 @@ class DaskConnection(Pool):
         self._capacity = self.max_workers + settings.max_pending
         # The tasks' "started" events (see task.report_start): their topic, the
         # stream to the scheduler that carries our subscription, and the keys in
-        # flight, True once started.
+        # flight, with when their event came (time.perf_counter(); 0.0: not yet).
         self._topic = f"offload-started-{uuid.uuid4().hex}"
         self._subscribed: Any = None
-        self._task_started: dict[str, bool] = {}
+        self._task_started: dict[str, float] = {}
         self._reconnecting: anyio.CancelScope | None = None
         self._watching = anyio.CancelScope()
         # Why calls are refused while the scheduler keeps its connections open but
@@ -144,7 +145,7 @@ class DaskConnection(Pool):
     def _on_started(self, event: tuple[float, Any]) -> None:
         key = event[1]
         if key in self._task_started:
-            self._task_started[key] = True
+            self._task_started[key] = time.perf_counter()
 
     async def _check_cluster(self) -> None:
         """Refuse a cluster whose versions differ from ours; warn about retries."""

@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -59,8 +60,9 @@ class CannotReportStart(Exception):
 
 def invoke(
     topic: str, key: str, blob: bytes, *large: Any, labels: tuple[str, str] | None = None
-) -> Any:
-    """Run on a worker: tell the pool the call has started, unpickle it, run it.
+) -> tuple[Any, float]:
+    """Run on a worker: tell the pool the call has started, unpickle it, run it;
+    return its result and the seconds it ran (the pool's ``PoolStats.run_*``).
 
     The call travels pickled inside the task (``blob``), so that the scheduler never
     needs the user's modules, and a worker that lacks one fails this call alone, as
@@ -90,8 +92,10 @@ def invoke(
             values[i] = value
         if getattr(type(fn), "__offload_function__", False):
             fn = getattr(fn, "__wrapped__")  # noqa: B009
+        begun = time.perf_counter()
         try:
-            return fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+            result = fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+            return result, time.perf_counter() - begun
         except Exception as exc:
             if _travels(exc):
                 raise

@@ -25,7 +25,8 @@ The data flow of one call (each box names the module that does it)::
                                                                read the call,
                                                                run it, encode
                                                                the outcome
-      +<------------------------------------------------------ (status, value)
+      +<------------------------------------------------------ (status, value,
+      |                                                         seconds it ran)
       | read the reply; REMOTE results copied out of the
       | worker's memory with process_vm_readv             (pool.py, exchange.py)
       v

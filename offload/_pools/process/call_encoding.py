@@ -117,11 +117,15 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
 def decode_reply(call: Call, data: Received, buffers: list[Received]) -> Any:
     """The outcome of ``call`` from a worker's answer: its result, or its exception
     raised (a ``BaseException`` that is not an ``Exception`` as :class:`CallAborted`).
+    An answer to a call the function ran (``(status, value, ran)``) sets ``call.ran``.
 
     :raises SerializationError: the result could not be pickled, unpickled or sent
     """
     try:
-        status, value = framing.decode(data, buffers)
+        reply = framing.decode(data, buffers)
+        status, value = reply[0], reply[1]
+        if len(reply) > 2:
+            call.ran = reply[2]
     except BaseException as exc:
         _reraise_interrupt(exc)
         raise SerializationError(

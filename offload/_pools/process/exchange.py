@@ -62,14 +62,16 @@ StopWorker = Callable[["WorkerHandle", str], None]
 class WaitingCall:
     """A call waiting for a free worker, small enough to be sent by whoever frees one
     (``ProcessPool._send_on_handoff``); ``unsent``: what of its frame is left for its
-    own task to send."""
+    own task to send; ``taken``: when it was sent (``time.perf_counter()``), the end
+    of its queue wait."""
 
-    __slots__ = ("call", "request", "unsent")
+    __slots__ = ("call", "request", "taken", "unsent")
 
     def __init__(self, call: Call, request: Frame) -> None:
         self.call = call
         self.request = request
         self.unsent: Sequence[Buffer] = ()
+        self.taken = 0.0
 
 
 async def deliver_then_receive(

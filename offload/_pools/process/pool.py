@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -61,6 +62,7 @@ _live_pools: weakref.WeakSet[ProcessPool] = weakref.WeakSet()
 
 class ProcessPool(Pool):
     kind = "process"
+    transfer = True
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
@@ -358,7 +360,11 @@ class ProcessPool(Pool):
             worker = self._handoff.take()
             sent_early = False
             if worker is None:
+                # Only a call that waits pays for the clock: queue_wait stays 0 else.
+                waited = time.perf_counter()
                 worker, sent_early = await self._handoff.get(waiting)
+                taken = waiting.taken if sent_early and waiting is not None else 0.0
+                call.queue_wait = (call.queue_wait or 0.0) + (taken or time.perf_counter()) - waited
             if not sent_early:
                 if worker.exited.is_set():
                     # Handed over, then seen dead (and its channel closed) before this
@@ -452,6 +458,7 @@ class ProcessPool(Pool):
             waiting.unsent = worker.send_some(waiting.request)
         except OSError:  # BrokenPipeError (dead): the caller will see
             return False
+        waiting.taken = time.perf_counter()
         self._claim(worker, waiting.call)
         return True
 

@@ -28,6 +28,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from time import perf_counter
 
 from ..._where import mark_worker_process
 from .buffers import out_of_band
@@ -160,8 +161,9 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             del received
         except (EOFError, ConnectionError):
             return  # the parent closed the channel: a clean stop
-        reply: tuple[int, Any]
+        reply: tuple[Any, ...]
         leave_after_reply = False
+        ran: float | None = None  # seconds the function ran, sent with its outcome
         try:
             fn, args, kwargs = _load_call(data, buffers)
         except BaseException as exc:
@@ -173,15 +175,21 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             del data, buffers
         else:
             del data, buffers
+            begun = perf_counter()
             try:
-                reply = (OK, out_of_band(fn(*args, **kwargs)))
+                result = fn(*args, **kwargs)
+                ran = perf_counter() - begun
+                reply = (OK, out_of_band(result), ran)
+                del result
             except BaseException as exc:
+                if ran is None:
+                    ran = perf_counter() - begun
                 leave_after_reply = _out_of_memory(exc)
-                reply = _exception_reply(exc)
+                reply = (*_exception_reply(exc), ran)
             # A callable's state and the arguments go now, not when the next call
             # comes (only plain functions are cached, see call_encoding.function_blob).
             del fn, args, kwargs
-        parts = _encode_reply(reply, max_payload, cross_memory)
+        parts = _encode_reply(reply, max_payload, cross_memory, ran)
         del reply
         _leave_if_forked()  # once per call: getpid is a system call
         if leave_after_reply and not parts.remote:
@@ -199,8 +207,15 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         del parts
 
 
-def _encode_reply(reply: tuple[int, Any], max_payload: int, cross_memory: bool) -> Frame:
-    """``reply`` as a frame; whatever its pickling does, a frame the parent can read."""
+def _encode_reply(
+    reply: tuple[Any, ...], max_payload: int, cross_memory: bool, ran: float | None
+) -> Frame:
+    """``reply`` as a frame; whatever its pickling does, a frame the parent can read.
+
+    A reply is ``(status, value)``, and ``(status, value, ran)`` once the function
+    ran: ``ran`` the seconds it took, measured here (the parent's ``PoolStats.run_*``).
+    """
+    tail = () if ran is None else (ran,)
     try:
         parts = encode(reply, cross_memory=cross_memory)
     except BaseException as exc:
@@ -214,12 +229,12 @@ def _encode_reply(reply: tuple[int, Any], max_payload: int, cross_memory: bool) 
             parts = encode(reply, cloudpickle.dumps, cross_memory)
         except BaseException:
             try:
-                parts = encode((BAD_RESULT, (_describe(exc), _traceback(exc))))
+                parts = encode((BAD_RESULT, (_describe(exc), _traceback(exc)), *tail))
             except BaseException:  # a MemoryError, say: still an answer
-                parts = encode((BAD_RESULT, ("the result could not be pickled", "")))
+                parts = encode((BAD_RESULT, ("the result could not be pickled", ""), *tail))
     size = parts.size
     if size > max_payload:
-        parts = encode((TOO_LARGE, (size, max_payload)))
+        parts = encode((TOO_LARGE, (size, max_payload), *tail))
     return parts
 
 
@@ -271,6 +286,7 @@ def _refused_pool(exc: BaseException) -> bool:
 
 
 def _exception_reply(exc: BaseException) -> tuple[int, Any]:
+    """``(status, value)`` for ``exc``: itself pickled, or what describes it."""
     tb = _traceback(exc)
     try:
         blob = pickle.dumps(exc, protocol=5)
