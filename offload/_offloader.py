@@ -27,7 +27,7 @@ from ._pools import pool_class
 from ._pools import thread as _thread_kind  # noqa: F401
 from ._pools.process import pool as _process_kind  # noqa: F401
 from ._settings import OffloadSettings, usable_cpus
-from ._stats import OffloaderStats
+from ._stats import OffloaderStats, Phases
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -35,7 +35,13 @@ if TYPE_CHECKING:
     from ._pools.base import Pool
     from ._settings import Kind
 
-__all__ = ("Offloader", "active_offloader", "newest_offloader", "starts_on_first_use")
+__all__ = (
+    "Offloader",
+    "active_offloader",
+    "histograms",
+    "newest_offloader",
+    "starts_on_first_use",
+)
 
 logger = logging.getLogger("offload")
 
@@ -55,6 +61,18 @@ _everywhere: list[Offloader] = []
 def newest_offloader() -> Offloader | None:
     """The Offloader that started last among those running in this process."""
     return _everywhere[-1] if _everywhere else None
+
+
+def histograms(offloader: Offloader) -> dict[str, tuple[Phases, dict[str, Phases]]]:
+    """Each pool's histograms since it started (``Counters``): of all its calls, and
+    by function; copies, for readers outside the event loop."""
+    return {
+        name: (
+            pool.counters.phases.copy(),
+            {function: phases.copy() for function, phases in list(pool.counters.functions.items())},
+        )
+        for name, pool in list(offloader._pools.items())
+    }
 
 
 def active_offloader() -> Offloader | None:

@@ -16,6 +16,13 @@ Metrics, each labelled with ``pool``:
   50 ms or more (``PoolStats.slow_decodes``);
 - ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
 - ``offload_call_latency_seconds{quantile=...}``: recent call latencies;
+- histograms since the pool started (buckets from 10 us to 60 s): of the calls'
+  latencies, ``offload_call_duration_seconds``, and of where their time went,
+  ``offload_call_queue_wait_seconds`` (from the call to a worker taking it),
+  ``offload_call_transfer_seconds`` (encoding, copies both ways, decoding; 0 for a
+  thread pool, none for kind dask) and ``offload_call_run_seconds`` (the function
+  itself, measured by its worker); with ``per_function=True`` also labelled
+  ``function`` (see :class:`OffloadCollector`);
 
 and, without a ``pool`` label, from the Offloader's lag probe:
 
@@ -31,18 +38,45 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from ._stats import BUCKETS, per_function
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from ._offloader import Offloader
-    from ._stats import OffloaderStats
+    from ._stats import Histogram
 
 __all__ = ("OffloadCollector",)
 
 _OUTCOMES = ("completed", "failed", "timed_out", "cancelled", "crashed", "rejected", "closed")
+#: the histograms: metric name, help, and the attribute of ``Phases`` they show
+_HISTOGRAMS = (
+    (
+        "offload_call_duration_seconds",
+        "Calls from the call to their outcome (queue wait included), since the pool started.",
+        "latency",
+    ),
+    (
+        "offload_call_queue_wait_seconds",
+        "Time from the call to a worker taking it, since the pool started.",
+        "queue_wait",
+    ),
+    (
+        "offload_call_transfer_seconds",
+        "Time spent encoding, copying both ways and decoding calls, since the pool started.",
+        "transfer",
+    ),
+    (
+        "offload_call_run_seconds",
+        "Time the functions ran, measured by their workers, since the pool started.",
+        "run",
+    ),
+)
+#: ``le`` labels of the buckets, +Inf last
+_BOUNDS = (*(repr(bound) for bound in BUCKETS), "+Inf")
 
 
 class OffloadCollector(Collector):
@@ -52,6 +86,14 @@ class OffloadCollector(Collector):
         ``get_offloader`` at scrape time
     :param get_offloader: how to find it when ``offloader`` is not given; default:
         the running Offloader that started last in this process
+    :param per_function: also label the histograms with ``function``, the function's
+        ``module.qualname``: each pool then counts its calls by function (about a
+        microsecond a call), in every Offloader of this process, from when this
+        collector is made
+    :param max_functions: with ``per_function``, how many functions a pool labels
+        (the first that come); the calls of the others are under
+        ``function="other"``. With several collectors, the largest of theirs.
+    :raises ValueError: ``max_functions`` is not positive
     """
 
     def __init__(
@@ -59,20 +101,29 @@ class OffloadCollector(Collector):
         offloader: Offloader | None = None,
         *,
         get_offloader: Callable[[], Offloader | None] | None = None,
+        per_function: bool = False,
+        max_functions: int = 50,
     ) -> None:
+        if max_functions < 1:
+            raise ValueError(f"max_functions must be at least 1, not {max_functions}")
         self._offloader = offloader
         self._get_offloader = get_offloader
+        self._per_function = per_function
+        if per_function:
+            _count_per_function(max_functions)
 
-    def _stats(self) -> OffloaderStats | None:
+    def _find(self) -> Offloader | None:
         offloader = self._offloader
         if offloader is None:
             from ._offloader import newest_offloader
 
             offloader = (self._get_offloader or newest_offloader)()
-        return offloader.stats() if offloader is not None else None
+        return offloader
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._stats()
+        offloader = self._find()
+        stats = offloader.stats() if offloader is not None else None
+        yield from self._histograms(offloader)
         lag = GaugeMetricFamily(
             "offload_event_loop_lag_seconds",
             "How late the event loop ran the lag probe's timer, recently, by quantile.",
@@ -147,3 +198,32 @@ class OffloadCollector(Collector):
                 if value is not None:
                     latency.add_metric((name, quantile), value)
         yield from (calls, recycled, slow, workers, busy, queued, latency, lag, *shares)
+
+    def _histograms(self, offloader: Offloader | None) -> Iterator[Metric]:
+        from ._offloader import histograms
+
+        by_pool = histograms(offloader) if offloader is not None else {}
+        labels = ("pool", "function") if self._per_function else ("pool",)
+        for metric, help_text, attribute in _HISTOGRAMS:
+            family = HistogramMetricFamily(metric, help_text, labels=labels)
+            for pool, (phases, functions) in by_pool.items():
+                if not self._per_function:
+                    _add(family, (pool,), getattr(phases, attribute))
+                    continue
+                for function, own in functions.items():
+                    _add(family, (pool, function), getattr(own, attribute))
+            yield family
+
+
+def _count_per_function(limit: int) -> None:
+    per_function.limit = max(per_function.limit, limit)
+
+
+def _add(family: HistogramMetricFamily, labels: tuple[str, ...], histogram: Histogram) -> None:
+    cumulative = 0
+    buckets = []
+    for bound, count in zip(_BOUNDS, histogram.counts, strict=True):
+        cumulative += count
+        buckets.append((bound, float(cumulative)))
+    if cumulative:
+        family.add_metric(labels, buckets, histogram.sum)
