@@ -252,6 +252,11 @@ class OffloadSettings(BaseSettings):
         default=True,
         description="FastAPI: cancel a request's offloaded calls when its client disconnects",
     )
+    server_timing: bool = Field(
+        default=False,
+        description="FastAPI: give each response a Server-Timing header with the summed "
+        "queue wait, transfer and run of the offloaded calls its request made",
+    )
     lag_probe: bool = Field(
         default=True,
         description="measure the event loop's lag with a light probe task "
@@ -277,6 +282,7 @@ class OffloadSettings(BaseSettings):
             pools: Mapping[str, PoolSettings | PoolSettingsDict] = ...,
             shutdown_timeout: float = ...,
             cancel_on_disconnect: bool = ...,
+            server_timing: bool = ...,
             lag_probe: bool = ...,
             lag_probe_interval: float = ...,
             _env_file: str | os.PathLike[str] | None = ...,

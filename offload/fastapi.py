@@ -37,6 +37,8 @@ from ._disconnect import WATCH_KEY, DisconnectMiddleware, Watch
 from ._errors import OffloadTimeout, PoolClosed, PoolOverloaded, PoolStartError, WorkerCrashed
 from ._executor import Executor
 from ._offloader import Offloader, starts_on_first_use
+from ._server_timing import STATE_KEY as STATE_KEY  # where the Offloader is in the state
+from ._server_timing import ServerTimingMiddleware
 from ._servers import server_processes
 from ._settings import usable_cpus
 
@@ -61,8 +63,6 @@ __all__ = (
 
 logger = logging.getLogger("offload")
 
-#: the key of the Offloader in the lifespan state (``request.state.offload``)
-STATE_KEY = "offload"
 #: seconds a client is told to wait before retrying a 503
 RETRY_AFTER = 1
 
@@ -248,12 +248,14 @@ def install(app: Starlette) -> None:
     """The one line that wires offload's HTTP behaviour into an app: ``install(app)``.
 
     Adds :class:`DisconnectMiddleware` (so that calls made through
-    :func:`get_executor` are cancelled when the client leaves) and
-    :func:`add_exception_handlers`. Call it where the app is built, before it starts,
+    :func:`get_executor` are cancelled when the client leaves), the middleware that
+    writes the ``Server-Timing`` header when ``OffloadSettings.server_timing`` is on,
+    and :func:`add_exception_handlers`. Call it where the app is built, before it starts,
     on the outermost app (FastAPI or Starlette): apps mounted in it get the same
     error mapping when it starts, or at its first request without offload's lifespan
     (:func:`cover_mounted_apps`).
     """
+    app.add_middleware(ServerTimingMiddleware)
     app.add_middleware(DisconnectMiddleware, on_first_request=_cover_apps_mounted_in)
     add_exception_handlers(app)
 

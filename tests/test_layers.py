@@ -35,7 +35,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload._default",),
     ("offload._decorator",),
     # integrations
-    ("offload._disconnect", "offload._servers", "offload.fastapi", "offload.prometheus"),
+    (
+        "offload._disconnect",
+        "offload._servers",
+        "offload._server_timing",
+        "offload.fastapi",
+        "offload.prometheus",
+    ),
     # the public names: loads any of the above on first use
     ("offload",),
     # python -m offload: the demo, an application of the public names, and info;

@@ -32,6 +32,7 @@ SETTINGS = OffloadSettings(
     pools={"tiny": {"kind": "process", "max_workers": 1, "max_pending": 0}},
     shutdown_timeout=10,
     cancel_on_disconnect=not os.environ.get("TEST_NO_CANCEL"),
+    server_timing=bool(os.environ.get("TEST_SERVER_TIMING")),
 )
 
 
