@@ -68,7 +68,7 @@ def histograms(offloader: Offloader) -> dict[str, tuple[Phases, dict[str, Phases
     by function; copies, for readers outside the event loop."""
     return {
         name: (
-            pool.counters.phases.copy(),
+            pool.counters.histograms(),
             {function: phases.copy() for function, phases in list(pool.counters.functions.items())},
         )
         for name, pool in list(offloader._pools.items())

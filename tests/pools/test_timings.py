@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from offload import Executor, Offloader, OffloadSettings, WorkerCrashed
+from offload import Executor, Offloader, OffloadSettings, WorkerCrashed, _stats
 from offload._stats import RequestTimings, request_timings
 
 from .. import funcs
@@ -184,3 +184,36 @@ async def test_decorated_calls_count_in_the_current_timings(kind: str) -> None:
     assert timings.calls == 2
     assert timings.run is not None
     assert timings.queue_wait is not None
+
+
+class _Ended:
+    """What ``Counters.record`` reads of a call."""
+
+    def __init__(self, ran: float | None, queue_wait: float | None) -> None:
+        self.name = "f"
+        self.ran = ran
+        self.queue_wait = queue_wait
+
+
+def test_histograms_take_in_every_call_across_folds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_stats, "LATENCY_WINDOW", 8)
+    counters = _stats.Counters()
+    expected = _stats.Phases()
+    for i in range(29):  # three folds, and five calls past the last
+        latency = 10.0 ** (i % 7 - 6)  # 1 us .. 1 s
+        ran = None if i % 5 == 0 else latency / 4  # some calls have no phases
+        queue_wait = None if i % 3 == 0 else latency / 8
+        counters.record(_Ended(ran, queue_wait), latency, True)
+        expected.latency.observe(latency)
+        if ran is not None:
+            expected.run.observe(ran)
+            expected.transfer.observe(latency - ran - (queue_wait or 0.0))
+            if queue_wait is not None:
+                expected.queue_wait.observe(queue_wait)
+    found = counters.histograms()
+    for phase in ("latency", "queue_wait", "transfer", "run"):
+        mine, theirs = getattr(found, phase), getattr(expected, phase)
+        assert mine.counts == theirs.counts, phase
+        assert math.isclose(mine.sum, theirs.sum), phase
+    # Reading them takes nothing in: a second read gives the same.
+    assert counters.histograms().latency.counts == found.latency.counts
