@@ -36,6 +36,7 @@ from offload import (
     WorkerCrashed,
 )
 from offload._pools.dask.pool import SCATTER_THRESHOLD, DaskPool
+from offload._stats import RequestTimings, request_timings
 
 from .. import funcs
 from ..conftest import children
@@ -185,6 +186,25 @@ async def test_calls_return_results(dask_ex: Executor) -> None:
     assert stats.kind == "dask"
     assert stats.workers == WORKERS
     assert stats.completed >= 3
+
+
+async def test_run_and_queue_wait_are_measured_transfer_is_unknown(dask_ex: Executor) -> None:
+    timings = RequestTimings()
+    token = request_timings.set(timings)
+    try:
+        await dask_ex.run(funcs.sleep_then, 0.2, None)
+    finally:
+        request_timings.reset(token)
+    assert timings.calls == 1
+    assert timings.run is not None
+    assert timings.run >= 0.2  # measured in the task, around the function
+    assert timings.queue_wait is not None  # until the task's start event came
+    assert timings.queue_wait >= 0
+    assert timings.transfer is None
+    stats = dask_ex.stats()
+    assert stats.run_p50 is not None
+    assert stats.queue_wait_p50 is not None
+    assert (stats.transfer_p50, stats.transfer_p99) == (None, None)
 
 
 async def test_lambdas_and_closures_travel_by_value(dask_ex: Executor) -> None:
