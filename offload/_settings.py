@@ -254,8 +254,8 @@ class OffloadSettings(BaseSettings):
     )
     server_timing: bool = Field(
         default=False,
-        description="FastAPI: give each response a Server-Timing header with the summed "
-        "queue wait, transfer and run of the offloaded calls its request made",
+        description="FastAPI, with install(app): give each response a Server-Timing header "
+        "with the summed queue wait, transfer and run of the offloaded calls its request made",
     )
     lag_probe: bool = Field(
         default=True,

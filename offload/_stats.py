@@ -29,8 +29,10 @@ __all__ = (
     "Histogram",
     "LoopStats",
     "OffloaderStats",
+    "Phases",
     "PoolStats",
     "RequestTimings",
+    "Timed",
     "per_function",
     "request_timings",
 )
@@ -328,15 +330,11 @@ class Counters:
         self._folds += 1
         latencies, self._pending = self._pending, 0
         phases, self._pending_phases = self._pending_phases, 0
-        self._take_in(self._phases, latencies, phases)
+        _take_in(self._phases, self._windows(), latencies, phases)
         self._folds += 1
 
-    def _take_in(self, into: Phases, latencies: int, phases: int) -> None:
-        into.latency.add(_newest(self.latencies, latencies))
-        if phases:
-            into.queue_wait.add(_newest(self.queue_waits, phases))
-            into.transfer.add(_newest(self.transfers, phases))
-            into.run.add(_newest(self.runs, phases))
+    def _windows(self) -> tuple[deque[Any], ...]:
+        return self.latencies, self.queue_waits, self.transfers, self.runs
 
     def histograms(self) -> Phases:
         """The pool's histograms since it started: a copy, from any thread."""
@@ -347,13 +345,9 @@ class Counters:
             copy = self._phases.copy()
             # The counts before the windows: a call ending meanwhile appends first.
             latencies, phases = self._pending, self._pending_phases
-            windows = Counters.__new__(Counters)
-            windows.latencies = self.latencies.copy()
-            windows.queue_waits = self.queue_waits.copy()
-            windows.transfers = self.transfers.copy()
-            windows.runs = self.runs.copy()
+            windows = tuple(window.copy() for window in self._windows())
             if self._folds == folds:
-                windows._take_in(copy, latencies, phases)
+                _take_in(copy, windows, latencies, phases)
                 return copy
         return self._phases.copy()  # the loop's thread kept folding: without the newest
 
@@ -413,6 +407,17 @@ class Counters:
             run_p90=run[1],
             run_p99=run[2],
         )
+
+
+def _take_in(into: Phases, windows: tuple[deque[Any], ...], latencies: int, phases: int) -> None:
+    """Add the ``latencies`` newest latencies and ``phases`` newest phases of
+    ``windows`` (as ``Counters._windows`` gives them) to ``into``."""
+    latency, queue_wait, transfer, run = windows
+    into.latency.add(_newest(latency, latencies))
+    if phases:
+        into.queue_wait.add(_newest(queue_wait, phases))
+        into.transfer.add(_newest(transfer, phases))
+        into.run.add(_newest(run, phases))
 
 
 def _newest(window: deque[Any], count: int) -> list[Any]:

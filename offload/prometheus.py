@@ -123,7 +123,6 @@ class OffloadCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         offloader = self._find()
         stats = offloader.stats() if offloader is not None else None
-        yield from self._histograms(offloader)
         lag = GaugeMetricFamily(
             "offload_event_loop_lag_seconds",
             "How late the event loop ran the lag probe's timer, recently, by quantile.",
@@ -198,6 +197,7 @@ class OffloadCollector(Collector):
                 if value is not None:
                     latency.add_metric((name, quantile), value)
         yield from (calls, recycled, slow, workers, busy, queued, latency, lag, *shares)
+        yield from self._histograms(offloader)
 
     def _histograms(self, offloader: Offloader | None) -> Iterator[Metric]:
         from ._offloader import histograms

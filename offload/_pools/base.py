@@ -6,7 +6,7 @@ A call's life is the same in every kind; only :meth:`Pool._execute` differs::
         │
         ├─ CancelScope(deadline), if there is one ─────────────┐
         │     _execute(call): wait for a slot, run, hand back  │ deadline passed ─> OffloadTimeout
-        └─ counters and latency ───────────────────────────────┘
+        └─ counters, latency and phases ───────────────────────┘
 
     aclose(drain) ── drain timed out ──> _abort(): every call in flight ─> PoolClosed
 

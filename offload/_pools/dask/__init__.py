@@ -6,8 +6,9 @@
         ├─ scatter large arguments (one round trip, only when there are some)
         ├─ client.submit(invoke, topic, key, blob, ...) ──> scheduler ──> a worker:
         │      invoke (task.py) logs "key started" on the scheduler, unpickles
-        │      the blob, runs it
-        └─ await the future <── scheduler: "started" event, then done ── the result
+        │      the blob, runs it, timed
+        └─ await the future <── scheduler: "started" event (the queue wait's end),
+                                then done ── the result, and the seconds it ran
     cancelled or past its deadline: the future is cancelled in the background; with
     hard_cancel, the worker running it is restarted too
     its worker died before it started (it waited there behind another task): sent again
