@@ -52,19 +52,47 @@ class WorkerCrashed(OffloadError):
     :ivar pid: the process id of the dead worker
     :ivar exitcode: its exit status: negative for a signal, as in :mod:`subprocess`;
         ``None`` when it could not be read
+    :ivar function: the name of the function it was running (``module.qualname``), or
+        of the initializer (its import string) for a worker that died while starting;
+        ``None`` when unknown
+    :ivar traceback: what the worker's fault handler wrote when a fatal signal
+        (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) ended it: the Python stack of each
+        of its threads, most recent call first (at most 64 KiB); ``None`` when it
+        wrote nothing (``os._exit``, SIGKILL) or the pool cannot tell
     """
 
-    def __init__(self, message: str, *, pid: int | None = None, exitcode: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int | None = None,
+        exitcode: int | None = None,
+        function: str | None = None,
+        traceback: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.pid = pid
         self.exitcode = exitcode
+        self.function = function
+        self.traceback = traceback
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (_rebuild_crash, (self.args[0], self.pid, self.exitcode))
+        return (
+            _rebuild_crash,
+            (self.args[0], self.pid, self.exitcode, self.function, self.traceback),
+        )
 
 
-def _rebuild_crash(message: str, pid: int | None, exitcode: int | None) -> WorkerCrashed:
-    return WorkerCrashed(message, pid=pid, exitcode=exitcode)
+def _rebuild_crash(
+    message: str,
+    pid: int | None,
+    exitcode: int | None,
+    function: str | None = None,
+    traceback: str | None = None,
+) -> WorkerCrashed:
+    return WorkerCrashed(
+        message, pid=pid, exitcode=exitcode, function=function, traceback=traceback
+    )
 
 
 class PoolOverloaded(OffloadError):
@@ -111,8 +139,19 @@ class RemoteTraceback(Exception):
         return f'\n"""\n{self.tb}"""'
 
 
-def describe_exit(exitcode: int | None) -> str:
-    """Say how a process ended, naming the signal when there was one."""
+#: what may have sent a SIGKILL that offload did not send
+_SIGKILL_HINT = (
+    " (often the kernel's out-of-memory killer: see `dmesg` or the container's OOM "
+    "events; else another process)"
+)
+
+
+def describe_exit(exitcode: int | None, *, unexpected: bool = False) -> str:
+    """Say how a process ended, naming the signal when there was one.
+
+    ``unexpected``: offload did not stop it, so a SIGKILL comes with its likely
+    senders (the out-of-memory killer first).
+    """
     if exitcode is None:
         return "exit status unknown"
     if exitcode < 0:
@@ -120,5 +159,6 @@ def describe_exit(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = f"signal {-exitcode}"
-        return f"killed by {name}"
+        hint = _SIGKILL_HINT if unexpected and name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
     return f"exited with code {exitcode}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -65,6 +66,53 @@ def fork_then_exit(path: str, code: int) -> None:
 
 def segfault() -> None:
     ctypes.string_at(0)
+
+
+def abort_now() -> None:
+    os.abort()
+
+
+def segfault_when_exists(path: str) -> None:
+    """Return at once, leaving a thread that segfaults once ``path`` exists: the
+    worker dies while idle, in a thread that is not the one that ran the call."""
+
+    def crash_in_background() -> None:
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        ctypes.string_at(0)
+
+    threading.Thread(target=crash_in_background, daemon=True).start()
+
+
+def segfault_after_child_segfaults() -> None:
+    """Fork a child that segfaults, wait for it, then segfault: only this process's
+    stack may reach the worker's crash report (the child's goes to stderr)."""
+    child = os.fork()
+    if child == 0:
+        _crash_in_child()
+    os.waitpid(child, 0)
+    ctypes.string_at(0)
+
+
+def _crash_in_child() -> None:
+    ctypes.string_at(0)
+
+
+def flood_crash_report_then_segfault(megabytes: int) -> None:
+    """A hostile function: it writes ``megabytes`` MiB into the worker's crash report
+    (its descriptor is the worker's fourth argument), then segfaults."""
+    fd = int(sys.argv[4])
+    chunk = b"x" * (1 << 20)
+    for _ in range(megabytes):
+        os.write(fd, chunk)
+    ctypes.string_at(0)
+
+
+def close_channel_then_sleep(seconds: float) -> None:
+    """Close the worker's channel (its first argument) and go on running: the caller
+    sees the channel end without the worker exiting."""
+    os.close(int(sys.argv[1]))
+    time.sleep(seconds)
 
 
 def kill_self(sig: int = signal.SIGKILL) -> None:
@@ -401,6 +449,10 @@ def failing_initializer(message: str) -> None:
 
 def crashing_initializer(code: int) -> None:
     os._exit(code)
+
+
+def segfaulting_initializer() -> None:
+    ctypes.string_at(0)
 
 
 def crashing_initializer_with_child(code: int) -> None:

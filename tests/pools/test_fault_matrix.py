@@ -11,7 +11,7 @@ Which kind meets which case (each skip says why):
 
 - thread: the failures of running; nothing is pickled, and a crash would end this
   process;
-- process: every case; dask: every case but two of its four crashes (a worker's death
+- process: every case; dask: every case but three of its five crashes (a worker's death
   is reported alike whatever kills it), on asyncio only, its client's loop, with one
   embedded cluster for the module, since starting one takes seconds;
 - the process kind's own cases (a deadline that kills its worker, initializers,
@@ -22,6 +22,7 @@ Which kind meets which case (each skip says why):
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -174,16 +175,37 @@ def check_unpickle_args(exc: Exception, kind: str) -> None:
         assert_remote_cause(exc, kind, "UnpickleRefused", "refusing to unpickle")
 
 
-def check_crash(exitcode: int, words: str) -> Callable[[Exception, str], None]:
+def check_crash(
+    exitcode: int, words: str, function: str, frame: str | None = None
+) -> Callable[[Exception, str], None]:
+    """A ``WorkerCrashed`` naming ``function`` and how its worker ended; with ``frame``,
+    the worker's fault handler caught the crash there (the report's top frames are
+    quoted in the message, the whole report is ``traceback``)."""
+
     def check(exc: Exception, kind: str) -> None:
         assert type(exc) is WorkerCrashed, repr(exc)
-        if kind == "dask":  # the scheduler tells which worker died, not how
-            assert "died" in str(exc), str(exc)
+        message = str(exc)
+        assert exc.function == function, (exc.function, message)
+        assert function in message, message
+        if kind == "dask":  # the scheduler tells which worker died; its nanny, how
+            assert "died" in message, message
+            assert exc.traceback is None
+            if exc.exitcode is not None:  # the nanny told in time
+                assert exc.exitcode == exitcode, (exc.exitcode, message)
+                assert words in message, message
             return
-        assert exc.exitcode == exitcode, (exc.exitcode, str(exc))
-        assert words in str(exc), str(exc)
+        assert exc.exitcode == exitcode, (exc.exitcode, message)
+        assert words in message, message
         assert exc.pid is not None
-        assert str(exc.pid) in str(exc)
+        assert str(exc.pid) in message
+        if frame is None:
+            assert exc.traceback is None, exc.traceback
+            return
+        assert exc.traceback is not None, message
+        assert exc.traceback.startswith("Fatal Python error: "), exc.traceback
+        # faulthandler's frame lines: ``  File "...", line N in name``
+        assert re.search(rf'File ".*", line \d+ in {frame}\n', exc.traceback), exc.traceback
+        assert f" in {frame}" in message, message
 
     return check
 
@@ -258,7 +280,7 @@ CASES = [
     Case(
         "unpickle-args-in-worker-segfault",
         lambda _: (funcs.echo, (funcs.SegfaultsForeignUnpickle(),)),
-        check_crash(-signal.SIGSEGV, "killed by SIGSEGV"),
+        check_crash(-signal.SIGSEGV, "killed by SIGSEGV", "tests.funcs.echo", "string_at"),
         "crashed",
         "replaced",
         not_for={"thread": NOTHING_PICKLED, "dask": ONE_DEATH},
@@ -267,7 +289,7 @@ CASES = [
     Case(
         "run-os-exit",
         lambda _: (funcs.exit_now, (3,)),
-        check_crash(3, "exited with code 3"),
+        check_crash(3, "exited with code 3", "tests.funcs.exit_now"),
         "crashed",
         "replaced",
         not_for={"thread": THIS_PROCESS},
@@ -275,7 +297,15 @@ CASES = [
     Case(
         "run-segfault",
         lambda _: (funcs.segfault, ()),
-        check_crash(-signal.SIGSEGV, "killed by SIGSEGV"),
+        check_crash(-signal.SIGSEGV, "killed by SIGSEGV", "tests.funcs.segfault", "segfault"),
+        "crashed",
+        "replaced",
+        not_for={"thread": THIS_PROCESS, "dask": ONE_DEATH},
+    ),
+    Case(
+        "run-abort",
+        lambda _: (funcs.abort_now, ()),
+        check_crash(-signal.SIGABRT, "killed by SIGABRT", "tests.funcs.abort_now", "abort_now"),
         "crashed",
         "replaced",
         not_for={"thread": THIS_PROCESS, "dask": ONE_DEATH},
@@ -283,7 +313,7 @@ CASES = [
     Case(
         "run-sigkill-from-outside",
         lambda tmp: (funcs.write_pid_then_spin, (str(tmp / "pid"), 30)),
-        check_crash(-signal.SIGKILL, "killed by SIGKILL"),
+        check_crash(-signal.SIGKILL, "killed by SIGKILL", "tests.funcs.write_pid_then_spin"),
         "crashed",
         "replaced",
         kill_from_outside=True,

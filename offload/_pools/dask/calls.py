@@ -25,6 +25,7 @@ from ..._errors import (
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
+    describe_exit,
 )
 from .connection import CANCEL_TIMEOUT, DaskConnection
 from .task import CannotLoad, CannotReportStart, CannotSendException, invoke, kill_this_process
@@ -53,6 +54,17 @@ _NO_WORKER_ERRORS: tuple[type[Exception], ...] = tuple(
     )
     if cls is not None
 )
+
+#: how a nanny logs its worker's death (distributed.nanny.WorkerProcess._death_message)
+_DEATH = re.compile(
+    r"Worker process (?P<pid>\d+) "
+    r"(?:was killed by signal (?P<signal>\d+)|exited with status (?P<status>\d+)|"
+    r"was killed by unknown signal)"
+)
+#: how many of each nanny's latest log lines are searched for a worker's death
+_NANNY_LOG_LINES = 200
+#: seconds a caller waits for a dead worker's nanny to log its exit status
+EXIT_STATUS_WAIT = 2.0
 
 #: what an attempt returns when its worker died before the task started
 _NEVER_STARTED = object()
@@ -192,11 +204,20 @@ class DaskCalls(DaskConnection):
             if isinstance(exc, KilledWorker):
                 if not await self._did_start(client, future.key):
                     return _NEVER_STARTED
-                worker = getattr(getattr(exc, "last_worker", None), "address", "?")
+                last = getattr(exc, "last_worker", None)
+                worker = getattr(last, "address", "?")
+                name = call.name
+                pid, exitcode = await self._exit_status(client, last)
+                died = "died" if pid is None else f"died: process {pid} {describe_exit(exitcode)}"
                 logger.error(
-                    "pool %r: dask worker %s died while running %s", self.name, worker, call.name
+                    "pool %r: dask worker %s %s while running %s", self.name, worker, died, name
                 )
-                raise WorkerCrashed(f"the dask worker {worker} running {call.name} died") from None
+                raise WorkerCrashed(
+                    f"the dask worker {worker} running {name} {died}",
+                    pid=pid,
+                    exitcode=exitcode,
+                    function=name,
+                ) from None
             if status == "error" and isinstance(exc, CannotLoad):
                 raise SerializationError(
                     f"the dask worker cannot load {call.name} or its arguments: {exc}; "
@@ -228,7 +249,8 @@ class DaskCalls(DaskConnection):
                 if exc.reason == "scheduler-connection-lost":
                     raise self._unavailable(call, exc) from exc
                 raise WorkerCrashed(
-                    f"{call.name} was lost on the dask cluster (cancelled: {exc.reason})"
+                    f"{call.name} was lost on the dask cluster (cancelled: {exc.reason})",
+                    function=call.name,
                 ) from exc
             if isinstance(exc, (CommClosedError, OSError, ClosedClientError)):
                 raise self._unavailable(call, exc) from exc
@@ -237,6 +259,34 @@ class DaskCalls(DaskConnection):
                     f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
                 ) from exc
             raise
+
+    async def _exit_status(self, client: Any, worker: Any) -> tuple[int | None, int | None]:
+        """The pid and exit status of a dead dask worker, as its nanny logged them
+        (``Worker process 4242 was killed by signal 11``), asked directly: the
+        scheduler knows only that the worker left. ``(None, None)`` without a nanny,
+        or when it says nothing within ``EXIT_STATUS_WAIT`` (it logs the death once it
+        sees it, which may be after the scheduler failed the task)."""
+        nanny = getattr(worker, "nanny", None)
+        pid = getattr(worker, "pid", None)
+        if not isinstance(nanny, str) or not isinstance(pid, int):
+            return None, None
+        with anyio.move_on_after(EXIT_STATUS_WAIT):
+            while True:
+                try:
+                    lines = await client.rpc(nanny).get_logs(n=_NANNY_LOG_LINES)
+                except Exception:
+                    break
+                for _, line in lines:  # the newest first
+                    found = _DEATH.search(str(line))
+                    if found is None or int(found["pid"]) != pid:
+                        continue
+                    if found["signal"] is not None:
+                        return pid, -int(found["signal"])
+                    if found["status"] is not None:
+                        return pid, int(found["status"])
+                    return pid, None
+                await anyio.sleep(0.05)
+        return None, None
 
     async def _did_start(self, client: Any, key: str) -> bool:
         """Whether the task ``key`` started before its worker died: its event came

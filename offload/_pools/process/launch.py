@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ..._errors import PoolStartError, RemoteTraceback, describe_exit
+from ..._errors import PoolStartError, RemoteTraceback
+from . import crash_reports
 from .framing import OK, decode, encode
 from .remote_buffers import inline_buffers
 from .scheduling import start_at_lower_priority
@@ -38,7 +39,7 @@ __all__ = ("boot", "spawn", "worker_command")
 # from a directory of the parent's path). ``sys`` is built in: importing it reads no
 # directory.
 _BOOT = (
-    "import sys; sys.path[:] = sys.argv[4:]; from offload._pools.process.worker import main; main()"
+    "import sys; sys.path[:] = sys.argv[5:]; from offload._pools.process.worker import main; main()"
 )
 
 
@@ -69,20 +70,23 @@ async def spawn(
 ) -> WorkerHandle:
     """Start a worker process; the parent's handle on it, its channel not yet used."""
     parent, child = socket.socketpair()
-    args = worker_command(str(child.fileno()), str(death_fd), str(os.getpid()))
+    crash_fd = crash_reports.create()
+    args = worker_command(str(child.fileno()), str(death_fd), str(os.getpid()), str(crash_fd))
     try:
         # On the spawner thread (see spawner.py); waited for even when
         # cancelled, so that a started process always reaches the pool.
-        future = spawner().submit(_start_process, args, (child.fileno(), death_fd), settings)
+        fds = (child.fileno(), death_fd, crash_fd)
+        future = spawner().submit(_start_process, args, fds, settings)
         proc = await wait_future(future)
     except BaseException:
         parent.close()
+        os.close(crash_fd)
         raise
     finally:
         child.close()
     parent = quiet_channel(parent)
     parent.setblocking(False)
-    return WorkerHandle(proc, parent, loop)
+    return WorkerHandle(proc, parent, loop, crash_fd)
 
 
 async def boot(
@@ -126,10 +130,12 @@ async def boot(
         if isinstance(exc, (EOFError, OSError)):
             with anyio.move_on_after(EXIT_STATUS_WAIT, shield=True):
                 await worker.exited.wait()
+            initializer = settings.initializer
+            doing = "starting" if initializer is None else f"starting (initializer {initializer})"
+            crash = worker.crashed(doing, initializer)
             raise PoolStartError(
-                f"a worker of pool {pool_name!r} failed to start "
-                f"({describe_exit(worker.returncode)})"
-            ) from exc
+                f"a worker of pool {pool_name!r} failed to start: {crash}"
+            ) from crash
         raise
     finally:
         worker.in_use = False

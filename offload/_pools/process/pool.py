@@ -18,6 +18,7 @@ import subprocess
 import time
 import weakref
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -27,7 +28,6 @@ from ..._errors import (
     OffloadError,
     PoolClosed,
     PoolStartError,
-    WorkerCrashed,
     describe_exit,
 )
 from ..._helper_threads import run_in_helper_thread
@@ -240,12 +240,24 @@ class ProcessPool(Pool):
                 self.name,
                 worker.pid,
             )
-        elif unexpected and worker.call is None:  # a crash mid-call is logged by its caller
-            logger.warning(
-                "pool %r: idle worker %d %s",
+        elif worker.crash_told:  # its caller could not say how it ended: now we can
+            logger.error(
+                "pool %r: worker %d, whose call to %s failed with WorkerCrashed before "
+                "its exit status came, and which the pool then stopped, %s%s",
                 self.name,
                 worker.pid,
-                describe_exit(worker.returncode),
+                worker.last_call_name(),
+                describe_exit(worker.returncode, unexpected=True),
+                _report(worker.crash_report()),
+            )
+        elif unexpected and worker.call is None:  # a crash mid-call is logged by its caller
+            logger.warning(
+                "pool %r: idle worker %d %s; %s%s",
+                self.name,
+                worker.pid,
+                describe_exit(worker.returncode, unexpected=True),
+                worker.last_call(),
+                _report(worker.crash_report()),
             )
         else:
             logger.debug(
@@ -312,6 +324,7 @@ class ProcessPool(Pool):
         fds = [self._death_pipe_read, self._death_pipe_write]
         for worker in self._unreaped:
             worker.sock.close()  # not worker.close(): the event loop is the parent's
+            worker.close_crash_report()
             fds.append(-1 if worker.pidfd is None else worker.pidfd)
             worker.pidfd = None
         for fd in fds:
@@ -407,19 +420,22 @@ class ProcessPool(Pool):
                     raise OffloadError(f"{failure}: {exc}") from exc
                 with anyio.move_on_after(EXIT_STATUS_WAIT):
                     await worker.exited.wait()
+                name = call.name
+                crash = worker.crashed(f"running {name}", name)
+                if not worker.exited.is_set():
+                    # Its channel is gone, its process not (yet): of no more use. Its
+                    # watcher logs the exit status once it comes.
+                    worker.crash_told = True
+                    self._kill(worker)
                 logger.error(
-                    "pool %r: worker %d %s while running %s",
+                    "pool %r: worker %d %s while running %s%s",
                     self.name,
                     worker.pid,
-                    describe_exit(worker.returncode),
-                    call.name,
+                    describe_exit(worker.returncode, unexpected=True),
+                    name,
+                    _report(crash.traceback),
                 )
-                raise WorkerCrashed(
-                    f"the worker process {worker.pid} running {call.name} "
-                    f"{describe_exit(worker.returncode)}",
-                    pid=worker.pid,
-                    exitcode=worker.returncode,
-                ) from None
+                raise crash from None
             except BaseException:
                 # Cancelled mid-call (deadline, caller, shutdown): the worker is
                 # somewhere in the call, so it cannot be reused.
@@ -445,7 +461,21 @@ class ProcessPool(Pool):
     def _unclaim(self, worker: WorkerHandle) -> None:
         self._busy -= 1
         worker.in_use = False
+        call = worker.call
         worker.call = None
+        if call is not None:
+            # Named, should the worker die idle. A plain function (or a decorated one)
+            # is kept and named then; another callable may hold state (a closure, a
+            # bound method): its name is kept instead.
+            fn = call.fn
+            kind = type(fn)
+            if (kind is FunctionType and fn.__closure__ is None) or getattr(
+                kind, "__offload_function__", False
+            ):
+                worker.last_function = fn
+            else:
+                worker.last_function = call.name
+            worker.last_ended = time.monotonic()
         if worker.exited.is_set():
             worker.close()
 
@@ -496,6 +526,11 @@ class ProcessPool(Pool):
                 worker.replacement_started = True
                 self._task_group.start_soon(self._replace)
             self._handoff.put(worker)
+
+
+def _report(report: str | None) -> str:
+    """A fault handler's report, to end a log message."""
+    return "" if report is None else f"; its fault handler's report:\n{report.rstrip()}"
 
 
 @atexit.register

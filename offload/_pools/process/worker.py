@@ -1,7 +1,8 @@
 """The worker process: read a call, run it, write the answer, repeat.
 
 Started by ``launch.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_PID
-PATH...``, PATH the parent's ``sys.path``, installed before anything is imported.
+CRASH_FD PATH...``, PATH the parent's ``sys.path``, installed before anything is
+imported, and CRASH_FD the file its fault handler writes to (``crash_reports.py``).
 It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
 in a few tens of milliseconds.
 
@@ -13,7 +14,7 @@ exits when its channel reaches EOF.
 Whatever the user's code does (the function, its arguments' and result's pickling
 hooks, an exception's ``__str__``, the initializer), down to ``SystemExit``, fails only
 its call: every call gets one answer, and only from this process (a process the
-function forks loses the channel, see :func:`_disown_channel`).
+function forks loses the channel, see :func:`_after_fork_in_child`).
 """
 
 from __future__ import annotations
@@ -69,18 +70,21 @@ _pid = 0
 def main() -> None:
     global _pid
     mark_worker_process()
-    channel_fd, death_fd, parent_pid = (int(arg) for arg in sys.argv[1:4])
+    channel_fd, death_fd, parent_pid, crash_fd = (int(arg) for arg in sys.argv[1:5])
     _pid = os.getpid()
-    # Neither goes to a program the function starts (unless it passes them on).
-    os.set_inheritable(channel_fd, False)
-    os.set_inheritable(death_fd, False)
-    os.register_at_fork(after_in_child=functools.partial(_disown_channel, channel_fd))
+    # A fatal signal's report goes where the parent reads it once the worker is dead.
+    faulthandler.enable(crash_fd, all_threads=True)
+    # None goes to a program the function starts (unless it passes them on).
+    for fd in (channel_fd, death_fd, crash_fd):
+        os.set_inheritable(fd, False)
+    os.register_at_fork(
+        after_in_child=functools.partial(_after_fork_in_child, channel_fd, crash_fd)
+    )
     # In a session of its own, Ctrl-C at a terminal does not reach the worker; were
     # it started otherwise, the parent decides what happens to running calls.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(death_fd, parent_pid)
     _guard_group()
-    faulthandler.enable()  # a segfaulting function leaves its stack on stderr
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH_SIZE))
     data, received = recv_frame(sock, scratch)
@@ -238,15 +242,21 @@ def _encode_reply(
     return parts
 
 
-def _disown_channel(channel_fd: int) -> None:
-    """In a process the function forked: the channel becomes /dev/null, so this
-    process can never write to it, nor keep it open once the worker is gone."""
+def _after_fork_in_child(channel_fd: int, crash_fd: int) -> None:
+    """In a process the function forked: the channel and the crash report become
+    /dev/null, so that this process can write to neither, nor keep the channel open
+    once the worker is gone. Its own fatal signal is reported on stderr."""
     try:
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        os.dup2(null, channel_fd, inheritable=False)
-        os.close(null)
-    except OSError:
-        pass
+        faulthandler.enable(2, all_threads=True)
+    except (OSError, ValueError, RuntimeError):
+        faulthandler.disable()
+    for fd in (channel_fd, crash_fd):
+        try:
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            os.dup2(null, fd, inheritable=False)
+            os.close(null)
+        except OSError:
+            pass
 
 
 def _leave_if_forked() -> None:

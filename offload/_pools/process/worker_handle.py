@@ -10,12 +10,16 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
 
+from ..._call import describe
+from ..._errors import WorkerCrashed, describe_exit
+from . import crash_reports
 from .framing import SCRATCH_SIZE, Remote, parse_frame, whole_frame
 from .sending import first_batch, first_bytes, remaining
 
@@ -94,8 +98,12 @@ class WorkerHandle:
         "_waiter",
         "call",
         "calls",
+        "crash_fd",
+        "crash_told",
         "exited",
         "in_use",
+        "last_ended",
+        "last_function",
         "pid",
         "pidfd",
         "proc",
@@ -111,6 +119,7 @@ class WorkerHandle:
         proc: subprocess.Popen[bytes],
         sock: socket.socket,
         loop: asyncio.AbstractEventLoop | None,
+        crash_fd: int = -1,
     ) -> None:
         self.proc = proc
         self.pid = proc.pid
@@ -123,6 +132,12 @@ class WorkerHandle:
         self.exited = anyio.Event()
         self.calls = 0
         self.call: Call | None = None  # the call it runs, for the logs
+        # The function of its latest call (a plain function: its name is made only if
+        # the worker dies; else the name, which holds no state), and when it ended.
+        self.last_function: Callable[..., Any] | str | None = None
+        self.last_ended = 0.0
+        self.crash_fd = crash_fd  # its fault handler's report (crash_reports.py)
+        self.crash_told = False  # a caller got WorkerCrashed before its exit status came
         self.in_use = False  # a caller is using the channel: only it may close it
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
@@ -136,6 +151,41 @@ class WorkerHandle:
     @property
     def returncode(self) -> int | None:
         return self.proc.returncode
+
+    def crash_report(self) -> str | None:
+        """What the worker's fault handler wrote (see ``crash_reports.py``), if any."""
+        return None if self.crash_fd < 0 else crash_reports.read(self.crash_fd)
+
+    def crashed(self, doing: str, function: str | None) -> WorkerCrashed:
+        """The error of a caller whose worker died ``doing`` something (``running
+        f``), ``function`` by name: how it ended and, when its fault handler wrote a
+        report, its head in the message and the whole as ``traceback``."""
+        status = describe_exit(self.returncode, unexpected=True)
+        if self.returncode is None:
+            status = f"{status} (not there after {EXIT_STATUS_WAIT:g} s)"
+        message = f"the worker process {self.pid} {doing} {status}"
+        report = self.crash_report()
+        if report is not None:
+            message = (
+                f"{message}; its fault handler's report (whole in .traceback):\n"
+                f"{crash_reports.excerpt(report)}"
+            )
+        return WorkerCrashed(
+            message, pid=self.pid, exitcode=self.returncode, function=function, traceback=report
+        )
+
+    def last_call_name(self) -> str | None:
+        """The name of the function of its latest call; None before its first."""
+        fn = self.last_function
+        return fn if fn is None or isinstance(fn, str) else describe(fn)
+
+    def last_call(self) -> str:
+        """Its latest call, for a log: ``its last call, to f, ended 2.5 s ago``."""
+        name = self.last_call_name()
+        if name is None:
+            return "it had run no call"
+        ago = time.monotonic() - self.last_ended
+        return f"its last call, to {name}, ended {ago:.1f} s ago"
 
     def send_some(self, parts: list[Buffer]) -> Sequence[Buffer]:
         """Write what the channel takes of a frame of at most :data:`CHUNK` bytes at
@@ -368,3 +418,9 @@ class WorkerHandle:
             anyio.notify_closing(self.pidfd)
             os.close(self.pidfd)
             self.pidfd = None
+        self.close_crash_report()
+
+    def close_crash_report(self) -> None:
+        if self.crash_fd >= 0:
+            os.close(self.crash_fd)
+            self.crash_fd = -1
