@@ -224,6 +224,7 @@ class ProcessPool(Pool):
             self._task_group.start_soon(worker.reap_group)
         self._unreaped.discard(worker)
         worker.exited.set()
+        report = worker.crash_report()  # before close() closes its file
         if not worker.in_use:
             worker.close()  # else the caller holding it closes it, once done reading
         else:
@@ -248,7 +249,7 @@ class ProcessPool(Pool):
                 worker.pid,
                 worker.last_call_name(),
                 describe_exit(worker.returncode, unexpected=True),
-                _report(worker.crash_report()),
+                _report(report),
             )
         elif unexpected and worker.call is None:  # a crash mid-call is logged by its caller
             logger.warning(
@@ -257,7 +258,7 @@ class ProcessPool(Pool):
                 worker.pid,
                 describe_exit(worker.returncode, unexpected=True),
                 worker.last_call(),
-                _report(worker.crash_report()),
+                _report(report),
             )
         else:
             logger.debug(
