@@ -107,7 +107,11 @@ def test_public_errors_pickle_across_processes() -> None:
         and issubclass(getattr(offload, name), Exception)
         and name != "WorkerCrashed"
     ]
-    errors.append(offload.WorkerCrashed("died", pid=12, exitcode=-9))
+    errors.append(
+        offload.WorkerCrashed(
+            "died", pid=12, exitcode=-11, function="m.f", traceback="Fatal Python error: ..."
+        )
+    )
     script = (
         "import pickle, sys\n"
         "errors = pickle.loads(sys.stdin.buffer.read())\n"
@@ -126,7 +130,9 @@ def test_public_errors_pickle_across_processes() -> None:
     assert [type(e) for _, e in back] == [type(e) for e in errors]
     assert {module for module, _ in back} == {"offload"}
     assert [e.args for _, e in back] == [e.args for e in errors]
-    assert (back[-1][1].pid, back[-1][1].exitcode) == (12, -9)
+    crash = back[-1][1]
+    assert (crash.pid, crash.exitcode) == (12, -11)
+    assert (crash.function, crash.traceback) == ("m.f", "Fatal Python error: ...")
 
 
 def test_error_hierarchy() -> None:

@@ -50,10 +50,12 @@ Deadline passed, or caller cancelled, while a worker runs the call
 
 Worker crash (segfault, ``os._exit``, killed, out of memory)
     The caller reading its reply sees EOF, waits briefly for the exit status, and
-    raises ``WorkerCrashed`` with it; only that call fails. The watcher reaps the
-    worker, kills what is left of its process group, and starts a replacement, backing
-    off while starts fail (``PoolStartError`` for the waiting calls once
-    ``start_timeout`` has passed without a worker).
+    raises ``WorkerCrashed`` with it, the function, and what the worker's fault
+    handler wrote to its crash report (crash_reports.py); only that call fails. A
+    worker still alive then is stopped. The watcher reaps the worker, kills what is
+    left of its process group, and starts a replacement, backing off while starts
+    fail (``PoolStartError`` for the waiting calls once ``start_timeout`` has passed
+    without a worker).
 
 Recycling (``max_tasks_per_worker``, ``max_memory_per_worker``)
     After a call, a worker past its limit is retired: its channel is shut down, it
