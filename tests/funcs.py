@@ -72,6 +72,12 @@ def abort_now() -> None:
     os.abort()
 
 
+def fatal_python_error() -> None:
+    """The interpreter's own fatal error: it prints its stack on stderr, turns the
+    fault handler off, and aborts."""
+    ctypes.pythonapi.Py_FatalError(b"a test of the interpreter's own fatal error")
+
+
 def segfault_when_exists(path: str) -> None:
     """Return at once, leaving a thread that segfaults once ``path`` exists: the
     worker dies while idle, in a thread that is not the one that ran the call."""

@@ -108,6 +108,20 @@ async def test_initializer_crash_names_the_initializer_and_its_stack() -> None:
     assert worker_procs() == [], worker_pids()
 
 
+async def test_interpreter_fatal_error_says_where_its_stack_went() -> None:
+    async with Offloader(settings(max_workers=1)) as ex:
+        pool = ex.pool("process")
+        with pytest.raises(WorkerCrashed) as info:
+            await pool.run(funcs.fatal_python_error)
+        crash = info.value
+        assert crash.exitcode == -signal.SIGABRT
+        assert crash.function == "tests.funcs.fatal_python_error"
+        assert crash.traceback is None
+        assert "killed by SIGABRT" in str(crash), str(crash)
+        assert "on the worker's stderr" in str(crash), str(crash)
+        assert await pool.run(funcs.add, 1, 2) == 3
+
+
 async def test_forked_child_cannot_write_into_the_report() -> None:
     """A child the function forks crashes first: its report goes to stderr, not into
     the worker's; the worker's own crash is the only one there."""

@@ -248,7 +248,7 @@ class ProcessPool(Pool):
                 self.name,
                 worker.pid,
                 worker.last_call_name(),
-                describe_exit(worker.returncode, unexpected=True),
+                worker.ending(report),
                 _report(report),
             )
         elif unexpected and worker.call is None:  # a crash mid-call is logged by its caller
@@ -256,7 +256,7 @@ class ProcessPool(Pool):
                 "pool %r: idle worker %d %s; %s%s",
                 self.name,
                 worker.pid,
-                describe_exit(worker.returncode, unexpected=True),
+                worker.ending(report),
                 worker.last_call(),
                 _report(report),
             )
@@ -432,7 +432,7 @@ class ProcessPool(Pool):
                     "pool %r: worker %d %s while running %s%s",
                     self.name,
                     worker.pid,
-                    describe_exit(worker.returncode, unexpected=True),
+                    worker.ending(crash.traceback),
                     name,
                     _report(crash.traceback),
                 )

@@ -160,11 +160,8 @@ class WorkerHandle:
         """The error of a caller whose worker died ``doing`` something (``running
         f``), ``function`` by name: how it ended and, when its fault handler wrote a
         report, its head in the message and the whole as ``traceback``."""
-        status = describe_exit(self.returncode, unexpected=True)
-        if self.returncode is None:
-            status = f"{status} (not there after {EXIT_STATUS_WAIT:g} s)"
-        message = f"the worker process {self.pid} {doing} {status}"
         report = self.crash_report()
+        message = f"the worker process {self.pid} {doing} {self.ending(report)}"
         if report is not None:
             message = (
                 f"{message}; its fault handler's report (whole in .traceback):\n"
@@ -173,6 +170,21 @@ class WorkerHandle:
         return WorkerCrashed(
             message, pid=self.pid, exitcode=self.returncode, function=function, traceback=report
         )
+
+    def ending(self, report: str | None) -> str:
+        """How the worker ended, unasked (``killed by SIGSEGV``), with what may explain
+        it; ``report``: what its fault handler wrote."""
+        status = describe_exit(self.returncode, unexpected=True)
+        if self.returncode is None:
+            return f"{status} (not there after {EXIT_STATUS_WAIT:g} s)"
+        if report is None and self.returncode == -signal.SIGABRT:
+            # faulthandler catches abort(), but the interpreter's own fatal errors
+            # (Py_FatalError) turn it off first, having printed their stack.
+            return (
+                f"{status} (its fault handler caught nothing: a fatal error of the "
+                "interpreter itself prints its message and stack on the worker's stderr)"
+            )
+        return status
 
     def last_call_name(self) -> str | None:
         """The name of the function of its latest call; None before its first."""
