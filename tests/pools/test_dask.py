@@ -16,6 +16,7 @@ import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -35,6 +36,8 @@ from offload import (
     SerializationError,
     WorkerCrashed,
 )
+from offload._pools.dask import calls
+from offload._pools.dask.calls import exit_status
 from offload._pools.dask.pool import SCATTER_THRESHOLD, DaskPool
 from offload._stats import RequestTimings, request_timings
 
@@ -563,3 +566,65 @@ async def test_an_attribute_that_cannot_travel_travels_as_its_repr(
     odd, plain = sorted(kept.records, key=lambda r: r.getMessage())
     assert odd.thing.startswith("<object object at ")  # type: ignore[attr-defined]
     assert list(plain.n) == [1, "2"]  # type: ignore[attr-defined]
+
+
+# -- how a dead worker ended, from its nanny's log --------------------------------------
+
+
+class FakeNanny:
+    """A nanny's ``get_logs`` (the newest line first), one list of lines per ask."""
+
+    def __init__(self, *answers: list[tuple[str, str]]) -> None:
+        self.answers = list(answers)
+        self.asked: list[str] = []
+
+    def rpc(self, address: str) -> FakeNanny:
+        self.asked.append(address)
+        return self
+
+    async def get_logs(self, n: int) -> list[tuple[str, str]]:
+        if not self.answers:
+            raise OSError("the nanny is gone")
+        return self.answers[0] if len(self.answers) == 1 else self.answers.pop(0)
+
+
+def nanny_line(message: str) -> tuple[str, str]:
+    return ("INFO", f"2026-01-01 00:00:00,000 - distributed.nanny - INFO - {message}")
+
+
+DEAD = SimpleNamespace(address="tls://127.0.0.1:1", nanny="tls://127.0.0.1:2", pid=4242)
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        ("Worker process 4242 was killed by signal 11", (4242, -11)),
+        ("Worker process 4242 exited with status 3", (4242, 3)),
+        ("Worker process 4242 was killed by unknown signal", (4242, None)),
+    ],
+)
+async def test_exit_status_is_read_from_the_nanny(
+    line: str, status: tuple[int, int | None]
+) -> None:
+    # An older death of another worker of the same nanny is not this one's.
+    nanny = FakeNanny([nanny_line(line), nanny_line("Worker process 1111 was killed by signal 9")])
+    assert await exit_status(nanny, DEAD) == status
+    assert nanny.asked == [DEAD.nanny]
+
+
+async def test_exit_status_waits_for_the_nanny_to_see_the_death() -> None:
+    unaware = [nanny_line("Worker process 1111 was killed by signal 9")]
+    aware = [nanny_line("Worker process 4242 was killed by signal 6"), *unaware]
+    nanny = FakeNanny(unaware, unaware, aware)
+    assert await exit_status(nanny, DEAD) == (4242, -6)
+    assert len(nanny.asked) == 3
+
+
+async def test_exit_status_unknown_is_no_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(calls, "EXIT_STATUS_WAIT", 0.3)
+    silent = FakeNanny([nanny_line("Restarting worker")])
+    with anyio.fail_after(BOUND):
+        assert await exit_status(silent, DEAD) == (None, None)
+    assert await exit_status(FakeNanny(), DEAD) == (None, None)  # unreachable
+    no_nanny = SimpleNamespace(address="tls://127.0.0.1:1", nanny=None, pid=4242)
+    assert await exit_status(FakeNanny(), no_nanny) == (None, None)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..._call import Call
     from ..._settings import PoolSettings
 
-__all__ = ("SCATTER_THRESHOLD", "DaskCalls")
+__all__ = ("SCATTER_THRESHOLD", "DaskCalls", "exit_status")
 
 logger = logging.getLogger("offload")
 
@@ -76,6 +76,36 @@ def _task_key(call: Call) -> str:
     name = getattr(call.target, "__name__", None) or "call"
     name = re.sub(r"\W", "_", name) or "call"
     return f"{name}-{uuid.uuid4().hex}"
+
+
+async def exit_status(client: Any, worker: Any) -> tuple[int | None, int | None]:
+    """The pid and exit status of a dead dask worker (``worker``, the scheduler's
+    record of it), as its nanny logged them (``Worker process 4242 was killed by
+    signal 11``), asked directly: the scheduler knows only that the worker left.
+    ``(None, None)`` without a nanny, or when it says nothing within
+    ``EXIT_STATUS_WAIT`` (it logs the death once it sees it, which may be after the
+    scheduler failed the task)."""
+    nanny = getattr(worker, "nanny", None)
+    pid = getattr(worker, "pid", None)
+    if not isinstance(nanny, str) or not isinstance(pid, int):
+        return None, None
+    with anyio.move_on_after(EXIT_STATUS_WAIT):
+        while True:
+            try:
+                lines = await client.rpc(nanny).get_logs(n=_NANNY_LOG_LINES)
+            except Exception:
+                break
+            for _, line in lines:  # the newest first
+                found = _DEATH.search(str(line))
+                if found is None or int(found["pid"]) != pid:
+                    continue
+                if found["signal"] is not None:
+                    return pid, -int(found["signal"])
+                if found["status"] is not None:
+                    return pid, int(found["status"])
+                return pid, None
+            await anyio.sleep(0.05)
+    return None, None
 
 
 class CallInFlight:
@@ -207,7 +237,7 @@ class DaskCalls(DaskConnection):
                 last = getattr(exc, "last_worker", None)
                 worker = getattr(last, "address", "?")
                 name = call.name
-                pid, exitcode = await self._exit_status(client, last)
+                pid, exitcode = await exit_status(client, last)
                 died = "died" if pid is None else f"died: process {pid} {describe_exit(exitcode)}"
                 logger.error(
                     "pool %r: dask worker %s %s while running %s", self.name, worker, died, name
@@ -259,34 +289,6 @@ class DaskCalls(DaskConnection):
                     f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
                 ) from exc
             raise
-
-    async def _exit_status(self, client: Any, worker: Any) -> tuple[int | None, int | None]:
-        """The pid and exit status of a dead dask worker, as its nanny logged them
-        (``Worker process 4242 was killed by signal 11``), asked directly: the
-        scheduler knows only that the worker left. ``(None, None)`` without a nanny,
-        or when it says nothing within ``EXIT_STATUS_WAIT`` (it logs the death once it
-        sees it, which may be after the scheduler failed the task)."""
-        nanny = getattr(worker, "nanny", None)
-        pid = getattr(worker, "pid", None)
-        if not isinstance(nanny, str) or not isinstance(pid, int):
-            return None, None
-        with anyio.move_on_after(EXIT_STATUS_WAIT):
-            while True:
-                try:
-                    lines = await client.rpc(nanny).get_logs(n=_NANNY_LOG_LINES)
-                except Exception:
-                    break
-                for _, line in lines:  # the newest first
-                    found = _DEATH.search(str(line))
-                    if found is None or int(found["pid"]) != pid:
-                        continue
-                    if found["signal"] is not None:
-                        return pid, -int(found["signal"])
-                    if found["status"] is not None:
-                        return pid, int(found["status"])
-                    return pid, None
-                await anyio.sleep(0.05)
-        return None, None
 
     async def _did_start(self, client: Any, key: str) -> bool:
         """Whether the task ``key`` started before its worker died: its event came
