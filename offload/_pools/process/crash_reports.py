@@ -16,7 +16,6 @@ its own report to the inherited stderr and holds ``/dev/null`` where the file wa
 from __future__ import annotations
 
 import os
-import tempfile
 
 __all__ = ("READ_LIMIT", "create", "excerpt", "read")
 
@@ -35,6 +34,8 @@ def create() -> int:
             return os.memfd_create("offload-crash-report", os.MFD_CLOEXEC)
         except OSError:
             pass  # a kernel without memfd, or a seccomp filter that refuses it
+    import tempfile  # only here: it imports random, shutil...
+
     fd, path = tempfile.mkstemp(prefix="offload-crash-report-")
     os.unlink(path)
     return fd
