@@ -108,6 +108,24 @@ async def test_initializer_crash_names_the_initializer_and_its_stack() -> None:
     assert worker_procs() == [], worker_pids()
 
 
+async def test_report_without_memfd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where memfd_create is refused (a seccomp profile), the report goes to an
+    unlinked temporary file, and reads the same."""
+
+    def refused(*args: object) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    async with Offloader(settings(max_workers=1)) as ex:
+        pool = ex.pool("process")
+        with pytest.raises(WorkerCrashed) as info:
+            await pool.run(funcs.segfault)
+        report = info.value.traceback
+        assert report is not None, str(info.value)
+        assert re.search(frame("segfault"), report), report
+        assert await pool.run(funcs.add, 1, 2) == 3
+
+
 async def test_interpreter_fatal_error_says_where_its_stack_went() -> None:
     async with Offloader(settings(max_workers=1)) as ex:
         pool = ex.pool("process")

@@ -54,15 +54,27 @@ def worker_command(*args: str) -> list[str]:
 
 def _start_process(
     args: list[str], fds: tuple[int, ...], settings: PoolSettings
-) -> subprocess.Popen[bytes]:
-    """Start a worker process, below the event loop from its start (``scheduling.py``).
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a worker process, below the event loop from its start (``scheduling.py``);
+    it and the file its fault handler writes to (made here, off the event loop: where
+    there is no memfd, it is a file in the temporary directory).
 
     In a session of its own, so that the programs its calls start share its process
     group, and end with it (:meth:`WorkerHandle.end_group`).
     """
-    return start_at_lower_priority(
-        args, settings, pass_fds=fds, stdin=subprocess.DEVNULL, start_new_session=True
-    )
+    crash_fd = crash_reports.create()
+    try:
+        proc = start_at_lower_priority(
+            worker_command(*args, str(crash_fd)),
+            settings,
+            pass_fds=(*fds, crash_fd),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except BaseException:
+        os.close(crash_fd)
+        raise
+    return proc, crash_fd
 
 
 async def spawn(
@@ -70,17 +82,14 @@ async def spawn(
 ) -> WorkerHandle:
     """Start a worker process; the parent's handle on it, its channel not yet used."""
     parent, child = socket.socketpair()
-    crash_fd = crash_reports.create()
-    args = worker_command(str(child.fileno()), str(death_fd), str(os.getpid()), str(crash_fd))
+    args = [str(child.fileno()), str(death_fd), str(os.getpid())]
     try:
         # On the spawner thread (see spawner.py); waited for even when
         # cancelled, so that a started process always reaches the pool.
-        fds = (child.fileno(), death_fd, crash_fd)
-        future = spawner().submit(_start_process, args, fds, settings)
-        proc = await wait_future(future)
+        future = spawner().submit(_start_process, args, (child.fileno(), death_fd), settings)
+        proc, crash_fd = await wait_future(future)
     except BaseException:
         parent.close()
-        os.close(crash_fd)
         raise
     finally:
         child.close()
