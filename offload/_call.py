@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
+
+if TYPE_CHECKING:
+    from ._context import Carried
 
 __all__ = ("Call", "describe")
 
@@ -34,7 +37,10 @@ class Call:
     """A function with its arguments, and the deadline it must meet.
 
     The deadline is fixed when the call is made, so time spent waiting in a
-    pool's queue counts against it.
+    pool's queue counts against it. So is ``context``: what the caller's context
+    sends with the call into a worker process (see :mod:`offload._context`), ``None``
+    when nothing is to travel, as for every thread call (a thread runs in a copy of
+    the caller's whole context).
 
     Its pool notes where its time goes (``offload._stats``, "Where a call's time
     went"): ``started`` (``time.perf_counter()`` when the pool took the call),
@@ -42,7 +48,17 @@ class Call:
     (seconds the function ran, as its worker measured; None until it reports).
     """
 
-    __slots__ = ("args", "deadline", "fn", "kwargs", "queue_wait", "ran", "started", "timeout")
+    __slots__ = (
+        "args",
+        "context",
+        "deadline",
+        "fn",
+        "kwargs",
+        "queue_wait",
+        "ran",
+        "started",
+        "timeout",
+    )
 
     def __init__(
         self,
@@ -59,6 +75,7 @@ class Call:
         self.started = 0.0
         self.queue_wait: float | None = 0.0
         self.ran: float | None = None
+        self.context: Carried | None = None
 
     @property
     def name(self) -> str:

@@ -128,7 +128,10 @@ class Executor:
             check_sync_callable(fn)
             pool = self._offloader.get_pool(self._pool_name, refusing=True)
             timeout = pool.settings.timeout if self._timeout is ... else self._timeout
-            result: T = await self._submit(pool, Call(fn, args, kwargs, timeout))
+            call = Call(fn, args, kwargs, timeout)
+            if pool.carries_context:
+                call.context = self._offloader._capture_context()
+            result: T = await self._submit(pool, call)
         except BaseException as exc:
             if not isinstance(exc, anyio.get_cancelled_exc_class()):
                 await anyio.lowlevel.checkpoint()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -19,6 +20,7 @@ import anyio.lowlevel
 import loky  # noqa: F401
 from anyio.lowlevel import RunVar
 
+from ._context import capture, resolve
 from ._errors import PoolClosed
 from ._executor import Executor
 from ._helper_threads import run_in_helper_thread
@@ -32,6 +34,7 @@ from ._stats import OffloaderStats, Phases
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
+    from ._context import Carried
     from ._pools.base import Pool
     from ._settings import Kind
 
@@ -142,6 +145,7 @@ class Offloader:
         self._owner = os.getpid()
         self._inherited = False  # this process was forked from the one running it
         self._entered_token: Token[Offloader | None] | None = None
+        self._context_vars: tuple[tuple[str, ContextVar[Any]], ...] = ()
         self.executor = Executor(self)
 
     def __repr__(self) -> str:
@@ -183,6 +187,13 @@ class Offloader:
             )
         return pool
 
+    def _capture_context(self) -> Carried | None:
+        """What a process or dask call made now carries from the calling task's
+        context: the ``context_vars`` set in it, the trace context; ``None`` if nothing."""
+        if not self._context_vars and not self.settings.propagate_trace:
+            return None
+        return capture(self._context_vars, self.settings.propagate_trace)
+
     def stats(self) -> OffloaderStats:
         """A snapshot of every pool, by name, with the event loop's lag as ``.loop``."""
         return OffloaderStats(
@@ -197,8 +208,11 @@ class Offloader:
         self._started = True
         pools = self.settings.pool_settings()
         # What takes long once per process, in a thread: the CPU count (cgroup files),
-        # the spawner thread's start, importing distributed (seconds).
-        classes = await run_in_helper_thread(_prepare, [s.kind for s in pools.values()])
+        # the spawner thread's start, importing distributed (seconds), the modules of
+        # the context variables.
+        classes, self._context_vars = await run_in_helper_thread(
+            _prepare, [s.kind for s in pools.values()], self.settings
+        )
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
@@ -311,7 +325,18 @@ def starts_on_first_use(settings: OffloadSettings) -> frozenset[str]:
     return frozenset()
 
 
-def _prepare(kinds: list[Kind | None]) -> list[type[Pool]]:
+def _prepare(
+    kinds: list[Kind | None], settings: OffloadSettings
+) -> tuple[list[type[Pool]], tuple[tuple[str, ContextVar[Any]], ...]]:
+    """:raises ValueError: a name in ``settings.context_vars`` is not a ContextVar"""
+    context_vars = resolve(settings.context_vars)
+    if settings.propagate_trace and "opentelemetry" in sys.modules:
+        # The application traces: the propagator loads its entry points here rather
+        # than at the first call, on the loop's thread.
+        try:
+            import opentelemetry.propagate  # noqa: F401
+        except Exception:
+            pass
     usable_cpus()
     classes = []
     for kind in kinds:
@@ -320,4 +345,4 @@ def _prepare(kinds: list[Kind | None]) -> list[type[Pool]]:
         if cls not in classes:
             cls.prepare()
         classes.append(cls)
-    return classes
+    return classes, context_vars

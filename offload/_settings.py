@@ -269,6 +269,18 @@ class OffloadSettings(BaseSettings):
         default=30.0,
         description="seconds that shutdown waits for calls in flight before killing them",
     )
+    context_vars: tuple[str, ...] = Field(
+        default=(),
+        description='contextvars.ContextVar objects, as "package.module:name", whose values '
+        "in the calling task travel with each process and dask call (pickled) and are set "
+        "for the call's run in the worker; thread calls see the caller's whole context anyway",
+    )
+    propagate_trace: bool = Field(
+        default=True,
+        description="when the application uses OpenTelemetry, send the current trace "
+        "context with each process and dask call, so that spans opened in the worker are "
+        "children of the caller's span",
+    )
 
     if TYPE_CHECKING:
         # What pydantic accepts, spelled out so that type checkers accept plain
@@ -285,6 +297,8 @@ class OffloadSettings(BaseSettings):
             server_timing: bool = ...,
             lag_probe: bool = ...,
             lag_probe_interval: float = ...,
+            context_vars: tuple[str, ...] | list[str] = ...,
+            propagate_trace: bool = ...,
             _env_file: str | os.PathLike[str] | None = ...,
         ) -> None: ...
 
@@ -299,6 +313,15 @@ class OffloadSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         check = _UnknownVariables(settings_cls, (env_settings, dotenv_settings))
         return init_settings, check, env_settings, dotenv_settings, file_secret_settings
+
+    @field_validator("context_vars")
+    @classmethod
+    def _check_context_vars(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            module, sep, attr = name.partition(":")
+            if not (sep and module and attr):
+                raise ValueError(f'{name!r} must look like "package.module:name"')
+        return value
 
     @model_validator(mode="after")
     def _check_pools(self) -> OffloadSettings:

@@ -21,8 +21,15 @@ PACKAGE = Path(offload.__file__).parent
 #: bottom first; an entry covers the module and everything under it (a subpackage),
 #: but ``offload`` only the package's ``__init__.py``
 LAYERS: tuple[tuple[str, ...], ...] = (
-    # settings, errors, types and statistics: import nothing of offload's
-    ("offload._errors", "offload._settings", "offload._types", "offload._stats", "offload._where"),
+    # settings, errors, types, statistics, what a call carries: import nothing of offload's
+    (
+        "offload._errors",
+        "offload._settings",
+        "offload._types",
+        "offload._stats",
+        "offload._where",
+        "offload._context",
+    ),
     # small helpers shared by the pools and what runs them
     ("offload._helper_threads", "offload._lag", "offload._call"),
     # the pools: thread, process, dask

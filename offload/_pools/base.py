@@ -62,6 +62,9 @@ class Pool(ABC):
     #: how the pool knows a call's transfer (``Counters.record``): True, what is left
     #: of its latency past queue wait and run; False, it has none; None, unknown
     transfer: ClassVar[bool | None] = None
+    #: whether its calls carry the caller's chosen context (``Call.context``): a
+    #: worker process's; a thread sees the caller's whole context without it
+    carries_context: ClassVar[bool] = True
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         self.name = name

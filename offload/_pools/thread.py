@@ -6,6 +6,9 @@ dependencies share: offloaded work cannot starve them, nor they it.
 A round trip is one queue put, one ``call_soon_threadsafe`` (asyncio) or
 ``run_sync_soon`` (trio) back to the event loop, and no other hop.
 
+A call runs in a copy of its caller's :mod:`contextvars` context, taken when it is
+made, as with ``asyncio.to_thread`` and ``anyio.to_thread.run_sync``.
+
 Cancellation: a thread cannot be killed. When a call's deadline passes or its
 caller is cancelled, the caller gets control back at once and the thread is
 *abandoned*: it runs on, its slot stays taken until it really ends, and the
@@ -15,8 +18,10 @@ function can stop early by calling :func:`check_cancelled`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -64,6 +69,7 @@ class _ThreadCall:
     __slots__ = (
         "abandoned",
         "call",
+        "context",
         "error",
         "finished",
         "lock",
@@ -74,8 +80,9 @@ class _ThreadCall:
         "wake",
     )
 
-    def __init__(self, call: Call) -> None:
+    def __init__(self, call: Call, context: contextvars.Context) -> None:
         self.call = call
+        self.context = context
         self.lock = threading.Lock()
         self.started = False
         self.finished = False
@@ -101,7 +108,7 @@ class _ThreadCall:
         begun = time.perf_counter()
         call.queue_wait = begun - call.started
         try:
-            result = call.target(*call.args, **call.kwargs)
+            result = self.context.run(call.target, *call.args, **call.kwargs)
             call.ran = time.perf_counter() - begun
             if type(result) is GeneratorType:
                 # Its body would run on the event loop's thread as the caller iterates.
@@ -220,6 +227,7 @@ class ThreadPool(Pool):
     kind = "thread"
     #: arguments and results pass by reference: nothing is encoded nor copied
     transfer = False
+    carries_context = False
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
@@ -228,6 +236,10 @@ class ThreadPool(Pool):
         self._bridge: _AsyncioBridge | _TrioBridge | None = None
         self._capacity = self.max_workers + settings.max_pending
         self._in_pool: set[_ThreadCall] = set()  # queued, running, or abandoned and not done
+        sniffio = sys.modules.get("sniffio")  # anyio imports it, where it is installed
+        self._sniffio_var: contextvars.ContextVar[str | None] | None = (
+            None if sniffio is None else sniffio.current_async_library_cvar
+        )
 
     async def start(self) -> None:
         try:
@@ -257,7 +269,14 @@ class ThreadPool(Pool):
             )
         bridge = self._bridge
         assert bridge is not None
-        job = _ThreadCall(call)
+        # The caller's context, as asyncio.to_thread and anyio's threads give it: the
+        # function sees the caller's context variables; what it sets stays in the copy.
+        context = contextvars.copy_context()
+        sniffio_var = self._sniffio_var
+        if sniffio_var is not None and context.get(sniffio_var) is not None:
+            # Not in the thread, which runs no event loop (as anyio and trio do it).
+            context.run(sniffio_var.set, None)
+        job = _ThreadCall(call, context)
         job.release = self._release
         in_pool.add(job)
         job.waiting = True

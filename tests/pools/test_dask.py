@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ from offload._pools.dask.calls import exit_status
 from offload._pools.dask.pool import SCATTER_THRESHOLD, DaskPool
 from offload._stats import RequestTimings, request_timings
 
-from .. import funcs
+from .. import funcs, funcs_context
 from ..conftest import children
 from ..processes import gone, wait_until, wait_until_async
 
@@ -64,6 +65,7 @@ def dask_settings(**pool: Any) -> OffloadSettings:
         thread={"max_workers": 1},
         pools={"dask": PoolSettings(kind="dask", **{"max_workers": WORKERS, **pool})},
         shutdown_timeout=5,
+        context_vars=funcs_context.CONTEXT_VARS,
     )
 
 
@@ -231,6 +233,41 @@ async def test_calls_run_in_the_cluster_workers(dask_ex: Executor) -> None:
 
 async def test_a_decorated_function_calls_itself_in_a_dask_worker(dask_ex: Executor) -> None:
     assert await dask_ex.run(funcs.fib, 12) == 144
+
+
+async def test_chosen_context_variables_reach_a_dask_worker(dask_ex: Executor) -> None:
+    funcs_context.request_id.set("r-dask")
+    funcs_context.secret.set("stays here")
+    assert await dask_ex.run(funcs_context.set_and_see, "set in the worker") == {
+        "request_id": "r-dask",
+        "tenant": "no tenant",
+        "secret": "not sent",
+    }
+    funcs_context.request_id.set("next")
+    for _ in range(WORKERS * 2):  # on each worker: nothing left by the call above
+        assert await dask_ex.run(funcs_context.seen) == {
+            "request_id": "next",
+            "tenant": "no tenant",
+            "secret": "not sent",
+        }
+
+
+async def test_an_unpicklable_context_value_fails_only_its_dask_call(dask_ex: Executor) -> None:
+    funcs_context.request_id.set(threading.Lock())  # type: ignore[arg-type]
+    with pytest.raises(SerializationError, match=r"variable tests\.funcs_context:request_id"):
+        await dask_ex.run(funcs_context.seen)
+    funcs_context.request_id.set("fine")
+    assert (await dask_ex.run(funcs_context.seen))["request_id"] == "fine"
+
+
+async def test_a_dask_call_runs_in_the_callers_trace(dask_ex: Executor) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    with provider.get_tracer("tests").start_as_current_span("route") as span:
+        ids = await dask_ex.run(funcs_context.current_span_ids)
+    assert ids == (span.get_span_context().trace_id, span.get_span_context().span_id)
+    assert await dask_ex.run(funcs_context.current_span_ids) is None
 
 
 async def test_identical_calls_are_separate_calls(dask_ex: Executor) -> None:

@@ -175,9 +175,18 @@ class DaskCalls(DaskConnection):
         large = [values[i] for i in holes]
         for i in holes:
             values[i] = None
+        request = (call.fn, len(call.args), tuple(call.kwargs), values, holes, call.context)
         try:
-            blob = cloudpickle.dumps((call.fn, len(call.args), tuple(call.kwargs), values, holes))
+            blob = cloudpickle.dumps(request)
         except Exception as exc:
+            for name, value in call.context[0] if call.context is not None else ():
+                try:
+                    cloudpickle.dumps(value)
+                except Exception as value_exc:
+                    raise SerializationError(
+                        f"cannot send {call.name} to the dask cluster: the value of the "
+                        f"context variable {name} (context_vars) cannot be pickled: {value_exc}"
+                    ) from value_exc
             raise SerializationError(
                 f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
             ) from exc

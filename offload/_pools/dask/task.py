@@ -23,6 +23,7 @@ from distributed import get_worker
 from distributed.client import TOPIC_PREFIX_FORWARDED_LOG_RECORD
 from distributed.utils import sync
 
+from ..._context import enter, run_traced
 from ..._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
@@ -85,16 +86,23 @@ def invoke(
         except Exception as exc:
             raise CannotReportStart(f"{type(exc).__name__}: {exc}") from None
         try:
-            fn, npos, names, values, holes = cloudpickle.loads(blob)
+            fn, npos, names, values, holes, carried = cloudpickle.loads(blob)
+            # A context of its own, as a process worker's call has: Dask runs tasks
+            # in a copy of its worker's, and other tasks in the same thread.
+            ctx = enter(carried, contextvars.copy_context())
         except Exception as exc:
             raise CannotLoad(f"{type(exc).__name__}: {exc}") from None
         for i, value in zip(holes, large, strict=True):
             values[i] = value
         if getattr(type(fn), "__offload_function__", False):
             fn = getattr(fn, "__wrapped__")  # noqa: B009
+        args, kwargs = tuple(values[:npos]), dict(zip(names, values[npos:], strict=True))
         begun = time.perf_counter()
         try:
-            result = fn(*values[:npos], **dict(zip(names, values[npos:], strict=True)))
+            if carried is None or carried[1] is None:
+                result = ctx.run(fn, *args, **kwargs)
+            else:
+                result = ctx.run(run_traced, carried[1], fn, args, kwargs)
             return result, time.perf_counter() - begun
         except Exception as exc:
             if _travels(exc):

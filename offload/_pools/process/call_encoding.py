@@ -1,4 +1,5 @@
-"""What travels to a worker and back: the call (function, arguments) and its outcome.
+"""What travels to a worker and back: the call (function, arguments, the context it
+carries) and its outcome.
 
 Functions importable by name travel by reference; lambdas, closures and ``__main__``
 functions by value (cloudpickle). Arguments go through plain pickle, falling back to
@@ -89,7 +90,7 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         args = tuple(map(out_of_band, args))
     if kwargs and bytes in map(type, kwargs.values()):
         kwargs = {name: out_of_band(value) for name, value in kwargs.items()}
-    request = (blob, cache, args, kwargs)
+    request = (blob, cache, args, kwargs, call.context)
     try:
         parts = framing.encode(request, cross_memory=cross_memory)
         if _refers_to_main(parts[1]):  # the pickle: header or table, pickle, buffers
@@ -102,6 +103,7 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
             parts = framing.encode(request, cloudpickle.dumps, cross_memory)
         except BaseException as exc:
             _reraise_interrupt(exc)
+            _check_context(call)
             raise SerializationError(
                 f"the arguments of {call.name} cannot be pickled: {_describe(exc)}"
             ) from exc
@@ -112,6 +114,27 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
             f"max_payload ({max_payload} bytes)"
         )
     return parts
+
+
+def _check_context(call: Call) -> None:
+    """On the way to an error: if a carried context variable's value is what does not
+    pickle, say so, naming it (the arguments are not to blame).
+
+    :raises SerializationError: a context value does not pickle, even by value
+    """
+    if call.context is None:
+        return
+    import cloudpickle
+
+    for name, value in call.context[0]:
+        try:
+            cloudpickle.dumps(value, protocol=5)
+        except BaseException as exc:
+            _reraise_interrupt(exc)
+            raise SerializationError(
+                f"cannot send {call.name} to a worker process: the value of the context "
+                f"variable {name} (context_vars) cannot be pickled: {_describe(exc)}"
+            ) from exc
 
 
 def decode_reply(call: Call, data: Received, buffers: list[Received]) -> Any:

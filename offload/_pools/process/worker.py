@@ -20,6 +20,7 @@ function forks loses the channel, see :func:`_after_fork_in_child`).
 from __future__ import annotations
 
 import atexit
+import contextvars
 import faulthandler
 import functools
 import os
@@ -31,6 +32,7 @@ import threading
 from collections.abc import Callable
 from time import perf_counter
 
+from ..._context import enter, import_string, run_traced
 from ..._where import mark_worker_process
 from .buffers import out_of_band
 from .framing import (
@@ -53,6 +55,7 @@ TYPE_CHECKING = False  # not typing's: see offload/__init__.py
 if TYPE_CHECKING:
     from typing import Any
 
+    from ..._context import Carried
     from .buffers import Received
     from .framing import Frame
 
@@ -94,7 +97,7 @@ def main() -> None:
         _cap_memory(memory_limit)
     if initializer is not None:
         try:
-            _import_string(initializer)(*initializer_args)
+            import_string(initializer)(*initializer_args)
         except BaseException as exc:
             failure = (_type_name(exc), _str(exc), _traceback(exc))
             _leave_if_forked()
@@ -169,7 +172,10 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         leave_after_reply = False
         ran: float | None = None  # seconds the function ran, sent with its outcome
         try:
-            fn, args, kwargs = _load_call(data, buffers)
+            fn, args, kwargs, carried = _load_call(data, buffers)
+            # A context of its own, a copy of the worker's: nothing a call sets, nor
+            # the values it brought, is there for the next.
+            ctx = enter(carried, contextvars.copy_context())
         except BaseException as exc:
             # Its module started a process pool: the refusal reaches the caller as itself.
             if _refused_pool(exc):
@@ -181,7 +187,10 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             del data, buffers
             begun = perf_counter()
             try:
-                result = fn(*args, **kwargs)
+                if carried is None or carried[1] is None:
+                    result = ctx.run(fn, *args, **kwargs)
+                else:
+                    result = ctx.run(run_traced, carried[1], fn, args, kwargs)
                 ran = perf_counter() - begun
                 reply = (OK, out_of_band(result), ran)
                 del result
@@ -190,9 +199,10 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                     ran = perf_counter() - begun
                 leave_after_reply = _out_of_memory(exc)
                 reply = (*_exception_reply(exc), ran)
-            # A callable's state and the arguments go now, not when the next call
-            # comes (only plain functions are cached, see call_encoding.function_blob).
-            del fn, args, kwargs
+            # A callable's state, the arguments and the call's context go now, not
+            # when the next call comes (only plain functions are cached, see
+            # call_encoding.function_blob).
+            del fn, args, kwargs, carried, ctx
         parts = _encode_reply(reply, max_payload, cross_memory, ran)
         del reply
         _leave_if_forked()  # once per call: getpid is a system call
@@ -267,9 +277,9 @@ def _leave_if_forked() -> None:
 
 def _load_call(
     data: Received, buffers: list[Received]
-) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]:
-    blob, cache, args, kwargs = decode(data, buffers)
-    return (_cached_function(blob) if cache else _load_function(blob)), args, kwargs
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Carried | None]:
+    blob, cache, args, kwargs, carried = decode(data, buffers)
+    return (_cached_function(blob) if cache else _load_function(blob)), args, kwargs, carried
 
 
 @functools.lru_cache(maxsize=256)
@@ -342,7 +352,7 @@ def _describe(exc: BaseException) -> str:
     return f"{name}: {message}" if message else name
 
 
-# traceback and importlib load when first needed, not at every worker's start.
+# traceback loads when first needed, not at every worker's start.
 def _traceback(exc: BaseException) -> str:
     import traceback
 
@@ -355,16 +365,6 @@ def _traceback(exc: BaseException) -> str:
     except BaseException:
         frames = ""
     return f"Traceback (most recent call last):\n{frames}{_type_name(exc)}: {_str(exc)}\n"
-
-
-def _import_string(path: str) -> Callable[..., Any]:
-    module, _, attr = path.partition(":")
-    import importlib
-
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
 
 
 @functools.cache
