@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ("capture", "enter", "import_string", "resolve", "run_traced")
 
 _UNSET = object()
+_OTEL_CONTEXT = "opentelemetry.context"
 
 
 # -- in the parent ---------------------------------------------------------------------
@@ -69,11 +70,14 @@ def capture(
 ) -> Carried | None:
     """What the calling task's context sends with a call made now; ``None`` when
     nothing is to travel: no variable is set, no trace is active."""
-    values = tuple(
-        (name, value) for name, var in variables if (value := var.get(_UNSET)) is not _UNSET
-    )
-    carrier = trace_carrier() if trace else None
-    if not values and carrier is None:
+    values: tuple[tuple[str, Any], ...] = ()
+    if variables:
+        values = tuple(
+            (name, value) for name, var in variables if (value := var.get(_UNSET)) is not _UNSET
+        )
+    # Most calls: OpenTelemetry not loaded, or nothing active in it.
+    carrier = trace_carrier() if trace and _OTEL_CONTEXT in sys.modules else None
+    if carrier is None and not values:
         return None
     return values, carrier
 
@@ -82,7 +86,7 @@ def trace_carrier() -> dict[str, str] | None:
     """The current trace context as OpenTelemetry's propagator writes it (``traceparent``,
     ``tracestate``, ``baggage``), if the application has imported OpenTelemetry and
     something is active; else ``None``. Never raises."""
-    otel_context = sys.modules.get("opentelemetry.context")
+    otel_context = sys.modules.get(_OTEL_CONTEXT)
     if otel_context is None:
         return None
     try:

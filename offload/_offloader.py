@@ -145,7 +145,8 @@ class Offloader:
         self._owner = os.getpid()
         self._inherited = False  # this process was forked from the one running it
         self._entered_token: Token[Offloader | None] | None = None
-        self._context_vars: tuple[tuple[str, ContextVar[Any]], ...] = ()
+        # (context variables, propagate_trace) once started; None: nothing to carry
+        self._carries: tuple[tuple[tuple[str, ContextVar[Any]], ...], bool] | None = None
         self.executor = Executor(self)
 
     def __repr__(self) -> str:
@@ -190,9 +191,9 @@ class Offloader:
     def _capture_context(self) -> Carried | None:
         """What a process or dask call made now carries from the calling task's
         context: the ``context_vars`` set in it, the trace context; ``None`` if nothing."""
-        if not self._context_vars and not self.settings.propagate_trace:
+        if self._carries is None:
             return None
-        return capture(self._context_vars, self.settings.propagate_trace)
+        return capture(*self._carries)
 
     def stats(self) -> OffloaderStats:
         """A snapshot of every pool, by name, with the event loop's lag as ``.loop``."""
@@ -210,9 +211,11 @@ class Offloader:
         # What takes long once per process, in a thread: the CPU count (cgroup files),
         # the spawner thread's start, importing distributed (seconds), the modules of
         # the context variables.
-        classes, self._context_vars = await run_in_helper_thread(
+        classes, context_vars = await run_in_helper_thread(
             _prepare, [s.kind for s in pools.values()], self.settings
         )
+        if context_vars or self.settings.propagate_trace:
+            self._carries = context_vars, self.settings.propagate_trace
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         try:
