@@ -42,6 +42,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "fastapi.md": ("fastapi", "metrics"),
     "guide.md": ("metrics",),
     "index.md": ("fastapi",),
+    "observability.md": ("fastapi",),
     "quickstart.md": ("fastapi",),
 }
 ALSO: dict[str, tuple[str, ...]] = {"guide.md": ("trio",)}
