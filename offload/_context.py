@@ -8,9 +8,9 @@ the call as ``(values, carrier)``: plain tuples and a dict, which a worker unpic
 without importing anything of offload's but this module.
 
 In a worker, :func:`enter` makes the context a call runs in: a copy of the worker's
-own context as it was before any call, with the values set. Nothing a call sets, nor
-the values it came with, outlives it. :func:`run_traced` attaches the trace context
-for the call's run.
+own context (which no call changes: each runs in such a copy), with the values set.
+Nothing a call sets, nor the values it came with, outlives it. :func:`run_traced`
+attaches the trace context for the call's run.
 
 Light enough for a worker process to import at start (no typing, no anyio).
 OpenTelemetry is never imported here unless the application has imported it.

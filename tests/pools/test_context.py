@@ -256,9 +256,12 @@ def test_names_are_checked_as_import_strings() -> None:
         OffloadSettings(context_vars=("tests.funcs_context.request_id",))
 
 
-def test_names_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OFFLOAD_CONTEXT_VARS", json.dumps(list(CONTEXT_VARS)))
-    assert OffloadSettings().context_vars == CONTEXT_VARS
+    monkeypatch.setenv("OFFLOAD_PROPAGATE_TRACE", "false")
+    settings = OffloadSettings()
+    assert settings.context_vars == CONTEXT_VARS
+    assert settings.propagate_trace is False
 
 
 # -- processes: traces ----------------------------------------------------------------
