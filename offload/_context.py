@@ -111,7 +111,7 @@ def enter(carried: Carried | None, base: contextvars.Context) -> contextvars.Con
     """A new context for one call: a copy of ``base`` with the carried values set.
     Nothing the call sets reaches ``base``, nor the next call's context.
 
-    :raises Exception: a carried variable does not import here
+    :raises ImportError: a carried variable does not import here
     """
     ctx = base.copy()
     if carried is not None and carried[0]:
@@ -123,7 +123,13 @@ def _set(values: tuple[tuple[str, Any], ...]) -> None:
     for name, value in values:
         var = _variables.get(name)
         if var is None:
-            var = _variables[name] = import_string(name)
+            try:
+                var = _variables[name] = import_string(name)
+            except Exception as exc:
+                raise ImportError(
+                    f"the context variable {name} (context_vars) does not import here: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
         var.set(value)
 
 

@@ -129,3 +129,9 @@ def without_opentelemetry() -> None:
 def set_in_initializer() -> None:
     """A pool's initializer that sets a variable: every call starts from it."""
     tenant.set("set by the initializer")
+
+
+def hide_module(name: str) -> None:
+    """A pool's initializer: the module ``name`` cannot be imported in this worker."""
+    sys.modules.pop(name, None)
+    sys.modules[name] = None  # type: ignore[assignment]

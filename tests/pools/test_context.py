@@ -236,6 +236,24 @@ async def test_a_value_travels_by_value_when_pickle_cannot_name_it(ex: Executor)
     assert got() == "a closure"
 
 
+async def test_a_variable_a_worker_cannot_import_fails_only_its_call() -> None:
+    process = {
+        "max_workers": 1,
+        "initializer": "tests.funcs_context:hide_module",
+        "initializer_args": ("tests.funcs_context",),
+    }
+    async with Offloader(context_settings(process=process)) as ex:
+        token = request_id.set("cannot land")
+        with pytest.raises(
+            SerializationError,
+            match=r"context variable tests\.funcs_context:request_id \(context_vars\) "
+            "does not import here",
+        ):
+            await ex.run(funcs.getpid)
+        request_id.reset(token)  # unset again: nothing to import
+        assert await ex.run(funcs.add, 1, 2) == 3  # the worker carries on
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
