@@ -141,7 +141,9 @@ class PoolSettings(BaseModel):
     forward_logs: bool = Field(
         default=True,
         description="kinds process and dask: records logged in a worker go to the parent's "
-        "logger of the same name, and its handlers; off: they stay in the worker",
+        "logger of the same name, and its handlers, as if the call ran here (kind "
+        "process: only records at or above the parent's levels at call time are sent); "
+        "off: they stay in the worker (its stderr)",
     )
 
     @model_validator(mode="after")

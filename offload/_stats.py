@@ -84,6 +84,10 @@ class PoolStats:
     ``slow_decodes`` (kind process) counts results whose unpickling held the event loop
     for 50 ms or more: large results made of Python objects (see the troubleshooting
     page); each is also named in a warning, at most one a minute.
+    ``logs_dropped`` (kind process, ``forward_logs``) counts log records made in a
+    worker during a call that never reached this process's logging: the worker's
+    channel to it was full (a call logging faster than the records are handled here,
+    or an event loop held up), or a record could not be rendered.
     Latencies (seconds, from the call to its outcome, queue wait included) cover the
     last 1024 calls.
 
@@ -128,6 +132,7 @@ class PoolStats:
     run_p50: float | None = None
     run_p90: float | None = None
     run_p99: float | None = None
+    logs_dropped: int = 0
 
 
 class Histogram:
@@ -264,6 +269,7 @@ class Counters:
         "failed",
         "functions",
         "latencies",
+        "logs_dropped",
         "queue_waits",
         "recycled",
         "rejected",
@@ -283,6 +289,7 @@ class Counters:
         self.rejected = 0
         self.closed = 0
         self.slow_decodes = 0
+        self.logs_dropped = 0
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         # None where a call's phase is unknown (kind dask)
         self.queue_waits: deque[float | None] = deque(maxlen=LATENCY_WINDOW)
@@ -406,6 +413,7 @@ class Counters:
             run_p50=run[0],
             run_p90=run[1],
             run_p99=run[2],
+            logs_dropped=self.logs_dropped,
         )
 
 

@@ -14,6 +14,8 @@ Metrics, each labelled with ``pool``:
 - ``offload_workers_recycled_total``: workers replaced on purpose (limits, ``hard_cancel``);
 - ``offload_slow_decodes_total``: results whose unpickling held the event loop for
   50 ms or more (``PoolStats.slow_decodes``);
+- ``offload_logs_dropped_total``: log records made in a worker during a call that
+  never reached the parent's logging (``PoolStats.logs_dropped``);
 - ``offload_workers``, ``offload_busy_workers``, ``offload_queued_calls``: gauges;
 - ``offload_call_latency_seconds{quantile=...}``: recent call latencies;
 - histograms since the pool started (buckets from 10 us to 60 s): of the calls'
@@ -169,6 +171,11 @@ class OffloadCollector(Collector):
             "Results whose unpickling held the event loop for 50 ms or more.",
             labels=("pool",),
         )
+        dropped = CounterMetricFamily(
+            "offload_logs_dropped",
+            "Log records made in a worker during a call that never reached this process's logging.",
+            labels=("pool",),
+        )
         workers = GaugeMetricFamily("offload_workers", "Workers ready.", labels=("pool",))
         busy = GaugeMetricFamily(
             "offload_busy_workers", "Workers running a call.", labels=("pool",)
@@ -186,6 +193,7 @@ class OffloadCollector(Collector):
                 calls.add_metric((name, outcome), getattr(s, outcome))
             recycled.add_metric((name,), s.recycled)
             slow.add_metric((name,), s.slow_decodes)
+            dropped.add_metric((name,), s.logs_dropped)
             workers.add_metric((name,), s.workers)
             busy.add_metric((name,), s.busy)
             queued.add_metric((name,), s.queued)
@@ -196,7 +204,7 @@ class OffloadCollector(Collector):
             ):
                 if value is not None:
                     latency.add_metric((name, quantile), value)
-        yield from (calls, recycled, slow, workers, busy, queued, latency, lag, *shares)
+        yield from (calls, recycled, slow, dropped, workers, busy, queued, latency, lag, *shares)
         yield from self._histograms(offloader)
 
     def _histograms(self, offloader: Offloader | None) -> Iterator[Metric]:

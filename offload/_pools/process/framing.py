@@ -12,11 +12,16 @@ fresh buffer without ever being copied into the pickle stream::
 A REMOTE buffer stays out of the frame, in the sender's memory, for the parent to
 copy (``remote_buffers.py``); its entry gives its address there.
 
+A LOG frame (the :data:`LOG` bit set in the buffer count, no buffers) travels beside
+the exchange of a call without being part of it: a worker's log record, or its count
+of records dropped, sent before the reply; the parent's logger levels, sent before a
+call (``logs.py``, ``worker_logs.py``). A reader tells it apart by its header alone.
+
 Both sides use :func:`encode` and send the parts it makes with ``sending.py``; the
 worker reads with :func:`recv_frame` on a blocking socket, the parent with
 :func:`whole_frame` and :func:`parse_frame` without blocking the event loop (see
-``worker_handle.py``). Every frame a worker sends is ``(status, value)``, one of the
-statuses below.
+``worker_handle.py``). Every frame a worker sends, LOG frames aside, is ``(status,
+value)``, one of the statuses below.
 
 Workers import it at start: it keeps to the modules they load anyway (no typing, no
 contextlib), as does ``worker.py``.
@@ -40,6 +45,7 @@ __all__ = (
     "BAD_REQUEST",
     "BAD_RESULT",
     "HEADER",
+    "LOG",
     "OK",
     "RAISED",
     "RAISED_UNPICKLABLE",
@@ -50,6 +56,7 @@ __all__ = (
     "Remote",
     "decode",
     "encode",
+    "log_frame",
     "parse_frame",
     "recv_frame",
     "whole_frame",
@@ -79,6 +86,9 @@ SCRATCH_SIZE = 1 << 16
 #: out-of-band buffers a frame may have: a sanity bound on a header's count (its
 #: table takes 16 bytes per buffer)
 MAX_BUFFERS = 1 << 24
+#: header flag, in the buffer count: a LOG frame, a pickle without buffers that is no
+#: answer to the call (above :data:`MAX_BUFFERS`, so :func:`parse_frame` refuses it)
+LOG = 1 << 31
 
 
 class Frame(list[Buffer]):
@@ -140,6 +150,11 @@ def encode(
     frame.remote = remote
     frame.size = total + len(table)
     return frame
+
+
+def log_frame(data: bytes) -> list[Buffer]:
+    """``data``, a pickle, as a LOG frame."""
+    return [HEADER.pack(len(data), LOG), data]
 
 
 def decode(data: Buffer, buffers: Sequence[Buffer]) -> Any:
@@ -214,15 +229,17 @@ def parse_frame(
 
 
 def recv_frame(
-    sock: socket.socket, scratch: memoryview
+    sock: socket.socket, scratch: memoryview, n: int = 0
 ) -> tuple[Received, list[Received | Remote]]:
     """Read one frame from a blocking socket: its pickle and buffers, for :func:`decode`.
+    ``n``: bytes of it already read into ``scratch``.
 
     :raises EOFError: the other side closed the connection
     """
-    n = sock.recv_into(scratch)
     if not n:
-        raise EOFError("connection closed")
+        n = sock.recv_into(scratch)
+        if not n:
+            raise EOFError("connection closed")
     frame = whole_frame(scratch, n)
     if frame is not None:
         return frame

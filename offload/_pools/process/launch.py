@@ -126,7 +126,8 @@ async def boot(
     worker.in_use = True
     try:
         with anyio.fail_after(start_timeout):
-            await worker.send(encode(message))
+            # The logger levels first, if it forwards logs: its initializer's records.
+            await worker.send(worker.with_levels(encode(message)))
             data, received = await worker.recv()
             status, value = decode(data, inline_buffers(received))
     except BaseException as exc:

@@ -39,6 +39,7 @@ from .call_encoding import decode_reply, encode_request
 from .exchange import LoopDecoder, WaitingCall, deliver_then_receive, fetch_results
 from .framing import SCRATCH_SIZE
 from .handoff import Handoff
+from .logs import LogSink
 from .nested_pools import refusal
 from .remote_buffers import has_remote, inline_buffers
 from .spawner import spawner
@@ -84,6 +85,9 @@ class ProcessPool(Pool):
         self._death_pipe_write = -1
         self._cross_memory = settings.cross_memory and cross_memory.available()
         self._decoder = LoopDecoder(name, self.counters)
+        self._log_sink = (
+            LogSink(name, settings.initializer, self.counters) if settings.forward_logs else None
+        )
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -131,6 +135,7 @@ class ProcessPool(Pool):
 
     async def _spawn(self) -> WorkerHandle:
         worker = await launch.spawn(self._death_pipe_read, self.settings, self._loop)
+        worker.log_sink = self._log_sink
         self._unreaped.add(worker)
         self._task_group.start_soon(self._watch, worker, name=f"offload-watch-{worker.pid}")
         return worker
@@ -388,7 +393,7 @@ class ProcessPool(Pool):
             try:
                 try:
                     if not sent_early:
-                        if unsent := worker.send_some(request):
+                        if unsent := worker.send_some(worker.with_levels(request)):
                             await worker.send(unsent)
                     elif waiting is not None and waiting.unsent:
                         await worker.send(waiting.unsent)
@@ -486,7 +491,7 @@ class ProcessPool(Pool):
         calls a second with many callers: docs/benchmarks.md, "Figures behind the
         code"). Whether the call is on its way."""
         try:
-            waiting.unsent = worker.send_some(waiting.request)
+            waiting.unsent = worker.send_some(worker.with_levels(waiting.request))
         except OSError:  # BrokenPipeError (dead): the caller will see
             return False
         waiting.taken = time.perf_counter()

@@ -34,10 +34,13 @@ from time import perf_counter
 
 from ..._context import enter, import_string, run_traced
 from ..._where import mark_worker_process
+from . import worker_logs
 from .buffers import out_of_band
 from .framing import (
     BAD_REQUEST,
     BAD_RESULT,
+    HEADER,
+    LOG,
     OK,
     RAISED,
     RAISED_UNPICKLABLE,
@@ -47,6 +50,7 @@ from .framing import (
     decode,
     encode,
     recv_frame,
+    whole_frame,
 )
 from .remote_buffers import has_remote, inline_buffers, make_room, recv_go_ahead
 from .sending import send_parts
@@ -57,7 +61,7 @@ if TYPE_CHECKING:
 
     from ..._context import Carried
     from .buffers import Received
-    from .framing import Frame
+    from .framing import Frame, Remote
 
 __all__ = ("main",)
 
@@ -90,27 +94,52 @@ def main() -> None:
     _guard_group()
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH_SIZE))
-    data, received = recv_frame(sock, scratch)
+    data, received = _recv(sock, scratch)
     boot = decode(data, inline_buffers(received))
     max_payload, cross_memory, memory_limit, initializer, initializer_args = boot
     if memory_limit is not None:
         _cap_memory(memory_limit)
     if initializer is not None:
+        logs = None
         try:
-            import_string(initializer)(*initializer_args)
+            fn = import_string(initializer)
+            # Its records reach the parent if its module has imported logging.
+            logs = worker_logs.install_if_imported()
+            if logs is not None:
+                logs.begin()
+            fn(*initializer_args)
         except BaseException as exc:
             failure = (_type_name(exc), _str(exc), _traceback(exc))
             _leave_if_forked()
+            if logs is not None:
+                logs.end()
             send_parts(sock, encode((RAISED_UNPICKLABLE, failure)))
             sys.exit(1)
         _leave_if_forked()
+        if logs is not None:
+            logs.end()
     probe = 0
     if cross_memory:
         from .cross_memory import PROBE, address_of
 
         probe = address_of(PROBE)
     send_parts(sock, encode((OK, (os.getpid(), probe))))
+    worker_logs.install()  # if the parent forwards logs: after its start, not during
     _serve(sock, scratch, max_payload, cross_memory)
+
+
+def _recv(sock: socket.socket, scratch: memoryview) -> tuple[Received, list[Received | Remote]]:
+    """Read the parent's next frame (``framing.recv_frame``), applying the logger
+    levels it may send before it (``worker_logs.py``)."""
+    n = sock.recv_into(scratch)
+    if not n:
+        raise EOFError("connection closed")
+    frame = whole_frame(scratch, n)
+    if frame is not None:
+        return frame
+    if n >= HEADER.size and HEADER.unpack_from(scratch)[1] == LOG:
+        n = worker_logs.take_levels(sock, scratch, n)
+    return recv_frame(sock, scratch, n)
 
 
 #: the cap set by :func:`_cap_memory`, in bytes; None: no cap
@@ -156,7 +185,7 @@ def _out_of_memory(exc: BaseException) -> bool:
 def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_memory: bool) -> None:
     while True:
         try:
-            data, received = recv_frame(sock, scratch)
+            data, received = _recv(sock, scratch)
             if not received:  # no out-of-band buffer: the usual call
                 buffers: list[Received] = []
             elif has_remote(received):
@@ -171,6 +200,9 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         reply: tuple[Any, ...]
         leave_after_reply = False
         ran: float | None = None  # seconds the function ran, sent with its outcome
+        logs = worker_logs.forwarder  # None unless the parent forwards logs
+        if logs is not None:
+            logs.begin()
         try:
             fn, args, kwargs, carried = _load_call(data, buffers)
             # A context of its own, a copy of the worker's: nothing a call sets, nor
@@ -206,6 +238,8 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         parts = _encode_reply(reply, max_payload, cross_memory, ran)
         del reply
         _leave_if_forked()  # once per call: getpid is a system call
+        if logs is not None:
+            logs.end()  # its records, then the reply
         if leave_after_reply and not parts.remote:
             # A call sent to it from now on fails to send (EPIPE), and the parent
             # gives it to another worker, rather than to one about to leave.

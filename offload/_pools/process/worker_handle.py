@@ -20,13 +20,15 @@ import anyio.lowlevel
 from ..._call import describe
 from ..._errors import WorkerCrashed, describe_exit
 from . import crash_reports
-from .framing import SCRATCH_SIZE, Remote, parse_frame, whole_frame
+from .framing import HEADER, LOG, SCRATCH_SIZE, Remote, parse_frame, whole_frame
+from .logs import current_levels
 from .sending import first_batch, first_bytes, remaining
 
 if TYPE_CHECKING:
     from ..._call import Call
     from ..._settings import PoolSettings
     from .buffers import Buffer, Received
+    from .logs import Levels, LogSink
 
 __all__ = ("EXIT_STATUS_WAIT", "WorkerHandle", "quiet_channel")
 
@@ -37,6 +39,9 @@ EXIT_STATUS_WAIT = 2.0
 CHUNK = 1 << 18
 #: bytes moved through a channel between two pauses for the rest of the event loop
 YIELD_EVERY = 1 << 18
+#: log records handled between two pauses for the rest of the event loop (each goes
+#: through the application's handlers: tens of µs)
+RECORDS_BETWEEN_PAUSES = 64
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: a send to a dead worker fails with EPIPE instead of raising SIGPIPE, even in an
 #: application that restored SIGPIPE's default action (Python ignores it)
@@ -104,6 +109,8 @@ class WorkerHandle:
         "in_use",
         "last_ended",
         "last_function",
+        "levels",
+        "log_sink",
         "pid",
         "pidfd",
         "proc",
@@ -142,6 +149,8 @@ class WorkerHandle:
         self.ready = False  # said it was ready; its exit then calls for a replacement
         self.retiring = False  # recycled: its replacement is already on the way
         self.replacement_started = False  # before it retired
+        self.log_sink: LogSink | None = None  # where its LOG frames go, if it forwards logs
+        self.levels: Levels | None = None  # the logger levels it was last sent
         # On asyncio the channel's reader stays registered between calls (see _read_into).
         self._loop = loop
         self._reader_on = False
@@ -199,6 +208,17 @@ class WorkerHandle:
         ago = time.monotonic() - self.last_ended
         return f"its last call, to {name}, ended {ago:.1f} s ago"
 
+    def with_levels(self, parts: list[Buffer]) -> list[Buffer]:
+        """``parts``, a frame for the worker, after this process's logger levels if
+        they changed since the worker got them (a worker that forwards logs)."""
+        if self.log_sink is None:
+            return parts
+        levels = current_levels()
+        if levels is self.levels:
+            return parts
+        self.levels = levels
+        return [*levels.frame, *parts]
+
     def send_some(self, parts: list[Buffer]) -> Sequence[Buffer]:
         """Write what the channel takes of a frame of at most :data:`CHUNK` bytes at
         once, without waiting; return the rest, for :meth:`send`. (A larger frame is
@@ -247,6 +267,11 @@ class WorkerHandle:
         frame = whole_frame(scratch, n)
         if frame is not None:
             return frame
+        if n >= HEADER.size and HEADER.unpack_from(scratch)[1] == LOG:
+            n = await self._take_logs(n)
+            frame = whole_frame(scratch, n)
+            if frame is not None:
+                return frame
         parser = parse_frame(scratch, n)
         unyielded = n
         try:
@@ -264,6 +289,53 @@ class WorkerHandle:
                 view = parser.send(n)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
+
+    async def _take_logs(self, n: int) -> int:
+        """Hand the LOG frames at the start of the ``n`` bytes read into the scratch
+        buffer to the log sink, reading on as needed; return how many bytes of the
+        next frame, which is no LOG frame, are then at its start.
+
+        A worker sends LOG frames only while it runs a call (or its initializer), and
+        nothing after its reply: the frame that follows them is the last one read.
+        """
+        scratch = self.scratch
+        sink = self.log_sink
+        unyielded = 0
+        while True:
+            while n < HEADER.size:
+                n += await self._read_more(scratch[n:])
+            length, count = HEADER.unpack_from(scratch)
+            if count != LOG:
+                return n
+            end = HEADER.size + length
+            if end <= n:
+                if sink is not None:
+                    sink.handle(scratch[HEADER.size : end], self.call)
+                scratch[: n - end] = scratch[end:n]
+                n -= end
+            elif end <= len(scratch):
+                n += await self._read_more(scratch[n:])
+                continue
+            else:  # a record larger than the scratch buffer: read into its own
+                data = memoryview(bytearray(length))
+                got = n - HEADER.size
+                data[:got] = scratch[HEADER.size : n]
+                while got < length:
+                    got += await self._read_more(data[got:])
+                if sink is not None:
+                    sink.handle(data, self.call)
+                n = 0
+            unyielded += 1
+            if unyielded >= RECORDS_BETWEEN_PAUSES:
+                # A call that logs on and on: the loop's other tasks run meanwhile.
+                unyielded = 0
+                await anyio.lowlevel.checkpoint()
+
+    async def _read_more(self, view: memoryview) -> int:
+        n = await self._read_into(view, min(len(view), CHUNK))
+        if not n:
+            raise EOFError("the worker closed its channel")
+        return n
 
     async def _read_into(self, view: memoryview, nbytes: int, eager: bool = True) -> int:
         """``sock.recv_into(view, nbytes)``, once the channel has something to read.

@@ -1,0 +1,297 @@
+"""Log records made in a process worker reach the parent's logging, as if the call
+had run there: its handlers, its levels at call time, with the pool and the call
+named on each record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from offload import Executor, Offloader, OffloadSettings, PoolSettings
+from offload._pools.process import logs as _logs
+
+from .. import funcs, log_funcs
+from ..processes import wait_until
+
+#: seconds any single call of these tests may take before the test gives up on it
+CALL_BOUND = 60.0
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def messages(self) -> list[str]:
+        return [record.getMessage() for record in self.records]
+
+
+@pytest.fixture
+def app_logger() -> Iterator[logging.Logger]:
+    """The logger the worker functions use, at INFO here, left as it was found."""
+    logger = logging.getLogger("app")
+    logger.setLevel(logging.INFO)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture
+def collected(app_logger: logging.Logger) -> Iterator[Collect]:
+    handler = Collect()
+    app_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        app_logger.removeHandler(handler)
+
+
+def one_worker(**process: Any) -> OffloadSettings:
+    return OffloadSettings(
+        process=PoolSettings(max_workers=1, **process),
+        thread=PoolSettings(max_workers=1),
+        shutdown_timeout=5,
+        lag_probe=False,
+    )
+
+
+@pytest.fixture
+async def pex() -> AsyncIterator[Executor]:
+    """A process pool of one worker, forwarding logs (the default)."""
+    async with Offloader(one_worker()) as ex:
+        yield ex.pool("process")
+
+
+@pytest.fixture
+def log_frames(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the LOG frames from workers that the parent handles (one entry each)."""
+    seen: list[int] = []
+    handle = _logs.LogSink.handle
+
+    def counting(self: _logs.LogSink, data: Any, call: Any) -> None:
+        seen.append(1)
+        handle(self, data, call)
+
+    monkeypatch.setattr(_logs.LogSink, "handle", counting)
+    return seen
+
+
+async def test_a_worker_record_reaches_the_parents_handler(
+    pex: Executor, collected: Collect
+) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        pid = await pex.run(log_funcs.log_warning)
+    [record] = collected.records
+    assert record.name == "app"
+    assert record.levelno == logging.WARNING
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == "x 1"
+    assert record.args is None
+    assert record.process == pid != os.getpid()
+    assert record.funcName == "log_warning"
+    assert record.pathname == log_funcs.__file__
+    assert record.offload_pool == "process"  # type: ignore[attr-defined]
+    assert record.offload_call == "tests.log_funcs.log_warning"  # type: ignore[attr-defined]
+    # extra: plain values as they are, others as their repr()
+    assert record.request_id == "r-1"  # type: ignore[attr-defined]
+    assert record.size == 3  # type: ignore[attr-defined]
+    assert record.tags == "['a']"  # type: ignore[attr-defined]
+
+
+async def test_an_exception_arrives_formatted(pex: Executor, collected: Collect) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(log_funcs.log_exception) == "done"
+    [record] = collected.records
+    assert record.getMessage() == "failed"
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is None
+    assert record.exc_text is not None
+    assert record.exc_text.startswith("Traceback (most recent call last):")
+    assert record.exc_text.endswith("ValueError: boom")
+    assert "ValueError: boom" in logging.Formatter().format(record)
+
+
+async def test_records_arrive_while_the_call_runs(
+    pex: Executor, collected: Collect, tmp_path: Path
+) -> None:
+    flag = tmp_path / "first-arrived"
+    results: list[bool] = []
+
+    async def call() -> None:
+        # The worker waits for the file, which is written once its first record
+        # has been handled here.
+        results.append(await pex.run(log_funcs.log_then_wait_for, str(flag)))
+
+    with anyio.fail_after(CALL_BOUND):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await wait_until(lambda: bool(collected.records), CALL_BOUND, "no record")
+            flag.write_text("yes")
+    assert results == [True]
+    assert collected.messages() == ["first", "second"]
+
+
+async def test_records_below_the_parents_level_are_never_sent(
+    pex: Executor, app_logger: logging.Logger, collected: Collect, log_frames: list[int]
+) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        n, made = await pex.run(log_funcs.log_many, 10_000, logging.DEBUG)
+    assert (n, made) == (10_000, False)  # not even made in the worker
+    assert log_frames == []
+    assert collected.records == []
+    # The level is read at call time.
+    app_logger.setLevel(logging.DEBUG)
+    with anyio.fail_after(CALL_BOUND):
+        n, made = await pex.run(log_funcs.log_many, 10_000, logging.DEBUG)
+    assert made
+    dropped = pex.stats().logs_dropped
+    assert len(collected.records) + dropped == 10_000
+    assert len(collected.records) > 0
+    assert {r.levelno for r in collected.records} == {logging.DEBUG}
+    # And back up: a child logger follows its parent's level, as logging does.
+    collected.records.clear()
+    app_logger.setLevel(logging.ERROR)
+    with anyio.fail_after(CALL_BOUND):
+        await pex.run(log_funcs.log_many, 100, logging.WARNING, "app.child")
+    assert collected.records == []
+
+
+async def test_logging_disable_in_the_parent_holds_in_the_worker(
+    pex: Executor, collected: Collect, log_frames: list[int]
+) -> None:
+    logging.disable(logging.WARNING)
+    try:
+        with anyio.fail_after(CALL_BOUND):
+            _, made = await pex.run(log_funcs.log_many, 100, logging.WARNING)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert not made
+    assert log_frames == []
+    with anyio.fail_after(CALL_BOUND):
+        await pex.run(log_funcs.log_many, 1, logging.WARNING)
+    assert collected.messages() == ["record 0"]
+
+
+async def test_every_record_arrives_or_is_counted(pex: Executor, collected: Collect) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        result = await pex.run(log_funcs.log_many, 10_000, logging.INFO)
+    assert result == (10_000, True)
+    arrived = collected.messages()
+    assert len(arrived) + pex.stats().logs_dropped == 10_000
+    # In order, none twice, none mangled.
+    numbers = [int(message.split()[1]) for message in arrived]
+    assert numbers == sorted(set(numbers))
+
+
+async def test_a_held_loop_makes_the_worker_drop_rather_than_block(
+    pex: Executor, collected: Collect, tmp_path: Path
+) -> None:
+    flag = tmp_path / "logged"
+    n = 10_000
+    results: list[int] = []
+
+    async def call() -> None:
+        results.append(await pex.run(log_funcs.log_many_then_touch, n, str(flag), 1000))
+
+    with anyio.fail_after(CALL_BOUND * 2):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            while not collected.records:  # the worker is logging
+                await anyio.sleep(0)
+            # Hold the loop: nothing reads the worker's channel until the worker is
+            # done logging, which it can be only if it never waits for room there.
+            deadline = time.monotonic() + CALL_BOUND
+            while not flag.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert flag.exists(), "the worker blocked on a full channel"
+    assert results == [n]
+    dropped = pex.stats().logs_dropped
+    assert dropped > 0
+    assert len(collected.records) > 0
+    assert len(collected.records) + dropped == n
+    # The pool carries on.
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(funcs.add, 1, 2) == 3
+
+
+async def test_hostile_records_fail_nothing(pex: Executor, collected: Collect) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(log_funcs.log_hostile) == "intact"
+    unprintable, lock, extra, wrong = collected.records
+    assert unprintable.getMessage().startswith("unprintable %s [offload: the arguments")
+    assert "RuntimeError: no str for you" in unprintable.getMessage()
+    assert lock.getMessage().startswith("a lock <unlocked _thread.lock object")
+    assert extra.thing == "<Unprintable object: repr() failed>"  # type: ignore[attr-defined]
+    assert extra.lock.startswith("<unlocked _thread.lock")  # type: ignore[attr-defined]
+    assert "TypeError" in wrong.getMessage()
+    assert pex.stats().logs_dropped == 0
+
+
+async def test_a_parent_handler_that_raises_fails_nothing(
+    pex: Executor, app_logger: logging.Logger
+) -> None:
+    class Raising(logging.Handler):
+        def handle(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("handler down")
+
+        def emit(self, record: logging.LogRecord) -> None:
+            raise AssertionError("not called")
+
+    raising = Raising()
+    app_logger.addHandler(raising)
+    try:
+        with anyio.fail_after(CALL_BOUND):
+            n, _ = await pex.run(log_funcs.log_many, 10, logging.WARNING)
+            assert n == 10
+            assert await pex.run(funcs.add, 2, 3) == 5
+    finally:
+        app_logger.removeHandler(raising)
+
+
+async def test_records_from_another_thread_during_a_call(pex: Executor, collected: Collect) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(log_funcs.log_from_a_thread) == "joined"
+    assert collected.messages() == ["from a thread"]
+
+
+async def test_a_forked_child_does_not_write_to_the_channel(
+    pex: Executor, collected: Collect
+) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(log_funcs.log_in_a_forked_child, 100) == "forked"
+        assert await pex.run(funcs.add, 1, 1) == 2
+    assert collected.messages() == ["after the fork"]
+
+
+async def test_nothing_is_forwarded_when_off(collected: Collect, log_frames: list[int]) -> None:
+    async with Offloader(one_worker(forward_logs=False)) as ex:
+        pex = ex.pool("process")
+        with anyio.fail_after(CALL_BOUND):
+            await pex.run(log_funcs.log_warning)
+            await pex.run(log_funcs.log_many, 100, logging.WARNING)
+            assert await pex.run(log_funcs.forwarding_loaded) is False
+    assert collected.records == []
+    assert log_frames == []
+
+
+async def test_records_of_the_initializer_reach_the_parent(collected: Collect) -> None:
+    initializer = "tests.log_funcs:log_at_start"
+    settings = one_worker(initializer=initializer, initializer_args=("hello",))
+    async with Offloader(settings) as ex:
+        with anyio.fail_after(CALL_BOUND):
+            pid = await ex.pool("process").run(funcs.getpid)
+    [record] = collected.records
+    assert record.getMessage() == "initializer says hello"
+    assert record.process == pid
+    assert record.offload_call == initializer  # type: ignore[attr-defined]
