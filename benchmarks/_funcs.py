@@ -69,3 +69,16 @@ def timed_spin(iterations: int) -> tuple[int, float, float, float]:
     start = time.time()
     cpu = spin(iterations)
     return os.getpid(), start, time.time(), cpu
+
+
+# --- log forwarding (benchmarks/bench_logs.py) ----------------------------------------
+
+
+def log_records(n: int, name: str) -> int:
+    """Log ``n`` INFO records of ~100 characters to the logger ``name``."""
+    import logging
+
+    logger = logging.getLogger(name)
+    for i in range(n):
+        logger.info("record %d of a burst, with enough text to look like a real one: %s", i, "ok")
+    return n

@@ -25,6 +25,9 @@ The data flow of one call (each box names the module that does it)::
                                                                read the call,
                                                                run it, encode
                                                                the outcome
+      +<------------------------------------------------------ log records (LOG
+      | each handled by the logger of its name, as it          frames, during the
+      | arrives, in the caller's task (logs.py)                call; worker_logs.py)
       +<------------------------------------------------------ (status, value,
       |                                                         seconds it ran)
       | read the reply; REMOTE results copied out of the
@@ -71,5 +74,6 @@ Shutdown (``Pool.aclose``, ../base.py)
 
 Workers import ``offload._pools.process.worker`` at start, and with it this package:
 this file imports nothing, and the modules a worker loads (worker.py, framing.py,
-buffers.py, remote_buffers.py, sending.py) import neither anyio nor pydantic.
+buffers.py, remote_buffers.py, sending.py, worker_logs.py; worker_log_handler.py once
+it forwards logs) import neither anyio nor pydantic.
 """

@@ -15,6 +15,9 @@ Whatever the user's code does (the function, its arguments' and result's picklin
 hooks, an exception's ``__str__``, the initializer), down to ``SystemExit``, fails only
 its call: every call gets one answer, and only from this process (a process the
 function forks loses the channel, see :func:`_after_fork_in_child`).
+
+The records a call logs go to the parent before its answer, as LOG frames, when the
+parent forwards logs (``worker_logs.py``).
 """
 
 from __future__ import annotations
@@ -106,7 +109,7 @@ def main() -> None:
             # Its records reach the parent if its module has imported logging.
             logs = worker_logs.install_if_imported()
             if logs is not None:
-                logs.begin()
+                logs.in_call = True
             fn(*initializer_args)
         except BaseException as exc:
             failure = (_type_name(exc), _str(exc), _traceback(exc))
@@ -202,7 +205,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         ran: float | None = None  # seconds the function ran, sent with its outcome
         logs = worker_logs.forwarder  # None unless the parent forwards logs
         if logs is not None:
-            logs.begin()
+            logs.in_call = True  # until logs.end()
         try:
             fn, args, kwargs, carried = _load_call(data, buffers)
             # A context of its own, a copy of the worker's: nothing a call sets, nor

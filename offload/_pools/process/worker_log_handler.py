@@ -10,6 +10,7 @@ import logging
 import pickle
 import socket
 import sys
+import threading
 
 from .framing import HEADER, log_frame
 from .sending import first_batch, remaining, send_parts
@@ -39,8 +40,8 @@ class Forwarder(logging.Handler):
     """The handler on the worker's root logger that sends records to the parent.
 
     ``in_call``: a call (or the initializer) is running; set by the main thread, and
-    read under the handler's lock by whichever thread sends, so that no record goes
-    after the reply. ``dropped``: records not sent since the last reply.
+    read under ``sending`` by whichever thread sends, so that no record goes after
+    the reply. ``dropped``: records not sent since the last reply.
 
     A frame the channel has no room for waits in the backlog (up to :data:`BACKLOG`
     bytes), sent before the next one; the rest of the backlog goes before the reply.
@@ -51,6 +52,9 @@ class Forwarder(logging.Handler):
         self.sock = sock
         self.in_call = False
         self.dropped = 0
+        # Held while a frame goes to the channel, never while user code runs: no
+        # RLock needed (Handler.lock is one, a little slower to take on every call).
+        self.sending = threading.Lock()
         self._unsent: list[Buffer] = []  # the backlog: frames, the first maybe in part
         self._backlog = 0  # its bytes
         self._named: dict[str, int] = {}
@@ -102,7 +106,7 @@ class Forwarder(logging.Handler):
             data: bytes | None = _render(record)
         except BaseException:  # a MemoryError, say: that record alone is lost
             data = None
-        with self._lock():
+        with self.sending:
             in_call: bool = self.in_call  # read again: the call may have ended
             if in_call and (data is None or not self._send(data)):
                 self.dropped += 1
@@ -112,11 +116,6 @@ class Forwarder(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:  # handle() does it all
         self.handle(record)
-
-    def _lock(self) -> Any:
-        lock = self.lock
-        assert lock is not None  # made by Handler.__init__
-        return lock
 
     def _send(self, data: bytes) -> bool:
         """Send a LOG frame, or keep it in the backlog, without waiting for room in
@@ -147,29 +146,32 @@ class Forwarder(logging.Handler):
         self._unsent = remaining(self._unsent, sent)
         self._backlog -= sent
 
-    def begin(self) -> None:
-        self.in_call = True
-
     def end(self) -> None:
-        """The call is over: no record goes after this. What is left of a frame, and
-        the count of records dropped, go now (blocking), before the reply."""
-        with self._lock():
+        """The call is over (``in_call`` was set at its start): no record goes after
+        this. What is left of the backlog, and the count of records dropped, go now
+        (blocking), before the reply."""
+        with self.sending:
             self.in_call = False
-            try:
-                if self._unsent:
-                    send_parts(self.sock, self._unsent)
-                if self.dropped:
-                    send_parts(self.sock, log_frame(pickle.dumps(self.dropped, protocol=5)))
-            except OSError:
-                pass  # the parent is gone: the reply fails as well, and says so
-            finally:
-                self._unsent = []
-                self._backlog = self.dropped = 0
+            if self._unsent or self.dropped:
+                self._flush()
+
+    def _flush(self) -> None:
+        try:
+            if self._unsent:
+                send_parts(self.sock, self._unsent)
+            if self.dropped:
+                send_parts(self.sock, log_frame(pickle.dumps(self.dropped, protocol=5)))
+        except OSError:
+            pass  # the parent is gone: the reply fails as well, and says so
+        finally:
+            self._unsent = []
+            self._backlog = self.dropped = 0
 
     def forked(self) -> None:
         """In a process the function forked: the channel is not its own (it is
         /dev/null there); its records stay in it, as outside a call."""
         self.in_call = False
+        self.sending = threading.Lock()  # another thread may have held it
         self._unsent = []
         self._backlog = 0
 
