@@ -99,3 +99,18 @@ def log_then_wait_for(path: str) -> bool:
         time.sleep(0.005)
     logger.warning("second")
     return Path(path).exists()
+
+
+def log_between_calls(go: str, done: str) -> str:
+    """Start a thread that logs once ``go`` exists (after this call returned), then
+    creates ``done``."""
+
+    def later() -> None:
+        deadline = time.monotonic() + 30
+        while not Path(go).exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        logger.warning("between calls")
+        Path(done).write_text("logged")
+
+    threading.Thread(target=later, daemon=True).start()
+    return "started"

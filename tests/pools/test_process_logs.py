@@ -4,6 +4,7 @@ named on each record."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -18,7 +19,8 @@ from offload import Executor, Offloader, OffloadSettings, PoolSettings
 from offload._pools.process import logs as _logs
 
 from .. import funcs, log_funcs
-from ..processes import wait_until
+from ..conftest import Backend, loop_name
+from ..processes import run_script, wait_until
 
 #: seconds any single call of these tests may take before the test gives up on it
 CALL_BOUND = 60.0
@@ -263,6 +265,54 @@ async def test_records_from_another_thread_during_a_call(pex: Executor, collecte
     with anyio.fail_after(CALL_BOUND):
         assert await pex.run(log_funcs.log_from_a_thread) == "joined"
     assert collected.messages() == ["from a thread"]
+
+
+BETWEEN_CALLS = """
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import anyio
+
+from offload import Offloader, OffloadSettings
+from tests import funcs, log_funcs
+
+seen = []
+
+
+class Collect(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+
+
+async def main():
+    logging.getLogger("app").addHandler(Collect())
+    settings = OffloadSettings(process={"max_workers": 1}, lag_probe=False)
+    async with Offloader(settings) as ex:
+        pool = ex.pool("process")
+        await pool.run(log_funcs.log_between_calls, "go", "done")
+        Path("go").write_text("go")
+        deadline = time.monotonic() + 30
+        while not Path("done").exists() and time.monotonic() < deadline:
+            await anyio.sleep(0.01)
+        await pool.run(funcs.add, 1, 1)
+    print(json.dumps(seen), flush=True)
+
+
+anyio.run(main, backend=sys.argv[1])
+"""
+
+
+async def test_records_between_calls_stay_in_the_worker(
+    tmp_path: Path, anyio_backend: Backend
+) -> None:
+    done = await run_script(tmp_path, BETWEEN_CALLS, loop_name(anyio_backend), timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout.decode().splitlines()[-1]) == []
+    assert (tmp_path / "done").exists()
+    assert "between calls" in done.stderr.decode().splitlines()  # logging's last resort
 
 
 async def test_a_forked_child_does_not_write_to_the_channel(
