@@ -345,3 +345,23 @@ async def test_records_of_the_initializer_reach_the_parent(collected: Collect) -
     assert record.getMessage() == "initializer says hello"
     assert record.process == pid
     assert record.offload_call == initializer  # type: ignore[attr-defined]
+
+
+def test_the_levels_change_only_when_a_level_does(app_logger: logging.Logger) -> None:
+    # A worker is sent the levels when the object changes: not on every call.
+    levels = _logs.current_levels()
+    assert _logs.current_levels() is levels
+    logging.getLogger("app.some.new.logger")  # a new logger changes no level
+    assert _logs.current_levels() is levels
+    app_logger.setLevel(logging.DEBUG)
+    changed = _logs.current_levels()
+    assert changed is not levels
+    assert changed.state[2]["app"] == logging.DEBUG
+    app_logger.setLevel(logging.DEBUG)  # the same again: a new read, the same levels
+    assert _logs.current_levels() is changed
+    logging.disable(logging.INFO)
+    try:
+        assert _logs.current_levels().state[1] == logging.INFO
+    finally:
+        logging.disable(logging.NOTSET)
+    assert _logs.current_levels().state[1] == logging.NOTSET

@@ -32,6 +32,10 @@ logger = logging.getLogger("offload")
 
 #: the mark in the root logger's cache: gone when logging cleared it (a level changed)
 _MARK = object()
+#: the root logger and its cache (``_clear_cache`` empties it, never replaces it), or
+#: None where logging has no such cache: the levels are then read on every call
+_root = logging.root
+_root_cache: dict[Any, Any] | None = getattr(_root, "_cache", None)
 
 
 class Levels:
@@ -61,12 +65,14 @@ _current = Levels(_read_levels())
 
 def current_levels() -> Levels:
     """This process's levels now: the same object until one of them changes."""
-    global _current
-    cache: dict[Any, Any] | None = getattr(logging.root, "_cache", None)
-    if cache is not None:
-        if _MARK in cache:
-            return _current
-        cache[_MARK] = True  # first: a change made while reading clears it again
+    global _current, _root, _root_cache
+    if _root_cache is not None and _MARK in _root_cache and logging.root is _root:
+        return _current
+    if logging.root is not _root:  # replaced: watch the new one
+        _root = logging.root
+        _root_cache = getattr(_root, "_cache", None)
+    if _root_cache is not None:
+        _root_cache[_MARK] = True  # first: a change made while reading clears it again
     state = _read_levels()
     if state != _current.state:
         _current = Levels(state)

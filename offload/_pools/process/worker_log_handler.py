@@ -150,10 +150,14 @@ class Forwarder(logging.Handler):
         """The call is over (``in_call`` was set at its start): no record goes after
         this. What is left of the backlog, and the count of records dropped, go now
         (blocking), before the reply."""
-        with self.sending:
-            self.in_call = False
-            if self._unsent or self.dropped:
-                self._flush()
+        self.in_call = False
+        # A thread that takes the lock from now on sees in_call False and sends
+        # nothing; one that holds it may be writing a frame: wait until it is done.
+        if self.sending.locked():
+            with self.sending:
+                pass
+        if self._unsent or self.dropped:
+            self._flush()
 
     def _flush(self) -> None:
         try:
