@@ -270,3 +270,26 @@ def test_loop_benchmark_under_idle_priority() -> None:
     assert done.returncode == 0, done.stderr[-5000:]
     assert "workers under SCHED_IDLE" in done.stdout.splitlines()[0]
     assert re.search(r"^\| start and stop \| \d", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(120)
+def test_logs_benchmark_runs(tmp_path: Path) -> None:
+    """``bench_logs.py`` measures both pools in every round and accounts for every
+    record of the burst."""
+    out = tmp_path / "logs.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_logs.py", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert len(results["on_us"]) == len(results["off_us"]) == report["rounds"] == 3
+    for arrived, dropped in zip(results["arrived"], results["dropped"], strict=True):
+        assert arrived + dropped == 10_000
+    assert "| on |" in done.stdout
+    assert "| off |" in done.stdout

@@ -4,7 +4,8 @@ Started by ``launch.py`` as ``python -c "...main()" CHANNEL_FD DEATH_FD PARENT_P
 CRASH_FD PATH...``, PATH the parent's ``sys.path``, installed before anything is
 imported, and CRASH_FD the file its fault handler writes to (``crash_reports.py``).
 It imports neither anyio nor pydantic (nor typing, contextlib, traceback), so it starts
-in a few tens of milliseconds.
+in a few tens of milliseconds; ``logging`` and what it imports load once it has
+started, when the parent forwards logs.
 
 It dies with its parent, however the parent dies: Linux delivers SIGKILL on the
 parent's death (``PR_SET_PDEATHSIG``); elsewhere a thread watches a pipe whose only
