@@ -114,3 +114,20 @@ def log_between_calls(go: str, done: str) -> str:
 
     threading.Thread(target=later, daemon=True).start()
     return "started"
+
+
+def log_large(size: int) -> int:
+    """One record whose message is ``size`` characters: larger than a read."""
+    logger.warning("%s", "x" * size)
+    return size
+
+
+def log_and_echo(data: bytes) -> bytes:
+    """Log, then return ``data`` (large: it travels between memories)."""
+    logger.warning("echoing %d bytes", len(data))
+    return data
+
+
+def log_then_exit(code: int) -> None:
+    logger.warning("last words")
+    os._exit(code)

@@ -15,8 +15,11 @@ from typing import Any
 import anyio
 import pytest
 
-from offload import Executor, Offloader, OffloadSettings, PoolSettings
+from offload import Executor, Offloader, OffloadSettings, PoolSettings, WorkerCrashed
+from offload._pools.process import cross_memory as _cross_memory
+from offload._pools.process import exchange as _exchange
 from offload._pools.process import logs as _logs
+from offload._pools.process import pool as _pool
 
 from .. import funcs, log_funcs
 from ..conftest import Backend, loop_name
@@ -222,9 +225,56 @@ async def test_a_held_loop_makes_the_worker_drop_rather_than_block(
     assert dropped > 0
     assert len(collected.records) > 0
     assert len(collected.records) + dropped == n
+    # What arrived is whole, in order: a frame sent in part was finished first.
+    padding = "." * 1000
+    numbers = []
+    for message in collected.messages():
+        head, _, tail = message.partition(padding)
+        assert tail == "", message[:80]
+        numbers.append(int(head.split()[1]))
+    assert numbers == sorted(set(numbers))
     # The pool carries on.
     with anyio.fail_after(CALL_BOUND):
         assert await pex.run(funcs.add, 1, 2) == 3
+
+
+async def test_a_record_larger_than_a_read_arrives_whole(pex: Executor, collected: Collect) -> None:
+    size = 3 << 20
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(log_funcs.log_large, size) == size
+        assert await pex.run(funcs.add, 1, 1) == 2
+    [record] = collected.records
+    assert record.getMessage() == "x" * size
+
+
+async def test_records_beside_buffers_copied_between_memories(
+    pex: Executor, collected: Collect, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 MiB go REMOTE both ways: the WRITE_TO and GO_AHEAD exchange, and the records
+    # before the reply.
+    if not _cross_memory.available():
+        pytest.skip("no copies between memories here")
+    exchanges: list[int] = []
+    deliver = _exchange.deliver_then_receive
+
+    async def counting(*args: Any) -> Any:
+        exchanges.append(1)
+        return await deliver(*args)
+
+    monkeypatch.setattr(_pool, "deliver_then_receive", counting)
+    data = os.urandom(8 << 20)
+    with anyio.fail_after(CALL_BOUND):
+        assert await pex.run(log_funcs.log_and_echo, data) == data
+        assert await pex.run(log_funcs.log_and_echo, data) == data
+    assert exchanges == [1, 1]
+    assert collected.messages() == [f"echoing {len(data)} bytes"] * 2
+
+
+async def test_a_crashing_workers_last_records_arrive(pex: Executor, collected: Collect) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        with pytest.raises(WorkerCrashed):
+            await pex.run(log_funcs.log_then_exit, 3)
+    assert collected.messages() == ["last words"]
 
 
 async def test_hostile_records_fail_nothing(pex: Executor, collected: Collect) -> None:
