@@ -14,12 +14,14 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from offload import Executor, Offloader, OffloadSettings, PoolSettings, WorkerCrashed
 from offload._pools.process import cross_memory as _cross_memory
 from offload._pools.process import exchange as _exchange
 from offload._pools.process import logs as _logs
 from offload._pools.process import pool as _pool
+from offload.prometheus import OffloadCollector
 
 from .. import funcs, log_funcs
 from ..conftest import Backend, loop_name
@@ -233,6 +235,10 @@ async def test_a_held_loop_makes_the_worker_drop_rather_than_block(
         assert tail == "", message[:80]
         numbers.append(int(head.split()[1]))
     assert numbers == sorted(set(numbers))
+    registry = CollectorRegistry()
+    registry.register(OffloadCollector())  # the running Offloader
+    text = generate_latest(registry).decode()
+    assert f'offload_logs_dropped_total{{pool="process"}} {float(dropped)}' in text
     # The pool carries on.
     with anyio.fail_after(CALL_BOUND):
         assert await pex.run(funcs.add, 1, 2) == 3
