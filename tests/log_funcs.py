@@ -131,3 +131,13 @@ def log_and_echo(data: bytes) -> bytes:
 def log_then_exit(code: int) -> None:
     logger.warning("last words")
     os._exit(code)
+
+
+def log_debug_below_a_worker_level(n: int) -> bool:
+    """Give a logger a level of its own in the worker, below the parent's, and log
+    ``n`` DEBUG records to it; whether the worker's logger makes them."""
+    verbose = logging.getLogger("app.verbose")
+    verbose.setLevel(logging.DEBUG)
+    for i in range(n):
+        verbose.debug("verbose %d", i)
+    return verbose.isEnabledFor(logging.DEBUG)

@@ -174,6 +174,16 @@ async def test_records_below_the_parents_level_are_never_sent(
     assert collected.records == []
 
 
+async def test_a_level_set_in_the_worker_alone_is_held_to_the_parents(
+    pex: Executor, collected: Collect, log_frames: list[int]
+) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        # Made in the worker (its logger says DEBUG), not sent: "app" is at INFO here.
+        assert await pex.run(log_funcs.log_debug_below_a_worker_level, 1000) is True
+    assert log_frames == []
+    assert collected.records == []
+
+
 async def test_logging_disable_in_the_parent_holds_in_the_worker(
     pex: Executor, collected: Collect, log_frames: list[int]
 ) -> None:
