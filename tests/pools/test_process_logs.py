@@ -4,6 +4,7 @@ named on each record."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -127,6 +128,37 @@ async def test_an_exception_arrives_formatted(pex: Executor, collected: Collect)
     assert record.exc_text.startswith("Traceback (most recent call last):")
     assert record.exc_text.endswith("ValueError: boom")
     assert "ValueError: boom" in logging.Formatter().format(record)
+
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+
+async def test_records_are_handled_in_the_callers_context(
+    pex: Executor, app_logger: logging.Logger
+) -> None:
+    # A filter that stamps records with the request's id, from a context variable, as
+    # an application does: a worker's records get the id of the call's caller.
+    class Stamp(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.request = request_id.get()
+            return True
+
+    handler = Collect()
+    handler.addFilter(Stamp())
+    app_logger.addHandler(handler)
+
+    async def request(rid: str) -> None:
+        request_id.set(rid)
+        await pex.run(log_funcs.log_warning)
+
+    try:
+        with anyio.fail_after(CALL_BOUND):
+            async with anyio.create_task_group() as tg:
+                for rid in ("r-a", "r-b", "r-c"):
+                    tg.start_soon(request, rid)
+    finally:
+        app_logger.removeHandler(handler)
+    assert sorted(r.request for r in handler.records) == ["r-a", "r-b", "r-c"]  # type: ignore[attr-defined]
 
 
 async def test_records_arrive_while_the_call_runs(
@@ -334,6 +366,7 @@ async def test_records_from_another_thread_during_a_call(pex: Executor, collecte
 
 
 BETWEEN_CALLS = """
+import contextvars
 import json
 import logging
 import sys
