@@ -11,10 +11,11 @@ for ``forward_logs``: on (the default) and off, and measures, in alternating ord
   arrived and how many the worker dropped (``PoolStats.logs_dropped``).
 
 The table reports medians over rounds, the best round of each, and the median of the
-rounds' on/off ratios: a worker that shares its CPU with another busy process takes
-up to 3x longer for its whole life, so that on a shared machine the medians of a few
-rounds are far apart for no reason of their own, where both pools of a round mostly
-share its conditions. Run from the repository root::
+rounds' on/off ratios, the figure to read: a worker's round trip can be 3x another's
+for its whole life, depending on where the scheduler runs it (on the parent's CPU, or
+woken up on another), so that the medians of a few rounds may be far apart for no
+reason of their own, where both pools of a round mostly share its conditions. Run from
+the repository root::
 
     python benchmarks/bench_logs.py --quick      # < 30 s
     python benchmarks/bench_logs.py [--rounds 9] [--json PATH]
@@ -113,8 +114,7 @@ async def main(rounds: int, calls: int) -> dict[str, list[float]]:
     }
     for number in range(rounds):
         # Fresh workers each round: a worker's round trip depends on where the
-        # scheduler keeps it and what else runs there, for the life of the process,
-        # which the median over rounds then evens out. Which pool forwards, and
+        # scheduler runs it, for the life of the process. Which pool forwards, and
         # which is measured first, alternate.
         first_on = number % 2 == 0
         async with Offloader(settings(first_on)) as root:
