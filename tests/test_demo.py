@@ -84,8 +84,8 @@ def test_the_library_never_imports_the_demo(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "error"),
     [
-        ([], "a command is required: demo"),
-        (["info"], "invalid choice: 'info'"),
+        ([], "a command is required: demo, info"),
+        (["nope"], "invalid choice: 'nope'"),
     ],
 )
 def test_an_unknown_command_is_a_usage_error(
