@@ -107,13 +107,13 @@ def trace_carrier() -> dict[str, str] | None:
 _variables: dict[str, contextvars.ContextVar[Any]] = {}
 
 
-def enter(carried: Carried | None, base: contextvars.Context) -> contextvars.Context:
-    """A new context for one call: a copy of ``base`` with the carried values set.
-    Nothing the call sets reaches ``base``, nor the next call's context.
+def enter(carried: Carried | None, ctx: contextvars.Context) -> contextvars.Context:
+    """The context for one call: ``ctx``, a fresh copy of the worker's own
+    (``contextvars.copy_context()``), with the carried values set in it. Nothing the
+    call sets reaches the worker's context, nor the next call's.
 
     :raises ImportError: a carried variable does not import here
     """
-    ctx = base.copy()
     if carried is not None and carried[0]:
         ctx.run(_set, carried[0])
     return ctx

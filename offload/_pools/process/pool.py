@@ -18,7 +18,7 @@ import subprocess
 import time
 import weakref
 from collections.abc import Callable
-from types import FunctionType
+from types import BuiltinFunctionType, FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -470,13 +470,15 @@ class ProcessPool(Pool):
         call = worker.call
         worker.call = None
         if call is not None:
-            # Named, should the worker die idle. A plain function (or a decorated one)
-            # is kept and named then; another callable may hold state (a closure, a
-            # bound method): its name is kept instead.
+            # Named, should the worker die idle. A plain function (a module's built-in, a
+            # decorated one) is kept and named then; another callable may hold state (a
+            # closure, a bound method, ``[].append``): its name is kept instead.
             fn = call.fn
             kind = type(fn)
-            if (kind is FunctionType and fn.__closure__ is None) or getattr(
-                kind, "__offload_function__", False
+            if (
+                (kind is BuiltinFunctionType and type(fn.__self__) is ModuleType)  # type: ignore[attr-defined]
+                or (kind is FunctionType and fn.__closure__ is None)
+                or getattr(kind, "__offload_function__", False)
             ):
                 worker.last_function = fn
             else:
