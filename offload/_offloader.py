@@ -191,9 +191,13 @@ class Offloader:
     def _capture_context(self) -> Carried | None:
         """What a process or dask call made now carries from the calling task's
         context: the ``context_vars`` set in it, the trace context; ``None`` if nothing."""
-        if self._carries is None:
+        carries = self._carries
+        if carries is None:
             return None
-        return capture(*self._carries)
+        variables, trace = carries
+        if not variables and not (trace and "opentelemetry.context" in sys.modules):
+            return None  # the usual call: no variable chosen, no tracing loaded
+        return capture(variables, trace)
 
     def stats(self) -> OffloaderStats:
         """A snapshot of every pool, by name, with the event loop's lag as ``.loop``."""
