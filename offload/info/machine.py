@@ -13,7 +13,6 @@ command.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ from typing import Any
 
 from .._pools.process import cross_memory
 from .._pools.process.scheduling import LONG_SLICE_NS, lower_priority, time_slice
+from .._pools.process.worker import prctl_function
 from .._settings import PoolSettings, usable_cpus
 
 __all__ = ("CpuBudget", "Feature", "cpu_budget", "features")
@@ -126,20 +126,10 @@ class _Child:
     results: dict[str, Feature] = field(default_factory=dict)
 
 
-def _prctl() -> Callable[..., int] | None:
-    if sys.platform != "linux":
-        return None
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
-
-
 def features() -> dict[str, Feature]:
     """Each fast path and safeguard, tried on a forked child where it can be."""
     found: dict[str, Feature] = {}
-    prctl = _prctl()
+    prctl = prctl_function()
     if not hasattr(os, "fork") or threading.active_count() > 1:
         # A fork copies one thread: whatever lock another holds would stay held.
         why = "no fork here" if not hasattr(os, "fork") else "other threads run"

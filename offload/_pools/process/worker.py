@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from .buffers import Received
     from .framing import Frame, Remote
 
-__all__ = ("main",)
+__all__ = ("main", "prctl_function")
 
 _PR_SET_PDEATHSIG = 1
 #: the exit status of a worker that leaves after running out of its memory cap
@@ -406,7 +406,7 @@ def _traceback(exc: BaseException) -> str:
 
 
 @functools.cache
-def _prctl() -> Callable[..., int] | None:
+def prctl_function() -> Callable[..., int] | None:
     """Linux's ``prctl(2)``, or None."""
     if sys.platform != "linux":
         return None
@@ -442,7 +442,7 @@ def _guard_group() -> None:
     A worker that exits cleanly kills and reaps its guard first, rather than leave it
     to whoever adopts orphans (the server itself, as a container's PID 1).
     """
-    prctl = _prctl()
+    prctl = prctl_function()
     if prctl is None or os.getpgid(0) != os.getpid() or not os.path.exists("/bin/sh"):
         return  # not a group of its own, or no way to guard it
     worker = os.getpid()
@@ -479,7 +479,7 @@ def _max_fd() -> int:
 
 
 def _die_with_parent(death_fd: int, parent_pid: int) -> None:
-    prctl = _prctl()
+    prctl = prctl_function()
     signalled = prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
     if os.getppid() != parent_pid:
         os._exit(1)  # the parent died before we could ask to die with it
