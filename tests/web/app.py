@@ -88,6 +88,13 @@ async def sleep_then_touch(
     return {"result": await ex.run(funcs.sleep_then_touch, seconds, path)}
 
 
+@app.get("/hold")
+async def hold(path: str, ex: Executor = Depends(get_executor)) -> dict[str, Any]:
+    """Holds a worker until ``path`` exists: a request in flight for as long as the
+    test needs."""
+    return {"result": await ex.run(funcs.wait_for_file, path, "released")}
+
+
 @app.get("/timeout")
 async def timeout(ex: Executor = Depends(get_executor)) -> None:
     await ex.options(timeout=0.2).run(funcs.sleep_then, 5, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -101,23 +102,36 @@ def test_oversubscription_warning(caplog: pytest.LogCaptureFixture, monkeypatch)
     assert caplog.text == ""
 
 
-def test_sigterm_mid_request_completes_it_then_exits_clean() -> None:
-    server = start_server()
+def test_sigterm_mid_request_completes_it_then_exits_clean(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = start_server(args=("--log-level", "info"), log=log)
     pids = server.worker_pids()
     assert len(pids) == 3
+    release = tmp_path / "release"
     result: dict[str, httpx.Response] = {}
 
     def request() -> None:
-        result["response"] = httpx.get(f"{server.url}/sleep/1.5", timeout=30)
+        result["response"] = httpx.get(
+            f"{server.url}/hold", params={"path": str(release)}, timeout=60
+        )
 
     client = threading.Thread(target=request)
     client.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while httpx.get(f"{server.url}/workers").json()["process"]["busy"] != 1:
         assert time.monotonic() < deadline, "the request never reached a worker"
         time.sleep(0.02)
+    server.proc.send_signal(signal.SIGTERM)
+    # The request is held in its worker until the server has seen the signal: it
+    # is in flight during the shutdown, however fast the machine.
+    while b"Shutting down" not in log.read_bytes():
+        assert time.monotonic() < deadline, "the server never began to shut down"
+        time.sleep(0.02)
+    assert "response" not in result
+    assert server.proc.poll() is None
+    release.touch()
     assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
     client.join(30)
     assert result["response"].status_code == 200
-    assert result["response"].json() == {"result": "slept"}
+    assert result["response"].json() == {"result": "released"}
     assert_gone(pids)
