@@ -47,8 +47,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Give every async test its event loops: see the module's docstring."""
     if "anyio_backend" not in metafunc.fixturenames:
         return
-    fixturedefs = metafunc._arg2fixturedefs.get("anyio_backend", ())
-    if fixturedefs and fixturedefs[-1].func.__module__ != __name__:
+    if metafunc.module is not None and hasattr(metafunc.module, "anyio_backend"):
         return  # a module that names its one loop with a fixture of its own
     for marker in metafunc.definition.iter_markers("parametrize"):
         names = marker.args[0]
