@@ -36,6 +36,7 @@ import psutil
 import pytest
 
 from offload import (
+    CallAborted,
     Executor,
     Offloader,
     OffloadError,
@@ -258,6 +259,19 @@ def check_unrebuildable_exception(exc: Exception, kind: str) -> None:
     assert_remote_cause(exc, kind, "TwoArgError", "first half")
 
 
+def check_aborted(original: type[BaseException]) -> Callable[[Exception, str], None]:
+    """A ``BaseException`` that is not an ``Exception`` arrives as CallAborted, the
+    original as its cause, rather than as itself (which would end the caller's task,
+    or its program)."""
+
+    def check(exc: Exception, kind: str) -> None:
+        assert type(exc) is CallAborted, repr(exc)
+        assert "tests.funcs.raise_base" in str(exc), str(exc)
+        assert type(exc.__cause__) is original, repr(exc.__cause__)
+
+    return check
+
+
 CASES = [
     Case(
         "unpickle-args-in-worker-reduce",
@@ -342,6 +356,27 @@ CASES = [
         "reused",
         worker_pid=pid_pickling_result,
         not_for={"thread": NOTHING_PICKLED},
+    ),
+    Case(
+        "run-system-exit",
+        lambda _: (funcs.raise_base, ("exit",)),
+        check_aborted(SystemExit),
+        "failed",
+        "reused",
+    ),
+    Case(
+        "run-keyboard-interrupt",
+        lambda _: (funcs.raise_base, ("interrupt",)),
+        check_aborted(KeyboardInterrupt),
+        "failed",
+        "reused",
+    ),
+    Case(
+        "run-generator-exit",
+        lambda _: (funcs.raise_base, ("generator-exit",)),
+        check_aborted(GeneratorExit),
+        "failed",
+        "reused",
     ),
     Case(
         "exception-unpicklable",

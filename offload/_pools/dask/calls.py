@@ -5,6 +5,7 @@ at one place (``_outcome``); a call its caller left is cancelled on the cluster.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 import traceback
 import uuid
@@ -19,6 +20,7 @@ from distributed.comm.core import CommClosedError
 from distributed.scheduler import KilledWorker
 
 from ..._errors import (
+    CallAborted,
     ClusterUnavailable,
     OffloadError,
     PoolOverloaded,
@@ -28,7 +30,14 @@ from ..._errors import (
     describe_exit,
 )
 from .connection import CANCEL_TIMEOUT, DaskConnection
-from .task import CannotLoad, CannotReportStart, CannotSendException, invoke, kill_this_process
+from .task import (
+    Aborted,
+    CannotLoad,
+    CannotReportStart,
+    CannotSendException,
+    invoke,
+    kill_this_process,
+)
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -273,6 +282,11 @@ class DaskCalls(DaskConnection):
                     f"pool {self.name!r}: the dask cluster has no worker that could run "
                     f"{call.name} within the scheduler's no-workers-timeout: {exc}"
                 ) from None
+            if status == "error" and isinstance(exc, Aborted):
+                raise CallAborted(
+                    f"{call.name} raised {exc.type_name}: {exc.message}; it is not "
+                    "re-raised as such, which would end this program"
+                ) from _aborted_cause(exc)
             if status == "error" and isinstance(exc, CannotSendException):
                 raise OffloadError(
                     f"{call.name} raised {exc.type_name}: {exc.message} (the exception "
@@ -352,3 +366,20 @@ class DaskCalls(DaskConnection):
         # cluster, whose workers are children of its host, not of this process.
         # (Dask's own restart_workers first waits up to 4 s for the task to end.)
         await client.run(kill_this_process, workers=[worker], wait=False)
+
+
+def _aborted_cause(exc: Aborted) -> BaseException:
+    """The cause of the CallAborted a caller gets for a ``SystemExit``,
+    ``KeyboardInterrupt``... raised by the function on a dask worker, as a process pool
+    gives it: the original, whose cause is the worker's traceback; the traceback alone
+    when the original did not travel."""
+    tb = RemoteTraceback(exc.tb)
+    if exc.original is not None:
+        try:
+            original = pickle.loads(exc.original)
+        except Exception:
+            return tb
+        if isinstance(original, BaseException):
+            original.__cause__ = tb
+            return original
+    return tb

@@ -27,6 +27,7 @@ from ..._context import enter, run_traced
 from ..._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
+    "Aborted",
     "CannotLoad",
     "CannotReportStart",
     "CannotSendException",
@@ -51,6 +52,18 @@ class CannotSendException(Exception):
     def __init__(self, type_name: str, message: str, tb: str) -> None:
         super().__init__(type_name, message, tb)
         self.type_name, self.message, self.tb = type_name, message, tb
+
+
+class Aborted(Exception):
+    """Raised on a worker in place of a ``BaseException`` that is not an ``Exception``
+    (``SystemExit``, ``KeyboardInterrupt``, ``GeneratorExit``) raised by the function:
+    as itself it would end the worker process, and with it every task running there.
+    Carries its type's full name, its message, its traceback as text, and the
+    original pickled if it pickles (``None`` otherwise)."""
+
+    def __init__(self, type_name: str, message: str, tb: str, original: bytes | None) -> None:
+        super().__init__(type_name, message, tb, original)
+        self.type_name, self.message, self.tb, self.original = type_name, message, tb, original
 
 
 class CannotReportStart(Exception):
@@ -108,17 +121,43 @@ def invoke(
             if _travels(exc):
                 raise
             kind = type(exc)
-            stand_in = CannotSendException(
+            stand_in: Exception = CannotSendException(
                 f"{kind.__module__}.{kind.__qualname__}",
                 str(exc),
                 "".join(traceback.format_exception(kind, exc, exc.__traceback__)),
             )
+        except BaseException as exc:
+            # SystemExit and its kin, raised by the function: as themselves they
+            # would end the worker process, and every task running in it.
+            stand_in = _aborted(exc)
         # Raised outside the handler: Dask pickles an exception with its __context__.
         raise stand_in
     finally:
         if labelled is not None:
             _labels.reset(labelled)
         unmark_worker_thread()
+
+
+def _aborted(exc: BaseException) -> Aborted:
+    # Its pickling hooks and __str__ are the user's and may raise anything, down to
+    # another SystemExit: what describes the exception must not.
+    kind = type(exc)
+    original: bytes | None = None
+    try:
+        blob = pickle.dumps(exc, protocol=5)
+        pickle.loads(blob)  # the pool must be able to rebuild it, too
+        original = blob
+    except BaseException:
+        pass
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() failed>"
+    try:
+        tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+    except BaseException:
+        tb = "".join(traceback.format_tb(exc.__traceback__))
+    return Aborted(f"{kind.__module__}.{kind.__qualname__}", message, tb, original)
 
 
 #: the pool's and the call's names, while a call that forwards its logs runs
