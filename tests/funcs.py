@@ -562,6 +562,13 @@ def many_arrays(count: int, size: int = 4) -> list[Any]:
     return [np.full(size, i, dtype=np.int64) for i in range(count)]
 
 
+def make_array(size: int) -> Any:
+    """A NumPy array of ``size`` bytes, all ones."""
+    import numpy as np
+
+    return np.ones(size, dtype=np.uint8)
+
+
 def sum_arrays(arrays: list[Any]) -> int:
     return int(sum(int(a.sum()) for a in arrays))
 

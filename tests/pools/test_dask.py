@@ -306,6 +306,17 @@ async def test_large_arguments_are_scattered(
     assert scattered == [2, 1]
 
 
+async def test_large_and_many_buffer_results_come_back_whole(dask_ex: Executor) -> None:
+    """A result's buffers travel out of band, as Dask frames of their own: one large
+    array, and many small ones."""
+    size = 64 << 20
+    array = await dask_ex.run(funcs.make_array, size)
+    assert array.nbytes == size
+    assert int(array[-1]) == 1
+    arrays = await dask_ex.run(funcs.many_arrays, 1000)
+    assert [int(a[0]) for a in arrays] == list(range(1000))
+
+
 # -- deadline, cancellation, crash --------------------------------------------------
 
 

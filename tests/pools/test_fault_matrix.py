@@ -41,6 +41,7 @@ from offload import (
     Offloader,
     OffloadError,
     OffloadSettings,
+    RemoteTraceback,
     SerializationError,
     WorkerCrashed,
 )
@@ -272,6 +273,29 @@ def check_aborted(original: type[BaseException]) -> Callable[[Exception, str], N
     return check
 
 
+def check_exit_in_pickling(function: str, cause: type[BaseException]) -> Callable[..., None]:
+    """A pickling hook that calls ``sys.exit`` fails only its call, with a
+    SerializationError: the SystemExit is its cause (or, raised in a worker, named
+    in the worker's traceback), never raised as itself."""
+
+    def check(exc: Exception, kind: str) -> None:
+        assert type(exc) is SerializationError, repr(exc)
+        assert function in str(exc), str(exc)
+        if cause is RemoteTraceback:
+            assert_remote_cause(exc, kind, "SystemExit")
+        else:
+            assert type(exc.__cause__) is cause, repr(exc.__cause__)
+
+    return check
+
+
+def check_exiting_exception(exc: Exception, kind: str) -> None:
+    # Rebuilt from its __dict__ where it can be (kind process), else named.
+    if type(exc) is not funcs.ExitingError:
+        assert isinstance(exc, OffloadError), repr(exc)
+        assert "tests.funcs.ExitingError" in str(exc), str(exc)
+
+
 CASES = [
     Case(
         "unpickle-args-in-worker-reduce",
@@ -377,6 +401,46 @@ CASES = [
         check_aborted(GeneratorExit),
         "failed",
         "reused",
+    ),
+    Case(
+        "pickle-args-exits",
+        lambda _: (funcs.echo, (funcs.ExitsWhenPickled(),)),
+        check_exit_in_pickling("tests.funcs.echo", SystemExit),
+        "failed",
+        "reused",
+        not_for={"thread": NOTHING_PICKLED},
+    ),
+    Case(
+        "pickle-result-exits",
+        lambda _: (funcs.return_exits_when_pickled, ()),
+        check_exit_in_pickling("tests.funcs.return_exits_when_pickled", RemoteTraceback),
+        "failed",
+        "reused",
+        not_for={"thread": NOTHING_PICKLED},
+    ),
+    Case(
+        "result-hostile",
+        lambda _: (funcs.return_hostile, ()),
+        check_exit_in_pickling("tests.funcs.return_hostile", RemoteTraceback),
+        "failed",
+        "reused",
+        not_for={"thread": NOTHING_PICKLED},
+    ),
+    Case(
+        "unpickle-result-exits",
+        lambda _: (funcs.return_exits_when_unpickled, ()),
+        check_exit_in_pickling("tests.funcs.return_exits_when_unpickled", SystemExit),
+        "failed",
+        "reused",
+        not_for={"thread": NOTHING_PICKLED},
+    ),
+    Case(
+        "exception-exits-when-pickled",
+        lambda _: (funcs.raise_hostile, ("exiting",)),
+        check_exiting_exception,
+        "failed",
+        "reused",
+        not_for={"thread": NOTHING_PICKLED},
     ),
     Case(
         "exception-unpicklable",

@@ -6,9 +6,10 @@
         ├─ scatter large arguments (one round trip, only when there are some)
         ├─ client.submit(invoke, topic, key, blob, ...) ──> scheduler ──> a worker:
         │      invoke (task.py) logs "key started" on the scheduler, unpickles
-        │      the blob, runs it, timed
+        │      the blob, runs it, timed, pickles its result
         └─ await the future <── scheduler: "started" event (the queue wait's end),
-                                then done ── the result, and the seconds it ran
+                                then done ── the result pickled, and the seconds
+           unpickle the result                                         it ran
     cancelled or past its deadline: the future is cancelled in the background; with
     hard_cancel, the worker running it is restarted too
     its worker died before it started (it waited there behind another task): sent again
@@ -46,7 +47,13 @@ What Dask cannot do, and what the pool does instead (see docs/dask.md):
   it sends the others again;
 - a worker that cannot unpickle a task breaks its connection to the scheduler: the
   call travels pickled inside the task, and is unpickled by the task itself
-  (``task.invoke``), where a missing module fails that call alone.
+  (``task.invoke``), where a missing module fails that call alone;
+- the user's pickling hooks may raise anything, down to a ``SystemExit``, which in
+  Dask's serialization ends a worker process, or breaks the client's connection in
+  the application: the task pickles its result itself (its buffers as memoryviews,
+  which Dask sends as frames of their own), and the pool unpickles it, each under a
+  guard that fails that call alone; a ``SystemExit`` raised by the function arrives
+  as :class:`~offload.CallAborted`.
 
 The modules, from the pool down to what runs elsewhere:
 

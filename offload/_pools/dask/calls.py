@@ -35,6 +35,7 @@ from .task import (
     CannotLoad,
     CannotReportStart,
     CannotSendException,
+    CannotSendResult,
     invoke,
     kill_this_process,
 )
@@ -178,28 +179,38 @@ class DaskCalls(DaskConnection):
     @staticmethod
     def _pickle(call: Call) -> tuple[bytes, list[Any]]:
         """The call pickled for :func:`~.task.invoke`, its large arguments apart (they
-        are scattered to the workers ahead of the task)."""
+        are scattered to the workers ahead of the task).
+
+        :raises SerializationError: the function, an argument or a context value does
+            not pickle, or its pickling hook raised (a ``SystemExit`` too)
+        """
         values = [*call.args, *call.kwargs.values()]
-        holes = tuple(i for i, value in enumerate(values) if sizeof(value) > SCATTER_THRESHOLD)
+        holes = tuple(i for i, value in enumerate(values) if _large(value))
         large = [values[i] for i in holes]
         for i in holes:
             values[i] = None
         request = (call.fn, len(call.args), tuple(call.kwargs), values, holes, call.context)
         try:
             blob = cloudpickle.dumps(request)
-        except Exception as exc:
-            for name, value in call.context[0] if call.context is not None else ():
-                try:
-                    cloudpickle.dumps(value)
-                except Exception as value_exc:
-                    raise SerializationError(
-                        f"cannot send {call.name} to the dask cluster: the value of the "
-                        f"context variable {name} (context_vars) cannot be pickled: {value_exc}"
-                    ) from value_exc
-            raise SerializationError(
-                f"cannot send {call.name} or its arguments to the dask cluster: {exc}"
-            ) from exc
-        return blob, large
+        except BaseException as exc:  # the user's pickling hooks: SystemExit too
+            if isinstance(exc, KeyboardInterrupt):
+                raise  # meant for this process
+            failure = exc
+        else:
+            return blob, large
+        for name, value in call.context[0] if call.context is not None else ():
+            try:
+                cloudpickle.dumps(value)
+            except BaseException as value_exc:
+                if isinstance(value_exc, KeyboardInterrupt):
+                    raise
+                raise SerializationError(
+                    f"cannot send {call.name} to the dask cluster: the value of the context "
+                    f"variable {name} (context_vars) cannot be pickled: {_describe(value_exc)}"
+                ) from value_exc
+        raise SerializationError(
+            f"cannot send {call.name} or its arguments to the dask cluster: {_describe(failure)}"
+        ) from failure
 
     async def _attempt(self, call: Call, entry: CallInFlight, blob: bytes, large: list[Any]) -> Any:
         """Send the call as one task; its outcome, or ``_NEVER_STARTED``."""
@@ -245,8 +256,7 @@ class DaskCalls(DaskConnection):
 
     async def _outcome(self, call: Call, client: Any, future: Any) -> Any:
         try:
-            result, call.ran = await future
-            return result
+            payload, buffers, call.ran = await future
         except Exception as exc:
             status = future.status
             if isinstance(exc, KilledWorker):
@@ -287,6 +297,10 @@ class DaskCalls(DaskConnection):
                     f"{call.name} raised {exc.type_name}: {exc.message}; it is not "
                     "re-raised as such, which would end this program"
                 ) from _aborted_cause(exc)
+            if status == "error" and isinstance(exc, CannotSendResult):
+                raise SerializationError(
+                    f"the result of {call.name} cannot be pickled: {exc.description}"
+                ) from RemoteTraceback(exc.tb)
             if status == "error" and isinstance(exc, CannotSendException):
                 raise OffloadError(
                     f"{call.name} raised {exc.type_name}: {exc.message} (the exception "
@@ -312,6 +326,16 @@ class DaskCalls(DaskConnection):
                     f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
                 ) from exc
             raise
+        try:
+            return pickle.loads(payload, buffers=buffers)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise  # meant for this process
+            failure = SerializationError(
+                f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
+            )
+            failure.__cause__ = exc
+        raise failure
 
     async def _did_start(self, client: Any, key: str) -> bool:
         """Whether the task ``key`` started before its worker died: its event came
@@ -383,3 +407,22 @@ def _aborted_cause(exc: Aborted) -> BaseException:
             original.__cause__ = tb
             return original
     return tb
+
+
+def _large(value: Any) -> bool:
+    """Whether an argument is scattered apart; ``dask.sizeof`` may call the user's
+    ``__sizeof__``, which may raise: such an argument travels in the task."""
+    try:
+        return bool(sizeof(value) > SCATTER_THRESHOLD)
+    except Exception:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeError: cannot pickle '_thread.lock' object``, whatever ``str()`` does."""
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() failed>"
+    name = type(exc).__qualname__
+    return f"{name}: {message}" if message else name

@@ -31,6 +31,7 @@ __all__ = (
     "CannotLoad",
     "CannotReportStart",
     "CannotSendException",
+    "CannotSendResult",
     "allowed_failures",
     "invoke",
     "kill_this_process",
@@ -66,6 +67,15 @@ class Aborted(Exception):
         self.type_name, self.message, self.tb, self.original = type_name, message, tb, original
 
 
+class CannotSendResult(Exception):
+    """Raised on a worker whose function returned what does not pickle, or whose
+    pickling raised (down to a ``SystemExit``): a description and the traceback."""
+
+    def __init__(self, description: str, tb: str) -> None:
+        super().__init__(description, tb)
+        self.description, self.tb = description, tb
+
+
 class CannotReportStart(Exception):
     """Raised on a worker that could not tell the scheduler a task starts: the task
     does not run (were it to crash, it would be taken as never started, and run
@@ -74,9 +84,15 @@ class CannotReportStart(Exception):
 
 def invoke(
     topic: str, key: str, blob: bytes, *large: Any, labels: tuple[str, str] | None = None
-) -> tuple[Any, float]:
+) -> tuple[bytes, list[memoryview], float]:
     """Run on a worker: tell the pool the call has started, unpickle it, run it;
-    return its result and the seconds it ran (the pool's ``PoolStats.run_*``).
+    return its result pickled (its large buffers apart, out of band) and the seconds
+    it ran (the pool's ``PoolStats.run_*``).
+
+    The result is pickled here, and unpickled by the pool, rather than left to Dask:
+    the user's pickling hooks may raise anything, down to a ``SystemExit``, which
+    would end this worker process in Dask's hands, or the client's connection in
+    the application; here and in the pool, it fails that call alone.
 
     The call travels pickled inside the task (``blob``), so that the scheduler never
     needs the user's modules, and a worker that lacks one fails this call alone, as
@@ -116,15 +132,16 @@ def invoke(
                 result = ctx.run(fn, *args, **kwargs)
             else:
                 result = ctx.run(run_traced, carried[1], fn, args, kwargs)
-            return result, time.perf_counter() - begun
+            ran = time.perf_counter() - begun
+            return (*_pickled(result), ran)
+        except CannotSendResult:
+            raise
         except Exception as exc:
             if _travels(exc):
                 raise
             kind = type(exc)
             stand_in: Exception = CannotSendException(
-                f"{kind.__module__}.{kind.__qualname__}",
-                str(exc),
-                "".join(traceback.format_exception(kind, exc, exc.__traceback__)),
+                f"{kind.__module__}.{kind.__qualname__}", _str(exc), _format(exc)
             )
         except BaseException as exc:
             # SystemExit and its kin, raised by the function: as themselves they
@@ -138,6 +155,32 @@ def invoke(
         unmark_worker_thread()
 
 
+def _pickled(result: Any) -> tuple[bytes, list[memoryview]]:
+    """``result`` pickled (protocol 5), its large buffers apart for Dask to send out
+    of band, or with cloudpickle what plain pickle refuses (a lambda, a class from
+    ``__main__``, sent by value).
+
+    :raises CannotSendResult: neither pickles it; raised outside the handler, so that
+        Dask does not pickle what failed along with it
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    failure = None
+    data = b""
+    try:
+        data = pickle.dumps(result, protocol=5, buffer_callback=buffers.append)
+    except BaseException:
+        buffers.clear()
+        try:
+            data = cloudpickle.dumps(result, protocol=5, buffer_callback=buffers.append)
+        except BaseException as exc:
+            failure = CannotSendResult(_describe(exc), _format(exc))
+    if failure is not None:
+        raise failure
+    # As memoryviews, which Dask sends as frames of their own, without a copy (it
+    # cannot pickle a PickleBuffer: it does not always pickle with protocol 5).
+    return data, [buffer.raw() for buffer in buffers]
+
+
 def _aborted(exc: BaseException) -> Aborted:
     # Its pickling hooks and __str__ are the user's and may raise anything, down to
     # another SystemExit: what describes the exception must not.
@@ -149,15 +192,29 @@ def _aborted(exc: BaseException) -> Aborted:
         original = blob
     except BaseException:
         pass
+    return Aborted(f"{kind.__module__}.{kind.__qualname__}", _str(exc), _format(exc), original)
+
+
+def _str(exc: BaseException) -> str:
     try:
-        message = str(exc)
+        return str(exc)
     except BaseException:
-        message = "<str() failed>"
+        return "<str() failed>"
+
+
+def _describe(exc: BaseException) -> str:
+    """``TypeError: cannot pickle '_thread.lock' object``, whatever ``str()`` does."""
+    message = _str(exc)
+    name = type(exc).__qualname__
+    return f"{name}: {message}" if message else name
+
+
+def _format(exc: BaseException) -> str:
+    """``exc`` with its traceback, as text; its frames alone when it cannot be shown."""
     try:
-        tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+        return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except BaseException:
-        tb = "".join(traceback.format_tb(exc.__traceback__))
-    return Aborted(f"{kind.__module__}.{kind.__qualname__}", message, tb, original)
+        return "".join(traceback.format_tb(exc.__traceback__))
 
 
 #: the pool's and the call's names, while a call that forwards its logs runs
@@ -200,7 +257,7 @@ def _travels(exc: BaseException) -> bool:
         seen.add(id(link))
         try:
             pickle.loads(cloudpickle.dumps(link))
-        except Exception:
+        except BaseException:  # a pickling hook's SystemExit too: it does not travel
             return False
         link = link.__cause__ or link.__context__
     return True
