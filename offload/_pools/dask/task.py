@@ -305,7 +305,7 @@ class _Sendable(logging.Filter):
             if name not in self.SKIP and not _plain(value):
                 try:
                     attributes[name] = repr(value)
-                except Exception:
+                except BaseException:  # the user's __repr__: a SystemExit too
                     attributes[name] = f"<{type(value).__qualname__} object>"
         return True
 
