@@ -791,6 +791,13 @@ def log_on_worker(name: str, level: int, message: str, *args: Any, **extra: Any)
     logging.getLogger(name).log(level, message, *args, extra=extra or None)
 
 
+def log_hostile_attribute(name: str) -> None:
+    """Log one record whose extra attribute's ``repr()`` calls ``sys.exit``."""
+    import logging
+
+    logging.getLogger(name).error("exiting", extra={"thing": HostileResult()})
+
+
 def worker_logging() -> tuple[list[str], str | None, str | None]:
     """Where a record made here goes: the root logger's handlers' classes, and the
     labels a record made in this call carries (``offload_pool``, ``offload_call``)."""

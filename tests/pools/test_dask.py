@@ -607,11 +607,14 @@ async def test_an_attribute_that_cannot_travel_travels_as_its_repr(
     # Dask's handler would raise TypeError out of the logging call, failing the task.
     await dask_ex.run(funcs.log_on_worker, "app.dask", logging.ERROR, "odd", thing=object())
     await dask_ex.run(funcs.log_on_worker, "app.dask", logging.ERROR, "plain", n=[1, "2"])
+    # Nor does an attribute whose repr() exits fail the call that logged it.
+    await dask_ex.run(funcs.log_hostile_attribute, "app.dask")
     with anyio.fail_after(BOUND):
-        while len(kept.records) < 2:
+        while len(kept.records) < 3:
             kept.arrived = anyio.Event()
             await kept.arrived.wait()
-    odd, plain = sorted(kept.records, key=lambda r: r.getMessage())
+    exiting, odd, plain = sorted(kept.records, key=lambda r: r.getMessage())
+    assert exiting.thing == "<HostileResult object>"  # type: ignore[attr-defined]
     assert odd.thing.startswith("<object object at ")  # type: ignore[attr-defined]
     assert list(plain.n) == [1, "2"]  # type: ignore[attr-defined]
 
