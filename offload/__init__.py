@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from ._decorator import OffloadedFunction as OffloadedFunction
+    from ._decorator import OffloadedGenerator as OffloadedGenerator
     from ._decorator import offload as offload
     from ._errors import CallAborted as CallAborted
     from ._errors import CallCancelled as CallCancelled
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from ._stats import LoopStats as LoopStats
     from ._stats import OffloaderStats as OffloaderStats
     from ._stats import PoolStats as PoolStats
+    from ._stream import Stream as Stream
     from .fastapi import get_executor as get_executor
     from .fastapi import lifespan as lifespan
 
@@ -58,6 +60,7 @@ _MODULE_OF = {
     "OffloadSettings": "._settings",
     "OffloadTimeout": "._errors",
     "OffloadedFunction": "._decorator",
+    "OffloadedGenerator": "._decorator",
     "Offloader": "._offloader",
     "OffloaderStats": "._stats",
     "PoolClosed": "._errors",
@@ -67,6 +70,7 @@ _MODULE_OF = {
     "PoolStats": "._stats",
     "RemoteTraceback": "._errors",
     "SerializationError": "._errors",
+    "Stream": "._stream",
     "WorkerCrashed": "._errors",
     "check_cancelled": "._pools.thread",
     "get_executor": ".fastapi",

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import types
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator, Iterator
 from types import EllipsisType
-from typing import Any, Generic, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
-from ._types import P, T, check_sync_callable, check_timeout
+from ._types import P, T, check_streamable, check_sync_callable, check_timeout
 from ._where import in_worker
 
-__all__ = ("OffloadedFunction", "offload")
+if TYPE_CHECKING:
+    from ._stream import Stream
+
+__all__ = ("OffloadedFunction", "OffloadedGenerator", "offload")
+
+Y = TypeVar("Y")
 
 
 class OffloadedFunction(Generic[P, T]):
@@ -93,9 +99,51 @@ class OffloadedFunction(Generic[P, T]):
         return _resolve, (module, qualname)
 
 
+class OffloadedGenerator(OffloadedFunction[P, Any], Generic[P, Y]):
+    """A generator function decorated with :func:`offload`.
+
+    Calling it returns a :class:`~offload.Stream` of its items, which the
+    generator produces in a worker of its pool (see :meth:`offload.Executor.stream`)::
+
+        async for row in rows(path):
+            ...
+
+    Inside a worker, a call returns the generator itself, as :class:`OffloadedFunction`
+    runs the function inline there.
+    """
+
+    __wrapped__: Callable[P, Iterator[Y]]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Stream[Y]:  # type: ignore[override]
+        if in_worker():
+            return self.__wrapped__(*args, **kwargs)  # type: ignore[return-value]
+        from ._stream import Stream
+
+        async def open_() -> Any:
+            from ._default import current_offloader
+
+            offloader = await current_offloader()
+            executor = offloader.executor
+            if self._kind is not None:
+                executor = executor.pool(self._kind)
+            if self._timeout is not ...:
+                executor = executor.options(timeout=self._timeout)
+            # The stream's deadline counts from here, once the Offloader is found.
+            # Itself, not __wrapped__: a worker process finds it by reference.
+            genfn = cast("Callable[P, Iterator[Y]]", self)
+            return await executor.stream(genfn, *args, **kwargs)._start_parts()
+
+        return Stream(open_)
+
+    def __repr__(self) -> str:
+        return f"<offloaded generator {self.__module__}.{self.__wrapped__.__qualname__}>"
+
+
 def _rebuild(
     fn: Callable[..., Any], kind: str | None, timeout: float | EllipsisType | None
 ) -> OffloadedFunction[..., Any]:
+    if inspect.isgeneratorfunction(fn):
+        return OffloadedGenerator(fn, kind=kind, timeout=timeout)
     return OffloadedFunction(fn, kind=kind, timeout=timeout)
 
 
@@ -110,6 +158,46 @@ def _resolve(module: str, qualname: str) -> Any:
     return obj
 
 
+class _Decorate:
+    """What ``@offload(...)`` returns: types a generator function apart."""
+
+    __slots__ = ("_kind", "_timeout")
+
+    def __init__(self, kind: str | None, timeout: float | EllipsisType | None) -> None:
+        self._kind = kind
+        self._timeout = timeout
+
+    @overload
+    def __call__(self, fn: Callable[P, Generator[Y, Any, Any]], /) -> OffloadedGenerator[P, Y]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, Iterator[Y]], /) -> OffloadedGenerator[P, Y]: ...
+
+    @overload
+    def __call__(self, fn: Callable[P, T], /) -> OffloadedFunction[P, T]: ...
+
+    def __call__(self, fn: Callable[P, Any], /) -> OffloadedFunction[P, Any]:
+        if isinstance(fn, (classmethod, staticmethod)):
+            raise TypeError(
+                f"put @{type(fn).__name__} above @offload, not below it: "
+                f"@offload takes the function itself"
+            )
+        if inspect.isasyncgenfunction(fn):
+            check_streamable(fn)  # refused, saying what to do instead
+        if inspect.isgeneratorfunction(fn):
+            return OffloadedGenerator(fn, kind=self._kind, timeout=self._timeout)
+        check_sync_callable(fn)
+        return OffloadedFunction(fn, kind=self._kind, timeout=self._timeout)
+
+
+@overload
+def offload(fn: Callable[P, Generator[Y, Any, Any]], /) -> OffloadedGenerator[P, Y]: ...
+
+
+@overload
+def offload(fn: Callable[P, Iterator[Y]], /) -> OffloadedGenerator[P, Y]: ...
+
+
 @overload
 def offload(fn: Callable[P, T], /) -> OffloadedFunction[P, T]: ...
 
@@ -117,7 +205,7 @@ def offload(fn: Callable[P, T], /) -> OffloadedFunction[P, T]: ...
 @overload
 def offload(
     *, kind: str | None = None, timeout: float | EllipsisType | None = ...
-) -> Callable[[Callable[P, T]], OffloadedFunction[P, T]]: ...
+) -> _Decorate: ...
 
 
 def offload(
@@ -126,7 +214,7 @@ def offload(
     *,
     kind: str | None = None,
     timeout: float | EllipsisType | None = ...,
-) -> OffloadedFunction[P, T] | Callable[[Callable[P, T]], OffloadedFunction[P, T]]:
+) -> OffloadedFunction[P, Any] | _Decorate:
     """Make a blocking function awaitable, running it in a pool.
 
     ::
@@ -144,23 +232,23 @@ def offload(
     :param timeout: seconds from the call until :class:`~offload.OffloadTimeout`;
         ``None`` for no deadline; ``...`` (the default, as when it is not given) for
         the pool's ``timeout`` setting
+    A generator function becomes an :class:`OffloadedGenerator`: calling it returns
+    an async iterator of its items, produced in a worker (see
+    :meth:`offload.Executor.stream`)::
+
+        @offload(kind="thread")
+        def rows(path: str) -> Iterator[Row]: ...
+
+        async for row in rows(path): ...
+
     :raises TypeError: if the decorated object is not callable or is an async
-        function, or an option has the wrong type
+        function or async generator function, or an option has the wrong type
     :raises ValueError: if ``timeout`` is not positive
     """
     if kind is not None and (not isinstance(kind, str) or not kind):
         raise TypeError(f"kind must be a pool name such as 'thread' or 'process', not {kind!r}")
     check_timeout(timeout)
-
-    def decorate(fn: Callable[P, T]) -> OffloadedFunction[P, T]:
-        if isinstance(fn, (classmethod, staticmethod)):
-            raise TypeError(
-                f"put @{type(fn).__name__} above @offload, not below it: "
-                f"@offload takes the function itself"
-            )
-        check_sync_callable(fn)
-        return OffloadedFunction(fn, kind=kind, timeout=timeout)
-
+    decorate = _Decorate(kind, timeout)
     if fn is not None:
         return decorate(fn)
     return decorate

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio.lowlevel
 
 from ._call import Call
-from ._types import check_sync_callable, check_timeout
+from ._errors import OffloadTimeout
+from ._stream import Stream
+from ._types import check_streamable, check_sync_callable, check_timeout
 
 if TYPE_CHECKING:
     from ._offloader import Offloader
-    from ._pools.base import Pool
+    from ._pools.base import Pool, StreamSource
     from ._stats import PoolStats
     from ._types import Offloaded, P
 
 __all__ = ("Executor",)
 
 T = TypeVar("T")
+Y = TypeVar("Y")
+
+#: items a stream's generator may run ahead of its consumer, unless set with options()
+DEFAULT_BUFFER = 16
 
 
 class Executor:
@@ -37,7 +43,7 @@ class Executor:
     Executors are cheap, immutable views: ``pool()`` and ``options()`` return new ones.
     """
 
-    __slots__ = ("_offloader", "_pool_name", "_timeout")
+    __slots__ = ("_buffer", "_offloader", "_pool_name", "_timeout")
 
     def __init__(
         self,
@@ -49,10 +55,12 @@ class Executor:
         self._offloader = offloader
         self._pool_name = pool if pool is not None else offloader.settings.default_pool
         self._timeout = timeout
+        self._buffer = DEFAULT_BUFFER
 
     def __repr__(self) -> str:
         timeout = "" if self._timeout is ... else f", timeout={self._timeout!r}"
-        return f"<Executor pool={self._pool_name!r}{timeout}>"
+        buffer = "" if self._buffer == DEFAULT_BUFFER else f", buffer={self._buffer!r}"
+        return f"<Executor pool={self._pool_name!r}{timeout}{buffer}>"
 
     @property
     def pool_name(self) -> str:
@@ -73,18 +81,31 @@ class Executor:
         derived._pool_name = name
         return derived
 
-    def options(self, *, timeout: float | EllipsisType | None = ...) -> Executor:
+    def options(
+        self, *, timeout: float | EllipsisType | None = ..., buffer: int | None = None
+    ) -> Executor:
         """An executor whose calls use these options.
 
         :param timeout: seconds from the call (queue wait included) until
             :class:`~offload.OffloadTimeout`; ``None`` for no deadline; ``...`` (the
-            default, as when it is not given) for the pool's ``timeout`` setting
-        :raises TypeError: ``timeout`` is not a number (a ``bool`` is not one here)
-        :raises ValueError: ``timeout`` is not positive
+            default, as when it is not given) for the pool's ``timeout`` setting. A
+            stream's deadline covers the whole stream, up to its last item.
+        :param buffer: for :meth:`stream`: how many items the generator may run ahead
+            of its consumer (default 16); ``None`` keeps this executor's
+        :raises TypeError: ``timeout`` is not a number (a ``bool`` is not one here),
+            or ``buffer`` is not an ``int``
+        :raises ValueError: ``timeout`` or ``buffer`` is not positive
         """
         check_timeout(timeout)
+        if buffer is not None:
+            if isinstance(buffer, bool) or not isinstance(buffer, int):
+                raise TypeError(f"buffer must be a positive number of items, not {buffer!r}")
+            if buffer < 1:
+                raise ValueError(f"buffer must be a positive number of items, not {buffer!r}")
         derived = copy.copy(self)
         derived._timeout = timeout
+        if buffer is not None:
+            derived._buffer = buffer
         return derived
 
     @overload
@@ -137,6 +158,63 @@ class Executor:
                 await anyio.lowlevel.checkpoint()
             raise
         return result
+
+    def stream(
+        self, genfn: Callable[P, Iterable[Y]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Stream[Y]:
+        """Run the generator function ``genfn(*args, **kwargs)`` in this executor's
+        pool, and iterate its items as it produces them::
+
+            async with ex.stream(frames, video) as items:
+                async for frame in items:
+                    await send(frame)
+
+        Every keyword goes to ``genfn``; options (``timeout``, ``buffer``) are set
+        with :meth:`options`. ``genfn`` may also be a function that returns an
+        iterable: the iterable is iterated in the worker.
+
+        The generator runs at most ``buffer`` items ahead of the consumer, then waits
+        (holding its worker) until the consumer takes one. Nothing runs until the
+        first item is asked for or the ``async with`` block is entered.
+
+        The deadline covers the whole stream, from this call to the last item: when
+        it passes, the consumer gets :class:`~offload.OffloadTimeout` and the
+        generator is stopped. Leaving the ``async with`` block, :meth:`Stream.aclose
+        <offload.Stream.aclose>`, the deadline and the consumer's
+        cancellation all close the generator in its worker, where its ``finally``
+        runs. An exception the generator raises reaches the consumer at its
+        position, after the items produced before it, as its own type.
+
+        Thread pools only, for now: another kind raises :class:`NotImplementedError`
+        when the stream starts.
+
+        :raises TypeError: ``genfn`` is an async function or async generator
+            function, or not callable (at once)
+        :raises NotImplementedError: the pool's kind cannot stream (at the first item)
+        :raises OffloadTimeout: the deadline passed
+        :raises PoolOverloaded: every worker is busy and ``max_pending`` calls wait
+        :raises PoolClosed: the Offloader is not running or is shutting down
+        """
+        check_streamable(genfn)
+        pool_name, timeout, buffer = self._pool_name, self._timeout, self._buffer
+        offloader = self._offloader
+        call = Call(genfn, args, kwargs, None)
+
+        async def open_() -> tuple[Pool, Call, StreamSource]:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            pool = offloader.get_pool(pool_name, refusing=True)
+            call.timeout = pool.settings.timeout if timeout is ... else timeout
+            if call.timeout is not None:
+                call.deadline = made + call.timeout
+            with anyio.CancelScope(deadline=call.deadline) as scope:
+                source = await pool.open_stream(call, buffer)
+            if scope.cancelled_caught:
+                pool.counters.timed_out += 1
+                raise OffloadTimeout(f"{call.name} did not start within {call.timeout:g} s")
+            return pool, call, source
+
+        made = anyio.current_time()
+        return Stream(open_)
 
     async def _submit(self, pool: Pool, call: Call) -> Any:
         """Where a call leaves the executor for its pool: a subclass may wrap it."""

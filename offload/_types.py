@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 __all__ = (
     "P",
     "T",
+    "check_streamable",
     "check_sync_callable",
     "check_timeout",
     "generator_refusal",
@@ -72,13 +73,32 @@ def check_sync_callable(fn: object) -> None:
 
 
 def generator_refusal(name: object) -> str:
-    """Why a generator cannot be offloaded: a thread would hand the generator to the
-    event loop's thread, which would then run its body; a process cannot pickle it."""
+    """Why a generator cannot be run as a plain call: a thread would hand the
+    generator to the event loop's thread, which would then run its body; a process
+    cannot pickle it."""
     return (
-        f"{name!r} is a generator function: running a generator in a worker and "
-        "streaming its items is not supported yet; Executor.stream is planned. "
-        "Return a list instead, or offload a function that consumes the generator"
+        f"{name!r} is a generator function: stream its items with "
+        "Executor.stream (or decorate it with @offload and iterate the call), "
+        "return a list instead, or offload a function that consumes the generator"
     )
+
+
+def check_streamable(fn: object) -> None:
+    """:raises TypeError: if ``fn`` cannot run in a worker as a stream's generator"""
+    if not callable(fn):
+        raise TypeError(f"expected a generator function, got {type(fn).__name__} {fn!r}")
+    target = getattr(fn, "__wrapped__", fn) if _is_offloaded(fn) else fn
+    name = getattr(target, "__qualname__", target)
+    if _is(inspect.isasyncgenfunction, target):
+        raise TypeError(
+            f"{name!r} is an async generator function: offload streams the items of "
+            "blocking generators run in a worker; iterate async generators directly"
+        )
+    if _is(inspect.iscoroutinefunction, target):
+        raise TypeError(
+            f"{name!r} is an async function: offload runs blocking, CPU-bound "
+            "functions; await async functions directly"
+        )
 
 
 def _is(test: Callable[[object], bool], fn: object) -> bool:

@@ -34,6 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("offload._helper_threads", "offload._lag", "offload._call"),
     # the pools: thread, process, dask
     ("offload._pools",),
+    # a stream's iteration over what its pool hands over, for the executor
+    ("offload._stream",),
     # the Offloader, which owns the pools, and the Executors it hands out: each names
     # the other's type (``async with Offloader() as ex`` is an Executor, and
     # ``ex.offloader`` the Offloader); only _offloader imports _executor at run time

@@ -26,6 +26,7 @@ PUBLIC = (
     "OffloadSettings",
     "OffloadTimeout",
     "OffloadedFunction",
+    "OffloadedGenerator",
     "Offloader",
     "OffloaderStats",
     "PoolClosed",
@@ -35,6 +36,7 @@ PUBLIC = (
     "PoolStats",
     "RemoteTraceback",
     "SerializationError",
+    "Stream",
     "WorkerCrashed",
     "check_cancelled",
     "get_executor",
@@ -241,6 +243,8 @@ SHOWN_PRIVATE_NAMES = {
     "offload._disconnect.Watch": "RequestExecutor's, built by get_executor, never by callers",
     "offload._types.Offloaded": "Executor.run's overload for an OffloadedFunction, matched "
     "structurally (the decorator sits above the executor); docs/api.md hides it",
+    "offload._decorator._Decorate": "what @offload(...) returns, applied at once to the "
+    "function; an overloaded __call__ types generator functions apart",
 }
 
 

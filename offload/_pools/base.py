@@ -47,12 +47,33 @@ if TYPE_CHECKING:
     from .._call import Call
     from .._settings import Kind, PoolSettings
 
-__all__ = ("Pool",)
+__all__ = ("Pool", "StreamSource")
 
 logger = logging.getLogger("offload")
 
 # Every pool made in this process, for the fork handler below.
 _pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+class StreamSource(ABC):
+    """One generator running on a worker, as its consumer sees it (``open_stream``)."""
+
+    @abstractmethod
+    async def get(self) -> Any:
+        """The next item, once produced; the generator's exception raised at its
+        position; :class:`StopAsyncIteration` at its end. Cancellation-safe: an item
+        is taken only by a call that returns it."""
+
+    @abstractmethod
+    def close(self) -> bool:
+        """Stop the generator, without waiting: it is closed in its worker (its
+        ``finally`` runs there) as soon as it is suspended at a ``yield``. Whether it is
+        suspended now, so that :meth:`wait_closed` will not wait for the rest of an
+        item's computation."""
+
+    @abstractmethod
+    async def wait_closed(self) -> None:
+        """Return once the generator is closed (or finished) in its worker."""
 
 
 class Pool(ABC):
@@ -206,6 +227,52 @@ class Pool(ABC):
                 self._drained.set()
         counters.completed += 1
         return result
+
+    async def open_stream(self, call: Call, buffer: int) -> StreamSource:
+        """Start running the generator function of ``call`` on a worker (waiting in
+        line for one), its items handed over as produced, at most ``buffer`` ahead
+        of the consumer. The stream counts as a call in flight until
+        :meth:`end_stream`.
+
+        :raises PoolClosed: the pool is closing
+        :raises NotImplementedError: this kind of pool cannot stream
+        """
+        if self._closing:
+            self.counters.closed += 1
+            raise self._refusal()
+        call.started = time.perf_counter()
+        if self._start_pending:
+            await self._start_once()
+        source = self._open_stream(call, buffer)
+        self._inflight += 1
+        return source
+
+    def _open_stream(self, call: Call, buffer: int) -> StreamSource:
+        raise NotImplementedError(
+            f"pool {self.name!r} is of kind {self.kind!r}, which cannot stream a "
+            "generator's items yet: stream from a thread pool (ex.pool('thread').stream)"
+        )
+
+    def end_stream(self, call: Call, error: BaseException | None) -> None:
+        """A stream from :meth:`open_stream` is over: ``error``, how it ended (None:
+        its generator finished, or its consumer left early)."""
+        counters = self.counters
+        if error is None:
+            counters.completed += 1
+        elif isinstance(error, OffloadTimeout):
+            counters.timed_out += 1
+        elif isinstance(error, anyio.get_cancelled_exc_class()):
+            counters.cancelled += 1
+        elif isinstance(error, WorkerCrashed):
+            counters.crashed += 1
+        elif isinstance(error, PoolClosed):
+            counters.closed += 1
+        else:
+            counters.failed += 1
+        self._inflight -= 1
+        counters.record(call, time.perf_counter() - call.started, self.transfer)
+        if self._drained is not None and not self._inflight:
+            self._drained.set()
 
     @abstractmethod
     def _abort(self) -> None:

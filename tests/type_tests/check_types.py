@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Iterator
 from typing import Any, assert_type
 
-from offload import Executor, OffloadedFunction, OffloadSettings, offload
+from offload import (
+    Executor,
+    OffloadedFunction,
+    OffloadedGenerator,
+    OffloadSettings,
+    Stream,
+    offload,
+)
 
 
 def plain(x: int, *, label: str = "") -> str:
@@ -43,3 +50,32 @@ async def awaitable(ex: Executor) -> None:
     call = factory(3)
     assert_type(call, Coroutine[Any, Any, bytes])  # type: ignore[unused-coroutine]
     assert_type(await call, bytes)
+
+
+@offload(kind="thread")
+def numbers(n: int, *, step: int = 1) -> Iterator[int]:
+    yield from range(0, n, step)
+
+
+@offload
+def words(text: str) -> Generator[str, None, None]:
+    yield from text.split()
+
+
+assert isinstance(numbers, OffloadedGenerator)
+numbers("3")  # type: ignore[arg-type]
+assert_type(numbers(3, step=2), Stream[int])
+assert_type(words("a b"), Stream[str])
+numbers_as_iterator: AsyncIterator[int] = numbers(3)
+assert_type(numbers.__wrapped__(3), Iterator[int])
+
+
+async def stream_types(ex: Executor) -> None:
+    def rows(n: int) -> Iterator[bytes]:
+        yield bytes(n)
+
+    assert_type(ex.stream(rows, 3), Stream[bytes])
+    async with ex.options(buffer=4).stream(rows, 3) as items:
+        async for item in items:
+            assert_type(item, bytes)
+    ex.stream(rows, "3")  # type: ignore[arg-type]

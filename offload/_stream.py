@@ -1,0 +1,139 @@
+"""``Stream``: a generator running in a worker, as an async iterator of its items."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+
+from ._errors import OffloadTimeout
+
+if TYPE_CHECKING:
+    from ._call import Call
+    from ._pools.base import Pool, StreamSource
+
+__all__ = ("Stream",)
+
+Y = TypeVar("Y")
+Opener = Callable[[], Awaitable["tuple[Pool, Call, StreamSource]"]]
+
+
+class Stream(AsyncIterator[Y], Generic[Y]):
+    """The items of a generator running in a worker, as it produces them.
+
+    Made by :meth:`Executor.stream <offload.Executor.stream>` and by calling a
+    generator function decorated with :func:`~offload.offload`. Nothing runs until
+    the first item is asked for (or the ``async with`` block is entered). Use it in
+    ``async with``, which closes the generator when the block is left however it is
+    left, or iterate it and call :meth:`aclose` when done early.
+    """
+
+    __slots__ = ("_call", "_ended", "_open", "_pool", "_source")
+
+    def __init__(self, open_: Callable[[], Awaitable[Any]]) -> None:
+        # Made by offload only: ``open_()`` returns ``(pool, call, source)``.
+        self._open: Opener | None = open_
+        self._pool: Pool | None = None
+        self._call: Call | None = None
+        self._source: StreamSource | None = None
+        self._ended = False
+
+    def __repr__(self) -> str:
+        name = "" if self._call is None else f" of {self._call.name}"
+        state = "ended" if self._ended else "running" if self._source else "not started"
+        return f"<offload.Stream{name}, {state}>"
+
+    async def __aenter__(self) -> Stream[Y]:
+        await self._start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Stream[Y]:
+        return self
+
+    async def _start(self) -> StreamSource:
+        if self._source is not None:
+            return self._source
+        if self._open is None:
+            raise RuntimeError("this stream has ended")  # the open failed before
+        open_, self._open = self._open, None
+        try:
+            self._pool, self._call, self._source = await open_()
+        except BaseException:
+            self._ended = True
+            raise
+        return self._source
+
+    async def _start_parts(self) -> tuple[Pool, Call, StreamSource]:
+        """Open the stream for another one that stands for it (a decorated
+        generator's), which then owns what this returns."""
+        open_, self._open = self._open, None
+        assert open_ is not None
+        return await open_()
+
+    async def __anext__(self) -> Y:
+        if self._ended:
+            raise StopAsyncIteration
+        source = self._source or await self._start()
+        call = self._call
+        assert call is not None
+        scope = anyio.CancelScope(deadline=call.deadline)
+        try:
+            with scope:
+                item: Y = await source.get()
+            if scope.cancelled_caught:
+                raise OffloadTimeout(f"{call.name} did not finish within {call.timeout:g} s")
+        except StopAsyncIteration:
+            self._end(None)
+            raise
+        except BaseException as exc:
+            # The generator raised (it is over), or the deadline passed, or the
+            # consumer was cancelled: either way it stops here.
+            source.close()
+            self._end(exc)
+            raise
+        return item
+
+    async def aclose(self) -> None:
+        """Stop the generator: it is closed in its worker (its ``finally`` runs there).
+
+        If it is suspended at a ``yield``, this waits until it is closed, within the
+        stream's deadline; if it is computing an item, it is closed once that item is
+        done (and :func:`~offload.check_cancelled` raises in it meanwhile), without
+        waiting. Closing a stream that has not started starts nothing; closing it
+        again does nothing.
+        """
+        self._open = None
+        source, call = self._source, self._call
+        if source is None or call is None or self._ended:
+            self._ended = True
+            return
+        suspended = source.close()
+        self._end(None)
+        if suspended:
+            with anyio.CancelScope(deadline=call.deadline):
+                await source.wait_closed()
+
+    def _end(self, error: BaseException | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._pool is not None and self._call is not None:
+            self._pool.end_stream(self._call, error)
+
+    def __del__(self) -> None:
+        # Dropped without aclose(), as an ``async for`` left early leaves it: the
+        # generator is closed in its worker all the same (without waiting).
+        source = self._source
+        if source is not None and not self._ended:
+            source.close()
+            self._end(None)

@@ -1,0 +1,272 @@
+"""``Executor.stream`` and decorated generator functions: a generator run in a worker,
+its items as produced."""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+
+from offload import (
+    Executor,
+    OffloadedGenerator,
+    Offloader,
+    OffloadSettings,
+    OffloadTimeout,
+    PoolClosed,
+    Stream,
+    check_cancelled,
+    offload,
+)
+
+from . import funcs
+
+#: how long a test waits for a thread to reach a state before it fails
+WAIT = 10.0
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+
+
+class Probe:
+    """What a generator did, seen from the test: produced items, where its ``finally``
+    ran, and a gate it may wait on."""
+
+    def __init__(self) -> None:
+        self.produced: list[int] = []
+        self.closed_in: list[str] = []
+        self.closed = threading.Event()
+        self.gate = threading.Event()
+
+    def numbers(self, n: int, *, hold_at: int | None = None) -> Iterator[int]:
+        try:
+            for i in range(n):
+                if i == hold_at:
+                    assert self.gate.wait(WAIT)
+                self.produced.append(i)
+                yield i
+        finally:
+            self.closed_in.append(threading.current_thread().name)
+            self.closed.set()
+
+    def fails_at(self, n: int) -> Iterator[int]:
+        try:
+            yield from range(n)
+            raise ValueError(f"no item {n}")
+        finally:
+            self.closed.set()
+
+    def until_cancelled(self) -> Iterator[int]:
+        try:
+            yield 0
+            while True:
+                check_cancelled()
+                time.sleep(0.005)
+        finally:
+            self.closed_in.append(threading.current_thread().name)
+            self.closed.set()
+
+
+@pytest.fixture
+async def tex() -> AsyncIterator[Executor]:
+    settings = OffloadSettings(thread={"max_workers": 1}, process={"max_workers": 1})
+    async with Offloader(settings) as executor:
+        yield executor.pool("thread")
+
+
+async def wait_for(condition: Any) -> None:
+    """Wait until ``condition()`` holds, giving the worker thread the time it takes."""
+    with anyio.fail_after(WAIT):
+        while not condition():
+            await anyio.sleep(0.001)
+
+
+def parked(items: Stream[Any], full: int) -> bool:
+    """Whether the stream's thread waits for room, its buffer holding ``full`` items."""
+    source: Any = items._source
+    with source.lock:
+        return source.finished or (not source.producing and len(source.items) == full)
+
+
+async def test_items_arrive_in_order(tex: Executor) -> None:
+    probe = Probe()
+    got = [item async for item in tex.stream(probe.numbers, 40)]
+    assert got == list(range(40))
+    assert probe.closed.is_set()
+    assert tex.stats().completed == 1
+
+
+async def test_generator_runs_at_most_buffer_items_ahead(tex: Executor) -> None:
+    probe = Probe()
+    buffer = 3
+    async with tex.options(buffer=buffer).stream(probe.numbers, 10) as items:
+        for taken in range(10):
+            ahead = min(buffer, 10 - taken)
+            await wait_for(lambda ahead=ahead: parked(items, ahead))
+            # Parked with a full buffer: it produced exactly what the buffer holds.
+            assert probe.produced == list(range(taken + ahead))
+            assert await items.__anext__() == taken
+        with pytest.raises(StopAsyncIteration):
+            await items.__anext__()
+
+
+async def test_leaving_async_with_closes_the_generator_in_its_thread(tex: Executor) -> None:
+    probe = Probe()
+    async with tex.stream(probe.numbers, 100) as items:
+        async for item in items:
+            if item == 2:
+                break
+    # Suspended at a yield: closed before the block was left, in the worker thread.
+    assert probe.closed_in == ["offload-thread-0"]
+    assert probe.produced[:3] == [0, 1, 2]
+    assert len(probe.produced) <= 3 + 16
+    assert await tex.run(funcs.add, 1, 2) == 3  # the one thread serves the next call
+    assert tex.stats().completed == 2
+
+
+async def test_aclose_closes_the_generator(tex: Executor) -> None:
+    probe = Probe()
+    items = tex.stream(probe.numbers, 100)
+    assert [await items.__anext__() for _ in range(3)] == [0, 1, 2]
+    await items.aclose()
+    assert probe.closed_in == ["offload-thread-0"]
+    with pytest.raises(StopAsyncIteration):
+        await items.__anext__()
+    await items.aclose()  # again: nothing
+    assert await tex.run(funcs.add, 1, 2) == 3
+
+
+async def test_a_stream_never_started_runs_nothing(tex: Executor) -> None:
+    probe = Probe()
+    items = tex.stream(probe.numbers, 5)
+    await items.aclose()
+    assert probe.produced == []
+    assert not probe.closed.is_set()
+    assert tex.stats().completed == 0
+
+
+async def test_cancelled_consumer_closes_the_generator(tex: Executor) -> None:
+    probe = Probe()
+    got: list[int] = []
+    with anyio.CancelScope() as scope:
+        async for item in tex.stream(probe.numbers, 10, hold_at=2):
+            got.append(item)
+            if item == 1:
+                # Cancelled while the generator computes item 2 (held at the gate).
+                await wait_for(lambda: probe.gate is not None and len(probe.produced) == 2)
+                scope.cancel()
+    assert scope.cancelled_caught
+    assert got == [0, 1]
+    probe.gate.set()  # the item's computation ends; the generator is closed then
+    await wait_for(probe.closed.is_set)
+    assert probe.closed_in == ["offload-thread-0"]
+    assert tex.stats().cancelled == 1
+    assert await tex.run(funcs.add, 1, 2) == 3
+
+
+async def test_deadline_stops_the_stream(tex: Executor) -> None:
+    probe = Probe()
+    got: list[int] = []
+    with pytest.raises(OffloadTimeout):  # noqa: PT012 (the items before it are counted)
+        async for item in tex.options(timeout=0.2).stream(probe.until_cancelled):
+            got.append(item)
+    assert got == [0]
+    # In the item's computation: check_cancelled raises there, and finally runs.
+    await wait_for(probe.closed.is_set)
+    assert probe.closed_in == ["offload-thread-0"]
+    assert tex.stats().timed_out == 1
+    assert await tex.run(funcs.add, 1, 2) == 3
+
+
+async def test_an_exception_reaches_the_consumer_at_its_position(tex: Executor) -> None:
+    probe = Probe()
+    got: list[int] = []
+    with pytest.raises(ValueError, match="no item 5"):  # noqa: PT012 (as above)
+        async for item in tex.stream(probe.fails_at, 5):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    assert probe.closed.is_set()
+    assert tex.stats().failed == 1
+
+
+async def test_the_generator_sees_the_callers_context(tex: Executor) -> None:
+    def read() -> Iterator[str]:
+        yield request_id.get()
+        request_id.set("changed in the worker")
+        yield request_id.get()
+
+    request_id.set("r-1")
+    assert [x async for x in tex.stream(read)] == ["r-1", "changed in the worker"]
+    assert request_id.get() == "r-1"
+
+
+async def test_a_function_returning_an_iterable_streams_it(tex: Executor) -> None:
+    assert [x async for x in tex.stream(list, "abc")] == ["a", "b", "c"]
+
+
+async def test_async_functions_are_refused_at_once(tex: Executor) -> None:
+    async def agen() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="async generator function"):
+        tex.stream(agen)  # type: ignore[arg-type]
+
+
+def test_buffer_option_is_checked() -> None:
+    ex = Offloader(OffloadSettings()).executor
+    with pytest.raises(ValueError, match="buffer"):
+        ex.options(buffer=0)
+    with pytest.raises(TypeError, match="buffer"):
+        ex.options(buffer=True)
+    assert "buffer=4" in repr(ex.options(buffer=4))
+
+
+async def test_process_pools_refuse_to_stream_without_hanging() -> None:
+    async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
+        with anyio.fail_after(WAIT), pytest.raises(NotImplementedError, match="'process'"):
+            async for _ in ex.pool("process").stream(Probe().numbers, 3):
+                pass
+        assert await ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_shutdown_ends_a_stream_left_open() -> None:
+    probe = Probe()
+    settings = OffloadSettings(thread={"max_workers": 1}, shutdown_timeout=0.2)
+    items: Stream[int] | None = None
+    async with Offloader(settings) as ex:
+        items = ex.pool("thread").stream(probe.numbers, 100)
+        assert await items.__anext__() == 0
+    await wait_for(probe.closed.is_set)
+    with pytest.raises(PoolClosed):
+        await items.__anext__()
+
+
+# -- the decorator ----------------------------------------------------------------------
+
+
+@offload(kind="thread")
+def countdown(n: int) -> Iterator[int]:
+    while n > 0:
+        yield n
+        n -= 1
+
+
+async def test_decorated_generator_function_streams() -> None:
+    async with Offloader(OffloadSettings(thread={"max_workers": 1})):
+        assert isinstance(countdown, OffloadedGenerator)
+        assert [x async for x in countdown(3)] == [3, 2, 1]
+        async with countdown(5) as items:
+            assert await items.__anext__() == 5
+    assert list(countdown.__wrapped__(2)) == [2, 1]
+
+
+def test_decorating_an_async_generator_function_is_refused() -> None:
+    async def agen() -> AsyncIterator[int]:
+        yield 1
+
+    with pytest.raises(TypeError, match="async generator function"):
+        offload(agen)
