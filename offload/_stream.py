@@ -127,8 +127,8 @@ class Stream(AsyncIterator[Y], Generic[Y]):
         if self._ended:
             return
         self._ended = True
-        if self._pool is not None and self._call is not None:
-            self._pool.end_stream(self._call, error)
+        if self._pool is not None and self._source is not None:
+            self._pool.end_stream(self._source, error)
 
     def __del__(self) -> None:
         # Dropped without aclose(), as an ``async for`` left early leaves it: the

@@ -140,6 +140,17 @@ async def test_aclose_closes_the_generator(tex: Executor) -> None:
     assert await tex.run(funcs.add, 1, 2) == 3
 
 
+async def test_an_async_for_left_early_closes_the_generator(tex: Executor) -> None:
+    probe = Probe()
+    async for item in tex.stream(probe.numbers, 100):
+        if item == 1:
+            break
+    # The stream object was dropped with the loop: the generator is closed after it.
+    await wait_for(probe.closed.is_set)
+    assert probe.closed_in == ["offload-thread-0"]
+    assert await tex.run(funcs.add, 1, 2) == 3
+
+
 async def test_a_stream_never_started_runs_nothing(tex: Executor) -> None:
     probe = Probe()
     items = tex.stream(probe.numbers, 5)
@@ -237,9 +248,12 @@ async def test_shutdown_ends_a_stream_left_open() -> None:
     probe = Probe()
     settings = OffloadSettings(thread={"max_workers": 1}, shutdown_timeout=0.2)
     items: Stream[int] | None = None
-    async with Offloader(settings) as ex:
-        items = ex.pool("thread").stream(probe.numbers, 100)
-        assert await items.__anext__() == 0
+    with anyio.fail_after(WAIT / 2):  # the drain does not wait for a consumer that is gone
+        async with Offloader(settings) as ex:
+            items = ex.pool("thread").stream(probe.numbers, 100)
+            assert await items.__anext__() == 0
+            pool = ex.offloader.get_pool("thread")
+    assert pool.stats().closed == 1
     await wait_for(probe.closed.is_set)
     with pytest.raises(PoolClosed):
         await items.__anext__()

@@ -58,6 +58,10 @@ _pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 class StreamSource(ABC):
     """One generator running on a worker, as its consumer sees it (``open_stream``)."""
 
+    call: Call
+    #: counted as over (``Pool.end_stream``)
+    ended: bool = False
+
     @abstractmethod
     async def get(self) -> Any:
         """The next item, once produced; the generator's exception raised at its
@@ -253,9 +257,14 @@ class Pool(ABC):
             "generator's items yet: stream from a thread pool (ex.pool('thread').stream)"
         )
 
-    def end_stream(self, call: Call, error: BaseException | None) -> None:
+    def end_stream(self, source: StreamSource, error: BaseException | None) -> None:
         """A stream from :meth:`open_stream` is over: ``error``, how it ended (None:
-        its generator finished, or its consumer left early)."""
+        its generator finished, or its consumer left early). Once per stream: its
+        consumer and the pool's shutdown may both end it."""
+        if source.ended:
+            return
+        source.ended = True
+        call = source.call
         counters = self.counters
         if error is None:
             counters.completed += 1

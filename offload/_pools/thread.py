@@ -524,7 +524,10 @@ class ThreadPool(Pool):
     def _abort(self) -> None:
         for job in list(self._in_pool):
             if isinstance(job, _ThreadStream):
-                job.abort(self._closed_error())
+                error = self._closed_error()
+                job.abort(error)
+                # Over for the drain now: its consumer may never ask for an item again.
+                self.end_stream(job, error)
             elif job.waiting and job.abandon():
                 job.wake()  # the thread will not: it was abandoned
 
