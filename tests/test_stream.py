@@ -4,9 +4,12 @@ its items as produced."""
 from __future__ import annotations
 
 import contextvars
+import os
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,12 +22,15 @@ from offload import (
     OffloadSettings,
     OffloadTimeout,
     PoolClosed,
+    RemoteTraceback,
+    SerializationError,
     Stream,
+    WorkerCrashed,
     check_cancelled,
     offload,
 )
 
-from . import funcs
+from . import funcs, stream_funcs
 
 #: how long a test waits for a thread to reach a state before it fails
 WAIT = 10.0
@@ -236,12 +242,14 @@ def test_buffer_option_is_checked() -> None:
     assert "buffer=4" in repr(ex.options(buffer=4))
 
 
-async def test_process_pools_refuse_to_stream_without_hanging() -> None:
-    async with Offloader(OffloadSettings(process={"max_workers": 1})) as ex:
-        with anyio.fail_after(WAIT), pytest.raises(NotImplementedError, match="'process'"):
-            async for _ in ex.pool("process").stream(Probe().numbers, 3):
-                pass
-        assert await ex.run(funcs.add, 1, 2) == 3
+def test_dask_pools_refuse_to_stream() -> None:
+    from offload._pools.base import Pool
+    from offload._pools.dask.pool import DaskPool
+
+    assert DaskPool._open_stream is Pool._open_stream  # the refusal, not overridden
+    pool: Any = types.SimpleNamespace(name="cluster", kind="dask")
+    with pytest.raises(NotImplementedError, match="'dask'"):
+        Pool._open_stream(pool, pool, 1).send(None)  # raises at once, awaiting nothing
 
 
 async def test_shutdown_ends_a_stream_left_open() -> None:
@@ -284,3 +292,149 @@ def test_decorating_an_async_generator_function_is_refused() -> None:
 
     with pytest.raises(TypeError, match="async generator function"):
         offload(agen)
+
+
+# -- process pools -----------------------------------------------------------------------
+
+
+@pytest.fixture
+async def pex() -> AsyncIterator[Executor]:
+    settings = OffloadSettings(process={"max_workers": 1}, thread={"max_workers": 1})
+    async with Offloader(settings) as executor:
+        yield executor.pool("process")
+
+
+class Files:
+    def __init__(self, tmp_path: Path) -> None:
+        self.progress = str(tmp_path / "progress")
+        self.marker = tmp_path / "marker"
+
+    def produced(self) -> int:
+        return stream_funcs.produced(self.progress)
+
+
+async def test_process_items_arrive_in_order_bounded(pex: Executor, tmp_path: Path) -> None:
+    files = Files(tmp_path)
+    buffer = 2
+    pid = await pex.run(os.getpid)
+    items = pex.options(buffer=buffer).stream(
+        stream_funcs.numbers, 8, files.progress, str(files.marker)
+    )
+    async with items:
+        for taken in range(8):
+            ahead = min(buffer, 8 - taken)
+            await wait_for(lambda ahead=ahead, taken=taken: files.produced() >= taken + ahead)
+            # Given credit for `buffer` items past those taken: no more.
+            assert files.produced() == taken + ahead
+            assert await items.__anext__() == taken
+        with pytest.raises(StopAsyncIteration):
+            await items.__anext__()
+    assert files.marker.read_text() == str(pid)
+    assert await pex.run(os.getpid) == pid
+
+
+async def test_process_leaving_early_closes_in_the_worker(pex: Executor, tmp_path: Path) -> None:
+    files = Files(tmp_path)
+    pid = await pex.run(os.getpid)
+    async with pex.options(buffer=2).stream(
+        stream_funcs.numbers, 100, files.progress, str(files.marker)
+    ) as items:
+        async for item in items:
+            if item == 2:
+                await wait_for(lambda: files.produced() == 5)  # parked at a yield
+                break
+    # Closed at its yield in the worker, which then serves the next call.
+    assert files.marker.read_text() == str(pid)
+    assert await pex.run(os.getpid) == pid
+    assert pex.stats().completed == 3
+
+
+async def test_process_cancelled_between_items_closes_in_the_worker(
+    pex: Executor, tmp_path: Path
+) -> None:
+    files = Files(tmp_path)
+    pid = await pex.run(os.getpid)
+    with anyio.CancelScope() as scope:
+        async with pex.options(buffer=2).stream(
+            stream_funcs.numbers, 100, files.progress, str(files.marker)
+        ) as items:
+            assert await items.__anext__() == 0
+            await wait_for(lambda: files.produced() == 3)
+            scope.cancel()
+            await anyio.sleep(1)
+    assert scope.cancelled_caught
+    await wait_for(files.marker.exists)
+    assert files.marker.read_text() == str(pid)
+    assert await pex.run(os.getpid) == pid
+
+
+async def test_process_deadline_inside_an_item_kills_the_worker(
+    pex: Executor, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    pid = await pex.run(os.getpid)
+    got: list[int] = []
+    with pytest.raises(OffloadTimeout):  # noqa: PT012 (the items before it are counted)
+        async for item in pex.options(timeout=1).stream(stream_funcs.stuck_after_one, str(marker)):
+            got.append(item)
+    assert got == [0]
+    assert await pex.run(os.getpid) != pid  # killed and replaced
+    assert not marker.exists()  # killed inside the body: its finally could not run
+    assert pex.stats().timed_out == 1
+
+
+async def test_process_exception_at_its_position(pex: Executor) -> None:
+    got: list[int] = []
+    with pytest.raises(ValueError, match="no item 5") as info:  # noqa: PT012 (as above)
+        async for item in pex.stream(stream_funcs.fails_at, 5):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert await pex.run(funcs.add, 1, 2) == 3
+
+
+async def test_process_crash_mid_stream(pex: Executor) -> None:
+    got: list[int] = []
+    with pytest.raises(WorkerCrashed):  # noqa: PT012 (as above)
+        async for item in pex.options(buffer=1).stream(stream_funcs.exits_at, 3):
+            got.append(item)
+    assert got == [0, 1, 2]
+    assert await pex.run(funcs.add, 1, 2) == 3
+    assert pex.stats().crashed == 1
+
+
+async def test_process_unpicklable_item_fails_the_stream(pex: Executor) -> None:
+    pid = await pex.run(os.getpid)
+    got: list[object] = []
+    with pytest.raises(SerializationError):  # noqa: PT012 (as above)
+        async for item in pex.stream(stream_funcs.unpicklable_at, 2):
+            got.append(item)
+    assert got == [0, 1]
+    assert await pex.run(os.getpid) == pid  # the worker goes on serving
+
+
+async def test_process_large_items_arrive_intact(pex: Executor) -> None:
+    size = 8 << 20
+    got = [item async for item in pex.stream(stream_funcs.big, size)]
+    assert got == [b"a" * size, bytes(range(256)) * (size // 256)]
+
+
+async def test_decorated_generator_in_a_process_pool() -> None:
+    async with Offloader(OffloadSettings(process={"max_workers": 1})):
+        assert [x async for x in process_countdown(3)] == [3, 2, 1]
+
+
+@offload(kind="process")
+def process_countdown(n: int) -> Iterator[int]:
+    while n > 0:
+        yield n
+        n -= 1
+
+
+async def test_process_stream_whose_arguments_do_not_unpickle(pex: Executor) -> None:
+    pid = await pex.run(os.getpid)
+    with pytest.raises(SerializationError):
+        await pex.stream(stream_funcs.fails_at, funcs.RefusesForeignReduce()).__anext__()
+    # Its closing frame was not taken for a call: the worker serves the next ones.
+    assert await pex.run(os.getpid) == pid
+    assert await pex.run(funcs.add, 1, 2) == 3

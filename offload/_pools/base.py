@@ -247,11 +247,19 @@ class Pool(ABC):
         call.started = time.perf_counter()
         if self._start_pending:
             await self._start_once()
-        source = self._open_stream(call, buffer)
         self._inflight += 1
-        return source
+        try:
+            return await self._open_stream(call, buffer)
+        except BaseException as exc:
+            self._inflight -= 1
+            self.counters.record(call, time.perf_counter() - call.started, self.transfer)
+            if isinstance(exc, (PoolOverloaded, PoolStartError)):
+                self.counters.rejected += 1
+            if self._drained is not None and not self._inflight:
+                self._drained.set()
+            raise
 
-    def _open_stream(self, call: Call, buffer: int) -> StreamSource:
+    async def _open_stream(self, call: Call, buffer: int) -> StreamSource:
         raise NotImplementedError(
             f"pool {self.name!r} is of kind {self.kind!r}, which cannot stream a "
             "generator's items yet: stream from a thread pool (ex.pool('thread').stream)"

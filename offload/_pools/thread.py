@@ -468,7 +468,7 @@ class ThreadPool(Pool):
             context.run(sniffio_var.set, None)
         return context
 
-    def _open_stream(self, call: Call, buffer: int) -> StreamSource:
+    async def _open_stream(self, call: Call, buffer: int) -> StreamSource:
         self._check_room()
         bridge = self._bridge
         assert bridge is not None

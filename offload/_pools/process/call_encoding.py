@@ -72,8 +72,11 @@ def _importable(fn: object) -> bool:
     return module not in (None, "__main__") and "<locals>" not in getattr(fn, "__qualname__", "")
 
 
-def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> framing.Frame:
-    """The call as a frame for a worker (``cross_memory``: see :func:`.framing.encode`).
+def encode_request(
+    call: Call, max_payload: int, cross_memory: bool = False, stream: int = 0
+) -> framing.Frame:
+    """The call as a frame for a worker (``cross_memory``: see :func:`.framing.encode`);
+    ``stream``: for a stream's generator, its buffer.
 
     :raises SerializationError: the function or arguments do not pickle, or take more
         than ``max_payload`` bytes
@@ -90,7 +93,9 @@ def encode_request(call: Call, max_payload: int, cross_memory: bool = False) -> 
         args = tuple(map(out_of_band, args))
     if kwargs and bytes in map(type, kwargs.values()):
         kwargs = {name: out_of_band(value) for name, value in kwargs.items()}
-    request = (blob, cache, args, kwargs, call.context)
+    request: tuple[Any, ...] = (blob, cache, args, kwargs, call.context)
+    if stream:
+        request = (*request, stream)
     try:
         parts = framing.encode(request, cross_memory=cross_memory)
         if _refers_to_main(parts[1]):  # the pickle: header or table, pickle, buffers
@@ -146,14 +151,20 @@ def decode_reply(call: Call, data: Received, buffers: list[Received]) -> Any:
     """
     try:
         reply = framing.decode(data, buffers)
-        status, value = reply[0], reply[1]
-        if len(reply) > 2:
-            call.ran = reply[2]
     except BaseException as exc:
         _reraise_interrupt(exc)
         raise SerializationError(
             f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
         ) from exc
+    return outcome(call, reply)
+
+
+def outcome(call: Call, reply: Any) -> Any:
+    """The result in a decoded answer of a worker, or its exception raised (see
+    :func:`decode_reply`)."""
+    status, value = reply[0], reply[1]
+    if len(reply) > 2:
+        call.ran = reply[2]
     if status == framing.OK:
         return value
     if status == framing.RAISED:

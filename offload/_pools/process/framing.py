@@ -44,8 +44,11 @@ if TYPE_CHECKING:
 __all__ = (
     "BAD_REQUEST",
     "BAD_RESULT",
+    "CLOSE",
     "HEADER",
+    "ITEM",
     "LOG",
+    "MORE",
     "OK",
     "RAISED",
     "RAISED_UNPICKLABLE",
@@ -72,6 +75,12 @@ BAD_REQUEST = 3  # value: traceback of unpickling the call
 BAD_RESULT = 4  # value: traceback of pickling the result
 TOO_LARGE = 5  # value: (bytes of the pickled result, the limit)
 WRITE_TO = 6  # value: where the call's REMOTE buffers go in the worker's memory
+#: a stream's item (value: the item), before its final answer: OK (value None) at
+#: the generator's end or once closed, or any other status at its position
+ITEM = 7
+# The parent's frames to a worker running a stream, between its items:
+MORE = 8  # value: how many more items it may send (credit, as the consumer takes them)
+CLOSE = 9  # value: None; close the generator and answer OK
 
 HEADER = struct.Struct("!QI")
 _ENTRY = struct.Struct("!QQ")

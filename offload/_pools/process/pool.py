@@ -32,7 +32,7 @@ from ..._errors import (
 )
 from ..._helper_threads import run_in_helper_thread
 from ..._where import in_worker_process
-from ..base import Pool
+from ..base import Pool, StreamSource
 from . import cross_memory, launch
 from .buffers import slow_to_decode
 from .call_encoding import decode_reply, encode_request
@@ -43,6 +43,7 @@ from .logs import LogSink
 from .nested_pools import refusal
 from .remote_buffers import has_remote, inline_buffers
 from .spawner import spawner
+from .streams import ProcessStream
 from .worker import EXIT_OUT_OF_MEMORY
 from .worker_handle import EXIT_STATUS_WAIT, WorkerHandle
 
@@ -458,6 +459,36 @@ class ProcessPool(Pool):
             # On the loop: a thread would not help, unpickling Python objects holds
             # the GIL. A result that takes long to decode is counted and named.
             return self._decoder.decode(call, data, buffers)
+
+    async def _open_stream(self, call: Call, buffer: int) -> StreamSource:
+        if self._not_here is not None:
+            raise self._refusal()
+        # Without REMOTE buffers: a stream's exchange is its own (streams.py).
+        request = encode_request(call, self.settings.max_payload, False, buffer)
+        while True:
+            if self._forced:
+                raise self._closed_error()
+            if self._given_up and not self._ready:
+                raise self._no_worker_error()
+            worker = self._handoff.take()
+            if worker is None:
+                waited = time.perf_counter()
+                worker, _ = await self._handoff.get()
+                call.queue_wait = time.perf_counter() - waited
+            if worker.exited.is_set():
+                continue
+            self._claim(worker, call)
+            try:
+                if unsent := worker.send_some(worker.with_levels(request)):
+                    await worker.send(unsent)
+            except (BrokenPipeError, ConnectionResetError):
+                self._unclaim(worker)
+                continue  # it died idle: another
+            except BaseException:
+                self._kill_running(worker, "cancelled")
+                self._unclaim(worker)
+                raise
+            return ProcessStream(self, worker, call)
 
     def _claim(self, worker: WorkerHandle, call: Call) -> None:
         worker.in_use = True

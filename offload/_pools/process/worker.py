@@ -35,6 +35,7 @@ import sys
 import threading
 from collections.abc import Callable
 from time import perf_counter
+from types import GeneratorType
 
 from ..._context import enter, import_string, run_traced
 from ..._where import mark_worker_process
@@ -43,7 +44,9 @@ from .buffers import out_of_band
 from .framing import (
     BAD_REQUEST,
     BAD_RESULT,
+    CLOSE,
     HEADER,
+    ITEM,
     LOG,
     OK,
     RAISED,
@@ -207,12 +210,18 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
         logs = worker_logs.forwarder  # None unless the parent forwards logs
         if logs is not None:
             logs.in_call = True  # until logs.end()
+        stream = 0  # a stream's buffer: items it may send ahead of the parent
+        closed = False  # a stream's CLOSE read
         try:
-            fn, args, kwargs, carried = _load_call(data, buffers)
+            fn, args, kwargs, carried, stream = _load_call(data, buffers)
             # A context of its own, a copy of the worker's: nothing a call sets, nor
             # the values it brought, is there for the next.
             ctx = enter(carried, contextvars.copy_context())
         except BaseException as exc:
+            if type(exc) is _StrayClose:
+                if logs is not None:
+                    logs.end()
+                continue
             # Its module started a process pool: the refusal reaches the caller as itself.
             if _refused_pool(exc):
                 reply = _exception_reply(exc)
@@ -223,13 +232,21 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             del data, buffers
             begun = perf_counter()
             try:
-                if carried is None or carried[1] is None:
-                    result = ctx.run(fn, *args, **kwargs)
+                if stream:
+                    outcome = _stream(sock, ctx, fn, args, kwargs, stream, max_payload)
+                    if outcome is None:
+                        return  # the parent closed the channel
+                    closed, *answer = outcome
+                    ran = perf_counter() - begun
+                    reply = (*answer, ran)
                 else:
-                    result = ctx.run(run_traced, carried[1], fn, args, kwargs)
-                ran = perf_counter() - begun
-                reply = (OK, out_of_band(result), ran)
-                del result
+                    if carried is None or carried[1] is None:
+                        result = ctx.run(fn, *args, **kwargs)
+                    else:
+                        result = ctx.run(run_traced, carried[1], fn, args, kwargs)
+                    ran = perf_counter() - begun
+                    reply = (OK, out_of_band(result), ran)
+                    del result
             except BaseException as exc:
                 if ran is None:
                     ran = perf_counter() - begun
@@ -239,7 +256,8 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             # when the next call comes (only plain functions are cached, see
             # call_encoding.function_blob).
             del fn, args, kwargs, carried, ctx
-        parts = _encode_reply(reply, max_payload, cross_memory, ran)
+        # A stream's answer stays in the frame: its items did.
+        parts = _encode_reply(reply, max_payload, cross_memory and not stream, ran)
         del reply
         _leave_if_forked()  # once per call: getpid is a system call
         if logs is not None:
@@ -254,9 +272,121 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                 recv_go_ahead(sock)  # the parent has read them
             except (EOFError, ConnectionError):
                 return
+        if stream and not closed:
+            # The parent's last frame of a stream is CLOSE, sent once it read the
+            # answer: credit sent meanwhile must not be read as the next call.
+            try:
+                while _recv_small(sock)[0] != CLOSE:
+                    pass
+            except (EOFError, ConnectionError):
+                return
         if leave_after_reply:
             sys.exit(EXIT_OUT_OF_MEMORY)
         del parts
+
+
+def _stream(
+    sock: socket.socket,
+    ctx: contextvars.Context,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    credit: int,
+    max_payload: int,
+) -> tuple[Any, ...] | None:
+    """Run a stream's generator, sending each item as an ITEM frame while the parent
+    has given credit for it (its consumer is at most ``credit`` items behind); return
+    ``(closed, status, value)``, the final answer: OK at its end or once the parent
+    closed it (CLOSE: ``closed``), else its exception or an item that could not be
+    sent, at its position. None: the parent closed the channel.
+
+    The parent's frames (MORE, CLOSE) are read between items: without waiting while
+    there is credit, else waiting for one. So a CLOSE reaches a generator suspended at
+    a ``yield``, which is closed here, its ``finally`` run in this process.
+    """
+    iterator: Any = None
+    status = OK
+    try:
+        try:
+            result = ctx.run(fn, *args, **kwargs)
+            iterator = result if type(result) is GeneratorType else ctx.run(iter, result)
+            del result
+        except BaseException as exc:
+            return (False, *_exception_reply(exc))
+        while True:
+            while credit <= 0 or _waiting(sock):
+                try:
+                    status, value = _recv_small(sock)
+                except (EOFError, ConnectionError):
+                    return None
+                if status == CLOSE:
+                    return True, OK, None  # closed below
+                credit += value
+            try:
+                item = ctx.run(next, iterator)
+            except StopIteration:
+                iterator = None
+                return False, OK, None
+            except BaseException as exc:
+                iterator = None
+                return (False, *_exception_reply(exc))
+            # An item that cannot be sent fails the stream, at its position.
+            try:
+                parts = encode((ITEM, out_of_band(item)))
+            except BaseException as exc:
+                try:  # what plain pickle refuses: see _encode_reply
+                    import cloudpickle
+
+                    parts = encode((ITEM, item), cloudpickle.dumps)
+                except BaseException:
+                    return False, BAD_RESULT, (_describe(exc), _traceback(exc))
+            del item
+            if parts.size > max_payload:
+                return False, TOO_LARGE, (parts.size, max_payload)
+            send_parts(sock, parts)
+            del parts
+            credit -= 1
+    finally:
+        # Closed here, where it ran: its ``finally`` runs in this process (a no-op for
+        # a generator that has finished). What closing raises fails the stream.
+        close = getattr(iterator, "close", None)
+        del iterator
+        if close is not None:
+            try:
+                ctx.run(close)
+            except BaseException as exc:
+                return _exception_reply(exc)
+
+
+def _recv_small(sock: socket.socket) -> Any:
+    """The parent's next frame while a stream runs (MORE, CLOSE): read exactly, since
+    several may be waiting in the channel. LOG frames (logger levels) are skipped."""
+    while True:
+        length, count = HEADER.unpack(_recv_exactly(sock, HEADER.size))
+        data = _recv_exactly(sock, length)
+        if count == 0:
+            return pickle.loads(data)
+        if count != LOG:
+            raise ConnectionError("unexpected frame from the parent during a stream")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = sock.recv(n, socket.MSG_WAITALL) if n else b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise EOFError("connection closed")
+        data += more
+    return data
+
+
+def _waiting(sock: socket.socket) -> bool:
+    """Whether the parent has sent something (or closed the channel), unread."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"" at EOF: readable too
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _encode_reply(
@@ -313,11 +443,23 @@ def _leave_if_forked() -> None:
         os._exit(0)
 
 
+class _StrayClose(Exception):
+    """The CLOSE that ends a stream whose request this worker could not decode (so it
+    did not know it for a stream): no call."""
+
+
 def _load_call(
     data: Received, buffers: list[Received]
-) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Carried | None]:
-    blob, cache, args, kwargs, carried = decode(data, buffers)
-    return (_cached_function(blob) if cache else _load_function(blob)), args, kwargs, carried
+) -> tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any], Carried | None, int]:
+    """The call's function, arguments and context, and for a stream its buffer (a
+    request with a sixth element; 0 for a plain call)."""
+    request = decode(data, buffers)
+    if len(request) == 2:
+        raise _StrayClose
+    blob, cache, args, kwargs, carried = request[:5]
+    stream = request[5] if len(request) > 5 else 0
+    fn = _cached_function(blob) if cache else _load_function(blob)
+    return fn, args, kwargs, carried, stream
 
 
 @functools.lru_cache(maxsize=256)

@@ -1,0 +1,58 @@
+"""Generator functions for streams in worker processes (importable there)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def numbers(n: int, progress: str, marker: str) -> Iterator[int]:
+    """Yield ``0..n-1``, noting each before yielding it in ``progress``; at its end
+    (``finally``) write this process's pid to ``marker``."""
+    try:
+        for i in range(n):
+            with open(progress, "a") as file:
+                file.write(f"{i}\n")
+            yield i
+    finally:
+        Path(marker).write_text(str(os.getpid()))
+
+
+def produced(progress: str) -> int:
+    try:
+        return len(Path(progress).read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def fails_at(n: int) -> Iterator[int]:
+    yield from range(n)
+    raise ValueError(f"no item {n}")
+
+
+def stuck_after_one(marker: str) -> Iterator[int]:
+    try:
+        yield 0
+        time.sleep(60)
+        yield 1
+    finally:
+        Path(marker).write_text(str(os.getpid()))
+
+
+def exits_at(n: int) -> Iterator[int]:
+    yield from range(n)
+    os._exit(3)
+
+
+def unpicklable_at(n: int) -> Iterator[object]:
+    yield from range(n)
+    yield threading.Lock()
+    yield n + 1
+
+
+def big(size: int) -> Iterator[bytes]:
+    yield b"a" * size
+    yield bytes(range(256)) * (size // 256)
