@@ -56,3 +56,16 @@ def unpicklable_at(n: int) -> Iterator[object]:
 def big(size: int) -> Iterator[bytes]:
     yield b"a" * size
     yield bytes(range(256)) * (size // 256)
+
+
+def echo(value: object) -> Iterator[object]:
+    yield value
+
+
+def logs_between_items(n: int) -> Iterator[int]:
+    import logging
+
+    log = logging.getLogger("app")
+    for i in range(n):
+        log.warning("item %d", i)
+        yield i

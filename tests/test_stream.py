@@ -4,6 +4,7 @@ its items as produced."""
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import threading
 import time
@@ -434,7 +435,37 @@ def process_countdown(n: int) -> Iterator[int]:
 async def test_process_stream_whose_arguments_do_not_unpickle(pex: Executor) -> None:
     pid = await pex.run(os.getpid)
     with pytest.raises(SerializationError):
-        await pex.stream(stream_funcs.fails_at, funcs.RefusesForeignReduce()).__anext__()
+        await pex.stream(stream_funcs.echo, funcs.RefusesForeignReduce()).__anext__()
     # Its closing frame was not taken for a call: the worker serves the next ones.
     assert await pex.run(os.getpid) == pid
     assert await pex.run(funcs.add, 1, 2) == 3
+
+
+async def test_process_stream_records_arrive_between_items(pex: Executor) -> None:
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    app = logging.getLogger("app")
+    handler = Collect()
+    app.addHandler(handler)
+    try:
+        async for item in pex.options(buffer=1).stream(stream_funcs.logs_between_items, 4):
+            # Made before the item was yielded: handled before it arrives.
+            assert f"item {item}" in seen
+        assert seen == [f"item {i}" for i in range(4)]
+    finally:
+        app.removeHandler(handler)
+    assert await pex.run(funcs.add, 1, 2) == 3
+
+
+async def test_process_stream_left_before_its_first_item(pex: Executor, tmp_path: Path) -> None:
+    files = Files(tmp_path)
+    pid = await pex.run(os.getpid)
+    for _ in range(3):
+        async with pex.stream(stream_funcs.numbers, 100, files.progress, str(files.marker)):
+            pass  # started, and closed before an item was asked for
+        assert await pex.run(os.getpid) == pid
+    assert files.produced() <= 3 * 16

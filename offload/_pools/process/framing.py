@@ -53,6 +53,7 @@ __all__ = (
     "RAISED",
     "RAISED_UNPICKLABLE",
     "SCRATCH_SIZE",
+    "STARTED",
     "TOO_LARGE",
     "WRITE_TO",
     "Frame",
@@ -78,6 +79,9 @@ WRITE_TO = 6  # value: where the call's REMOTE buffers go in the worker's memory
 #: a stream's item (value: the item), before its final answer: OK (value None) at
 #: the generator's end or once closed, or any other status at its position
 ITEM = 7
+#: a stream's first frame (value None), once the worker runs it: from then on, the
+#: parent's last frame of the stream is CLOSE, which the worker reads before its next call
+STARTED = 10
 # The parent's frames to a worker running a stream, between its items:
 MORE = 8  # value: how many more items it may send (credit, as the consumer takes them)
 CLOSE = 9  # value: None; close the generator and answer OK

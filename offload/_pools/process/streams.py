@@ -48,6 +48,7 @@ logger = logging.getLogger("offload")
 
 _MORE_ONE = framing.encode((framing.MORE, 1))
 _CLOSE = framing.encode((framing.CLOSE, None))
+_NOT_FINAL = (framing.ITEM, framing.STARTED)
 
 
 async def _recv_one(worker: WorkerHandle) -> tuple[Received, list[Received | Remote]]:
@@ -91,12 +92,16 @@ class ProcessStream(StreamSource):
         self.worker: WorkerHandle | None = worker
         self.call = call
         self.closed = anyio.Event()
+        self.started = False  # the worker said STARTED: it will read a CLOSE
 
     async def get(self) -> Any:
         worker = self.worker
         if worker is None:
             raise StopAsyncIteration
         reply = await self._next_frame(worker)
+        if reply[0] == framing.STARTED:
+            self.started = True
+            reply = await self._next_frame(worker)
         if reply[0] == framing.ITEM:
             try:
                 if unsent := worker.send_some(_MORE_ONE):
@@ -105,9 +110,10 @@ class ProcessStream(StreamSource):
                 self._kill("cancelled")
                 raise
             return reply[1]
-        # The stream's last frame, after which the worker serves the next call.
+        # The stream's last frame, after which the worker serves the next call; not
+        # for a stream that never ran (its request failed: no STARTED).
         try:
-            if unsent := worker.send_some(_CLOSE):
+            if self.started and (unsent := worker.send_some(_CLOSE)):
                 await worker.send(unsent)
         except OSError:
             pass  # dead: its watcher sees to it
@@ -192,14 +198,20 @@ class ProcessStream(StreamSource):
         worker = self.worker
         if worker is None:
             return True
+        if self.started and not self._send_close(worker):
+            return True
+        self.pool._task_group.start_soon(self._drain, worker, name=f"offload-close-{worker.pid}")
+        return True
+
+    def _send_close(self, worker: WorkerHandle) -> bool:
+        """Send CLOSE now; False if the worker could not take it (and was killed)."""
         try:
             unsent = worker.send_some(_CLOSE)
         except OSError:
             unsent = _CLOSE
         if unsent:  # a worker that does not read: no use waiting for it
             self._kill("closed")
-            return True
-        self.pool._task_group.start_soon(self._drain, worker, name=f"offload-close-{worker.pid}")
+            return False
         return True
 
     async def _drain(self, worker: WorkerHandle) -> None:
@@ -207,8 +219,11 @@ class ProcessStream(StreamSource):
         generator), then take it back; within the stream's deadline, else kill it."""
         with anyio.CancelScope(deadline=self.call.deadline) as scope:
             try:
-                while (await self._next_frame(worker))[0] == framing.ITEM:
-                    pass
+                while (status := (await self._next_frame(worker))[0]) in _NOT_FINAL:
+                    if status == framing.STARTED:
+                        self.started = True
+                        if not self._send_close(worker):
+                            return
             except Exception:
                 return  # counted already, or the worker is gone
             else:

@@ -52,6 +52,7 @@ from .framing import (
     RAISED,
     RAISED_UNPICKLABLE,
     SCRATCH_SIZE,
+    STARTED,
     TOO_LARGE,
     WRITE_TO,
     decode,
@@ -272,9 +273,10 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                 recv_go_ahead(sock)  # the parent has read them
             except (EOFError, ConnectionError):
                 return
-        if stream and not closed:
-            # The parent's last frame of a stream is CLOSE, sent once it read the
-            # answer: credit sent meanwhile must not be read as the next call.
+        if stream and ran is not None and not closed:
+            # The parent's last frame of a stream that ran (its answer says how long)
+            # is CLOSE, sent once it read the answer: credit sent meanwhile must not
+            # be read as the next call.
             try:
                 while _recv_small(sock)[0] != CLOSE:
                     pass
@@ -304,6 +306,7 @@ def _stream(
     there is credit, else waiting for one. So a CLOSE reaches a generator suspended at
     a ``yield``, which is closed here, its ``finally`` run in this process.
     """
+    send_parts(sock, encode((STARTED, None)))
     iterator: Any = None
     status = OK
     try:
@@ -454,10 +457,14 @@ def _load_call(
     """The call's function, arguments and context, and for a stream its buffer (a
     request with a sixth element; 0 for a plain call)."""
     request = decode(data, buffers)
-    if len(request) == 2:
+    size = len(request)
+    if size == 5:  # the usual call
+        blob, cache, args, kwargs, carried = request
+        stream = 0
+    elif size == 6:
+        blob, cache, args, kwargs, carried, stream = request
+    else:
         raise _StrayClose
-    blob, cache, args, kwargs, carried = request[:5]
-    stream = request[5] if len(request) > 5 else 0
     fn = _cached_function(blob) if cache else _load_function(blob)
     return fn, args, kwargs, carried, stream
 
