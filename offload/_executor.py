@@ -185,12 +185,16 @@ class Executor:
         runs. An exception the generator raises reaches the consumer at its
         position, after the items produced before it, as its own type.
 
-        Thread pools only, for now: another kind raises :class:`NotImplementedError`
-        when the stream starts.
+        In a process pool, a deadline or cancellation that comes while the consumer
+        waits for an item kills the worker, which is inside the generator's body (its
+        ``finally`` does not run), as for :meth:`run`. Dask pools cannot stream yet.
 
         :raises TypeError: ``genfn`` is an async function or async generator
             function, or not callable (at once)
-        :raises NotImplementedError: the pool's kind cannot stream (at the first item)
+        :raises NotImplementedError: the pool's kind (``dask``) cannot stream (at the
+            first item)
+        :raises WorkerCrashed: the worker process died during the stream
+        :raises SerializationError: ``genfn``, its arguments or an item would not pickle
         :raises OffloadTimeout: the deadline passed
         :raises PoolOverloaded: every worker is busy and ``max_pending`` calls wait
         :raises PoolClosed: the Offloader is not running or is shutting down
@@ -206,6 +210,8 @@ class Executor:
             call.timeout = pool.settings.timeout if timeout is ... else timeout
             if call.timeout is not None:
                 call.deadline = made + call.timeout
+            if pool.carries_context:
+                call.context = offloader._capture_context()
             with anyio.CancelScope(deadline=call.deadline) as scope:
                 source = await pool.open_stream(call, buffer)
             if scope.cancelled_caught:

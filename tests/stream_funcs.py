@@ -69,3 +69,10 @@ def logs_between_items(n: int) -> Iterator[int]:
     for i in range(n):
         log.warning("item %d", i)
         yield i
+
+
+def request_ids(n: int) -> Iterator[str]:
+    from .funcs_context import request_id
+
+    for _ in range(n):
+        yield request_id.get("unset")

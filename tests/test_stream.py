@@ -469,3 +469,14 @@ async def test_process_stream_left_before_its_first_item(pex: Executor, tmp_path
             pass  # started, and closed before an item was asked for
         assert await pex.run(os.getpid) == pid
     assert files.produced() <= 3 * 16
+
+
+async def test_process_stream_carries_the_chosen_context() -> None:
+    from . import funcs_context
+
+    settings = OffloadSettings(
+        process={"max_workers": 1}, context_vars=list(funcs_context.CONTEXT_VARS)
+    )
+    async with Offloader(settings) as ex:
+        funcs_context.request_id.set("r-7")
+        assert [x async for x in ex.stream(stream_funcs.request_ids, 2)] == ["r-7", "r-7"]

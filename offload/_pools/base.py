@@ -262,7 +262,7 @@ class Pool(ABC):
     async def _open_stream(self, call: Call, buffer: int) -> StreamSource:
         raise NotImplementedError(
             f"pool {self.name!r} is of kind {self.kind!r}, which cannot stream a "
-            "generator's items yet: stream from a thread pool (ex.pool('thread').stream)"
+            "generator's items yet: stream from a thread or process pool"
         )
 
     def end_stream(self, source: StreamSource, error: BaseException | None) -> None:

@@ -60,6 +60,14 @@ Worker crash (segfault, ``os._exit``, killed, out of memory)
     fail (``PoolStartError`` for the waiting calls once ``start_timeout`` has passed
     without a worker).
 
+A stream (``Executor.stream``, streams.py)
+    The call frame carries the stream's buffer; the worker answers STARTED, then one
+    ITEM frame per item while it has credit, which the parent grants (MORE) as the
+    consumer takes items, then an ordinary answer. The parent's last frame is CLOSE:
+    read between items, it closes the generator in the worker (its ``finally`` runs
+    there); sent after the answer, it tells the worker the stream is over. Items
+    travel in the channel, never as REMOTE buffers.
+
 Recycling (``max_tasks_per_worker``, ``max_memory_per_worker``)
     After a call, a worker past its limit is retired: its channel is shut down, it
     exits cleanly (SIGKILL after a grace otherwise), and a replacement starts; for the
