@@ -135,5 +135,8 @@ class Stream(AsyncIterator[Y], Generic[Y]):
         # generator is closed in its worker all the same (without waiting).
         source = self._source
         if source is not None and not self._ended:
-            source.close()
-            self._end(None)
+            try:
+                source.close()
+                self._end(None)
+            except Exception:  # the pool is gone already: nothing left to close
+                pass

@@ -480,3 +480,18 @@ async def test_process_stream_carries_the_chosen_context() -> None:
     async with Offloader(settings) as ex:
         funcs_context.request_id.set("r-7")
         assert [x async for x in ex.stream(stream_funcs.request_ids, 2)] == ["r-7", "r-7"]
+
+
+async def test_process_shutdown_ends_a_stream_left_open(tmp_path: Path) -> None:
+    files = Files(tmp_path)
+    settings = OffloadSettings(process={"max_workers": 1}, shutdown_timeout=0.2)
+    with anyio.fail_after(WAIT / 2):  # the drain does not wait for a consumer that is gone
+        async with Offloader(settings) as ex:
+            items = ex.pool("process").stream(
+                stream_funcs.numbers, 100, files.progress, str(files.marker)
+            )
+            assert await items.__anext__() == 0
+            pool = ex.offloader.get_pool("process")
+    assert pool.stats().closed == 1
+    with pytest.raises(PoolClosed):
+        await items.__anext__()

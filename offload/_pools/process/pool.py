@@ -86,6 +86,7 @@ class ProcessPool(Pool):
         self._death_pipe_write = -1
         self._cross_memory = settings.cross_memory and cross_memory.available()
         self._decoder = LoopDecoder(name, self.counters)
+        self._streams: weakref.WeakSet[ProcessStream] = weakref.WeakSet()  # not ended
         self._log_sink = (
             LogSink(name, settings.initializer, self.counters) if settings.forward_logs else None
         )
@@ -349,6 +350,10 @@ class ProcessPool(Pool):
         for worker in list(self._ready):
             if worker.in_use:
                 self._kill(worker)
+        for stream in list(self._streams):
+            # Over for the drain now: its consumer may never ask for an item again
+            # (and gets PoolClosed if it does).
+            self.end_stream(stream, self._closed_error())
 
     def kill_now(self) -> None:
         """Last resort at interpreter exit: SIGKILL every worker and reap it."""
@@ -488,7 +493,9 @@ class ProcessPool(Pool):
                 self._kill_running(worker, "cancelled")
                 self._unclaim(worker)
                 raise
-            return ProcessStream(self, worker, call)
+            stream = ProcessStream(self, worker, call)
+            self._streams.add(stream)
+            return stream
 
     def _claim(self, worker: WorkerHandle, call: Call) -> None:
         worker.in_use = True

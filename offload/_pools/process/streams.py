@@ -98,6 +98,9 @@ class ProcessStream(StreamSource):
         worker = self.worker
         if worker is None:
             raise StopAsyncIteration
+        if self.pool._forced:  # shutdown gave up on the stream: its worker is killed
+            self._kill("shut down")
+            raise self.pool._closed_error()
         reply = await self._next_frame(worker)
         if reply[0] == framing.STARTED:
             self.started = True
@@ -106,6 +109,8 @@ class ProcessStream(StreamSource):
             try:
                 if unsent := worker.send_some(_MORE_ONE):
                     await worker.send(unsent)
+            except OSError:
+                pass  # dead: the next read says how
             except BaseException:
                 self._kill("cancelled")
                 raise
@@ -190,13 +195,20 @@ class ProcessStream(StreamSource):
         if worker is None:
             return
         self.worker = None
-        self.pool._kill_running(worker, why)
+        if not worker.exited.is_set():
+            try:
+                self.pool._kill_running(worker, why)
+            except RuntimeError:  # the pool has stopped, its workers with it
+                pass
         self.pool._unclaim(worker)
         self.closed.set()
 
     def close(self) -> bool:
         worker = self.worker
         if worker is None:
+            return True
+        if self.pool.stopping:
+            self._kill("shut down")
             return True
         if self.started and not self._send_close(worker):
             return True
