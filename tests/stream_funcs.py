@@ -76,3 +76,16 @@ def request_ids(n: int) -> Iterator[str]:
 
     for _ in range(n):
         yield request_id.get("unset")
+
+
+def ticks(marker: str) -> Iterator[bytes]:
+    """Ticks for ever, until closed: then write this process's pid and thread's name
+    to ``marker``."""
+    try:
+        n = 0
+        while True:
+            yield f"tick {n}\n".encode()
+            n += 1
+            time.sleep(0.001)
+    finally:
+        Path(marker).write_text(f"{os.getpid()} {threading.current_thread().name}")

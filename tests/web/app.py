@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, BackgroundTasks, Depends, FastAPI, Request, WebSocket
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocketDisconnect
 
 from offload import (
@@ -23,7 +23,7 @@ from offload import (
 )
 from offload.fastapi import Lifespan, install
 
-from .. import funcs
+from .. import funcs, stream_funcs
 from . import raising
 
 SETTINGS = OffloadSettings(
@@ -93,6 +93,18 @@ async def hold(path: str, ex: Executor = Depends(get_executor)) -> dict[str, Any
     """Holds a worker until ``path`` exists: a request in flight for as long as the
     test needs."""
     return {"result": await ex.run(funcs.wait_for_file, path, "released")}
+
+
+@app.get("/ticks")
+async def ticks(marker: str, ex: Executor = Depends(get_executor)) -> StreamingResponse:
+    """Streams a generator's ticks from a thread until the client leaves."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async with ex.pool("thread").options(buffer=2).stream(stream_funcs.ticks, marker) as items:
+            async for tick in items:
+                yield tick
+
+    return StreamingResponse(body(), media_type="text/plain")
 
 
 @app.get("/timeout")
