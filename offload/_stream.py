@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -30,7 +31,7 @@ class Stream(AsyncIterator[Y], Generic[Y]):
     left, or iterate it and call :meth:`aclose` when done early.
     """
 
-    __slots__ = ("_call", "_ended", "_open", "_pool", "_source")
+    __slots__ = ("_call", "_ended", "_open", "_pool", "_source", "_thread")
 
     def __init__(self, open_: Callable[[], Awaitable[Any]]) -> None:
         # Made by offload only: ``open_()`` returns ``(pool, call, source)``.
@@ -39,6 +40,7 @@ class Stream(AsyncIterator[Y], Generic[Y]):
         self._call: Call | None = None
         self._source: StreamSource | None = None
         self._ended = False
+        self._thread = threading.get_ident()  # the event loop's
 
     def __repr__(self) -> str:
         name = "" if self._call is None else f" of {self._call.name}"
@@ -134,7 +136,8 @@ class Stream(AsyncIterator[Y], Generic[Y]):
         # Dropped without aclose(), as an ``async for`` left early leaves it: the
         # generator is closed in its worker all the same (without waiting).
         source = self._source
-        if source is not None and not self._ended:
+        # Not from another thread (a cyclic collection there): a pool is the loop's.
+        if source is not None and not self._ended and threading.get_ident() == self._thread:
             try:
                 source.close()
                 self._end(None)
