@@ -18,7 +18,6 @@ function can stop early by calling :func:`check_cancelled`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import functools
 import logging
@@ -32,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio.lowlevel
 
-from .._errors import CallAborted, CallCancelled, PoolClosed, PoolOverloaded
+from .._errors import CallAborted, CallCancelled, PoolOverloaded
 from .._helper_threads import run_in_helper_thread
 from .._types import generator_refusal
 from .._where import mark_worker_thread
 from .base import Pool, StreamSource
+from .thread_streams import ThreadStream, current
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 __all__ = ("ThreadPool", "check_cancelled")
 
-_local = threading.local()
 logger = logging.getLogger("offload")
 
 
@@ -60,7 +59,7 @@ def check_cancelled() -> None:
 
     :raises CallCancelled: if the call running in this thread was abandoned
     """
-    job: _ThreadCall | _ThreadStream | None = getattr(_local, "job", None)
+    job: _ThreadCall | ThreadStream | None = getattr(current, "job", None)
     if job is not None and job.abandoned:
         raise CallCancelled(f"{job.call.name} was abandoned by its caller")
 
@@ -106,7 +105,7 @@ class _ThreadCall:
             self.release(self)
             return
         self.started = True
-        _local.job = self
+        current.job = self
         call = self.call
         begun = time.perf_counter()
         call.queue_wait = begun - call.started
@@ -129,7 +128,7 @@ class _ThreadCall:
                 call.ran = time.perf_counter() - begun
             self.error = exc
         finally:
-            _local.job = None
+            current.job = None
         with self.lock:
             self.finished = True
             abandoned = self.abandoned
@@ -146,185 +145,6 @@ class _ThreadCall:
             return self.abandoned
 
 
-class _ThreadStream(StreamSource):
-    """A generator running in a worker thread, its items handed to the consumer
-    through a bounded deque.
-
-    The thread asks the generator for an item only when the deque has room: it runs
-    at most ``buffer`` items ahead of its consumer, and holds its thread (its slot)
-    while it waits. Everything the two sides share is under ``lock``; the thread
-    waits on ``room``, the consumer on an event the thread sets through the bridge.
-    Closing sets ``closing``, which the thread sees between items: it then closes
-    the generator itself, in its own thread, the one that ran it.
-    """
-
-    def __init__(
-        self,
-        call: Call,
-        context: contextvars.Context,
-        buffer: int,
-        bridge: _AsyncioBridge | _TrioBridge,
-    ) -> None:
-        self.call = call
-        self.context = context
-        self.buffer = buffer
-        self.bridge = bridge
-        self.lock = threading.Lock()
-        self.room = threading.Condition(self.lock)
-        self.items: collections.deque[Any] = collections.deque()
-        self.started = False
-        self.producing = False  # in the generator's body (or starting it)
-        self.finished = False  # the thread is done with the generator
-        self.closing = False
-        self.abandoned = False  # for check_cancelled: its consumer has left
-        self.aborted: PoolClosed | None = None  # by the pool's shutdown
-        self.error: BaseException | None = None
-        self.waiter: anyio.Event | None = None  # the consumer's, while it waits
-        self.release: Callable[[_ThreadStream], None] = _ignore_stream
-
-    # -- in the worker thread ---------------------------------------------------
-
-    def run(self) -> None:
-        with self.lock:
-            if self.closing:  # its consumer left while it was queued: never start it
-                self.finished = True
-            else:
-                self.started = self.producing = True
-        if self.finished:
-            self._wake()
-            self.release(self)
-            return
-        _local.job = self
-        call = self.call
-        begun = time.perf_counter()
-        call.queue_wait = begun - call.started
-        run = self.context.run
-        iterator: Any = None
-        try:
-            iterator = run(_start, call)
-            while True:
-                with self.lock:
-                    self.producing = False
-                    while len(self.items) >= self.buffer and not self.closing:
-                        self.room.wait()
-                    if self.closing:
-                        break
-                    self.producing = True
-                try:
-                    item = run(next, iterator)
-                except StopIteration:
-                    break
-                with self.lock:
-                    self.items.append(item)
-                    self._wake_locked()
-                del item
-        except BaseException as exc:
-            self.error = exc
-        finally:
-            try:
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    # Closed here, in the thread that ran it: its ``finally`` runs
-                    # here too (a no-op for a generator that has finished).
-                    run(close)
-            except BaseException as exc:
-                if self.error is None and not self.closing:
-                    self.error = exc
-                else:
-                    logger.warning("closing %s raised", call.name, exc_info=True)
-            del iterator
-            _local.job = None
-            call.ran = time.perf_counter() - begun
-        with self.lock:
-            self.finished = True
-            self.producing = False
-            self._wake_locked()
-        self.release(self)
-
-    def _wake_locked(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            self.bridge.call_soon_threadsafe(waiter.set)
-
-    def _wake(self) -> None:
-        with self.lock:
-            self._wake_locked()
-
-    # -- in the event loop's thread ---------------------------------------------
-
-    async def get(self) -> Any:
-        while True:
-            with self.lock:
-                if self.aborted is not None:
-                    raise self.aborted
-                if self.items:
-                    item = self.items.popleft()
-                    self.room.notify()
-                    return item
-                if self.finished:
-                    error, self.error = self.error, None
-                    if error is None:
-                        raise StopAsyncIteration
-                    try:
-                        raise _as_raised(error, self.call)
-                    finally:
-                        del error
-                self.waiter = waiter = anyio.Event()
-            await waiter.wait()
-
-    def close(self) -> bool:
-        with self.lock:
-            self.items.clear()
-            if self.finished:
-                return True
-            self.closing = self.abandoned = True
-            self.room.notify()
-            return self.started and not self.producing
-
-    async def wait_closed(self) -> None:
-        while True:
-            with self.lock:
-                if self.finished:
-                    return
-                self.waiter = waiter = anyio.Event()
-            await waiter.wait()
-
-    def abort(self, error: PoolClosed) -> None:
-        """Shutdown ran out of time: the consumer gets ``error``; the thread closes
-        the generator between items."""
-        with self.lock:
-            self.aborted = error
-            self.closing = self.abandoned = True
-            self.room.notify()
-            waiter, self.waiter = self.waiter, None
-        if waiter is not None:
-            waiter.set()
-
-
-def _start(call: Call) -> Any:
-    """The iterator of the call's generator (or of what else the function returned)."""
-    result = call.target(*call.args, **call.kwargs)
-    if type(result) is CoroutineType:
-        result.close()
-        raise TypeError(
-            f"{call.name} returned a coroutine: offload runs blocking "
-            "functions; await async functions directly"
-        )
-    return result if type(result) is GeneratorType else iter(result)
-
-
-def _as_raised(error: BaseException, call: Call) -> BaseException:
-    """What the consumer gets for ``error``: itself, unless it would end the program."""
-    if isinstance(error, Exception):
-        return error
-    aborted = CallAborted(
-        f"{call.name} raised {type(error).__qualname__}; it is not "
-        "re-raised as such, which would end this program"
-    )
-    aborted.__cause__ = error
-    return aborted
-
-
 def _nothing() -> None:
     pass
 
@@ -333,16 +153,12 @@ def _ignore(job: _ThreadCall) -> None:
     pass
 
 
-def _ignore_stream(job: _ThreadStream) -> None:
-    pass
-
-
 def _start_all(threads: list[threading.Thread]) -> None:
     for thread in threads:
         thread.start()
 
 
-def _worker(jobs: queue.SimpleQueue[_ThreadCall | _ThreadStream | None]) -> None:
+def _worker(jobs: queue.SimpleQueue[_ThreadCall | ThreadStream | None]) -> None:
     mark_worker_thread()
     while (job := jobs.get()) is not None:
         job.run()
@@ -360,7 +176,7 @@ class _AsyncioBridge:
             pass
 
     async def wait(
-        self, job: _ThreadCall, jobs: queue.SimpleQueue[_ThreadCall | _ThreadStream | None]
+        self, job: _ThreadCall, jobs: queue.SimpleQueue[_ThreadCall | ThreadStream | None]
     ) -> None:
         future = self.loop.create_future()
 
@@ -391,7 +207,7 @@ class _TrioBridge:
             pass
 
     async def wait(
-        self, job: _ThreadCall, jobs: queue.SimpleQueue[_ThreadCall | _ThreadStream | None]
+        self, job: _ThreadCall, jobs: queue.SimpleQueue[_ThreadCall | ThreadStream | None]
     ) -> None:
         lowlevel = self.trio.lowlevel
         task = lowlevel.current_task()
@@ -421,12 +237,12 @@ class ThreadPool(Pool):
 
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
-        self._jobs: queue.SimpleQueue[_ThreadCall | _ThreadStream | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_ThreadCall | ThreadStream | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._bridge: _AsyncioBridge | _TrioBridge | None = None
         self._capacity = self.max_workers + settings.max_pending
         # queued, running, or abandoned and not done; a stream until its thread is done
-        self._in_pool: set[_ThreadCall | _ThreadStream] = set()
+        self._in_pool: set[_ThreadCall | ThreadStream] = set()
         sniffio = sys.modules.get("sniffio")  # anyio imports it, where it is installed
         self._sniffio_var: contextvars.ContextVar[str | None] | None = (
             None if sniffio is None else sniffio.current_async_library_cvar
@@ -472,7 +288,7 @@ class ThreadPool(Pool):
         self._check_room()
         bridge = self._bridge
         assert bridge is not None
-        job = _ThreadStream(call, self._context(), buffer, bridge)
+        job = ThreadStream(call, self._context(), buffer, bridge)
         job.release = self._release
         self._in_pool.add(job)
         self._jobs.put(job)
@@ -516,14 +332,14 @@ class ThreadPool(Pool):
                 del error, job
         return job.result
 
-    def _release(self, job: _ThreadCall | _ThreadStream) -> None:
+    def _release(self, job: _ThreadCall | ThreadStream) -> None:
         """In the job's thread: an abandoned job is done, its slot free again."""
         assert self._bridge is not None
         self._bridge.call_soon_threadsafe(functools.partial(self._in_pool.discard, job))
 
     def _abort(self) -> None:
         for job in list(self._in_pool):
-            if isinstance(job, _ThreadStream):
+            if isinstance(job, ThreadStream):
                 error = self._closed_error()
                 job.abort(error)
                 # Over for the drain now: its consumer may never ask for an item again.

@@ -26,7 +26,7 @@ from typing import Any
 
 from .._pools.process import cross_memory
 from .._pools.process.scheduling import LONG_SLICE_NS, lower_priority, time_slice
-from .._pools.process.worker import prctl_function
+from .._pools.process.worker_lifetime import prctl_function
 from .._settings import PoolSettings, usable_cpus
 
 __all__ = ("CpuBudget", "Feature", "cpu_budget", "features")

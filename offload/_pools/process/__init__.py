@@ -78,10 +78,12 @@ Shutdown (``Pool.aclose``, ../base.py)
     then their workers are killed. Idle workers are retired, the rest killed, and the
     write end of the death pipe closed: a worker still there reads EOF and exits.
     Should the parent die, however it dies, its workers die too (``PR_SET_PDEATHSIG``
-    or the death pipe), and each worker's guard ends its process group (worker.py).
+    or the death pipe), and each worker's guard ends its process group
+    (worker_lifetime.py).
 
 Workers import ``offload._pools.process.worker`` at start, and with it this package:
-this file imports nothing, and the modules a worker loads (worker.py, framing.py,
-buffers.py, remote_buffers.py, sending.py, worker_logs.py; worker_log_handler.py once
-it forwards logs) import neither anyio nor pydantic.
+this file imports nothing, and the modules a worker loads (worker.py, worker_errors.py,
+worker_lifetime.py, framing.py, buffers.py, remote_buffers.py, sending.py,
+worker_logs.py; worker_log_handler.py once it forwards logs) import neither anyio nor
+pydantic.
 """

@@ -23,7 +23,6 @@ parent forwards logs (``worker_logs.py``).
 
 from __future__ import annotations
 
-import atexit
 import contextvars
 import faulthandler
 import functools
@@ -32,7 +31,6 @@ import pickle
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable
 from time import perf_counter
 from types import GeneratorType
@@ -49,7 +47,6 @@ from .framing import (
     ITEM,
     LOG,
     OK,
-    RAISED,
     RAISED_UNPICKLABLE,
     SCRATCH_SIZE,
     STARTED,
@@ -62,6 +59,8 @@ from .framing import (
 )
 from .remote_buffers import has_remote, inline_buffers, make_room, recv_go_ahead
 from .sending import send_parts
+from .worker_errors import describe, exception_reply, str_of, traceback_of, type_name
+from .worker_lifetime import die_with_parent, guard_group
 
 TYPE_CHECKING = False  # not typing's: see offload/__init__.py
 if TYPE_CHECKING:
@@ -71,9 +70,8 @@ if TYPE_CHECKING:
     from .buffers import Received
     from .framing import Frame, Remote
 
-__all__ = ("main", "prctl_function")
+__all__ = ("main",)
 
-_PR_SET_PDEATHSIG = 1
 #: the exit status of a worker that leaves after running out of its memory cap
 EXIT_OUT_OF_MEMORY = 75
 
@@ -98,8 +96,8 @@ def main() -> None:
     # In a session of its own, Ctrl-C at a terminal does not reach the worker; were
     # it started otherwise, the parent decides what happens to running calls.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(death_fd, parent_pid)
-    _guard_group()
+    die_with_parent(death_fd, parent_pid)
+    guard_group()
     sock = socket.socket(fileno=channel_fd)
     scratch = memoryview(bytearray(SCRATCH_SIZE))
     data, received = _recv(sock, scratch)
@@ -117,7 +115,7 @@ def main() -> None:
                 logs.in_call = True
             fn(*initializer_args)
         except BaseException as exc:
-            failure = (_type_name(exc), _str(exc), _traceback(exc))
+            failure = (type_name(exc), str_of(exc), traceback_of(exc))
             _leave_if_forked()
             if logs is not None:
                 logs.end()
@@ -225,9 +223,9 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                 continue
             # Its module started a process pool: the refusal reaches the caller as itself.
             if _refused_pool(exc):
-                reply = _exception_reply(exc)
+                reply = exception_reply(exc)
             else:
-                reply = (BAD_REQUEST, (_describe(exc), _traceback(exc)))
+                reply = (BAD_REQUEST, (describe(exc), traceback_of(exc)))
             del data, buffers
         else:
             del data, buffers
@@ -252,7 +250,7 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
                 if ran is None:
                     ran = perf_counter() - begun
                 leave_after_reply = _out_of_memory(exc)
-                reply = (*_exception_reply(exc), ran)
+                reply = (*exception_reply(exc), ran)
             # A callable's state, the arguments and the call's context go now, not
             # when the next call comes (only plain functions are cached, see
             # call_encoding.function_blob).
@@ -315,7 +313,7 @@ def _stream(
             iterator = result if type(result) is GeneratorType else ctx.run(iter, result)
             del result
         except BaseException as exc:
-            return (False, *_exception_reply(exc))
+            return (False, *exception_reply(exc))
         while True:
             while credit <= 0 or _waiting(sock):
                 try:
@@ -332,7 +330,7 @@ def _stream(
                 return False, OK, None
             except BaseException as exc:
                 iterator = None
-                return (False, *_exception_reply(exc))
+                return (False, *exception_reply(exc))
             # An item that cannot be sent fails the stream, at its position.
             try:
                 parts = encode((ITEM, out_of_band(item)))
@@ -342,7 +340,7 @@ def _stream(
 
                     parts = encode((ITEM, item), cloudpickle.dumps)
                 except BaseException:
-                    return False, BAD_RESULT, (_describe(exc), _traceback(exc))
+                    return False, BAD_RESULT, (describe(exc), traceback_of(exc))
             del item
             if parts.size > max_payload:
                 return False, TOO_LARGE, (parts.size, max_payload)
@@ -358,7 +356,7 @@ def _stream(
             try:
                 ctx.run(close)
             except BaseException as exc:
-                return _exception_reply(exc)
+                return exception_reply(exc)
 
 
 def _recv_small(sock: socket.socket) -> Any:
@@ -414,7 +412,7 @@ def _encode_reply(
             parts = encode(reply, cloudpickle.dumps, cross_memory)
         except BaseException:
             try:
-                parts = encode((BAD_RESULT, (_describe(exc), _traceback(exc)), *tail))
+                parts = encode((BAD_RESULT, (describe(exc), traceback_of(exc)), *tail))
             except BaseException:  # a MemoryError, say: still an answer
                 parts = encode((BAD_RESULT, ("the result could not be pickled", ""), *tail))
     size = parts.size
@@ -490,157 +488,3 @@ def _refused_pool(exc: BaseException) -> bool:
     reaches the caller as itself. (If it was raised, offload's errors are imported.)"""
     errors = sys.modules.get("offload._errors")
     return errors is not None and isinstance(exc, errors.PoolStartError)
-
-
-def _exception_reply(exc: BaseException) -> tuple[int, Any]:
-    """``(status, value)`` for ``exc``: itself pickled, or what describes it."""
-    tb = _traceback(exc)
-    try:
-        blob = pickle.dumps(exc, protocol=5)
-        pickle.loads(blob)  # the parent must be able to rebuild it, too
-    except BaseException:
-        try:  # an exception whose __init__ needs what its args lack (HTTPException)
-            from .exception_pickling import dumps
-
-            blob = dumps(exc)
-            pickle.loads(blob)
-        except BaseException:
-            aborted = not isinstance(exc, Exception)  # SystemExit and its kin
-            return RAISED_UNPICKLABLE, (_type_name(exc), _str(exc), tb, aborted)
-    return RAISED, (blob, tb)
-
-
-# The user's hooks (__str__, __repr__, a metaclass's attributes) may raise anything,
-# SystemExit included: what describes an exception must not.
-
-
-def _type_name(exc: BaseException) -> str:
-    try:
-        kind = type(exc)
-        return f"{kind.__module__}.{kind.__qualname__}"
-    except BaseException:
-        return "<unknown type>"
-
-
-def _str(exc: BaseException) -> str:
-    try:
-        return str(exc)
-    except BaseException:
-        return "<str() failed>"
-
-
-def _describe(exc: BaseException) -> str:
-    """``TypeError: cannot pickle '_thread.lock' object``."""
-    try:
-        name = type(exc).__qualname__
-    except BaseException:
-        name = _type_name(exc)
-    message = _str(exc)
-    return f"{name}: {message}" if message else name
-
-
-# traceback loads when first needed, not at every worker's start.
-def _traceback(exc: BaseException) -> str:
-    import traceback
-
-    try:
-        return "".join(traceback.format_exception(exc))
-    except BaseException:
-        pass
-    try:  # its frames alone: no str() or repr() of anything of the user's
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-    except BaseException:
-        frames = ""
-    return f"Traceback (most recent call last):\n{frames}{_type_name(exc)}: {_str(exc)}\n"
-
-
-@functools.cache
-def prctl_function() -> Callable[..., int] | None:
-    """Linux's ``prctl(2)``, or None."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
-
-
-#: the guard: killed with its process group when SIGHUP comes, asleep until then (a
-#: ``read`` from a pipe it holds both ends of; a trapped signal interrupts it)
-_GUARD = "trap 'kill -KILL 0' HUP; while read -r _; do :; done"
-#: the guard's $0, by which ``ps`` and tests tell it apart
-GUARD_NAME = "offload-guard"
-
-
-def _guard_group() -> None:
-    """Start a guard that ends this worker's process group when the worker dies.
-
-    The worker leads a process group of its own (the parent starts it in a new
-    session), which the programs its calls start join. The parent ends that group
-    whenever it sees the worker exit; the guard does when the parent cannot, because
-    it is dead (its death killed the worker, by a death signal nothing can handle).
-    The guard is a shell, in the group, that asks for SIGHUP at the worker's death
-    (``PR_SET_PDEATHSIG``, which survives its exec) and then kills its group, itself
-    included: one small process per worker, asleep, holding none of the worker's
-    descriptors. Linux only, and where there is a ``/bin/sh``: elsewhere the parent
-    alone ends the group, and a program outlives a killed parent.
-
-    A worker that exits cleanly kills and reaps its guard first, rather than leave it
-    to whoever adopts orphans (the server itself, as a container's PID 1).
-    """
-    prctl = prctl_function()
-    if prctl is None or os.getpgid(0) != os.getpid() or not os.path.exists("/bin/sh"):
-        return  # not a group of its own, or no way to guard it
-    worker = os.getpid()
-    guard = os.fork()
-    if guard != 0:
-        atexit.register(_end_guard, guard, worker)
-        return
-    try:
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (1, 2):
-            os.dup2(null, fd)
-        read_end, write_end = os.pipe()  # never written to, never closed: no EOF
-        os.dup2(read_end, 0)
-        os.dup2(write_end, 3)
-        os.closerange(4, _max_fd())
-        if prctl(_PR_SET_PDEATHSIG, signal.SIGHUP) != 0 or os.getppid() != worker:
-            os.killpg(0, signal.SIGKILL)  # dead already, or it could not be watched
-        os.execv("/bin/sh", ["/bin/sh", "-c", _GUARD, GUARD_NAME])
-    finally:
-        os._exit(1)
-
-
-def _end_guard(guard: int, worker: int) -> None:
-    if os.getpid() == worker:  # not in a process a call forked, which exits too
-        os.kill(guard, signal.SIGKILL)
-        os.waitpid(guard, 0)
-
-
-def _max_fd() -> int:
-    try:
-        return os.sysconf("SC_OPEN_MAX")
-    except (AttributeError, OSError, ValueError):
-        return 1 << 16
-
-
-def _die_with_parent(death_fd: int, parent_pid: int) -> None:
-    prctl = prctl_function()
-    signalled = prctl is not None and prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0
-    if os.getppid() != parent_pid:
-        os._exit(1)  # the parent died before we could ask to die with it
-    if signalled:
-        # No watcher thread then: a single-threaded process dies at once when
-        # killed, so the parent sees it dead (waitpid) as soon as it looks dead.
-        # An idle worker also leaves when its channel reaches EOF.
-        return
-
-    def watch() -> None:
-        while os.read(death_fd, 1):
-            pass
-        os._exit(1)
-
-    threading.Thread(target=watch, name="offload-parent-watch", daemon=True).start()
