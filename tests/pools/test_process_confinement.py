@@ -223,7 +223,7 @@ NO_SIGNAL_FLAG = """
 import offload._pools.process.worker_handle
 
 # As on macOS: sends cannot ask for no SIGPIPE.
-offload._pools.process.worker_handle._NO_SIGNAL = 0
+offload._pools.process.worker_handle.NO_SIGNAL = 0
 """
 
 

@@ -11,27 +11,31 @@ for its answer: ready, or the initializer's failure.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from ..._errors import PoolStartError, RemoteTraceback
-from . import crash_reports
+from . import crash_reports, worker_handle
 from .framing import OK, decode, encode
 from .remote_buffers import inline_buffers
 from .scheduling import start_at_lower_priority
 from .spawner import spawner, wait_future
-from .worker_handle import EXIT_STATUS_WAIT, WorkerHandle, quiet_channel
+from .worker_handle import EXIT_STATUS_WAIT, WorkerHandle
 
 if TYPE_CHECKING:
     from ..._settings import PoolSettings
 
-__all__ = ("boot", "spawn", "worker_command")
+__all__ = ("boot", "quiet_channel", "spawn", "worker_command")
+
+logger = logging.getLogger("offload")
 
 # The parent's sys.path, from the command line, is the worker's before it imports
 # anything: ``-c`` puts the current directory first on the path, where a
@@ -159,3 +163,49 @@ async def boot(
         ) from RemoteTraceback(tb)
     probe: int = value[1]
     return probe
+
+
+#: where sends have no flag against SIGPIPE (macOS), the socket option that does the
+#: same
+_SO_NOSIGPIPE: int | None = getattr(
+    socket, "SO_NOSIGPIPE", 0x1022 if sys.platform == "darwin" else None
+)
+
+
+def quiet_channel(sock: socket.socket) -> socket.socket:
+    """``sock``, or a socket on the same descriptor, whose sends to a dead worker fail
+    with EPIPE and never raise SIGPIPE: :data:`worker_handle.NO_SIGNAL` where sends have the flag,
+    else ``SO_NOSIGPIPE``, else SIGPIPE blocked around each send."""
+    if worker_handle.NO_SIGNAL:
+        return sock
+    if _SO_NOSIGPIPE is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
+        except OSError:
+            pass
+        else:
+            return sock
+    if not hasattr(signal, "pthread_sigmask"):
+        return sock  # Windows: no SIGPIPE
+    logger.debug("neither MSG_NOSIGNAL nor SO_NOSIGPIPE here: SIGPIPE is blocked around sends")
+    return _SigpipeBlocked(fileno=sock.detach())
+
+
+class _SigpipeBlocked(socket.socket):
+    """A socket whose ``sendmsg`` runs with SIGPIPE blocked in the calling thread, and
+    takes back the SIGPIPE a send to a closed peer leaves pending."""
+
+    __slots__ = ()
+
+    def sendmsg(self, *args: Any) -> int:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGPIPE,))
+        if signal.SIGPIPE in old:  # blocked already: whoever blocked it handles it
+            return super().sendmsg(*args)
+        try:
+            return super().sendmsg(*args)
+        except BrokenPipeError:
+            if signal.SIGPIPE in signal.sigpending():
+                signal.sigwait((signal.SIGPIPE,))
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from .buffers import Buffer, Received
     from .logs import Levels, LogSink
 
-__all__ = ("EXIT_STATUS_WAIT", "WorkerHandle", "quiet_channel")
+__all__ = ("EXIT_STATUS_WAIT", "NO_SIGNAL", "WorkerHandle")
 
 #: seconds a caller waits for a dead worker's exit status before reporting without it
 EXIT_STATUS_WAIT = 2.0
@@ -44,53 +43,11 @@ YIELD_EVERY = 1 << 18
 RECORDS_BETWEEN_PAUSES = 64
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: a send to a dead worker fails with EPIPE instead of raising SIGPIPE, even in an
-#: application that restored SIGPIPE's default action (Python ignores it)
-_NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
-#: where sends have no such flag (macOS), the socket option that does the same
-_SO_NOSIGPIPE: int | None = getattr(
-    socket, "SO_NOSIGPIPE", 0x1022 if sys.platform == "darwin" else None
-)
+#: application that restored SIGPIPE's default action (Python ignores it); where
+#: sends have no such flag, ``launch.quiet_channel`` does the same otherwise
+NO_SIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 
 logger = logging.getLogger("offload")
-
-
-def quiet_channel(sock: socket.socket) -> socket.socket:
-    """``sock``, or a socket on the same descriptor, whose sends to a dead worker fail
-    with EPIPE and never raise SIGPIPE: :data:`_NO_SIGNAL` where sends have the flag,
-    else ``SO_NOSIGPIPE``, else SIGPIPE blocked around each send."""
-    if _NO_SIGNAL:
-        return sock
-    if _SO_NOSIGPIPE is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, _SO_NOSIGPIPE, 1)
-        except OSError:
-            pass
-        else:
-            return sock
-    if not hasattr(signal, "pthread_sigmask"):
-        return sock  # Windows: no SIGPIPE
-    logger.debug("neither MSG_NOSIGNAL nor SO_NOSIGPIPE here: SIGPIPE is blocked around sends")
-    return _SigpipeBlocked(fileno=sock.detach())
-
-
-class _SigpipeBlocked(socket.socket):
-    """A socket whose ``sendmsg`` runs with SIGPIPE blocked in the calling thread, and
-    takes back the SIGPIPE a send to a closed peer leaves pending."""
-
-    __slots__ = ()
-
-    def sendmsg(self, *args: Any) -> int:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGPIPE,))
-        if signal.SIGPIPE in old:  # blocked already: whoever blocked it handles it
-            return super().sendmsg(*args)
-        try:
-            return super().sendmsg(*args)
-        except BrokenPipeError:
-            if signal.SIGPIPE in signal.sigpending():
-                signal.sigwait((signal.SIGPIPE,))
-            raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class WorkerHandle:
@@ -227,7 +184,7 @@ class WorkerHandle:
         if size > CHUNK:
             return parts
         try:
-            sent = self.sock.sendmsg(first_batch(parts), (), _NO_SIGNAL)
+            sent = self.sock.sendmsg(first_batch(parts), (), NO_SIGNAL)
         except BlockingIOError:
             return parts
         return remaining(parts, sent) if sent < size else ()
@@ -238,14 +195,14 @@ class WorkerHandle:
         if sum(map(len, parts)) <= CHUNK:  # the usual frame: one system call
             while views:
                 try:
-                    views = remaining(views, sock.sendmsg(first_batch(views), (), _NO_SIGNAL))
+                    views = remaining(views, sock.sendmsg(first_batch(views), (), NO_SIGNAL))
                 except BlockingIOError:
                     await anyio.wait_writable(sock)
             return
         unyielded = 0
         while views:
             try:
-                sent = sock.sendmsg(first_batch(first_bytes(views, CHUNK)), (), _NO_SIGNAL)
+                sent = sock.sendmsg(first_batch(first_bytes(views, CHUNK)), (), NO_SIGNAL)
             except BlockingIOError:
                 unyielded = 0
                 await anyio.wait_writable(sock)
