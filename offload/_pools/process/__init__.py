@@ -39,7 +39,8 @@ The data flow of one call (each box names the module that does it)::
                                                             exchange.LoopDecoder)
 
     watcher task, one per worker: the pidfd becomes readable when the worker exits,
-    the pool ends its process group and starts a replacement (pool.py, launch.py)
+    the pool ends its process group and starts a replacement (supervision.py,
+    launch.py)
 
 Worker processes are started by one long-lived thread (spawner.py), below the event
 loop (scheduling.py), with the parent's ``sys.path`` on their command line, and told
@@ -71,7 +72,8 @@ A stream (``Executor.stream``, streams.py)
 Recycling (``max_tasks_per_worker``, ``max_memory_per_worker``)
     After a call, a worker past its limit is retired: its channel is shut down, it
     exits cleanly (SIGKILL after a grace otherwise), and a replacement starts; for the
-    call limit, one call early, so that capacity has no gap (worker_handle.py, pool.py).
+    call limit, one call early, so that capacity has no gap (worker_handle.py, pool.py,
+    supervision.py).
 
 Shutdown (``Pool.aclose``, ../base.py)
     New calls get ``PoolClosed``; calls in flight may finish until the drain deadline,
