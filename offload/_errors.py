@@ -162,3 +162,14 @@ def describe_exit(exitcode: int | None, *, unexpected: bool = False) -> str:
         hint = _SIGKILL_HINT if unexpected and name == "SIGKILL" else ""
         return f"killed by {name}{hint}"
     return f"exited with code {exitcode}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """``TypeError: cannot pickle '_thread.lock' object``, whatever the exception's
+    ``str()`` does (the user's, called on an error path: it may raise anything)."""
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<str() failed>"
+    name = type(exc).__qualname__
+    return f"{name}: {message}" if message else name

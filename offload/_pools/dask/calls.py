@@ -27,6 +27,7 @@ from ..._errors import (
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
+    describe_error,
     describe_exit,
 )
 from .connection import CANCEL_TIMEOUT, DaskConnection
@@ -206,10 +207,11 @@ class DaskCalls(DaskConnection):
                     raise
                 raise SerializationError(
                     f"cannot send {call.name} to the dask cluster: the value of the context "
-                    f"variable {name} (context_vars) cannot be pickled: {_describe(value_exc)}"
+                    f"variable {name} (context_vars) cannot be pickled: {describe_error(value_exc)}"
                 ) from value_exc
         raise SerializationError(
-            f"cannot send {call.name} or its arguments to the dask cluster: {_describe(failure)}"
+            f"cannot send {call.name} or its arguments to the dask cluster: "
+            f"{describe_error(failure)}"
         ) from failure
 
     async def _attempt(self, call: Call, entry: CallInFlight, blob: bytes, large: list[Any]) -> Any:
@@ -332,7 +334,7 @@ class DaskCalls(DaskConnection):
             if isinstance(exc, KeyboardInterrupt):
                 raise  # meant for this process
             failure = SerializationError(
-                f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
+                f"the result of {call.name} cannot be unpickled: {describe_error(exc)}"
             )
             failure.__cause__ = exc
         raise failure
@@ -416,13 +418,3 @@ def _large(value: Any) -> bool:
         return bool(sizeof(value) > SCATTER_THRESHOLD)
     except Exception:
         return False
-
-
-def _describe(exc: BaseException) -> str:
-    """``TypeError: cannot pickle '_thread.lock' object``, whatever ``str()`` does."""
-    try:
-        message = str(exc)
-    except BaseException:
-        message = "<str() failed>"
-    name = type(exc).__qualname__
-    return f"{name}: {message}" if message else name

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
-from ..._errors import CallAborted, OffloadError, RemoteTraceback, SerializationError
+from ..._errors import (
+    CallAborted,
+    OffloadError,
+    RemoteTraceback,
+    SerializationError,
+    describe_error,
+)
 from . import framing
 from .buffers import Buffer, Received, out_of_band
 
@@ -86,7 +92,7 @@ def encode_request(
     except BaseException as exc:
         _reraise_interrupt(exc)
         raise SerializationError(
-            f"cannot send {call.name} to a worker process: {_describe(exc)}"
+            f"cannot send {call.name} to a worker process: {describe_error(exc)}"
         ) from exc
     args, kwargs = call.args, call.kwargs
     if bytes in map(type, args):
@@ -110,7 +116,7 @@ def encode_request(
             _reraise_interrupt(exc)
             _check_context(call)
             raise SerializationError(
-                f"the arguments of {call.name} cannot be pickled: {_describe(exc)}"
+                f"the arguments of {call.name} cannot be pickled: {describe_error(exc)}"
             ) from exc
     size = parts.size
     if size > max_payload:
@@ -138,7 +144,7 @@ def _check_context(call: Call) -> None:
             _reraise_interrupt(exc)
             raise SerializationError(
                 f"cannot send {call.name} to a worker process: the value of the context "
-                f"variable {name} (context_vars) cannot be pickled: {_describe(exc)}"
+                f"variable {name} (context_vars) cannot be pickled: {describe_error(exc)}"
             ) from exc
 
 
@@ -154,7 +160,7 @@ def decode_reply(call: Call, data: Received, buffers: list[Received]) -> Any:
     except BaseException as exc:
         _reraise_interrupt(exc)
         raise SerializationError(
-            f"the result of {call.name} cannot be unpickled: {_describe(exc)}"
+            f"the result of {call.name} cannot be unpickled: {describe_error(exc)}"
         ) from exc
     return outcome(call, reply)
 
@@ -174,13 +180,13 @@ def outcome(call: Call, reply: Any) -> Any:
         except BaseException as exc:
             _reraise_interrupt(exc)
             raise SerializationError(
-                f"the exception raised by {call.name} cannot be unpickled: {_describe(exc)}"
+                f"the exception raised by {call.name} cannot be unpickled: {describe_error(exc)}"
             ) from RemoteTraceback(tb)
         try:
             if not isinstance(error, Exception):
                 error.__cause__ = RemoteTraceback(tb)
                 raise CallAborted(
-                    f"{call.name} raised {_describe(error)}; it is not re-raised as such, "
+                    f"{call.name} raised {describe_error(error)}; it is not re-raised as such, "
                     "which would end this program"
                 ) from error
             raise error from RemoteTraceback(tb)
@@ -214,13 +220,3 @@ def _reraise_interrupt(exc: BaseException) -> None:
     which is meant for this process."""
     if isinstance(exc, KeyboardInterrupt):
         raise exc
-
-
-def _describe(exc: BaseException) -> str:
-    """``TypeError: cannot pickle '_thread.lock' object``, whatever ``str()`` does."""
-    try:
-        message = str(exc)
-    except BaseException:
-        message = "<str() failed>"
-    name = type(exc).__qualname__
-    return f"{name}: {message}" if message else name
