@@ -22,8 +22,6 @@ __all__ = ("OffloadedFunction", "OffloadedGenerator", "offload")
 
 Y = TypeVar("Y")
 
-A = TypeVar("A")
-
 
 class OffloadedFunction(Generic[P, T]):
     """A function decorated with :func:`offload`.
@@ -90,8 +88,8 @@ class OffloadedFunction(Generic[P, T]):
         return await executor.run(self, *args, **kwargs)
 
     def map(
-        self: OffloadedFunction[[A], T],
-        items: Iterable[A] | AsyncIterable[A],
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
         /,
         *,
         ordered: bool = True,
@@ -127,7 +125,7 @@ class OffloadedFunction(Generic[P, T]):
                 executor = executor.options(timeout=chosen)
             return executor
 
-        fn = cast("Callable[[A], T]", self)  # run returns what the function returns
+        fn = cast("Callable[[Any], T]", self)  # run returns what the function returns
         return MapResults(executor, fn, source, ordered=ordered, max_in_flight=max_in_flight)
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:

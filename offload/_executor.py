@@ -305,7 +305,11 @@ class Executor:
             raise TypeError(f"ordered must be a bool, not {ordered!r}")
         source = source_of(items)
         executor = self if timeout is ... else self.options(timeout=timeout)
-        return MapResults(executor, fn, source, ordered=ordered, max_in_flight=max_in_flight)
+
+        async def resolve() -> Executor:
+            return executor
+
+        return MapResults(resolve, fn, source, ordered=ordered, max_in_flight=max_in_flight)
 
     async def _submit(self, pool: Pool, call: Call) -> Any:
         """Where a call leaves the executor for its pool: a subclass may wrap it."""

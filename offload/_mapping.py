@@ -26,7 +26,7 @@ import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -148,6 +148,7 @@ class _Mapping:
         source = self.source
         assert source is not None
         position = 0
+        previous: anyio.Event | None = None
         while not self.stopping:
             if self.taken - self.delivered >= self.max_in_flight:
                 self.room = room = anyio.Event()
@@ -169,23 +170,36 @@ class _Mapping:
                 self._store(position, _Failed(exc))
                 return
             self.taken += 1
-            tg.start_soon(self._call, position, item)
+            turn = anyio.Event()
+            tg.start_soon(self._call, position, item, previous, turn)
+            previous = turn
             position += 1
             if position % 64 == 0:
                 # A source that never blocks, with calls that finish at once: let
                 # the rest of the loop run now and then.
                 await anyio.lowlevel.checkpoint()
 
-    async def _call(self, position: int, item: Any) -> None:
+    async def _call(
+        self, position: int, item: Any, previous: anyio.Event | None, turn: anyio.Event
+    ) -> None:
         with anyio.CancelScope() as scope:
             self.calls[position] = scope
             try:
+                # Calls reach the pool in the items' order, though trio starts new
+                # tasks in an order of its own: a pool's queue is first come, first
+                # served, and an item must not wait behind those after it. The call
+                # is in the pool's queue by its first suspension, so the next item's
+                # task, woken now, runs only once it is.
+                if previous is not None and not previous.is_set():
+                    await previous.wait()
+                turn.set()
                 outcome = await self.executor.run(self.fn, item)
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
                 outcome = _Failed(exc)
             finally:
+                turn.set()  # cancelled while waiting: the next item's turn all the same
                 del self.calls[position]
             self._store(position, outcome)
 
@@ -259,7 +273,9 @@ class _Mapping:
         return outcome
 
     def cancel(self) -> None:
+        """Stop every call and take no more items; the consumer gets nothing more."""
         self.stopping = True
+        self.over = True
         self.scope.cancel()
 
     async def wait_done(self) -> None:
@@ -288,7 +304,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
 
     def __init__(
         self,
-        executor: Executor | Callable[[], Awaitable[Executor]],
+        executor: Callable[[], Awaitable[Executor]],
         fn: Callable[[Any], T],
         source: Iterator[Any] | AsyncIterator[Any],
         *,
@@ -309,11 +325,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
         return f"<MapResults {what} ordered={self._ordered}>"
 
     async def _start(self) -> _Mapping:
-        from ._executor import Executor
-
-        executor = self._executor
-        if not isinstance(executor, Executor):
-            executor = await executor()
+        executor = await self._executor()
         offloader = executor.offloader
         pool = offloader.get_pool(executor.pool_name)  # PoolClosed before anything starts
         max_in_flight = self._max_in_flight or default_max_in_flight(
@@ -328,9 +340,9 @@ class MapResults(AsyncIterator[T], Generic[T]):
         return state
 
     async def __anext__(self) -> T:
-        await anyio.lowlevel.checkpoint_if_cancelled()
         state = self._state
         if state is None:
+            await anyio.lowlevel.checkpoint_if_cancelled()
             try:
                 state = await self._start()
             except BaseException as exc:
@@ -338,6 +350,9 @@ class MapResults(AsyncIterator[T], Generic[T]):
                     await anyio.lowlevel.checkpoint()
                 raise
         try:
+            # A checkpoint, as every await of anyio and trio: a consumer cancelled
+            # between results stops the map here, whether results are ready or not.
+            await anyio.lowlevel.checkpoint_if_cancelled()
             while (outcome := state.take()) is _NOTHING:
                 if state.done.is_set():
                     if state.over or (state.exhausted and state.delivered == state.taken):
@@ -374,7 +389,9 @@ class MapResults(AsyncIterator[T], Generic[T]):
         state = self._state
         if state is None:
             # Never started: nothing runs, and nothing ever will.
-            self._state = state = _Mapping(self._executor, self._fn, iter(()), self._ordered, 1)  # type: ignore[arg-type]
+            self._state = state = _Mapping(
+                cast("Executor", None), self._fn, iter(()), self._ordered, 1
+            )
             state.over = True
             state.done.set()
             await anyio.lowlevel.checkpoint()
