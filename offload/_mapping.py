@@ -124,6 +124,7 @@ class _Mapping:
         self.failed_at = math.inf  # position of the first error (ordered), if any
         self.stopping = False  # take no more items
         self.over = False  # the consumer has had the last outcome it will get (an error)
+        self.broken: Exception | None = None  # the feeder itself failed
         self.exhausted = False  # the source has no more items
         self.done = anyio.Event()  # the feeder and every call have ended
         self.ready: anyio.Event | None = None  # the consumer waits for an outcome
@@ -138,6 +139,11 @@ class _Mapping:
             with self.scope:
                 async with anyio.create_task_group() as tg:
                     await self._take_items(tg)
+        except Exception as exc:
+            # A fault of offload's own: it goes to the consumer, never into the
+            # Offloader's task group, which it would bring down with every pool.
+            logger.exception("map: the feeder failed")
+            self.broken = exc
         finally:
             self.stopping = True
             await self._close_source()
@@ -349,6 +355,8 @@ class MapResults(AsyncIterator[T], Generic[T]):
                 if not isinstance(exc, anyio.get_cancelled_exc_class()):
                     await anyio.lowlevel.checkpoint()
                 raise
+        if state.ready is not None:
+            raise RuntimeError("another task is already waiting for this map's next result")
         try:
             # A checkpoint, as every await of anyio and trio: a consumer cancelled
             # between results stops the map here, whether results are ready or not.
@@ -357,8 +365,10 @@ class MapResults(AsyncIterator[T], Generic[T]):
                 if state.done.is_set():
                     if state.over or (state.exhausted and state.delivered == state.taken):
                         raise StopAsyncIteration
-                    # The feeder was cancelled from outside: the Offloader stopped.
                     state.over = True  # said once
+                    if state.broken is not None:
+                        raise state.broken
+                    # The feeder was cancelled from outside: the Offloader stopped.
                     raise PoolClosed(
                         f"pool {state.executor.pool_name!r}: the Offloader stopped "
                         "before the map had its results"

@@ -310,3 +310,30 @@ async def test_the_context_travels_with_thread_calls(ex: Executor) -> None:
     var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
     var.set("set")
     assert [r async for r in ex.pool("thread").map(lambda _: var.get(), range(3))] == ["set"] * 3
+
+
+async def test_one_consumer_at_a_time(ex: Executor) -> None:
+    results = ex.pool("thread").map(slow_at, [(i, 0) for i in range(3)])
+    async with results, anyio.create_task_group() as tg:
+        tg.start_soon(results.__anext__)
+        await wait_until(lambda: ex.pool("thread").stats().busy == 1, 10, "item 0 running")
+        with pytest.raises(RuntimeError, match="another task"):
+            await results.__anext__()
+        tg.cancel_scope.cancel()
+    await idle(ex, "thread")
+
+
+async def test_a_fault_of_the_feeder_reaches_the_consumer(
+    ex: Executor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from offload import _mapping
+
+    def broken(self: Any, position: int, outcome: Any) -> None:
+        raise AssertionError("a bug")
+
+    monkeypatch.setattr(_mapping._Mapping, "_store", broken)
+    with pytest.raises(Exception) as caught:
+        await collect(ex.pool("thread").map(abs, range(3)), [])
+    assert "a bug" in repr(caught.value) + repr(getattr(caught.value, "exceptions", ""))
+    # The Offloader is unharmed.
+    assert await ex.pool("thread").run(abs, -1) == 1
