@@ -337,3 +337,40 @@ async def test_a_fault_of_the_feeder_reaches_the_consumer(
     assert "a bug" in repr(caught.value) + repr(getattr(caught.value, "exceptions", ""))
     # The Offloader is unharmed.
     assert await ex.pool("thread").run(abs, -1) == 1
+
+
+async def test_calls_reach_the_pool_in_the_items_order() -> None:
+    # One thread: the calls run in the order they reached the pool's queue, which
+    # must be the items' on trio too (it starts new tasks in an order of its own).
+    settings = OffloadSettings(thread={"max_workers": 1}, default_pool="thread")
+    async with Offloader(settings) as ex:
+        for _ in range(5):  # trio reverses a batch of new tasks half the time
+            order: list[int] = []
+            results = ex.map(order.append, range(50), ordered=False, max_in_flight=50)
+            assert [r async for r in results] == [None] * 50
+            assert order == list(range(50))
+
+
+@pytest.mark.parametrize("source", ["sync", "async"])
+async def test_items_left_unfinished_are_closed(ex: Executor, source: str) -> None:
+    closed = anyio.Event()
+
+    def sync_items() -> Iterator[int]:
+        try:
+            yield from itertools.count()
+        finally:
+            closed.set()
+
+    async def async_items() -> AsyncIterator[int]:
+        try:
+            for i in itertools.count():
+                yield i
+        finally:
+            closed.set()
+
+    items = sync_items() if source == "sync" else async_items()
+    async with ex.pool("thread").map(abs, items) as results:
+        async for r in results:
+            if r == 3:
+                break
+    assert closed.is_set()
