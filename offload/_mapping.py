@@ -25,7 +25,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from types import TracebackType
+from types import AsyncGeneratorType, GeneratorType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import anyio
@@ -243,11 +243,13 @@ class _Mapping:
         source, self.source = self.source, None
         if self.exhausted or source is None:
             return
+        # Generators only: another iterator's close() may end more than the iteration
+        # (a file's closes the file).
         try:
-            if hasattr(source, "aclose"):
+            if isinstance(source, AsyncGeneratorType):
                 with anyio.CancelScope(shield=True):
                     await source.aclose()
-            elif hasattr(source, "close"):
+            elif isinstance(source, GeneratorType):
                 source.close()
         except Exception:
             logger.warning("map: closing the items' iterator failed", exc_info=True)

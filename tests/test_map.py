@@ -374,3 +374,24 @@ async def test_items_left_unfinished_are_closed(ex: Executor, source: str) -> No
             if r == 3:
                 break
     assert closed.is_set()
+
+
+async def test_other_iterators_are_left_open(ex: Executor) -> None:
+    # A file is its own iterator: stopping the map must not close it.
+    class Lines:
+        closed = False
+
+        def __iter__(self) -> Lines:
+            return self
+
+        def __next__(self) -> int:
+            return 1
+
+        def close(self) -> None:
+            self.closed = True
+
+    lines = Lines()
+    async with ex.pool("thread").map(abs, lines) as results:
+        async for _ in results:
+            break
+    assert not lines.closed
