@@ -89,6 +89,9 @@ async def test_first_error_after_the_results_before_it_and_the_rest_stop(
         for started in tmp_path.glob("started-*"):
             pid = int(started.read_text())
             await wait_until(functools.partial(gone, pid), 10, f"worker {pid} still runs")
+        # ... and replaced.
+        pool = ex.pool(kind)
+        await wait_until(lambda: pool.stats().workers == 2, 10, lambda: f"{pool.stats()}")
     assert list(tmp_path.glob("finished-*")) == []
     assert ex.pool(kind).stats().completed == 13
 
