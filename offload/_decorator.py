@@ -6,7 +6,7 @@ import functools
 import importlib
 import inspect
 import types
-from collections.abc import Callable, Coroutine, Generator, Iterator
+from collections.abc import AsyncIterable, Callable, Coroutine, Generator, Iterable, Iterator
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
@@ -14,6 +14,8 @@ from ._types import P, T, check_streamable, check_sync_callable, check_timeout
 from ._where import in_worker
 
 if TYPE_CHECKING:
+    from ._executor import Executor
+    from ._mapping import MapResults
     from ._stream import Stream
 
 __all__ = ("OffloadedFunction", "OffloadedGenerator", "offload")
@@ -84,6 +86,47 @@ class OffloadedFunction(Generic[P, T]):
         if self._timeout is not ...:
             executor = executor.options(timeout=self._timeout)
         return await executor.run(self, *args, **kwargs)
+
+    def map(
+        self,
+        items: Iterable[Any] | AsyncIterable[Any],
+        /,
+        *,
+        ordered: bool = True,
+        max_in_flight: int | None = None,
+        timeout: float | EllipsisType | None = ...,
+    ) -> MapResults[T]:
+        """The function over many items, in its pool: as
+        :meth:`Executor.map() <offload.Executor.map>` on the executor a call would use
+        (the active Offloader's, or the default one), with the function's own
+        ``timeout`` as the default one::
+
+            async with resize.map(images) as results:
+                async for small in results:
+                    ...
+        """
+        # Imported here: a worker process imports this module, and needs neither.
+        from ._mapping import MapResults, check_max_in_flight, source_of
+
+        check_timeout(timeout)
+        check_max_in_flight(max_in_flight)
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be a bool, not {ordered!r}")
+        source = source_of(items)
+        chosen = timeout if timeout is not ... else self._timeout
+
+        async def executor() -> Executor:
+            from ._default import current_offloader
+
+            executor = (await current_offloader()).executor
+            if self._kind is not None:
+                executor = executor.pool(self._kind)
+            if chosen is not ...:
+                executor = executor.options(timeout=chosen)
+            return executor
+
+        fn = cast("Callable[[Any], T]", self)  # run returns what the function returns
+        return MapResults(executor, fn, source, ordered=ordered, max_in_flight=max_in_flight)
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         # Decorating a method: bind like a function does.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, Callable, Iterable
 from types import EllipsisType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -11,6 +11,7 @@ import anyio.lowlevel
 
 from ._call import Call
 from ._errors import OffloadTimeout
+from ._mapping import MapResults, check_max_in_flight, source_of
 from ._stream import Stream
 from ._types import check_streamable, check_sync_callable, check_timeout
 
@@ -27,6 +28,7 @@ Y = TypeVar("Y")
 
 #: items a stream's generator may run ahead of its consumer, unless set with options()
 DEFAULT_BUFFER = 16
+A = TypeVar("A")
 
 
 class Executor:
@@ -221,6 +223,93 @@ class Executor:
 
         made = anyio.current_time()
         return Stream(open_)
+
+    @overload
+    def map(
+        self,
+        fn: Offloaded[[A], T],
+        items: Iterable[A] | AsyncIterable[A],
+        /,
+        *,
+        ordered: bool = True,
+        max_in_flight: int | None = None,
+        timeout: float | EllipsisType | None = ...,
+    ) -> MapResults[T]: ...
+
+    @overload
+    def map(
+        self,
+        fn: Callable[[A], T],
+        items: Iterable[A] | AsyncIterable[A],
+        /,
+        *,
+        ordered: bool = True,
+        max_in_flight: int | None = None,
+        timeout: float | EllipsisType | None = ...,
+    ) -> MapResults[T]: ...
+
+    def map(
+        self,
+        fn: Callable[[A], Any],
+        items: Iterable[A] | AsyncIterable[A],
+        /,
+        *,
+        ordered: bool = True,
+        max_in_flight: int | None = None,
+        timeout: float | EllipsisType | None = ...,
+    ) -> MapResults[Any]:
+        r"""Run ``fn(item)`` for each item, a call of this executor's pool per item;
+        an async iterator of the results, and an async context manager::
+
+            async with ex.map(resize, images) as results:
+                async for small in results:
+                    ...
+
+        ``items`` (an iterable or an async iterable) is taken lazily: at most
+        ``max_in_flight`` items ahead of the results delivered. Nothing starts until
+        the first result is asked for, or the ``async with`` block is entered.
+
+        Errors: the first error (in the items' order when ``ordered``) is raised as
+        ``run`` would raise it, its own type, not an ExceptionGroup: after exactly the
+        results before its item (``ordered``), or when it finishes. The calls still
+        running are then cancelled as a cancelled ``run`` is (a queued call never
+        starts, a process worker running one is killed and replaced, a thread is
+        abandoned), and return before the error is raised.
+
+        Cancellation: leaving the ``async with`` block (``break``, an exception,
+        cancellation) cancels what is left before the block ends; so does a
+        cancellation or an error raised while a result is awaited. A bare ``async for``
+        left by ``break`` cancels what is left only when the iterator is dropped
+        (at once in CPython when nothing else refers to it) or ``aclose()`` is awaited:
+        prefer ``async with``.
+
+        :param ordered: results in the items' order (True), or as they finish (False)
+        :param max_in_flight: how many items may be taken ahead of the results
+            delivered: calls in flight plus results waiting for the consumer (so a
+            slow consumer, or a slow item ahead of finished ones, stops taking
+            items); default: the pool's ``max_workers`` plus
+            ``max(2, max_workers // 2)``, at most ``max_pending`` more
+        :param timeout: per item, as ``run``'s: seconds from the item's call (queue
+            wait included) until :class:`~offload.OffloadTimeout`; ``None`` for no
+            deadline; ``...`` (the default) for this executor's (see :meth:`options`)
+        :raises TypeError: ``fn`` is an async or generator function, or not callable;
+            ``items`` is not iterable; an option has the wrong type (at once)
+        :raises ValueError: ``max_in_flight`` is below 1, or ``timeout`` is not
+            positive (at once)
+        :raises PoolClosed: the Offloader is not running (from the first result)
+        """
+        check_sync_callable(fn)
+        check_timeout(timeout)
+        check_max_in_flight(max_in_flight)
+        if not isinstance(ordered, bool):
+            raise TypeError(f"ordered must be a bool, not {ordered!r}")
+        source = source_of(items)
+        executor = self if timeout is ... else self.options(timeout=timeout)
+
+        async def resolve() -> Executor:
+            return executor
+
+        return MapResults(resolve, fn, source, ordered=ordered, max_in_flight=max_in_flight)
 
     async def _submit(self, pool: Pool, call: Call) -> Any:
         """Where a call leaves the executor for its pool: a subclass may wrap it."""

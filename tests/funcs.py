@@ -806,3 +806,68 @@ def worker_logging() -> tuple[list[str], str | None, str | None]:
     record = logging.getLogger("app").makeRecord("app", logging.WARNING, "f", 1, "m", (), None)
     handlers = [type(h).__name__ for h in logging.getLogger().handlers]
     return handlers, getattr(record, "offload_pool", None), getattr(record, "offload_call", None)
+
+
+# --- helpers for test_map ---------------------------------------------------------------
+
+
+def _wait_for_path(path: str) -> None:
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def finish_after(spec: tuple[str | None, str, Any]) -> Any:
+    """``(wait_for, then_touch, value)``: wait until the file ``wait_for`` exists (if
+    given), create ``then_touch``, return ``value``: items that finish in an order the
+    test sets."""
+    wait_for, then_touch, value = spec
+    if wait_for is not None:
+        _wait_for_path(wait_for)
+    Path(then_touch).touch()
+    return value
+
+
+def hold_after(spec: tuple[int, int, str]) -> int:
+    """``(i, fail_at, directory)``: items before ``fail_at`` return ``i``; ``fail_at``
+    raises ``ValueError`` once a later item has started; later items write
+    ``started-<i>`` (this worker's pid in it), then run until abandoned (threads, by
+    ``check_cancelled``) or for the safety bound, and only then write ``finished-<i>``.
+    """
+    from offload import check_cancelled
+
+    i, fail_at, directory = spec
+    if i < fail_at:
+        return i
+    if i == fail_at:
+        deadline = time.monotonic() + SAFETY_TIMEOUT
+        while not any(Path(directory).glob("started-*")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        raise ValueError(f"item {i}")
+    tmp = f"{directory}/.started-{i}"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, f"{directory}/started-{i}")
+    deadline = time.monotonic() + SAFETY_TIMEOUT
+    while time.monotonic() < deadline:
+        check_cancelled()
+        time.sleep(0.005)
+    Path(f"{directory}/finished-{i}").touch()
+    return i
+
+
+def slow_at(spec: tuple[int, int]) -> int:
+    """``(i, slow)``: return ``i`` at once, except item ``slow``, which runs until
+    abandoned (threads) or for the safety bound."""
+    from offload import check_cancelled
+
+    i, slow = spec
+    if i == slow:
+        deadline = time.monotonic() + SAFETY_TIMEOUT
+        while time.monotonic() < deadline:
+            check_cancelled()
+            time.sleep(0.005)
+    return i
+
+
+def identity(x: Any) -> Any:
+    return x

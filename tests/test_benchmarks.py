@@ -293,3 +293,22 @@ def test_logs_benchmark_runs(tmp_path: Path) -> None:
         assert arrived + dropped == 10_000
     assert "| on |" in done.stdout
     assert "| off |" in done.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(120)
+def test_map_benchmark_runs() -> None:
+    """``bench_map.py`` measures each mode on each kind and loop."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_map.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    for kind in ("thread", "process"):
+        for loop in ("asyncio", "trio"):
+            assert re.search(
+                rf"^\| {kind} \| {loop} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", done.stdout, re.M
+            ), done.stdout

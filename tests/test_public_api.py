@@ -22,6 +22,7 @@ PUBLIC = (
     "ClusterUnavailable",
     "Executor",
     "LoopStats",
+    "MapResults",
     "OffloadError",
     "OffloadSettings",
     "OffloadTimeout",

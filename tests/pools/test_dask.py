@@ -12,6 +12,7 @@ its own, in ``test_dask_embedded.py``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import threading
@@ -679,3 +680,18 @@ async def test_exit_status_unknown_is_no_error(monkeypatch: pytest.MonkeyPatch) 
     assert await exit_status(FakeNanny(), DEAD) == (None, None)  # unreachable
     no_nanny = SimpleNamespace(address="tls://127.0.0.1:1", nanny=None, pid=4242)
     assert await exit_status(FakeNanny(), no_nanny) == (None, None)
+
+
+async def collect(results: AsyncIterator[Any], into: list[Any]) -> None:
+    async for r in results:
+        into.append(r)
+
+
+async def test_map(dask_ex: Executor) -> None:
+    assert [r async for r in dask_ex.map(abs, range(-3, 3))] == [3, 2, 1, 0, 1, 2]
+    unordered = [r async for r in dask_ex.map(abs, range(-3, 3), ordered=False)]
+    assert sorted(unordered) == [0, 1, 1, 2, 2, 3]
+    got: list[float] = []
+    with pytest.raises(ValueError, match="math domain error"):
+        await collect(dask_ex.map(math.sqrt, [4, 9, -1, 16]), got)
+    assert got == [2.0, 3.0]

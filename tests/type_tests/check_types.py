@@ -7,6 +7,7 @@ from typing import Any, assert_type
 
 from offload import (
     Executor,
+    MapResults,
     OffloadedFunction,
     OffloadedGenerator,
     OffloadSettings,
@@ -79,3 +80,16 @@ async def stream_types(ex: Executor) -> None:
         async for item in items:
             assert_type(item, bytes)
     ex.stream(rows, "3")  # type: ignore[arg-type]
+
+
+async def maps(ex: Executor) -> None:
+    # Results typed as the function's return, for a plain and a decorated function.
+    async for text in ex.map(plain, [1, 2]):
+        assert_type(text, str)
+    async with ex.map(factory, range(3), ordered=False) as results:
+        assert_type(results, MapResults[bytes])
+        async for data in results:
+            assert_type(data, bytes)
+    async for data in factory.map(range(3), max_in_flight=2):
+        assert_type(data, bytes)
+    ex.map(plain, ["not an int"])  # type: ignore[arg-type]
