@@ -18,9 +18,11 @@ crash       ``exit_now(3)`` (process pool only)              ``WorkerCrashed``, 
 ==========  ===============================================  =====================
 
 Every call must end with exactly one outcome, the expected one; pool counters must
-agree with the plan. After the Offloader exits: no child process left, the thread
-count back to what it was, as many open file descriptors as before, and RSS grown by
-less than a limit (after ``gc.collect()``). The baseline is taken after a warm-up
+agree with the plan. After the Offloader exits: no child process left, no thread of
+offload's pools left (abandoned ones included; the one spawner thread a process keeps
+for its life, and the event loop's own idle worker threads, which it ends in its own
+time, are not offload's to end), as many open file descriptors as before, and RSS
+grown by less than a limit (after ``gc.collect()``). The baseline is taken after a warm-up
 soak in its own Offloader, so that one-time costs (imports, caches) are not counted.
 """
 
@@ -149,7 +151,7 @@ def expected_counts(plan: list[Planned]) -> dict[str, dict[str, int]]:
 @dataclass(frozen=True)
 class Resources:
     children: frozenset[int]  # pids of child processes, zombies included
-    threads: int
+    threads: int  # offload's threads but its spawner (see _offload_threads)
     fds: int
     rss: int  # bytes, after gc.collect()
 
@@ -161,10 +163,20 @@ class Resources:
             children.append(child.pid)
         return cls(
             children=frozenset(children),
-            threads=threading.active_count(),
+            threads=_offload_threads(),
             fds=len(os.listdir("/proc/self/fd")),
             rss=psutil.Process().memory_info().rss,
         )
+
+
+def _offload_threads() -> int:
+    """Live threads of offload's pools: a thread pool's (``offload-<pool>-<n>``) and any
+    other that offload names, but the spawner, which lives as long as the process."""
+    return sum(
+        1
+        for thread in threading.enumerate()
+        if thread.name.startswith("offload-") and thread.name != "offload-spawner"
+    )
 
 
 async def settle(baseline: Resources, timeout: float = SETTLE) -> Resources:
