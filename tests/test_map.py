@@ -59,12 +59,20 @@ async def test_ordered_results(ex: Executor, kind: str) -> None:
 async def test_unordered_results_come_as_they_finish(
     ex: Executor, kind: str, tmp_path: Path
 ) -> None:
-    # "a" finishes only once "b" has: ordered, "a" comes first all the same.
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    items = [(b, a, "a"), (None, b, "b")]
-    assert [r async for r in ex.pool(kind).map(finish_after, items, ordered=False)] == ["b", "a"]
+    # "a" finishes only once "b" has reached the consumer (finishing in the worker is
+    # not enough: two results back at once reach the loop in an order of its own).
+    a, b, release = str(tmp_path / "a"), str(tmp_path / "b"), tmp_path / "release"
+    async with ex.pool(kind).map(
+        finish_after, [(str(release), a, "a"), (None, b, "b")], ordered=False
+    ) as results:
+        first = await anext(results)
+        release.touch()
+        rest = [r async for r in results]
+    assert [first, *rest] == ["b", "a"]
+    # Ordered, "a" comes first all the same, though it finishes only once "b" has.
     Path(a).unlink()
     Path(b).unlink()
+    items = [(b, a, "a"), (None, b, "b")]
     assert [r async for r in ex.pool(kind).map(finish_after, items)] == ["a", "b"]
 
 
