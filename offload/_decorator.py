@@ -94,6 +94,7 @@ class OffloadedFunction(Generic[P, T]):
         *,
         ordered: bool = True,
         max_in_flight: int | None = None,
+        chunksize: int | None = None,
         timeout: float | EllipsisType | None = ...,
     ) -> MapResults[T]:
         """The function over many items, in its pool: as
@@ -106,12 +107,14 @@ class OffloadedFunction(Generic[P, T]):
                     ...
         """
         # Imported here: a worker process imports this module, and needs neither.
-        from ._mapping import MapResults, check_max_in_flight, source_of
+        from ._mapping import MapResults, check_count, length_of, source_of
 
         check_timeout(timeout)
-        check_max_in_flight(max_in_flight)
+        check_count("max_in_flight", max_in_flight)
+        check_count("chunksize", chunksize)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be a bool, not {ordered!r}")
+        length = length_of(items)
         source = source_of(items)
         chosen = timeout if timeout is not ... else self._timeout
 
@@ -126,7 +129,15 @@ class OffloadedFunction(Generic[P, T]):
             return executor
 
         fn = cast("Callable[[Any], T]", self)  # run returns what the function returns
-        return MapResults(executor, fn, source, ordered=ordered, max_in_flight=max_in_flight)
+        return MapResults(
+            executor,
+            fn,
+            source,
+            ordered=ordered,
+            max_in_flight=max_in_flight,
+            chunksize=chunksize,
+            length=length,
+        )
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:
         # Decorating a method: bind like a function does.

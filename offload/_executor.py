@@ -11,7 +11,7 @@ import anyio.lowlevel
 
 from ._call import Call
 from ._errors import OffloadTimeout
-from ._mapping import MapResults, check_max_in_flight, source_of
+from ._mapping import MapResults, check_count, length_of, source_of
 from ._stream import Stream
 from ._types import check_streamable, check_sync_callable, check_timeout
 
@@ -233,6 +233,7 @@ class Executor:
         *,
         ordered: bool = True,
         max_in_flight: int | None = None,
+        chunksize: int | None = None,
         timeout: float | EllipsisType | None = ...,
     ) -> MapResults[T]: ...
 
@@ -245,6 +246,7 @@ class Executor:
         *,
         ordered: bool = True,
         max_in_flight: int | None = None,
+        chunksize: int | None = None,
         timeout: float | EllipsisType | None = ...,
     ) -> MapResults[T]: ...
 
@@ -256,10 +258,12 @@ class Executor:
         *,
         ordered: bool = True,
         max_in_flight: int | None = None,
+        chunksize: int | None = None,
         timeout: float | EllipsisType | None = ...,
     ) -> MapResults[Any]:
-        r"""Run ``fn(item)`` for each item, a call of this executor's pool per item;
-        an async iterator of the results, and an async context manager::
+        r"""Run ``fn(item)`` for each item in this executor's pool, several small
+        items to a call; an async iterator of the results, and an async context
+        manager::
 
             async with ex.map(resize, images) as results:
                 async for small in results:
@@ -283,33 +287,56 @@ class Executor:
         (at once in CPython when nothing else refers to it) or ``aclose()`` is awaited:
         prefer ``async with``.
 
-        :param ordered: results in the items' order (True), or as they finish (False)
-        :param max_in_flight: how many items may be taken ahead of the results
-            delivered: calls in flight plus results waiting for the consumer (so a
-            slow consumer, or a slow item ahead of finished ones, stops taking
-            items); default: the pool's ``max_workers`` plus
+        Chunks: tiny items sent one call each would spend their time on the round
+        trips; a chunk sends several items in one call, and brings back each item's
+        own result or exception, as a call of its own would have it. By default
+        (``chunksize=None``) the size is chosen from measured times: one item at
+        first, then chunks large enough that a call's fixed cost is at most about 5%
+        of their work; slow items go one per call, and so does an item or a result
+        of 64 KiB or more. A crash or a deadline fails the whole chunk it hits: each
+        of its items gets an error of its own (noting the chunk, on Python 3.11+).
+
+        :param ordered: results in the items' order (True), or as they finish (False;
+            a chunk's results come in its own order)
+        :param max_in_flight: how many calls' worth of items may be taken ahead of
+            the results delivered: calls in flight plus results waiting for the
+            consumer (so a slow consumer, or a slow item ahead of finished ones,
+            stops taking items); default: the pool's ``max_workers`` plus
             ``max(2, max_workers // 2)``, at most ``max_pending`` more
+        :param chunksize: items per call: ``None`` (the default) to choose from
+            measured times, ``1`` for a call per item, as ``run`` makes it
         :param timeout: per item, as ``run``'s: seconds from the item's call (queue
             wait included) until :class:`~offload.OffloadTimeout`; ``None`` for no
-            deadline; ``...`` (the default) for this executor's (see :meth:`options`)
+            deadline; ``...`` (the default) for this executor's (see :meth:`options`).
+            A chunk of ``n`` items has ``n`` times as long.
         :raises TypeError: ``fn`` is an async or generator function, or not callable;
             ``items`` is not iterable; an option has the wrong type (at once)
-        :raises ValueError: ``max_in_flight`` is below 1, or ``timeout`` is not
-            positive (at once)
+        :raises ValueError: ``max_in_flight`` or ``chunksize`` is below 1, or
+            ``timeout`` is not positive (at once)
         :raises PoolClosed: the Offloader is not running (from the first result)
         """
         check_sync_callable(fn)
         check_timeout(timeout)
-        check_max_in_flight(max_in_flight)
+        check_count("max_in_flight", max_in_flight)
+        check_count("chunksize", chunksize)
         if not isinstance(ordered, bool):
             raise TypeError(f"ordered must be a bool, not {ordered!r}")
+        length = length_of(items)
         source = source_of(items)
         executor = self if timeout is ... else self.options(timeout=timeout)
 
         async def resolve() -> Executor:
             return executor
 
-        return MapResults(resolve, fn, source, ordered=ordered, max_in_flight=max_in_flight)
+        return MapResults(
+            resolve,
+            fn,
+            source,
+            ordered=ordered,
+            max_in_flight=max_in_flight,
+            chunksize=chunksize,
+            length=length,
+        )
 
     async def _submit(self, pool: Pool, call: Call) -> Any:
         """Where a call leaves the executor for its pool: a subclass may wrap it."""

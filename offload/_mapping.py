@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import AsyncGeneratorType, GeneratorType, TracebackType
@@ -31,7 +32,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 import anyio
 import anyio.lowlevel
 
+from ._call import describe
+from ._chunking import ChunkSizer, Failed, encode_item, looks_large, run_chunk
 from ._errors import PoolClosed
+from ._pools.chunks import ChunkRunner
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -47,15 +51,6 @@ T = TypeVar("T")
 _NOTHING: Any = object()
 
 
-class _Failed:
-    """An item's call raised: its exception, to raise at its position."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
 def default_max_in_flight(max_workers: int, max_pending: int) -> int:
     """Every worker busy, and a few calls queued behind them so that a worker that
     finishes finds its next item waiting; never more than the pool would queue, so
@@ -63,13 +58,25 @@ def default_max_in_flight(max_workers: int, max_pending: int) -> int:
     return max_workers + min(max_pending, max(2, max_workers // 2))
 
 
-def check_max_in_flight(max_in_flight: object) -> None:
-    if max_in_flight is None:
+def check_count(name: str, value: object) -> None:
+    """For ``max_in_flight`` and ``chunksize``: None, or an int >= 1."""
+    if value is None:
         return
-    if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int):
-        raise TypeError(f"max_in_flight must be an int >= 1 or None, not {max_in_flight!r}")
-    if max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be an int >= 1 or None, not {max_in_flight!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1 or None, not {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1 or None, not {value!r}")
+
+
+def length_of(items: object) -> int | None:
+    """How many items there are, if the iterable says (a list, a range); else None."""
+    if hasattr(type(items), "__aiter__"):
+        return None
+    try:
+        length = operator.length_hint(items, -1)
+    except Exception:  # a __length_hint__ of the user's that fails
+        return None
+    return length if length >= 0 else None
 
 
 def source_of(items: object) -> Iterator[Any] | AsyncIterator[Any]:
@@ -110,13 +117,20 @@ class _Mapping:
         source: Iterator[Any] | AsyncIterator[Any],
         ordered: bool,
         max_in_flight: int,
+        sizer: ChunkSizer,
+        pickled: bool = False,
+        timeout: float | None = None,
     ) -> None:
         self.executor = executor
         self.fn = fn
         self.source: Iterator[Any] | AsyncIterator[Any] | None = source
         self.ordered = ordered
-        self.max_in_flight = max_in_flight
-        self.outcomes: dict[int, Any] = {}  # ordered: position -> value or _Failed
+        self.max_in_flight = max_in_flight  # calls; a chunk is one
+        self.sizer = sizer
+        self.runner = ChunkRunner(fn, pickled)
+        self.timeout = timeout  # per item, for a chunk's deadline
+        self.name = describe(fn)
+        self.outcomes: dict[int, Any] = {}  # ordered: position -> value or Failed
         self.finished: deque[Any] = deque()  # unordered: in the order they finished
         self.next_position = 0  # ordered: the next to deliver
         self.taken = 0  # items taken from the source
@@ -153,43 +167,92 @@ class _Mapping:
     async def _take_items(self, tg: anyio.abc.TaskGroup) -> None:
         source = self.source
         assert source is not None
-        position = 0
-        previous: anyio.Event | None = None
+        sizer = self.sizer
+        pickled = self.runner.pickled
+        checked = 0  # items taken by the last checkpoint
+        position = 0  # of the next item taken
+        previous: anyio.Event | None = None  # the last call's turn to enter the pool
         while not self.stopping:
-            if self.taken - self.delivered >= self.max_in_flight:
+            size = sizer.size()
+            # Room for a whole chunk: at most max_in_flight calls' items are out.
+            if self.taken - self.delivered + size > self.max_in_flight * size:
                 self.room = room = anyio.Event()
                 await room.wait()
                 continue
-            try:
-                if isinstance(source, AsyncIterator):
-                    item = await anext(source)
-                else:
-                    item = next(source)
-            except (StopIteration, StopAsyncIteration):
-                self.exhausted = True
-                return
-            except anyio.get_cancelled_exc_class():
-                raise
-            except BaseException as exc:
-                # The iterable itself failed: an error at the position it did not fill.
+            # Up to ``size`` items into one call; an item that goes alone (a large
+            # one, when chunks are chosen) ends the chunk and is a call of its own.
+            chunk: list[Any] = []
+            first = position
+            failure: BaseException | None = None
+            alone = _NOTHING
+            while len(chunk) < size:
+                try:
+                    if isinstance(source, AsyncIterator):
+                        item = await anext(source)
+                    else:
+                        item = next(source)
+                except (StopIteration, StopAsyncIteration):
+                    self.exhausted = True
+                    break
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except BaseException as exc:
+                    # The iterable itself failed: an error at the position it did not
+                    # fill, which counts as taken.
+                    self.taken += 1
+                    failure = exc
+                    break
                 self.taken += 1
-                self._store(position, _Failed(exc))
+                if size == 1 and not sizer.auto:
+                    alone = item  # chunksize=1: plain calls, as run makes them
+                    break
+                if pickled:
+                    if sizer.large or (sizer.auto and looks_large(item)):
+                        alone = item
+                        break
+                    try:
+                        item = encode_item(item, self.name, position + len(chunk))
+                    except BaseException as exc:
+                        failure = exc
+                        break
+                chunk.append(item)
+            if chunk:
+                previous = self._start(tg, first, chunk, previous)
+                sizer.took(len(chunk))
+                position += len(chunk)
+            if alone is not _NOTHING:
+                previous = self._start(tg, position, alone, previous, alone=True)
+                sizer.took(1)
+                position += 1
+            if failure is not None:
+                # The item that did not pickle, or the one the iterable failed to give.
+                self._store(position, Failed(failure))
                 return
-            self.taken += 1
-            turn = anyio.Event()
-            tg.start_soon(self._call, position, item, previous, turn)
-            previous = turn
-            position += 1
-            if position % 64 == 0:
+            if self.exhausted:
+                return
+            if self.taken - checked >= 64:
                 # A source that never blocks, with calls that finish at once: let
                 # the rest of the loop run now and then.
+                checked = self.taken
                 await anyio.lowlevel.checkpoint()
 
+    def _start(
+        self,
+        tg: anyio.abc.TaskGroup,
+        first: int,
+        work: Any,
+        previous: anyio.Event | None,
+        alone: bool = False,
+    ) -> anyio.Event:
+        turn = anyio.Event()
+        tg.start_soon(self._call, first, work, alone, previous, turn)
+        return turn
+
     async def _call(
-        self, position: int, item: Any, previous: anyio.Event | None, turn: anyio.Event
+        self, first: int, work: Any, alone: bool, previous: anyio.Event | None, turn: anyio.Event
     ) -> None:
         with anyio.CancelScope() as scope:
-            self.calls[position] = scope
+            self.calls[first] = scope
             try:
                 # Calls reach the pool in the items' order, though trio starts new
                 # tasks in an order of its own: a pool's queue is first come, first
@@ -199,18 +262,31 @@ class _Mapping:
                 if previous is not None and not previous.is_set():
                     await previous.wait()
                 turn.set()
-                outcome = await self.executor.run(self.fn, item)
+                if alone:
+                    outcomes = [await self.executor.run(self.fn, work)]
+                else:
+                    outcomes = await run_chunk(
+                        self.executor,
+                        self.runner,
+                        work,
+                        first,
+                        self.timeout,
+                        self.sizer,
+                        self.name,
+                    )
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
-                outcome = _Failed(exc)
+                outcomes = [Failed(exc)] * (1 if alone else len(work))
             finally:
                 turn.set()  # cancelled while waiting: the next item's turn all the same
-                del self.calls[position]
-            self._store(position, outcome)
+                del self.calls[first]
+            del work
+            for position, outcome in enumerate(outcomes, first):
+                self._store(position, outcome)
 
     def _store(self, position: int, outcome: Any) -> None:
-        failed = type(outcome) is _Failed
+        failed = type(outcome) is Failed
         if self.ordered:
             if position > self.failed_at:
                 return  # after the first error: never delivered
@@ -308,7 +384,17 @@ class MapResults(AsyncIterator[T], Generic[T]):
     "Many items", for the exact semantics.
     """
 
-    __slots__ = ("_executor", "_fn", "_max_in_flight", "_ordered", "_schedule", "_source", "_state")
+    __slots__ = (
+        "_chunksize",
+        "_executor",
+        "_fn",
+        "_length",
+        "_max_in_flight",
+        "_ordered",
+        "_schedule",
+        "_source",
+        "_state",
+    )
 
     def __init__(
         self,
@@ -318,12 +404,16 @@ class MapResults(AsyncIterator[T], Generic[T]):
         *,
         ordered: bool,
         max_in_flight: int | None,
+        chunksize: int | None = None,
+        length: int | None = None,
     ) -> None:
         self._executor = executor
         self._fn = fn
         self._source = source
         self._ordered = ordered
         self._max_in_flight = max_in_flight
+        self._chunksize = chunksize
+        self._length = length
         self._state: _Mapping | None = None
         self._schedule: Callable[[Callable[[], object]], object] | None = None
 
@@ -339,7 +429,17 @@ class MapResults(AsyncIterator[T], Generic[T]):
         max_in_flight = self._max_in_flight or default_max_in_flight(
             pool.max_workers, pool.settings.max_pending
         )
-        state = _Mapping(executor, self._fn, self._source, self._ordered, max_in_flight)
+        timeout = pool.settings.timeout if executor._timeout is ... else executor._timeout
+        state = _Mapping(
+            executor,
+            self._fn,
+            self._source,
+            self._ordered,
+            max_in_flight,
+            ChunkSizer(self._chunksize, pool.max_workers, self._length),
+            pickled=pool.kind != "thread",
+            timeout=timeout,
+        )
         task_group = offloader._task_group
         assert task_group is not None
         self._schedule = _threadsafe_scheduler()
@@ -383,7 +483,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
             state.cancel()
             await state.wait_done()
             raise
-        if type(outcome) is _Failed:
+        if type(outcome) is Failed:
             state.over = True
             state.cancel()
             await state.wait_done()
@@ -402,7 +502,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
         if state is None:
             # Never started: nothing runs, and nothing ever will.
             self._state = state = _Mapping(
-                cast("Executor", None), self._fn, iter(()), self._ordered, 1
+                cast("Executor", None), self._fn, iter(()), self._ordered, 1, ChunkSizer(1, 1, 0)
             )
             state.over = True
             state.done.set()

@@ -40,7 +40,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the other's type (``async with Offloader() as ex`` is an Executor, and
     # ``ex.offloader`` the Offloader); only _offloader imports _executor at run time;
     # _mapping, what Executor.map returns, runs its calls through an Executor
-    ("offload._mapping", "offload._executor", "offload._offloader"),
+    ("offload._chunking", "offload._mapping", "offload._executor", "offload._offloader"),
     # views over a running Offloader: the default one, the decorator
     ("offload._default",),
     ("offload._decorator",),

@@ -50,10 +50,11 @@ async def test_ordered_results(ex: Executor, kind: str) -> None:
     results = ex.pool(kind).map(abs, range(-10, 10))
     assert isinstance(results, MapResults)
     assert [r async for r in results] == [abs(i) for i in range(-10, 10)]
-    async with ex.pool(kind).map(math.factorial, range(12)) as results:
+    before = ex.pool(kind).stats().completed
+    async with ex.pool(kind).map(math.factorial, range(12), chunksize=1) as results:
         assert [r async for r in results] == [math.factorial(i) for i in range(12)]
-    # Each item is a call of the pool.
-    assert ex.pool(kind).stats().completed == 32
+    # Each item is a call of the pool, with chunksize=1.
+    assert ex.pool(kind).stats().completed - before == 12
 
 
 async def test_unordered_results_come_as_they_finish(
@@ -83,7 +84,7 @@ async def test_first_error_after_the_results_before_it_and_the_rest_stop(
     items = [(i, 13, str(tmp_path)) for i in range(20)]
     got: list[int] = []
     with pytest.raises(ValueError, match="item 13") as caught:
-        await collect(ex.pool(kind).map(hold_after, items, ordered=ordered), got)
+        await collect(ex.pool(kind).map(hold_after, items, ordered=ordered, chunksize=1), got)
     assert type(caught.value) is ValueError  # itself, not in an ExceptionGroup
     if ordered:
         assert got == list(range(13))
@@ -210,7 +211,9 @@ async def test_items_are_taken_lazily(ex: Executor, kind: str, source: str, orde
     taken = Taken()
     items = taken.sync() if source == "sync" else taken.asynchronous()
     delivered = 0
-    async with ex.pool(kind).map(identity, items, max_in_flight=3, ordered=ordered) as results:
+    async with ex.pool(kind).map(
+        identity, items, max_in_flight=3, ordered=ordered, chunksize=1
+    ) as results:
         async for _ in results:
             delivered += 1
             assert taken.count <= delivered + 3
@@ -221,7 +224,9 @@ async def test_items_are_taken_lazily(ex: Executor, kind: str, source: str, orde
 
 async def test_a_slow_consumer_stops_the_items(ex: Executor) -> None:
     taken = Taken()
-    async with ex.pool("thread").map(identity, taken.sync(), max_in_flight=5) as results:
+    async with ex.pool("thread").map(
+        identity, taken.sync(), max_in_flight=5, chunksize=1
+    ) as results:
         assert await results.__anext__() == 0
         # Every slot taken: 5 results wait for the consumer, none is in flight.
         await wait_until(lambda: ex.pool("thread").stats().completed == 6, 10, "6 calls")

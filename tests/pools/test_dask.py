@@ -695,3 +695,20 @@ async def test_map(dask_ex: Executor) -> None:
     with pytest.raises(ValueError, match="math domain error"):
         await collect(dask_ex.map(math.sqrt, [4, 9, -1, 16]), got)
     assert got == [2.0, 3.0]
+
+
+async def test_map_in_chunks(dask_ex: Executor) -> None:
+    before = dask_ex.stats().completed
+    assert [r async for r in dask_ex.map(abs, range(-200, 0), chunksize=50)] == list(
+        range(200, 0, -1)
+    )
+    assert dask_ex.stats().completed - before == 4
+    # An item's error is its own: the items before it in its chunk are delivered.
+    got: list[float] = []
+    with pytest.raises(ValueError, match="math domain error"):
+        await collect(dask_ex.map(math.sqrt, [4, 9, -1, 16], chunksize=4), got)
+    assert got == [2.0, 3.0]
+    # The automatic size batches tiny items on Dask too, whose calls cost the most.
+    before = dask_ex.stats().completed
+    assert [r async for r in dask_ex.map(abs, range(300))] == list(range(300))
+    assert dask_ex.stats().completed - before < 300 / 4

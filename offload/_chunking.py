@@ -1,0 +1,285 @@
+"""How ``Executor.map`` groups items into chunks, and what travels for one.
+
+A call costs a fixed price on top of its work: the round trip to a process worker
+(tens of microseconds), a Dask task (a millisecond or more), the loop's wake-ups for
+a thread. For items whose work is smaller than that, one call per item spends most
+of the time on the price; a chunk of items in one call pays it once.
+
+How many (``chunksize=None``): :class:`ChunkSizer` measures each chunk, its latency
+in the parent and how long it ran in the worker, and picks the next chunk's size so
+that the fixed price is at most ``OVERHEAD_SHARE`` of the work::
+
+    price  = the smallest (latency - ran) seen: the call's fixed cost
+    work   = ran / items, smoothed: one item's cost in the worker
+    size   = price / (OVERHEAD_SHARE * work), within the limits below
+
+The first call of a map is a chunk of one item: the first measurement. Limits: at most
+``MAX_ITEMS`` items, ``MAX_SECONDS`` of work (results keep coming, and a slow chunk
+does not leave the other workers idle at the end), ``MAX_BYTES`` of pickled items and
+results; and, when the number of items is known, small enough that every worker gets
+a few chunks of what is left (but never a chunk whose work is below one call's
+price). Items or results of ``LARGE`` bytes or more are not batched: each such
+item is a call of its own, which takes the pool's ways of moving large buffers
+(out of band, across memory) that a chunk's pickles would not.
+
+A chunk's deadline is the per-item ``timeout`` times its number of items.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+import time
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+
+from ._errors import CallAborted, OffloadTimeout, SerializationError, describe_error
+from ._pools.chunks import OK, RAISED_HERE, ChunkRunner
+
+if TYPE_CHECKING:
+    from ._call import Call
+    from ._executor import Executor
+
+__all__ = ("ChunkSizer", "Failed", "encode_item", "looks_large", "run_chunk")
+
+#: the fixed cost of a call may be at most this share of a chunk's work
+OVERHEAD_SHARE = 0.05
+MAX_ITEMS = 1024
+MAX_SECONDS = 0.05
+MAX_BYTES = 1 << 20
+#: an item (or result) this large, pickled, goes alone
+LARGE = 1 << 16
+
+
+class Failed:
+    """An item's call raised: its exception, to raise at its position."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+async def run_chunk(
+    executor: Executor,
+    runner: ChunkRunner,
+    items: list[Any],
+    first: int,
+    per_item: float | None,
+    sizer: ChunkSizer,
+    name: str,
+) -> list[Any]:
+    """Run ``items`` (pickled, if ``runner.pickled``) as one call; the outcome of each
+    item, in order: its result, or :class:`Failed`. When the call as a whole fails (a
+    crash, the deadline, the pool closing), every item fails, each with an error of
+    its own that says it was in this chunk.
+    """
+    count = len(items)
+    if per_item is not None:
+        executor = executor.options(timeout=per_item * count)
+    started = time.perf_counter()
+    try:
+        outcomes, ran = await executor.run(runner, items)
+    except anyio.get_cancelled_exc_class():
+        raise
+    except BaseException as exc:
+        return _chunk_failed(exc, first, count, per_item, name)
+    latency = time.perf_counter() - started
+    nbytes = 0
+    if runner.pickled:
+        nbytes = sum(map(len, items)) + sum(map(len, outcomes))
+    sizer.measured(count, latency, ran, nbytes)
+    results: list[Any] = []
+    for outcome in outcomes:
+        try:
+            results.append(_decode(outcome, name))
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            results.append(Failed(exc))
+    return results
+
+
+def _chunk_failed(
+    error: BaseException, first: int, count: int, timeout: float | None, name: str
+) -> list[Any]:
+    last = first + count - 1
+    where = f"a chunk of {count} items ({first} to {last})"
+    if isinstance(error, OffloadTimeout) and timeout is not None:
+        message = (
+            f"{name}: {where} did not finish within {timeout * count:g} s ({timeout:g} s per item)"
+        )
+        return [Failed(_caused(OffloadTimeout(message), error)) for _ in range(count)]
+    failed = []
+    for position in range(first, first + count):
+        own = error if position == first else _copy(error)
+        if hasattr(own, "add_note"):  # Python 3.11+
+            own.add_note(f"item {position} was in {where}, which failed as a whole")
+        failed.append(Failed(own))
+    return failed
+
+
+def _caused(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
+def _copy(error: BaseException) -> BaseException:
+    try:
+        own = copy.copy(error)
+    except Exception:
+        return error
+    own.__cause__ = error.__cause__
+    return own
+
+
+class ChunkSizer:
+    """How many items the next call of a map takes."""
+
+    __slots__ = ("bytes_per_item", "fixed", "price", "remaining", "spread", "work")
+
+    def __init__(self, fixed: int | None, workers: int, length: int | None) -> None:
+        self.fixed = fixed
+        #: items not yet taken, when the iterable says how many it has
+        self.remaining = length
+        #: chunks each worker should get at least, when the length is known
+        self.spread = 4 * max(1, workers)
+        self.price = math.inf
+        self.work = 0.0
+        self.bytes_per_item = 0.0
+
+    @property
+    def auto(self) -> bool:
+        return self.fixed is None
+
+    @property
+    def large(self) -> bool:
+        """Items (or their results) are large, chosen automatically: each goes alone,
+        as a call of its own."""
+        return self.fixed is None and self.bytes_per_item >= LARGE
+
+    def size(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if self.price == math.inf:
+            return 1  # nothing measured yet
+        if self.bytes_per_item >= LARGE:
+            return 1
+        work = max(self.work, 1e-7)
+        size = min(
+            self.price / (OVERHEAD_SHARE * work),
+            MAX_ITEMS,
+            MAX_SECONDS / work,
+            MAX_BYTES / max(self.bytes_per_item, 1.0),
+        )
+        if self.remaining is not None:
+            # Toward the end, smaller chunks, so that the workers finish together;
+            # never so small that a chunk's work is below one call's price.
+            size = min(size, max(math.ceil(self.remaining / self.spread), self.price / work))
+        return max(1, int(size))
+
+    def took(self, items: int) -> None:
+        if self.remaining is not None:
+            self.remaining = max(0, self.remaining - items)
+
+    def measured(self, items: int, latency: float, ran: float, nbytes: int) -> None:
+        """A chunk of ``items`` came back after ``latency`` seconds, having run for
+        ``ran`` in its worker, its items and outcomes ``nbytes`` pickled."""
+        self.price = min(self.price, max(0.0, latency - ran))
+        work, per_item = ran / items, nbytes / items
+        if self.work == 0.0:
+            self.work, self.bytes_per_item = work, per_item
+        else:
+            self.work += (work - self.work) / 4
+            self.bytes_per_item += (per_item - self.bytes_per_item) / 4
+
+
+def looks_large(item: object) -> bool:
+    """Whether ``item`` is a large buffer at first sight (bytes, an array), which a
+    chunk would copy through pickles: it goes alone, unpickled here."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return len(item) >= LARGE
+    nbytes = getattr(type(item), "nbytes", None)
+    if nbytes is None:
+        return False
+    try:
+        return int(item.nbytes) >= LARGE  # type: ignore[attr-defined]
+    except Exception:
+        return False
+
+
+def encode_item(item: object, name: str, position: int) -> bytes:
+    """``item`` pickled for a chunk: by plain pickle, else cloudpickle (a lambda, a
+    class of ``__main__``), as a call's arguments are.
+
+    :raises SerializationError: it does not pickle
+    """
+    try:
+        blob = pickle.dumps(item, protocol=5)
+        if b"__main__" in blob:  # a worker's __main__ is not this one
+            raise pickle.PicklingError("refers to __main__")
+        return blob
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+    try:
+        import cloudpickle
+
+        return cloudpickle.dumps(item, protocol=5)  # type: ignore[no-any-return]
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+        raise SerializationError(
+            f"item {position} of the map of {name} cannot be pickled: {describe_error(exc)}"
+        ) from exc
+
+
+class _Named:
+    """What ``call_encoding.outcome`` reads of a call: its name (and it notes ``ran``)."""
+
+    __slots__ = ("name", "ran")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ran: float | None = None
+
+
+def _decode(outcome: Any, name: str) -> Any:
+    """An item's result from its outcome in a chunk's answer, or its exception raised,
+    as :meth:`Pool.run` would raise it.
+
+    :raises SerializationError: the outcome (its result) does not unpickle
+    """
+    if type(outcome) is tuple:  # from a thread: nothing pickled
+        status, value = outcome
+        if status == OK:
+            return value
+        assert status == RAISED_HERE
+        try:
+            if not isinstance(value, Exception):
+                raise CallAborted(
+                    f"{name} raised {type(value).__qualname__}; it is not re-raised as "
+                    "such, which would end this program"
+                ) from value
+            raise value
+        finally:
+            del value  # its traceback holds this frame
+    try:
+        reply = pickle.loads(outcome)
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+        raise SerializationError(
+            f"the result of {name} cannot be unpickled: {describe_error(exc)}"
+        ) from exc
+    if reply[0] == OK:
+        return reply[1]
+    from ._pools.process.call_encoding import outcome as raise_outcome
+
+    return raise_outcome(cast("Call", _Named(name)), reply)
+
+
+def _reraise_interrupt(exc: BaseException) -> None:
+    # The user's pickling hooks may raise anything, down to SystemExit: it fails the
+    # item. Not a Ctrl-C, which is meant for this process.
+    if isinstance(exc, KeyboardInterrupt):
+        raise exc

@@ -1,0 +1,203 @@
+"""``map``'s chunks: several items in one call, each item keeping its own outcome."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from offload import (
+    CallAborted,
+    Executor,
+    OffloadTimeout,
+    SerializationError,
+    WorkerCrashed,
+)
+from offload._chunking import LARGE, ChunkSizer
+
+from .chunk_funcs import (
+    crash_in_chunk,
+    exits_when_unpickled_at,
+    hang_at,
+    large_result,
+    nbytes,
+    raise_at_13,
+    system_exit_at,
+    unpicklable_at,
+)
+from .funcs import identity
+from .processes import wait_until
+
+KINDS = ["thread", "process"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+async def collect(results: AsyncIterator[Any], into: list[Any]) -> None:
+    async for r in results:
+        into.append(r)
+
+
+def completed(ex: Executor, kind: str) -> int:
+    return ex.pool(kind).stats().completed
+
+
+async def test_many_tiny_items_take_far_fewer_calls(ex: Executor, kind: str) -> None:
+    items = range(-3000, 0)
+    async with ex.pool(kind).map(abs, items) as results:
+        assert [r async for r in results] == [abs(i) for i in items]
+    # Chosen from measured times: the first call is one item, the rest are chunks.
+    assert 1 < completed(ex, kind) < len(items) / 4
+
+
+async def test_chunksize_is_items_per_call(ex: Executor, kind: str) -> None:
+    async with ex.pool(kind).map(abs, range(1000), chunksize=100) as results:
+        assert [r async for r in results] == list(range(1000))
+    assert completed(ex, kind) == 10
+    # An unknown length (a generator), the last chunk short.
+    gen = (i for i in range(250))
+    assert [r async for r in ex.pool(kind).map(abs, gen, chunksize=100)] == list(range(250))
+    assert completed(ex, kind) == 13
+
+
+@pytest.mark.parametrize("chunksize", [None, 5])
+async def test_error_at_13_of_20_after_exactly_13_results(
+    ex: Executor, kind: str, chunksize: int | None
+) -> None:
+    got: list[int] = []
+    with pytest.raises(ValueError, match="item 13") as caught:
+        await collect(ex.pool(kind).map(raise_at_13, range(20), chunksize=chunksize), got)
+    assert type(caught.value) is ValueError
+    assert got == list(range(13))
+    got = []
+    with pytest.raises(ValueError, match="item 13"):
+        await collect(
+            ex.pool(kind).map(raise_at_13, range(20), chunksize=chunksize, ordered=False), got
+        )
+    assert 13 not in got
+    assert set(got) <= set(range(20))
+
+
+async def test_a_crash_fails_only_its_chunk(ex: Executor, tmp_path: Path) -> None:
+    # Chunk [0-4] runs on the other worker while [5-9] crashes its own (item 7): it
+    # finishes, and its results are delivered; then the crashed chunk's first item.
+    items = [(i, str(tmp_path)) for i in range(20)]
+    got: list[int] = []
+    with pytest.raises(WorkerCrashed) as caught:
+        await collect(ex.pool("process").map(crash_in_chunk, items, chunksize=5), got)
+    assert got == [0, 1, 2, 3, 4]
+    if sys.version_info >= (3, 11):
+        assert "item 5 was in a chunk of 5 items (5 to 9)" in caught.value.__notes__[0]
+    assert ex.pool("process").stats().crashed == 1
+    # The pool goes on: a crash hurt no other chunk and no later map.
+    assert [r async for r in ex.pool("process").map(abs, range(-50, 0), chunksize=10)] == list(
+        range(50, 0, -1)
+    )
+
+
+async def test_a_deadline_fails_only_its_chunk(ex: Executor, kind: str) -> None:
+    items = [(i, 5) for i in range(12)]
+    got: list[int] = []
+    with pytest.raises(OffloadTimeout, match=r"a chunk of 4 items \(4 to 7\)") as caught:
+        await collect(ex.pool(kind).map(hang_at, items, chunksize=4, timeout=0.5), got)
+    assert "did not finish within 2 s (0.5 s per item)" in str(caught.value)
+    assert got == [0, 1, 2, 3]
+    assert ex.pool(kind).stats().timed_out == 1
+
+
+async def test_an_item_that_does_not_pickle_fails_alone(ex: Executor) -> None:
+    items: list[Any] = [0, 1, 2, threading.Lock(), 4]
+    got: list[Any] = []
+    with pytest.raises(SerializationError, match=r"item 3 of the map of .*identity cannot be"):
+        await collect(ex.pool("process").map(identity, items, chunksize=10), got)
+    assert got == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("fn", "at", "error", "match"),
+    [
+        (unpicklable_at, 3, SerializationError, "cannot be pickled"),
+        (exits_when_unpickled_at, 2, SerializationError, "cannot be unpickled"),
+        (system_exit_at, 4, CallAborted, "SystemExit"),
+    ],
+)
+async def test_an_outcome_that_cannot_travel_fails_its_item_alone(
+    ex: Executor, fn: Any, at: int, error: type[Exception], match: str
+) -> None:
+    # Exactly the items before it: a chunk's outcomes come in its order, unordered too.
+    for ordered in (True, False):
+        got: list[Any] = []
+        with pytest.raises(error, match=match):
+            await collect(ex.pool("process").map(fn, range(8), chunksize=8, ordered=ordered), got)
+        assert got == list(range(at))
+    # The worker was not hurt.
+    assert ex.pool("process").stats().crashed == 0
+
+
+async def test_large_items_go_alone(ex: Executor) -> None:
+    # Each a call of its own, which sends its bytes out of band, not in a chunk's pickle.
+    items = [bytes(LARGE)] * 6
+    assert [r async for r in ex.pool("process").map(nbytes, items)] == [LARGE] * 6
+    assert completed(ex, "process") == 6
+    # Large results: once one is seen, the items go alone too.
+    sizes = [len(r) async for r in ex.pool("process").map(large_result, range(10))]
+    assert sizes == [1 << 17] * 10
+    assert completed(ex, "process") == 16
+
+
+async def test_items_taken_ahead_are_bounded_by_calls_in_flight(ex: Executor) -> None:
+    taken = 0
+
+    def items() -> Iterator[int]:
+        nonlocal taken
+        for i in range(10_000):
+            taken += 1
+            yield i
+
+    async with ex.pool("thread").map(abs, items(), chunksize=10, max_in_flight=2) as results:
+        assert await anext(results) == 0
+        # Two calls of 10 items in flight (or waiting for the consumer); no more.
+        await wait_until(lambda: completed(ex, "thread") == 2, 10, "2 calls")
+        for _ in range(20):
+            await anyio.lowlevel.checkpoint()
+        assert taken == 20
+        assert completed(ex, "thread") == 2
+
+
+def test_the_automatic_size() -> None:
+    sizer = ChunkSizer(None, workers=2, length=None)
+    assert sizer.size() == 1  # nothing measured
+    # 1 µs of work per item, 50 µs of price per call: 1000 items keep it at 5%.
+    sizer.measured(1, latency=51e-6, ran=1e-6, nbytes=20)
+    assert sizer.size() == 1000
+    # Items known: a few chunks for each worker; never below one call's worth.
+    sizer = ChunkSizer(None, workers=2, length=800)
+    sizer.measured(1, latency=51e-6, ran=1e-6, nbytes=20)
+    assert sizer.size() == 100
+    sizer.took(790)
+    assert sizer.size() == 50
+    # Slow items: one per call; large ones too.
+    sizer = ChunkSizer(None, workers=2, length=None)
+    sizer.measured(1, latency=0.0101, ran=0.01, nbytes=20)
+    assert sizer.size() == 1
+    sizer = ChunkSizer(None, workers=2, length=None)
+    sizer.measured(1, latency=60e-6, ran=1e-6, nbytes=LARGE)
+    assert sizer.size() == 1
+    # Given, it is what it is.
+    assert ChunkSizer(7, workers=2, length=3).size() == 7
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "3"])
+async def test_a_bad_chunksize_is_refused_at_once(ex: Executor, value: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match="chunksize must be an int >= 1"):
+        ex.map(abs, range(3), chunksize=value)
