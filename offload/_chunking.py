@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 
 from ._errors import CallAborted, OffloadTimeout, SerializationError, describe_error
-from ._pools.chunks import OK, RAISED_HERE, ChunkRunner
+from ._pools.chunks import RAISED_HERE, ChunkRunner
 
 if TYPE_CHECKING:
     from ._call import Call
     from ._executor import Executor
 
-__all__ = ("ChunkSizer", "Failed", "encode_item", "looks_large", "run_chunk")
+__all__ = ("ChunkSizer", "Failed", "looks_large", "run_chunk")
 
 #: the fixed cost of a call may be at most this share of a chunk's work
 OVERHEAD_SHARE = 0.05
@@ -70,36 +70,47 @@ async def run_chunk(
     per_item: float | None,
     sizer: ChunkSizer,
     name: str,
-) -> list[Any]:
-    """Run ``items`` (pickled, if ``runner.pickled``) as one call; the outcome of each
-    item, in order: its result, or :class:`Failed`. When the call as a whole fails (a
+) -> tuple[list[Any], bool]:
+    """Run ``items`` as one call: the outcome of each item, in order (its result, or
+    :class:`Failed`), and whether any failed. When the call as a whole fails (a
     crash, the deadline, the pool closing), every item fails, each with an error of
-    its own that says it was in this chunk.
+    its own that says it was in this chunk. An item that does not pickle fails at
+    its position, and the chunk ends before it: no item after it is delivered (the
+    map stops at its first error).
     """
     count = len(items)
+    payload: Any = items
+    refused: BaseException | None = None
+    if runner.pickled:
+        payload, refused = _encode(items, first, name)
+        count = len(items) if refused is None else len(payload)
+        if not count:
+            assert refused is not None
+            return [Failed(refused)], True
     if per_item is not None:
         executor = executor.options(timeout=per_item * count)
     started = time.perf_counter()
     try:
-        outcomes, ran = await executor.run(runner, items)
+        values, failures, ran = await executor.run(runner, payload)
+        if values is None:
+            # The list did not unpickle in the worker, and nothing ran: again, each
+            # item apart, so that only those to blame fail.
+            payload = [_dumps(item, first + i, name) for i, item in enumerate(items[:count])]
+            values, failures, ran = await executor.run(runner, payload)
     except anyio.get_cancelled_exc_class():
         raise
     except BaseException as exc:
-        return _chunk_failed(exc, first, count, per_item, name)
+        return _chunk_failed(exc, first, count, per_item, name), True
     latency = time.perf_counter() - started
     nbytes = 0
     if runner.pickled:
-        nbytes = sum(map(len, items)) + sum(map(len, outcomes))
+        sent = len(payload) if type(payload) is bytes else sum(map(len, payload))
+        nbytes = sent + sum(map(len, values))
     sizer.measured(count, latency, ran, nbytes)
-    results: list[Any] = []
-    for outcome in outcomes:
-        try:
-            results.append(_decode(outcome, name))
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            results.append(Failed(exc))
-    return results
+    outcomes, failed = _decode(values, failures, runner.pickled, name)
+    if refused is not None:
+        outcomes.append(Failed(refused))
+    return outcomes, failed or refused is not None
 
 
 def _chunk_failed(
@@ -210,17 +221,41 @@ def looks_large(item: object) -> bool:
         return False
 
 
-def encode_item(item: object, name: str, position: int) -> bytes:
-    """``item`` pickled for a chunk: by plain pickle, else cloudpickle (a lambda, a
-    class of ``__main__``), as a call's arguments are.
+def _encode(items: list[Any], first: int, name: str) -> tuple[Any, BaseException | None]:
+    """The chunk's items pickled whole, as a call's arguments are (plain pickle, else
+    cloudpickle: a lambda, a class of ``__main__``); or, if they do not pickle, each
+    apart up to the first that does not, and its error.
+    """
+    try:
+        blob = pickle.dumps(items, protocol=5)
+        if b"__main__" not in blob:  # a worker's __main__ is not this one
+            return blob, None
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+    try:
+        import cloudpickle
+
+        return cloudpickle.dumps(items, protocol=5), None
+    except BaseException as exc:
+        _reraise_interrupt(exc)
+    blobs = []
+    for i, item in enumerate(items):
+        try:
+            blobs.append(_dumps(item, first + i, name))
+        except SerializationError as exc:
+            return blobs, exc
+    return blobs, None  # pickled apart, though not together: so be it
+
+
+def _dumps(item: object, position: int, name: str) -> bytes:
+    """One item pickled, as :func:`_encode` pickles them all.
 
     :raises SerializationError: it does not pickle
     """
     try:
         blob = pickle.dumps(item, protocol=5)
-        if b"__main__" in blob:  # a worker's __main__ is not this one
-            raise pickle.PicklingError("refers to __main__")
-        return blob
+        if b"__main__" not in blob:
+            return blob
     except BaseException as exc:
         _reraise_interrupt(exc)
     try:
@@ -244,16 +279,45 @@ class _Named:
         self.ran: float | None = None
 
 
-def _decode(outcome: Any, name: str) -> Any:
-    """An item's result from its outcome in a chunk's answer, or its exception raised,
-    as :meth:`Pool.run` would raise it.
+def _decode(
+    values: list[Any], failures: dict[int, Any], pickled: bool, name: str
+) -> tuple[list[Any], bool]:
+    """Each item's result from a chunk's answer (see ``ChunkRunner``), or
+    :class:`Failed` with the exception :meth:`Pool.run` would have raised for it;
+    and whether any failed."""
+    if not failures:
+        if not pickled:
+            return values, False
+        try:
+            return list(map(pickle.loads, values)), False
+        except BaseException as exc:
+            _reraise_interrupt(exc)  # then one by one: only the culprit fails
+    outcomes: list[Any] = []
+    for index, value in enumerate(values):
+        failure = failures.get(index)
+        if failure is not None:
+            try:
+                _raise(failure, pickled, name)
+            except BaseException as exc:
+                _reraise_interrupt(exc)
+                outcomes.append(Failed(exc))
+        elif not pickled:
+            outcomes.append(value)
+        else:
+            try:
+                outcomes.append(pickle.loads(value))
+            except BaseException as exc:
+                _reraise_interrupt(exc)
+                error = SerializationError(
+                    f"the result of {name} cannot be unpickled: {describe_error(exc)}"
+                )
+                outcomes.append(Failed(_caused(error, exc)))
+    return outcomes, any(type(outcome) is Failed for outcome in outcomes)
 
-    :raises SerializationError: the outcome (its result) does not unpickle
-    """
-    if type(outcome) is tuple:  # from a thread: nothing pickled
-        status, value = outcome
-        if status == OK:
-            return value
+
+def _raise(failure: tuple[int, Any], pickled: bool, name: str) -> None:
+    status, value = failure
+    if not pickled:
         assert status == RAISED_HERE
         try:
             if not isinstance(value, Exception):
@@ -264,18 +328,9 @@ def _decode(outcome: Any, name: str) -> Any:
             raise value
         finally:
             del value  # its traceback holds this frame
-    try:
-        reply = pickle.loads(outcome)
-    except BaseException as exc:
-        _reraise_interrupt(exc)
-        raise SerializationError(
-            f"the result of {name} cannot be unpickled: {describe_error(exc)}"
-        ) from exc
-    if reply[0] == OK:
-        return reply[1]
-    from ._pools.process.call_encoding import outcome as raise_outcome
+    from ._pools.process.call_encoding import outcome
 
-    return raise_outcome(cast("Call", _Named(name)), reply)
+    outcome(cast("Call", _Named(name)), failure)
 
 
 def _reraise_interrupt(exc: BaseException) -> None:

@@ -21,6 +21,7 @@ task, holding the calls. Cancelling the map is cancelling the feeder's scope.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import operator
@@ -33,7 +34,7 @@ import anyio
 import anyio.lowlevel
 
 from ._call import describe
-from ._chunking import ChunkSizer, Failed, encode_item, looks_large, run_chunk
+from ._chunking import ChunkSizer, Failed, looks_large, run_chunk
 from ._errors import PoolClosed
 from ._pools.chunks import ChunkRunner
 
@@ -49,6 +50,13 @@ logger = logging.getLogger("offload")
 T = TypeVar("T")
 
 _NOTHING: Any = object()
+
+#: results a consumer may take, once it checked for its cancellation, before it checks
+#: again (it always does when it waits for one)
+_UNCHECKED = 15
+
+#: items never large: not worth asking
+_SMALL = frozenset({int, float, bool, type(None), complex})
 
 
 def default_max_in_flight(max_workers: int, max_pending: int) -> int:
@@ -130,6 +138,8 @@ class _Mapping:
         self.runner = ChunkRunner(fn, pickled)
         self.timeout = timeout  # per item, for a chunk's deadline
         self.name = describe(fn)
+        self.is_async = isinstance(source, AsyncIterator)
+        self.unchecked = 0  # results the consumer may take before it checks (_UNCHECKED)
         self.outcomes: dict[int, Any] = {}  # ordered: position -> value or Failed
         self.finished: deque[Any] = deque()  # unordered: in the order they finished
         self.next_position = 0  # ordered: the next to deliver
@@ -168,7 +178,6 @@ class _Mapping:
         source = self.source
         assert source is not None
         sizer = self.sizer
-        pickled = self.runner.pickled
         checked = 0  # items taken by the last checkpoint
         position = 0  # of the next item taken
         previous: anyio.Event | None = None  # the last call's turn to enter the pool
@@ -179,53 +188,15 @@ class _Mapping:
                 self.room = room = anyio.Event()
                 await room.wait()
                 continue
-            # Up to ``size`` items into one call; an item that goes alone (a large
-            # one, when chunks are chosen) ends the chunk and is a call of its own.
-            chunk: list[Any] = []
-            first = position
-            failure: BaseException | None = None
-            alone = _NOTHING
-            while len(chunk) < size:
-                try:
-                    if isinstance(source, AsyncIterator):
-                        item = await anext(source)
-                    else:
-                        item = next(source)
-                except (StopIteration, StopAsyncIteration):
-                    self.exhausted = True
-                    break
-                except anyio.get_cancelled_exc_class():
-                    raise
-                except BaseException as exc:
-                    # The iterable itself failed: an error at the position it did not
-                    # fill, which counts as taken.
-                    self.taken += 1
-                    failure = exc
-                    break
-                self.taken += 1
-                if size == 1 and not sizer.auto:
-                    alone = item  # chunksize=1: plain calls, as run makes them
-                    break
-                if pickled:
-                    if sizer.large or (sizer.auto and looks_large(item)):
-                        alone = item
-                        break
-                    try:
-                        item = encode_item(item, self.name, position + len(chunk))
-                    except BaseException as exc:
-                        failure = exc
-                        break
-                chunk.append(item)
-            if chunk:
-                previous = self._start(tg, first, chunk, previous)
-                sizer.took(len(chunk))
-                position += len(chunk)
-            if alone is not _NOTHING:
-                previous = self._start(tg, position, alone, previous, alone=True)
-                sizer.took(1)
-                position += 1
+            chunk, failure = await self._take(source, size)
+            self.taken += len(chunk) + (failure is not None)
+            sizer.took(len(chunk))
+            for first, work, alone in self._calls_for(chunk, position, size):
+                previous = self._start(tg, first, work, previous, alone)
+            position += len(chunk)
             if failure is not None:
-                # The item that did not pickle, or the one the iterable failed to give.
+                # The iterable itself failed: an error at the position it did not
+                # fill, which counts as taken.
                 self._store(position, Failed(failure))
                 return
             if self.exhausted:
@@ -235,6 +206,62 @@ class _Mapping:
                 # the rest of the loop run now and then.
                 checked = self.taken
                 await anyio.lowlevel.checkpoint()
+
+    async def _take(
+        self, source: Iterator[Any] | AsyncIterator[Any], size: int
+    ) -> tuple[list[Any], BaseException | None]:
+        """Up to ``size`` items, and the error of the iterable's, if it raised."""
+        chunk: list[Any] = []
+        if not self.is_async:
+            try:
+                # ``extend`` keeps what it took before an error of the iterable's.
+                chunk.extend(itertools.islice(cast("Iterator[Any]", source), size))
+            except BaseException as exc:
+                return chunk, exc
+            if len(chunk) < size:
+                self.exhausted = True
+            return chunk, None
+        while len(chunk) < size:
+            try:
+                chunk.append(await anext(cast("AsyncIterator[Any]", source)))
+            except StopAsyncIteration:
+                self.exhausted = True
+                break
+            except anyio.get_cancelled_exc_class():
+                raise
+            except BaseException as exc:
+                return chunk, exc
+        return chunk, None
+
+    def _calls_for(
+        self, chunk: list[Any], first: int, size: int
+    ) -> Iterator[tuple[int, Any, bool]]:
+        """The calls for items taken together: ``(position, items or item, alone)``.
+        An item alone is a plain call, as ``run`` makes it: with ``chunksize=1``, and
+        when chosen automatically, an item of a pool that pickles that is (or whose
+        results are) large."""
+        sizer = self.sizer
+        if not chunk:
+            return
+        if not sizer.auto and size == 1:
+            yield first, chunk[0], True
+            return
+        if not self.runner.pickled or not sizer.auto:
+            yield first, chunk, False
+            return
+        if sizer.large:
+            for position, item in enumerate(chunk, first):
+                yield position, item, True
+            return
+        start = 0
+        for index, item in enumerate(chunk):
+            if type(item) not in _SMALL and looks_large(item):
+                if index > start:
+                    yield first + start, chunk[start:index], False
+                yield first + index, item, True
+                start = index + 1
+        if start < len(chunk):
+            yield first + start, chunk[start:] if start else chunk, False
 
     def _start(
         self,
@@ -263,9 +290,9 @@ class _Mapping:
                     await previous.wait()
                 turn.set()
                 if alone:
-                    outcomes = [await self.executor.run(self.fn, work)]
+                    outcomes, failed = [await self.executor.run(self.fn, work)], False
                 else:
-                    outcomes = await run_chunk(
+                    outcomes, failed = await run_chunk(
                         self.executor,
                         self.runner,
                         work,
@@ -277,13 +304,28 @@ class _Mapping:
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
-                outcomes = [Failed(exc)] * (1 if alone else len(work))
+                outcomes, failed = [Failed(exc)] * (1 if alone else len(work)), True
             finally:
                 turn.set()  # cancelled while waiting: the next item's turn all the same
                 del self.calls[first]
             del work
-            for position, outcome in enumerate(outcomes, first):
-                self._store(position, outcome)
+            if failed:
+                for position, outcome in enumerate(outcomes, first):
+                    self._store(position, outcome)
+            else:
+                self._store_all(first, outcomes)
+
+    def _store_all(self, first: int, outcomes: list[Any]) -> None:
+        """:meth:`_store` for a call's outcomes, none of them failed: at once."""
+        if self.ordered:
+            if first > self.failed_at:
+                return
+            self.outcomes.update(enumerate(outcomes, first))
+            if first <= self.next_position < first + len(outcomes):
+                self._wake_consumer()
+        else:
+            self.finished.extend(outcomes)
+            self._wake_consumer()
 
     def _store(self, position: int, outcome: Any) -> None:
         failed = type(outcome) is Failed
@@ -459,9 +501,33 @@ class MapResults(AsyncIterator[T], Generic[T]):
                 raise
         if state.ready is not None:
             raise RuntimeError("another task is already waiting for this map's next result")
+        outcome = _NOTHING
+        if state.unchecked:
+            # A result ready, following one that checked: the check costs more than
+            # the rest of a result, and a tight loop over results ready may skip it
+            # for a few.
+            state.unchecked -= 1
+            outcome = state.take()
+        if outcome is _NOTHING:
+            outcome = await self._checked_next(state)
+        if type(outcome) is Failed:
+            state.over = True
+            state.cancel()
+            await state.wait_done()
+            error = outcome.error
+            try:
+                raise error
+            finally:
+                del error, outcome
+        return outcome  # type: ignore[no-any-return]
+
+    async def _checked_next(self, state: _Mapping) -> Any:
+        """The next outcome, after a check for the consumer's cancellation, waiting
+        for it if it has not come."""
+        state.unchecked = _UNCHECKED
         try:
-            # A checkpoint, as every await of anyio and trio: a consumer cancelled
-            # between results stops the map here, whether results are ready or not.
+            # As every await of anyio and trio: a consumer cancelled between results
+            # stops the map here, whether results are ready or not.
             await anyio.lowlevel.checkpoint_if_cancelled()
             while (outcome := state.take()) is _NOTHING:
                 if state.done.is_set():
@@ -483,16 +549,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
             state.cancel()
             await state.wait_done()
             raise
-        if type(outcome) is Failed:
-            state.over = True
-            state.cancel()
-            await state.wait_done()
-            error = outcome.error
-            try:
-                raise error
-            finally:
-                del error, outcome
-        return outcome  # type: ignore[no-any-return]
+        return outcome
 
     async def aclose(self) -> None:
         """Stop what is left: calls in flight are cancelled (as a cancelled

@@ -333,6 +333,7 @@ async def test_a_fault_of_the_feeder_reaches_the_consumer(
         raise AssertionError("a bug")
 
     monkeypatch.setattr(_mapping._Mapping, "_store", broken)
+    monkeypatch.setattr(_mapping._Mapping, "_store_all", broken)
     with pytest.raises(Exception) as caught:
         await collect(ex.pool("thread").map(abs, range(3)), [])
     assert "a bug" in repr(caught.value) + repr(getattr(caught.value, "exceptions", ""))

@@ -201,3 +201,22 @@ def test_the_automatic_size() -> None:
 async def test_a_bad_chunksize_is_refused_at_once(ex: Executor, value: Any) -> None:
     with pytest.raises((TypeError, ValueError), match="chunksize must be an int >= 1"):
         ex.map(abs, range(3), chunksize=value)
+
+
+async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
+    ex: Executor, kind: str
+) -> None:
+    # A hundred results ready at once: the consumer, cancelled by its own code after
+    # the first, gets at most the few a tight loop takes between two checks.
+    from offload._mapping import _UNCHECKED
+
+    got: list[int] = []
+    with anyio.CancelScope() as scope:
+        async with ex.pool(kind).map(abs, range(1000), chunksize=100) as results:
+            async for r in results:
+                got.append(r)
+                if r == 0:
+                    scope.cancel()
+    assert scope.cancelled_caught
+    assert 1 <= len(got) <= 1 + _UNCHECKED
+    assert got == list(range(len(got)))

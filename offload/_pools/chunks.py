@@ -7,9 +7,9 @@ the others. An outcome is what a process worker answers for a call, ``(status,
 value)`` (``process/framing.py``), so the map gives each item exactly the result or
 the error :meth:`Pool.run` would have given it.
 
-For a process or dask worker, items arrive pickled one by one, and each outcome
-leaves pickled on its own: an item that does not unpickle, or a result that does
-not pickle, fails that item alone. In a thread, nothing is pickled.
+For a process or dask worker, items and results travel pickled (see
+:class:`ChunkRunner`): an item that does not unpickle, or a result that does not
+pickle, fails that item alone. In a thread, nothing is pickled.
 
 Runs in worker processes, in threads and on Dask workers: no typing, no anyio.
 """
@@ -37,8 +37,18 @@ RAISED_HERE = -1
 
 
 class ChunkRunner:
-    """Called with a chunk's items, returns ``(outcomes, seconds)``: one outcome per
-    item, in order, and how long the whole chunk took in the worker.
+    """Called with a chunk's items, returns ``(values, failures, seconds)``: a value
+    per item, in order (``None`` where it failed), the failed items' outcomes by
+    index, and how long the chunk took in the worker.
+
+    In a thread, ``items`` is the list itself, and a failure is the exception
+    (``(RAISED_HERE, exc)``). Pickled, ``items`` is the list pickled whole, the
+    values come back pickled one by one, and a failure is ``(status, value)`` as a
+    process worker answers a call. If the whole list does not unpickle here, the
+    answer is ``(None, (description, traceback), seconds)``: nothing ran, and the
+    parent sends the items again pickled one by one (``items`` a list of pickles),
+    so that only those that do not unpickle fail. The values are pickled together
+    when they can be, else one by one, so that only those that do not pickle fail.
 
     ``__wrapped__`` is the function: what names the call in errors, logs and
     statistics, as if it ran alone (``offload._call.describe``).
@@ -50,61 +60,98 @@ class ChunkRunner:
         self.__wrapped__ = fn
         self.pickled = pickled
 
-    def __call__(self, items: list[Any]) -> tuple[list[Any], float]:
+    def __call__(self, items: Any) -> tuple[Any, Any, float]:
         begun = perf_counter()
         fn = self.__wrapped__
         if getattr(type(fn), "__offload_function__", False):
             # A decorated function travels as itself (it pickles by its name); here
             # it runs inline all the same.
             fn = fn.__wrapped__  # type: ignore[attr-defined]
-        outcomes: list[Any] = []
+        failures: dict[int, tuple[int, Any]] = {}
         if not self.pickled:
-            for item in items:
-                outcomes.append(_run(fn, item, False))
-            return outcomes, perf_counter() - begun
-        for blob in items:
+            return _run_all(fn, items, failures, False), failures, perf_counter() - begun
+        if type(items) is bytes:
             try:
-                item = pickle.loads(blob)
+                loaded = pickle.loads(items)
             except BaseException as exc:
                 _reraise_memory_error(exc)
-                outcomes.append(_dumps(_failure(BAD_REQUEST, exc)))
-                continue
-            outcome = _run(fn, item, True)
-            del item
-            outcomes.append(_encode(outcome))
-            del outcome
-        return outcomes, perf_counter() - begun
+                from .process.worker_errors import describe, traceback_of
+
+                return None, (describe(exc), traceback_of(exc)), perf_counter() - begun
+        else:
+            loaded = []
+            for index, blob in enumerate(items):
+                try:
+                    loaded.append(pickle.loads(blob))
+                except BaseException as exc:
+                    _reraise_memory_error(exc)
+                    loaded.append(None)
+                    failures[index] = _failure(BAD_REQUEST, exc)
+        del items
+        values = _run_all(fn, loaded, failures, True)
+        del loaded
+        try:
+            blobs = list(map(_pickled, values))
+        except BaseException as exc:
+            _reraise_memory_error(exc)
+            blobs = [_pickled_alone(index, value, failures) for index, value in enumerate(values)]
+        return blobs, failures, perf_counter() - begun
 
 
-def _run(fn: Callable[[Any], Any], item: Any, pickled: bool) -> tuple[int, Any]:
-    try:
-        # A context of its own for each item, as each call has: nothing one item
-        # sets is there for the next.
-        return OK, contextvars.copy_context().run(fn, item)
-    except BaseException as exc:
-        _reraise_memory_error(exc)
-        if not pickled:
-            return RAISED_HERE, exc
-        from .process.worker_errors import exception_reply
-
-        return exception_reply(exc)
+def _pickled(value: Any) -> bytes:
+    return pickle.dumps(value, protocol=5)
 
 
-def _encode(outcome: tuple[int, Any]) -> bytes:
+def _run_all(
+    fn: Callable[[Any], Any], items: list[Any], failures: dict[int, Any], pickled: bool
+) -> list[Any]:
+    values: list[Any] = []
+    append = values.append
+    copy_context = contextvars.copy_context
+    for index, item in enumerate(items):
+        if failures and index in failures:
+            append(None)  # it did not unpickle
+            continue
+        try:
+            # A context of its own for each item, as each call has: nothing one item
+            # sets is there for the next.
+            append(copy_context().run(fn, item))
+        except BaseException as exc:
+            _reraise_memory_error(exc)
+            append(None)
+            if pickled:
+                from .process.worker_errors import exception_reply
+
+                failures[index] = exception_reply(exc)
+            else:
+                # Without this frame in its traceback, whose locals hold it: no cycle.
+                failures[index] = (RAISED_HERE, exc.with_traceback(_past_this(exc)))
+    return values
+
+
+def _past_this(exc: BaseException) -> Any:
+    tb = exc.__traceback__
+    return tb.tb_next if tb is not None else None
+
+
+def _pickled_alone(index: int, value: Any, failures: dict[int, Any]) -> bytes:
     """As a call's answer is pickled (``process/worker.py``): plain pickle, else
     cloudpickle (a lambda, an instance of a class that came by value), else the
-    failure to pickle it, which fails the item."""
+    item fails."""
+    if index in failures:
+        return b""
     try:
-        return pickle.dumps(outcome, protocol=5)
+        return pickle.dumps(value, protocol=5)
     except BaseException as exc:
         _reraise_memory_error(exc)
         try:
             import cloudpickle
 
-            return cloudpickle.dumps(outcome, protocol=5)  # type: ignore[no-any-return]
+            return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
         except BaseException as again:
             _reraise_memory_error(again)
-        return _dumps(_failure(BAD_RESULT, exc))
+        failures[index] = _failure(BAD_RESULT, exc)
+        return b""
 
 
 def _reraise_memory_error(exc: BaseException) -> None:
@@ -118,7 +165,3 @@ def _failure(status: int, exc: BaseException) -> tuple[int, tuple[str, str]]:
     from .process.worker_errors import describe, traceback_of
 
     return status, (describe(exc), traceback_of(exc))
-
-
-def _dumps(outcome: tuple[int, Any]) -> bytes:
-    return pickle.dumps(outcome, protocol=5)
