@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import pickle
 import time
 from typing import TYPE_CHECKING, Any, cast
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from ._call import Call
     from ._executor import Executor
 
-__all__ = ("ChunkSizer", "Failed", "looks_large", "run_chunk")
+__all__ = ("ChunkSizer", "Failed", "detached", "looks_large", "run_chunk")
 
 #: the fixed cost of a call may be at most this share of a chunk's work
 OVERHEAD_SHARE = 0.05
@@ -60,6 +61,24 @@ class Failed:
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
+
+
+def detached(exc: BaseException) -> BaseException:
+    """``exc`` without offload's own frames at the head of its traceback: only the
+    frames of the code that raised it (a thread's function, an iterable).
+
+    A frame in a traceback keeps its caller's frame alive (``f_back``), with the
+    locals that caller ends with; the map's frames end holding the outcomes, hence
+    ``exc``: a cycle only the GC would free, once per failed item. The user's frames
+    keep their callers too, which are a worker thread's, done with the error.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS):
+        tb = tb.tb_next
+    return exc.with_traceback(tb)
+
+
+_OURS = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 async def run_chunk(
@@ -300,7 +319,7 @@ def _decode(
                 _raise(failure, pickled, name)
             except BaseException as exc:
                 _reraise_interrupt(exc)
-                outcomes.append(Failed(exc))
+                outcomes.append(Failed(detached(exc)))
         elif not pickled:
             outcomes.append(value)
         else:
@@ -311,7 +330,10 @@ def _decode(
                 error = SerializationError(
                     f"the result of {name} cannot be unpickled: {describe_error(exc)}"
                 )
-                outcomes.append(Failed(_caused(error, exc)))
+                outcomes.append(Failed(_caused(error, exc.with_traceback(None))))
+    # A thread's exceptions: the frames they came through (the worker thread's) hold
+    # this dict, which must not hold them any longer (see ``detached``).
+    failures.clear()
     return outcomes, any(type(outcome) is Failed for outcome in outcomes)
 
 

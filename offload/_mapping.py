@@ -34,7 +34,7 @@ import anyio
 import anyio.lowlevel
 
 from ._call import describe
-from ._chunking import ChunkSizer, Failed, looks_large, run_chunk
+from ._chunking import ChunkSizer, Failed, detached, looks_large, run_chunk
 from ._errors import PoolClosed
 from ._pools.chunks import ChunkRunner
 
@@ -217,7 +217,7 @@ class _Mapping:
                 # ``extend`` keeps what it took before an error of the iterable's.
                 chunk.extend(itertools.islice(cast("Iterator[Any]", source), size))
             except BaseException as exc:
-                return chunk, exc
+                return chunk, detached(exc)
             if len(chunk) < size:
                 self.exhausted = True
             return chunk, None
@@ -230,7 +230,7 @@ class _Mapping:
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
-                return chunk, exc
+                return chunk, detached(exc)
         return chunk, None
 
     def _calls_for(
@@ -304,7 +304,7 @@ class _Mapping:
             except anyio.get_cancelled_exc_class():
                 raise
             except BaseException as exc:
-                outcomes, failed = [Failed(exc)] * (1 if alone else len(work)), True
+                outcomes, failed = [Failed(detached(exc))] * (1 if alone else len(work)), True
             finally:
                 turn.set()  # cancelled while waiting: the next item's turn all the same
                 del self.calls[first]

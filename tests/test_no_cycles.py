@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,4 +120,29 @@ async def test_a_watched_request_leaves_no_cycles() -> None:
             scope: Scope = {"type": "http", "headers": [(b"host", b"x")]}
             await middleware(scope, receive, send)
             del scope
+    assert not found, f"cyclic garbage of offload's: {dict(found)}"
+
+
+async def consume(results: Any) -> None:
+    async with results:
+        async for _ in results:
+            pass
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["thread", "process"])
+async def test_a_map_leaves_no_cycles(ex: Executor, kind: str, which: int) -> None:
+    pool = ex.pool(kind)
+    maps = [
+        lambda: consume(pool.map(abs, range(-2000, 0))),
+        lambda: consume(pool.map(abs, range(-20, 0), chunksize=1)),
+        # One chunk, its items failing: nothing left to cancel (a cancelled task of
+        # anyio's on asyncio leaves a cycle of its own).
+        lambda: raises(consume(pool.map(funcs.boom, ["no"] * 5, chunksize=10)), funcs.Boom),
+    ][which : which + 1]
+    for run in maps:
+        await run()
+    with cyclic_garbage() as found:
+        for run in maps:
+            await run()
     assert not found, f"cyclic garbage of offload's: {dict(found)}"
