@@ -142,13 +142,12 @@ def _chunk_failed(
             f"{name}: {where} did not finish within {timeout * count:g} s ({timeout:g} s per item)"
         )
         return [Failed(_caused(OffloadTimeout(message), error)) for _ in range(count)]
-    failed = []
-    for position in range(first, first + count):
-        own = error if position == first else _copy(error)
-        if hasattr(own, "add_note"):  # Python 3.11+
-            own.add_note(f"item {position} was in {where}, which failed as a whole")
-        failed.append(Failed(own))
-    return failed
+    errors = [error, *(_copy(error) for _ in range(count - 1))]
+    if hasattr(error, "add_note"):  # Python 3.11+
+        for position, own in enumerate(errors, first):
+            if own is not error or position == first:  # a copy that failed: noted once
+                own.add_note(f"item {position} was in {where}, which failed as a whole")
+    return [Failed(own) for own in errors]
 
 
 def _caused(error: BaseException, cause: BaseException) -> BaseException:
@@ -157,11 +156,15 @@ def _caused(error: BaseException, cause: BaseException) -> BaseException:
 
 
 def _copy(error: BaseException) -> BaseException:
+    """Another instance of ``error``, for another item, with notes of its own."""
     try:
         own = copy.copy(error)
     except Exception:
         return error
     own.__cause__ = error.__cause__
+    notes = getattr(error, "__notes__", None)
+    if isinstance(notes, list):
+        own.__notes__ = list(notes)
     return own
 
 

@@ -97,7 +97,9 @@ async def test_a_crash_fails_only_its_chunk(ex: Executor, tmp_path: Path) -> Non
         await collect(ex.pool("process").map(crash_in_chunk, items, chunksize=5), got)
     assert got == [0, 1, 2, 3, 4]
     if sys.version_info >= (3, 11):
-        assert "item 5 was in a chunk of 5 items (5 to 9)" in caught.value.__notes__[0]
+        assert caught.value.__notes__ == [
+            "item 5 was in a chunk of 5 items (5 to 9), which failed as a whole"
+        ]
     assert ex.pool("process").stats().crashed == 1
     # The pool goes on: a crash hurt no other chunk and no later map.
     assert [r async for r in ex.pool("process").map(abs, range(-50, 0), chunksize=10)] == list(
@@ -220,3 +222,24 @@ async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
     assert scope.cancelled_caught
     assert 1 <= len(got) <= 1 + _UNCHECKED
     assert got == list(range(len(got)))
+
+
+def test_each_item_of_a_failed_chunk_has_an_error_of_its_own() -> None:
+    from offload._chunking import _chunk_failed
+
+    crash = WorkerCrashed("the worker process died (SIGKILL) while running abs")
+    failed = _chunk_failed(crash, 10, 3, None, "abs")
+    errors = [f.error for f in failed]
+    assert errors[0] is crash
+    assert len({id(e) for e in errors}) == 3
+    assert all(type(e) is WorkerCrashed and str(e) == str(crash) for e in errors)
+    if sys.version_info >= (3, 11):
+        assert [e.__notes__ for e in errors] == [
+            [f"item {i} was in a chunk of 3 items (10 to 12), which failed as a whole"]
+            for i in (10, 11, 12)
+        ]
+    timeouts = [f.error for f in _chunk_failed(OffloadTimeout("x"), 0, 2, 0.5, "abs")]
+    assert [str(e) for e in timeouts] == [
+        "abs: a chunk of 2 items (0 to 1) did not finish within 1 s (0.5 s per item)"
+    ] * 2
+    assert timeouts[0] is not timeouts[1]
