@@ -89,7 +89,9 @@ async def test_first_error_after_the_results_before_it_and_the_rest_stop(
     if ordered:
         assert got == list(range(13))
     else:
-        assert sorted(got) == list(range(13))
+        # Those that finished before 13 failed: on a busy machine, not every one.
+        assert set(got) <= set(range(13))
+        assert len(got) == len(set(got))
     # A later item was running when 13 failed: it was stopped, and never finished.
     assert list(tmp_path.glob("started-*")) != []
     await idle(ex, kind)
