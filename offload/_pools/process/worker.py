@@ -361,7 +361,8 @@ def _stream(
 
 def _recv_small(sock: socket.socket) -> Any:
     """The parent's next frame while a stream runs (MORE, CLOSE): read exactly, since
-    several may be waiting in the channel. LOG frames (logger levels) are skipped."""
+    several may be waiting in the channel. The logger levels it may send before one
+    (a LOG frame) are applied."""
     while True:
         length, count = HEADER.unpack(_recv_exactly(sock, HEADER.size))
         data = _recv_exactly(sock, length)
@@ -369,6 +370,7 @@ def _recv_small(sock: socket.socket) -> Any:
             return pickle.loads(data)
         if count != LOG:
             raise ConnectionError("unexpected frame from the parent during a stream")
+        worker_logs.apply_levels(data, sock)
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
