@@ -31,11 +31,18 @@ class Stream(AsyncIterator[Y], Generic[Y]):
     left, or iterate it and call :meth:`aclose` when done early.
     """
 
-    __slots__ = ("_call", "_ended", "_open", "_pool", "_source", "_thread")
+    __slots__ = ("_call", "_ended", "_gone", "_open", "_pool", "_source", "_thread")
 
-    def __init__(self, open_: Callable[[], Awaitable[Any]]) -> None:
-        # Made by offload only: ``open_()`` returns ``(pool, call, source)``.
+    def __init__(
+        self,
+        open_: Callable[[], Awaitable[Any]],
+        gone: Callable[[], Exception | None] | None = None,
+    ) -> None:
+        # Made by offload only: ``open_()`` returns ``(pool, call, source)``; ``gone()``,
+        # asked before each item, the error to raise once nobody is left to take them
+        # (the client of the request that streams has left).
         self._open: Opener | None = open_
+        self._gone = gone
         self._pool: Pool | None = None
         self._call: Call | None = None
         self._source: StreamSource | None = None
@@ -85,6 +92,13 @@ class Stream(AsyncIterator[Y], Generic[Y]):
     async def __anext__(self) -> Y:
         if self._ended:
             raise StopAsyncIteration
+        if self._gone is not None and (gone := self._gone()) is not None:
+            # Its client has left, and the consumer, not told (a server drops what is
+            # sent to a client that left), asks for more: asking the generator for it
+            # would set it computing, where the cancellation that follows would kill
+            # its worker. It is closed where it waits instead.
+            await self.aclose()
+            raise gone
         source = self._source or await self._start()
         call = self._call
         assert call is not None

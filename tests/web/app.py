@@ -129,6 +129,24 @@ async def tiny_numbers(
     return StreamingResponse(body(), media_type="text/plain")
 
 
+@app.get("/tiny/chunks")
+async def tiny_chunks(
+    size: int, progress: str, marker: str, ex: Executor = Depends(get_executor)
+) -> StreamingResponse:
+    """Streams lines of ``size`` bytes from the "tiny" pool's only worker process."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async with (
+            ex.pool("tiny")
+            .options(buffer=2)
+            .stream(stream_funcs.chunks, size, progress, marker) as items
+        ):
+            async for chunk in items:
+                yield chunk
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
 @app.get("/tiny/stuck")
 async def tiny_stuck(marker: str, ex: Executor = Depends(get_executor)) -> StreamingResponse:
     """Streams from the "tiny" pool's worker a generator stuck computing its second item."""

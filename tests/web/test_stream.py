@@ -4,18 +4,29 @@ that leaves stops the generator in its worker thread or process."""
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 
+import anyio
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect
+
+from offload import Offloader, OffloadSettings
+from offload._disconnect import Watch
+from offload.fastapi import RequestExecutor
 
 from .. import stream_funcs
+from ..processes import wait_until
 from .conftest import Server, assert_gone, start_server
 
 #: seconds the test waits for what it expects
 WAIT = 20.0
+#: bytes of a line that fills the connection and the server's socket buffers
+CHUNK = 16 << 20
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +106,45 @@ def test_client_leaving_closes_a_process_generator_in_its_worker(
     assert server.worker_pids() == before
 
 
+def test_client_leaving_a_full_connection_closes_a_process_generator_in_its_worker(
+    server: Server, tmp_path: Path
+) -> None:
+    progress, marker = tmp_path / "progress", tmp_path / "closed"
+    wait_until_idle(server)
+    before = server.worker_pids()
+    url = urlsplit(server.url)
+    assert url.hostname is not None
+    assert url.port is not None
+    query = urlencode({"size": CHUNK, "progress": str(progress), "marker": str(marker)})
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as conn:
+        # A fixed receive buffer (no autotuning): what the client does not read backs
+        # up into the server.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        conn.connect((url.hostname, url.port))
+        conn.sendall(f"GET /tiny/chunks?{query} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        # The client reads nothing: the first line fills the connection and the
+        # server's buffers, and the second waits to be sent. The generator made a
+        # third (its buffer, 2, ahead of the first), and waits at a yield while the
+        # worker sends it: the parent reads no more of it.
+        deadline = time.monotonic() + WAIT
+        while produced(progress) < 3:
+            assert time.monotonic() < deadline, "the generator did not run ahead"
+            time.sleep(0.01)
+    # The client hung up: the server's send, which waited, returns, and the response
+    # would take the next items (uvicorn drops what is sent to a client that left):
+    # the stream ends instead, its generator closed where it waits, in the worker.
+    deadline = time.monotonic() + WAIT
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the generator was not closed"
+        time.sleep(0.01)
+    pid = int(marker.read_text())
+    assert pid in before
+    assert produced(progress) == 3
+    wait_until_idle(server)
+    assert httpx.get(f"{server.url}/tiny/pid").json() == {"pid": pid}
+    assert server.worker_pids() == before
+
+
 def test_client_leaving_while_an_item_is_computed_kills_its_worker(
     server: Server, tmp_path: Path
 ) -> None:
@@ -113,3 +163,27 @@ def test_client_leaving_while_an_item_is_computed_kills_its_worker(
     assert reply.json()["pid"] not in (old, server.proc.pid)
     assert reply.json()["pid"] in server.worker_pids()
     assert not marker.exists()
+
+
+async def test_a_request_s_stream_ends_once_its_client_has_left(tmp_path: Path) -> None:
+    progress, marker = tmp_path / "progress", tmp_path / "closed"
+
+    async def receive() -> dict[str, str]:
+        return {"type": "http.disconnect"}
+
+    watch = Watch(receive, {"type": "http", "headers": []})
+    async with Offloader(OffloadSettings(process={"max_workers": 1})) as plain:
+        pid = await plain.pool("process").run(os.getpid)
+        ex = RequestExecutor(plain.offloader, watch).pool("process").options(buffer=2)
+        with anyio.fail_after(WAIT):
+            async with ex.stream(stream_funcs.numbers, 100, str(progress), str(marker)) as items:
+                assert await items.__anext__() == 0
+                # Its buffer (2) ahead of the consumer, it waits at a yield.
+                await wait_until(lambda: produced(progress) == 3, WAIT, "not run ahead")
+                await watch.receive()  # the server tells that the client left
+                with pytest.raises(ClientDisconnect):
+                    await items.__anext__()
+                # Closed where it waited, in its worker: no more items were made.
+                assert marker.read_text() == str(pid)
+                assert produced(progress) == 3
+            assert await plain.pool("process").run(os.getpid) == pid
