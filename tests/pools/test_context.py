@@ -415,6 +415,19 @@ async def test_a_span_made_for_each_item_of_a_process_stream_is_a_child_of_the_c
     assert by_name["untraced 0"]["trace_id"] != route.trace_id
 
 
+async def test_a_worker_without_opentelemetry_runs_traced_streams_all_the_same(
+    tracer: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    process = {"max_workers": 1, "initializer": "tests.funcs_context:without_opentelemetry"}
+    async with Offloader(context_settings(process=process)) as ex:
+        with tracer[0].start_as_current_span("route"):
+            request_id.set("still here")
+            async with ex.stream(funcs_context.set_in_each_item, 2) as items:
+                seen = [values["request_id"] async for values in items]
+        assert seen == ["still here", "item 0"]
+        assert await ex.run(funcs_context.otel_imported) is False
+
+
 async def test_the_parent_never_imports_opentelemetry_itself(tmp_path: Path) -> None:
     result = await run_script(
         tmp_path,
