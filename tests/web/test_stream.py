@@ -38,6 +38,15 @@ def server() -> Iterator[Server]:
     assert_gone(pids)
 
 
+def closed_by(marker: Path) -> str:
+    """What the generator's ``finally`` wrote to ``marker``, once it has written it."""
+    deadline = time.monotonic() + WAIT
+    while not (marker.exists() and (text := marker.read_text())):
+        assert time.monotonic() < deadline, "the generator was not closed"
+        time.sleep(0.01)
+    return text
+
+
 def test_client_leaving_closes_the_generator_in_its_worker(server: Server, tmp_path: Path) -> None:
     marker = tmp_path / "closed"
     with httpx.stream("GET", f"{server.url}/ticks", params={"marker": str(marker)}) as reply:
@@ -45,11 +54,7 @@ def test_client_leaving_closes_the_generator_in_its_worker(server: Server, tmp_p
         lines = reply.iter_lines()
         assert [next(lines) for _ in range(3)] == ["tick 0", "tick 1", "tick 2"]
     # The client hung up: the generator is closed in the server's worker thread.
-    deadline = time.monotonic() + WAIT
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the generator was not closed"
-        time.sleep(0.01)
-    pid, thread = marker.read_text().split()
+    pid, thread = closed_by(marker).split()
     assert int(pid) == server.proc.pid != os.getpid()
     assert thread.startswith("offload-thread-")
     # The worker thread is free again: the server serves a plain call.
@@ -91,11 +96,7 @@ def test_client_leaving_closes_a_process_generator_in_its_worker(
             assert time.monotonic() < deadline, "the generator did not run ahead"
             time.sleep(0.01)
     # The client hung up: the generator is closed in the worker, which lives on.
-    deadline = time.monotonic() + WAIT
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the generator was not closed"
-        time.sleep(0.01)
-    pid = int(marker.read_text())
+    pid = int(closed_by(marker))
     assert pid in before
     assert produced(progress) == 5
     wait_until_idle(server)
@@ -133,11 +134,7 @@ def test_client_leaving_a_full_connection_closes_a_process_generator_in_its_work
     # The client hung up: the server's send, which waited, returns, and the response
     # would take the next items (uvicorn drops what is sent to a client that left):
     # the stream ends instead, its generator closed where it waits, in the worker.
-    deadline = time.monotonic() + WAIT
-    while not marker.exists():
-        assert time.monotonic() < deadline, "the generator was not closed"
-        time.sleep(0.01)
-    pid = int(marker.read_text())
+    pid = int(closed_by(marker))
     assert pid in before
     assert produced(progress) == 3
     wait_until_idle(server)
@@ -184,6 +181,7 @@ async def test_a_request_s_stream_ends_once_its_client_has_left(tmp_path: Path) 
                 with pytest.raises(ClientDisconnect):
                     await items.__anext__()
                 # Closed where it waited, in its worker: no more items were made.
+                await wait_until(lambda: marker.exists() and bool(marker.read_text()), WAIT, "open")
                 assert marker.read_text() == str(pid)
                 assert produced(progress) == 3
             assert await plain.pool("process").run(os.getpid) == pid
