@@ -351,7 +351,18 @@ async def test_a_worker_imports_opentelemetry_only_for_a_traced_call(
     assert ids == (span.get_span_context().trace_id, span.get_span_context().span_id)
 
 
-# -- process streams ------------------------------------------------------------------
+# -- streams --------------------------------------------------------------------------
+
+
+async def test_every_item_of_a_thread_stream_runs_in_the_callers_span(
+    ex: Executor, tracer: tuple[Tracer, InMemorySpanExporter]
+) -> None:
+    threads = ex.pool("thread").options(buffer=1)
+    with tracer[0].start_as_current_span("route") as span:
+        route = (span.get_span_context().trace_id, span.get_span_context().span_id)
+        async with threads.stream(funcs_context.spans_per_item, 3, "item") as items:
+            seen = [outer async for _, outer in items]
+    assert seen == [route] * 3
 
 
 async def test_every_item_of_a_process_stream_sees_the_chosen_variables(ex: Executor) -> None:
