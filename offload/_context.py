@@ -10,7 +10,8 @@ without importing anything of offload's but this module.
 In a worker, :func:`enter` makes the context a call runs in: a copy of the worker's
 own context (which no call changes: each runs in such a copy), with the values set.
 Nothing a call sets, nor the values it came with, outlives it. :func:`run_traced`
-attaches the trace context for the call's run.
+attaches the trace context for the call's run; :func:`enter_traced` puts it in a
+stream's context, for every item.
 
 Light enough for a worker process to import at start (no typing, no anyio).
 OpenTelemetry is never imported here unless the application has imported it.
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     #: what travels: ((import string, value), ...) and the trace carrier, if any
     Carried = tuple[tuple[tuple[str, Any], ...], dict[str, str] | None]
 
-__all__ = ("capture", "enter", "import_string", "resolve", "run_traced")
+__all__ = ("capture", "enter", "enter_traced", "import_string", "resolve", "run_traced")
 
 _UNSET = object()
 _OTEL_CONTEXT = "opentelemetry.context"
@@ -150,27 +151,40 @@ def _tracing() -> tuple[Callable[..., Any], Callable[..., Any], Callable[..., An
     return _otel or None  # type: ignore[return-value]
 
 
+def _attach(carrier: dict[str, str]) -> Any:
+    """Attach the trace context in ``carrier`` to the current context; the token to
+    detach it, or None: no OpenTelemetry here, or a carrier it cannot read."""
+    otel = _tracing()
+    if otel is not None:
+        try:
+            return otel[0](otel[2](carrier))
+        except Exception:
+            pass
+    return None
+
+
 def run_traced(
     carrier: dict[str, str], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Any:
     """``fn(*args, **kwargs)`` under the trace context in ``carrier``, so that a span
     it opens is a child of the caller's. Without OpenTelemetry here, or with a carrier
     it cannot read, the call runs all the same."""
-    otel = _tracing()
-    token = None
-    if otel is not None:
-        try:
-            token = otel[0](otel[2](carrier))
-        except Exception:
-            pass
+    token = _attach(carrier)
     try:
         return fn(*args, **kwargs)
     finally:
         if token is not None:
             try:
-                otel[1](token)  # type: ignore[index]
+                _otel[1](token)  # type: ignore[index]
             except Exception:
                 pass
+
+
+def enter_traced(carrier: dict[str, str], ctx: contextvars.Context) -> None:
+    """Put the trace context in ``carrier`` in ``ctx``, a call's own context (from
+    :func:`enter`), for all that runs in it: a stream's generator, item after item.
+    It goes with ``ctx``: nothing to detach."""
+    ctx.run(_attach, carrier)
 
 
 def import_string(name: str) -> Any:

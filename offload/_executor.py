@@ -222,7 +222,12 @@ class Executor:
             return pool, call, source
 
         made = anyio.current_time()
-        return Stream(open_)
+        return Stream(open_, self._client_gone())
+
+    def _client_gone(self) -> Callable[[], Exception | None] | None:
+        """For a stream: what says, before each item, that the consumer's client has
+        left (the error to raise then); None: no client to watch."""
+        return None
 
     @overload
     def map(

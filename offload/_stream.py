@@ -8,6 +8,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
+import anyio.lowlevel
 
 from ._errors import OffloadTimeout
 
@@ -31,11 +32,18 @@ class Stream(AsyncIterator[Y], Generic[Y]):
     left, or iterate it and call :meth:`aclose` when done early.
     """
 
-    __slots__ = ("_call", "_ended", "_open", "_pool", "_source", "_thread")
+    __slots__ = ("_call", "_ended", "_gone", "_open", "_pool", "_source", "_thread")
 
-    def __init__(self, open_: Callable[[], Awaitable[Any]]) -> None:
-        # Made by offload only: ``open_()`` returns ``(pool, call, source)``.
+    def __init__(
+        self,
+        open_: Callable[[], Awaitable[Any]],
+        gone: Callable[[], Exception | None] | None = None,
+    ) -> None:
+        # Made by offload only: ``open_()`` returns ``(pool, call, source)``; ``gone()``,
+        # asked before each item, the error to raise once nobody is left to take them
+        # (the client of the request that streams has left).
         self._open: Opener | None = open_
+        self._gone = gone
         self._pool: Pool | None = None
         self._call: Call | None = None
         self._source: StreamSource | None = None
@@ -85,6 +93,16 @@ class Stream(AsyncIterator[Y], Generic[Y]):
     async def __anext__(self) -> Y:
         if self._ended:
             raise StopAsyncIteration
+        if self._gone is not None and (gone := self._gone()) is not None:
+            # Its client has left, and the consumer, not told (a server drops what is
+            # sent to a client that left), asks for more: asking the generator for it
+            # would set it computing, where the cancellation that follows would kill
+            # its worker. It is closed where it waits instead, without waiting for
+            # anyone; a cancellation on its way (the server's disconnect cancelling
+            # the response) is taken rather than this error.
+            self._close()
+            await anyio.lowlevel.checkpoint()
+            raise gone
         source = self._source or await self._start()
         call = self._call
         assert call is not None
@@ -114,16 +132,24 @@ class Stream(AsyncIterator[Y], Generic[Y]):
         waiting. Closing a stream that has not started starts nothing; closing it
         again does nothing.
         """
-        self._open = None
-        source, call = self._source, self._call
-        if source is None or call is None or self._ended:
-            self._ended = True
-            return
-        suspended = source.close()
-        self._end(None)
-        if suspended:
+        if self._close():
+            source, call = self._source, self._call
+            assert source is not None
+            assert call is not None
             with anyio.CancelScope(deadline=call.deadline):
                 await source.wait_closed()
+
+    def _close(self) -> bool:
+        """Close the generator without waiting; whether it was suspended at a
+        ``yield`` (then closed as soon as its worker reads the request)."""
+        self._open = None
+        source = self._source
+        if source is None or self._call is None or self._ended:
+            self._ended = True
+            return False
+        suspended = source.close()
+        self._end(None)
+        return suspended
 
     def _end(self, error: BaseException | None) -> None:
         if self._ended:

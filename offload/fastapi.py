@@ -171,6 +171,9 @@ class RequestExecutor(Executor):
     client go; then the call is cancelled as by a deadline, and raises Starlette's
     :class:`~starlette.requests.ClientDisconnect` (an HTTP request) or
     :class:`~starlette.websockets.WebSocketDisconnect` (a WebSocket).
+
+    A stream asks the Watch before each item: once the client has left, the stream
+    is closed (its generator where it waits) and the item asked for raises the same.
     """
 
     __slots__ = ("_watch",)
@@ -236,6 +239,17 @@ class RequestExecutor(Executor):
                 running = False
                 listener.cancel()
         raise self._disconnect_error()  # reached only when on_listener_done() cancelled the scope
+
+    def _client_gone(self) -> Callable[[], Exception | None]:
+        return self._left
+
+    def _left(self) -> Exception | None:
+        """The error of a client that has left before the response was complete (as
+        far as the Watch has seen), else None."""
+        watch = self._watch
+        if watch.disconnect is None or watch.response_done:
+            return None
+        return self._disconnect_error()
 
     def _disconnect_error(self) -> Exception:
         message = self._watch.disconnect

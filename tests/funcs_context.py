@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -77,6 +77,26 @@ def open_span(name: str) -> dict[str, str]:
 
     with trace.get_tracer("tests.funcs_context").start_as_current_span(name):
         return seen()
+
+
+def spans_per_item(n: int, name: str) -> Iterator[tuple[dict[str, str], tuple[int, int] | None]]:
+    """A stream: item ``i`` is made in a span named ``name i``, and is what that item's
+    computation saw: the variables, and the span current before it opened its own."""
+    from opentelemetry import trace
+
+    tracer = trace.get_tracer("tests.funcs_context")
+    for i in range(n):
+        outer = current_span_ids()
+        with tracer.start_as_current_span(f"{name} {i}"):
+            values = seen()
+        yield values, outer
+
+
+def set_in_each_item(n: int) -> Iterator[dict[str, str]]:
+    """A stream: item ``i`` is what its computation saw, before it set the variables
+    to ``item i``."""
+    for i in range(n):
+        yield set_and_see(f"item {i}")
 
 
 class _FileExporter:

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger("app")
@@ -141,3 +142,22 @@ def log_debug_below_a_worker_level(n: int) -> bool:
     for i in range(n):
         verbose.debug("verbose %d", i)
     return verbose.isEnabledFor(logging.DEBUG)
+
+
+def log_each_item(n: int) -> Iterator[tuple[int, bool, bool]]:
+    """A stream: log ``debug i`` and ``info i`` before each item ``i``, which is ``(i,
+    whether the worker's "app" logger makes DEBUG records, and INFO ones)``."""
+    for i in range(n):
+        logger.debug("debug %d", i)
+        logger.info("info %d", i)
+        yield i, logger.isEnabledFor(logging.DEBUG), logger.isEnabledFor(logging.INFO)
+
+
+def log_items_then_closing(n: int) -> Iterator[int]:
+    """A stream that logs each item, and once closed."""
+    try:
+        for i in range(n):
+            logger.warning("item %d", i)
+            yield i
+    finally:
+        logger.warning("closing")

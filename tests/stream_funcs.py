@@ -89,3 +89,17 @@ def ticks(marker: str) -> Iterator[bytes]:
             time.sleep(0.001)
     finally:
         Path(marker).write_text(f"{os.getpid()} {threading.current_thread().name}")
+
+
+def chunks(size: int, progress: str, marker: str) -> Iterator[bytes]:
+    """Lines of ``size`` bytes for ever, each noted in ``progress`` before it is
+    yielded; at its end (``finally``) write this process's pid to ``marker``."""
+    try:
+        line = b"x" * (size - 1) + b"\n"
+        n = 0
+        while True:
+            n += 1
+            Path(progress).write_text("\n" * n)
+            yield line
+    finally:
+        Path(marker).write_text(str(os.getpid()))

@@ -351,6 +351,94 @@ async def test_a_worker_imports_opentelemetry_only_for_a_traced_call(
     assert ids == (span.get_span_context().trace_id, span.get_span_context().span_id)
 
 
+# -- streams --------------------------------------------------------------------------
+
+
+async def test_every_item_of_a_thread_stream_runs_in_the_callers_span(
+    ex: Executor, tracer: tuple[Tracer, InMemorySpanExporter]
+) -> None:
+    threads = ex.pool("thread").options(buffer=1)
+    with tracer[0].start_as_current_span("route") as span:
+        route = (span.get_span_context().trace_id, span.get_span_context().span_id)
+        async with threads.stream(funcs_context.spans_per_item, 3, "item") as items:
+            seen = [outer async for _, outer in items]
+    assert seen == [route] * 3
+
+
+async def test_every_item_of_a_process_stream_sees_the_chosen_variables(ex: Executor) -> None:
+    request_id.set("r-stream")
+    tenant.set("acme")
+    secret.set("must stay here")
+    async with ex.options(buffer=1).stream(funcs_context.set_in_each_item, 3) as items:
+        seen = [item async for item in items]
+    # The generator's own context: what it set for one item, the next sees.
+    assert seen == [
+        {"request_id": "r-stream", "tenant": "acme", "secret": "not sent"},
+        *(dict.fromkeys(("request_id", "tenant", "secret"), f"item {i}") for i in (0, 1)),
+    ]
+    assert request_id.get() == "r-stream"
+    # Nothing of it reaches the next call (one worker process: the same one).
+    request_id.set("next")
+    assert await ex.run(funcs_context.seen) == {
+        "request_id": "next",
+        "tenant": "acme",
+        "secret": "not sent",
+    }
+
+
+async def test_every_item_of_a_process_stream_runs_in_the_callers_span(
+    ex: Executor, tracer: tuple[Tracer, InMemorySpanExporter]
+) -> None:
+    with tracer[0].start_as_current_span("route") as span:
+        route = (span.get_span_context().trace_id, span.get_span_context().span_id)
+        async with ex.options(buffer=1).stream(funcs_context.spans_per_item, 3, "item") as items:
+            seen = [outer async for _, outer in items]
+    assert seen == [route] * 3
+    # Nor does the trace outlive the stream in its worker.
+    assert await ex.run(funcs_context.current_span_ids) is None
+
+
+async def test_a_span_made_for_each_item_of_a_process_stream_is_a_child_of_the_callers(
+    tmp_path: Path, tracer: tuple[Tracer, InMemorySpanExporter]
+) -> None:
+    spans = tmp_path / "spans.jsonl"
+    process = {
+        "max_workers": 1,
+        "initializer": "tests.funcs_context:trace_to_file",
+        "initializer_args": (str(spans),),
+    }
+    async with Offloader(context_settings(process=process)) as ex:
+        with tracer[0].start_as_current_span("route"):
+            request_id.set("traced")
+            items = ex.options(buffer=1).stream(funcs_context.spans_per_item, 3, "item")
+            async with items:
+                seen = [values async for values, _ in items]
+        async with ex.stream(funcs_context.spans_per_item, 1, "untraced") as items:
+            assert [outer async for _, outer in items] == [None]
+    assert [values["request_id"] for values in seen] == ["traced"] * 3
+    route = finished(tracer[1], "route").get_span_context()
+    assert route is not None
+    by_name = {span["name"]: span for span in worker_spans(spans)}
+    for i in range(3):
+        assert by_name[f"item {i}"]["trace_id"] == route.trace_id
+        assert by_name[f"item {i}"]["parent_span_id"] == route.span_id
+    assert by_name["untraced 0"]["parent_span_id"] is None
+    assert by_name["untraced 0"]["trace_id"] != route.trace_id
+
+
+async def test_a_worker_without_opentelemetry_runs_traced_streams_all_the_same(
+    tracer: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    process = {"max_workers": 1, "initializer": "tests.funcs_context:without_opentelemetry"}
+    async with Offloader(context_settings(process=process)) as ex:
+        with tracer[0].start_as_current_span("route"):
+            request_id.set("still here")
+            async with ex.stream(funcs_context.set_in_each_item, 2) as items:
+                seen = [values["request_id"] async for values in items]
+        assert seen == ["still here", "item 0"]
+        assert await ex.run(funcs_context.otel_imported) is False
+
+
 async def test_the_parent_never_imports_opentelemetry_itself(tmp_path: Path) -> None:
     result = await run_script(
         tmp_path,

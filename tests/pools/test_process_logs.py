@@ -446,6 +446,79 @@ async def test_records_of_the_initializer_reach_the_parent(collected: Collect) -
     assert record.offload_call == initializer  # type: ignore[attr-defined]
 
 
+# -- streams --------------------------------------------------------------------------
+
+
+async def test_a_level_changed_during_a_stream_holds_in_its_worker(
+    pex: Executor, app_logger: logging.Logger, collected: Collect
+) -> None:
+    seen: list[tuple[bool, bool]] = []
+    with anyio.fail_after(CALL_BOUND):
+        async with pex.options(buffer=1).stream(log_funcs.log_each_item, 10) as items:
+            async for i, debug, info in items:
+                seen.append((debug, info))
+                if i == 2:
+                    app_logger.setLevel(logging.DEBUG)
+                elif i == 5:
+                    app_logger.setLevel(logging.WARNING)
+    # With a buffer of one, the worker makes item i + 1 once item i is taken: a level
+    # set after taking item i goes with the credit for item i + 1, and holds from
+    # item i + 2 on.
+    assert seen == [(False, True)] * 4 + [(True, True)] * 3 + [(False, False)] * 3
+    # Those of item 6, made before the worker got WARNING, arrive after this process
+    # had it: its level when a record arrives decides here.
+    assert collected.messages() == [
+        *(f"info {i}" for i in range(4)),
+        *(f"{level} {i}" for i in range(4, 6) for level in ("debug", "info")),
+    ]
+
+
+async def test_a_level_changed_at_a_stream_s_end_holds_for_the_next_call(
+    pex: Executor, app_logger: logging.Logger, collected: Collect
+) -> None:
+    with anyio.fail_after(CALL_BOUND):
+        async with pex.options(buffer=2).stream(log_funcs.log_each_item, 1) as items:
+            # Sent with the credit for the only item, which the worker may read
+            # after its last answer.
+            app_logger.setLevel(logging.DEBUG)
+            assert [item async for item in items] == [(0, False, True)]
+        assert await pex.run(log_funcs.log_many, 1, logging.DEBUG) == (1, True)
+    assert collected.messages() == ["info 0", "record 0"]
+
+
+async def test_a_stream_s_records_are_handled_in_the_consumers_context(
+    pex: Executor, app_logger: logging.Logger
+) -> None:
+    class Stamp(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.request = request_id.get()
+            return True
+
+    handler = Collect()
+    handler.addFilter(Stamp())
+    app_logger.addHandler(handler)
+    request_id.set("r-s")
+    try:
+        with anyio.fail_after(CALL_BOUND):
+            async with pex.stream(log_funcs.log_items_then_closing, 100) as items:
+                async for item in items:
+                    if item == 1:
+                        break
+            # Left early: its closing is read by the task that drains the stream.
+            await wait_until(lambda: "closing" in handler.messages(), CALL_BOUND, "not closed")
+    finally:
+        app_logger.removeHandler(handler)
+    messages = handler.messages()
+    assert messages[:2] == ["item 0", "item 1"]
+    assert messages[-1] == "closing"
+    pid = await pex.run(os.getpid)
+    for record in handler.records:
+        assert record.process == pid
+        assert record.request == "r-s"  # type: ignore[attr-defined]
+        assert record.offload_pool == "process"  # type: ignore[attr-defined]
+        assert record.offload_call == "tests.log_funcs.log_items_then_closing"  # type: ignore[attr-defined]
+
+
 def test_the_levels_change_only_when_a_level_does(app_logger: logging.Logger) -> None:
     # A worker is sent the levels when the object changes: not on every call.
     levels = _logs.current_levels()

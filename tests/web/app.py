@@ -107,6 +107,63 @@ async def ticks(marker: str, ex: Executor = Depends(get_executor)) -> StreamingR
     return StreamingResponse(body(), media_type="text/plain")
 
 
+@app.get("/tiny/numbers")
+async def tiny_numbers(
+    progress: str, marker: str, hold: int, ex: Executor = Depends(get_executor)
+) -> StreamingResponse:
+    """Streams numbers from the "tiny" pool's only worker process; after ``hold`` of
+    them the response waits (as one does sending to a client that reads slowly),
+    while the generator runs its buffer ahead and waits at a ``yield``."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async with (
+            ex.pool("tiny")
+            .options(buffer=2)
+            .stream(stream_funcs.numbers, 1000, progress, marker) as items
+        ):
+            async for number in items:
+                yield f"{number}\n".encode()
+                if number + 1 == hold:
+                    await anyio.sleep_forever()
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@app.get("/tiny/chunks")
+async def tiny_chunks(
+    size: int, progress: str, marker: str, ex: Executor = Depends(get_executor)
+) -> StreamingResponse:
+    """Streams lines of ``size`` bytes from the "tiny" pool's only worker process."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async with (
+            ex.pool("tiny")
+            .options(buffer=2)
+            .stream(stream_funcs.chunks, size, progress, marker) as items
+        ):
+            async for chunk in items:
+                yield chunk
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@app.get("/tiny/stuck")
+async def tiny_stuck(marker: str, ex: Executor = Depends(get_executor)) -> StreamingResponse:
+    """Streams from the "tiny" pool's worker a generator stuck computing its second item."""
+
+    async def body() -> AsyncIterator[bytes]:
+        async with ex.pool("tiny").stream(stream_funcs.stuck_after_one, marker) as items:
+            async for number in items:
+                yield f"{number}\n".encode()
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+@app.get("/tiny/pid")
+async def tiny_pid(ex: Executor = Depends(get_executor)) -> dict[str, int]:
+    return {"pid": await ex.pool("tiny").run(funcs.getpid)}
+
+
 @app.get("/timeout")
 async def timeout(ex: Executor = Depends(get_executor)) -> None:
     await ex.options(timeout=0.2).run(funcs.sleep_then, 5, None)

@@ -6,11 +6,12 @@ each to :meth:`LogSink.handle` as it arrives, in the caller's task: the record i
 rebuilt, marked with the pool (``offload_pool``) and the call (``offload_call``), and
 handled by the logger of its name, as if the call had run here.
 
-Which records a worker sends depends on this process's levels at call time: the
-levels set on loggers here (and ``logging.disable``) travel to a worker in a LOG frame
-before a call, when they changed since it last got them. A change is seen at the cost
-of a dict lookup per call: logging clears every logger's ``_cache`` on ``setLevel``,
-``disable`` and configuration, and :func:`current_levels` keeps a mark there.
+Which records a worker sends depends on this process's levels at call time: the levels
+set on loggers here (and ``logging.disable``) travel to a worker in a LOG frame before
+a call, or with a stream's credit for one more item (``streams.py``), when they
+changed since it last got them. A change is seen at the cost of a dict lookup per
+call: logging clears every logger's ``_cache`` on ``setLevel``, ``disable`` and
+configuration, and :func:`current_levels` keeps a mark there.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ position. The worker then serves the next call::
     MORE 1, as the consumer takes each item   ──>
                                               <──    OK / RAISED / BAD_RESULT ...
 
+The logger levels, when they changed (a LOG frame, ``logs.py``), go before a MORE, as
+before a call: the worker makes its next items under them.
+
 Closing early: the parent sends CLOSE; the worker reads it between items, closes the
 generator (its ``finally`` runs there) and answers OK; the parent, in the background,
 discards the items still on their way and takes the worker back. A deadline that
@@ -107,7 +110,9 @@ class ProcessStream(StreamSource):
             reply = await self._next_frame(worker)
         if reply[0] == framing.ITEM:
             try:
-                if unsent := worker.send_some(_MORE_ONE):
+                # With the logger levels, if they changed: the generator's next items
+                # are made under them.
+                if unsent := worker.send_some(worker.with_levels(_MORE_ONE)):
                     await worker.send(unsent)
             except OSError:
                 pass  # dead: the next read says how

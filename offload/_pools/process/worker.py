@@ -35,7 +35,7 @@ from collections.abc import Callable
 from time import perf_counter
 from types import GeneratorType
 
-from ..._context import enter, import_string, run_traced
+from ..._context import enter, enter_traced, import_string, run_traced
 from ..._where import mark_worker_process
 from . import worker_logs
 from .buffers import out_of_band
@@ -232,6 +232,8 @@ def _serve(sock: socket.socket, scratch: memoryview, max_payload: int, cross_mem
             begun = perf_counter()
             try:
                 if stream:
+                    if carried is not None and carried[1] is not None:
+                        enter_traced(carried[1], ctx)  # for every item, and the close
                     outcome = _stream(sock, ctx, fn, args, kwargs, stream, max_payload)
                     if outcome is None:
                         return  # the parent closed the channel
@@ -361,7 +363,8 @@ def _stream(
 
 def _recv_small(sock: socket.socket) -> Any:
     """The parent's next frame while a stream runs (MORE, CLOSE): read exactly, since
-    several may be waiting in the channel. LOG frames (logger levels) are skipped."""
+    several may be waiting in the channel. The logger levels it may send before one
+    (a LOG frame) are applied."""
     while True:
         length, count = HEADER.unpack(_recv_exactly(sock, HEADER.size))
         data = _recv_exactly(sock, length)
@@ -369,6 +372,7 @@ def _recv_small(sock: socket.socket) -> Any:
             return pickle.loads(data)
         if count != LOG:
             raise ConnectionError("unexpected frame from the parent during a stream")
+        worker_logs.apply_levels(data, sock)
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:

@@ -1,14 +1,14 @@
 """The worker's side of log forwarding: its records become LOG frames to the parent.
 
 The parent sends its logger levels in a LOG frame (``logs.py``) before the boot
-message, and again before a call whenever they changed. The first one turns
-forwarding on: a handler goes on the worker's root logger, and the worker's loggers
-take the parent's levels, so that ``logger.debug(...)`` below the parent's level
-makes no record at all. During a call (or the initializer), the handler renders
-each record into plain values and sends it as a LOG frame, without blocking: when the
-channel has no room, the record is dropped and counted, and the count goes to the
-parent before the reply. Outside a call, records stay in the worker: its stderr, as
-logging's last resort writes them.
+message, and again before a call (or a stream's MORE) whenever they changed. The
+first one turns forwarding on: a handler goes on the worker's root logger, and the
+worker's loggers take the parent's levels, so that ``logger.debug(...)`` below the
+parent's level makes no record at all. During a call (or the initializer), the
+handler renders each record into plain values and sends it as a LOG frame, without
+blocking: when the channel has no room, the record is dropped and counted, and the
+count goes to the parent before the reply. Outside a call, records stay in the
+worker: its stderr, as logging's last resort writes them.
 
 Workers import it at start. The handler (``worker_log_handler.py``) and ``logging``
 load once the worker has answered the boot, unless the initializer has imported
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from .worker_log_handler import Forwarder
 
-__all__ = ("forwarder", "install", "install_if_imported", "take_levels")
+__all__ = ("apply_levels", "forwarder", "install", "install_if_imported", "take_levels")
 
 #: the handler on the root logger, once forwarding is on
 forwarder: Forwarder | None = None
@@ -73,6 +73,12 @@ def take_levels(sock: socket.socket, scratch: memoryview, n: int) -> int:
             scratch[: n - end] = scratch[end:n]
             n -= end
         _levels(pickle.loads(data), sock)
+
+
+def apply_levels(data: bytes, sock: socket.socket) -> None:
+    """Apply the levels of a LOG frame from the parent, ``data`` its pickle, read on
+    ``sock``: one read between a stream's items."""
+    _levels(pickle.loads(data), sock)
 
 
 def _levels(levels: Any, sock: socket.socket) -> None:
