@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
     from ..._call import Call
     from ..._settings import PoolSettings
+    from .streams import DaskStream
 
 __all__ = ("SCATTER_THRESHOLD", "DaskCalls", "exit_status")
 
@@ -122,11 +123,13 @@ async def exit_status(client: Any, worker: Any) -> tuple[int | None, int | None]
 class CallInFlight:
     """One call between submit and outcome: what ``_end_calls`` needs to end it."""
 
-    __slots__ = ("future", "lost", "scope")
+    __slots__ = ("future", "lost", "scope", "stream")
 
     def __init__(self, scope: anyio.CancelScope) -> None:
+        # A stream's: the scope of its consumer's wait for the next record.
         self.scope = scope
         self.future: Any = None
+        self.stream: DaskStream | None = None
         # Why the scope was cancelled, when it was not a shutdown.
         self.lost: ClusterUnavailable | None = None
 
@@ -138,6 +141,8 @@ class DaskCalls(DaskConnection):
     def __init__(self, name: str, settings: PoolSettings, task_group: TaskGroup) -> None:
         super().__init__(name, settings, task_group)
         self._calls: set[CallInFlight] = set()
+        # Streams whose queue is still on the scheduler (streams.py).
+        self._streams: set[DaskStream] = set()
 
     def _end_calls(self, lost: str | None) -> None:
         for entry in list(self._calls):
@@ -256,7 +261,9 @@ class DaskCalls(DaskConnection):
             f"while running {call.name} (it may have run): {exc}"
         )
 
-    async def _outcome(self, call: Call, client: Any, future: Any) -> Any:
+    async def _outcome(self, call: Call, client: Any, future: Any, what: str = "the result") -> Any:
+        """The task's result; its failure mapped to offload's errors (``what``, what
+        it sends back that could not be pickled: a stream's items)."""
         try:
             payload, buffers, call.ran = await future
         except Exception as exc:
@@ -301,7 +308,7 @@ class DaskCalls(DaskConnection):
                 ) from _aborted_cause(exc)
             if status == "error" and isinstance(exc, CannotSendResult):
                 raise SerializationError(
-                    f"the result of {call.name} cannot be pickled: {exc.description}"
+                    f"{what} of {call.name} cannot be pickled: {exc.description}"
                 ) from RemoteTraceback(exc.tb)
             if status == "error" and isinstance(exc, CannotSendException):
                 raise OffloadError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -21,6 +22,11 @@ from ..process.nested_pools import refusal
 from .calls import SCATTER_THRESHOLD, DaskCalls
 from .connection import CONNECT_TIMEOUT
 from .embedded import EmbeddedCluster
+from .streams import open_stream
+
+if TYPE_CHECKING:
+    from ..._call import Call
+    from ..base import StreamSource
 
 __all__ = ("SCATTER_THRESHOLD", "DaskPool")
 
@@ -107,6 +113,11 @@ class DaskPool(DaskCalls):
         self._watching.cancel()
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+        with anyio.CancelScope(shield=True):
+            # Before the client closes: a stream's task that still runs finds its
+            # queue gone at its next put, and ends.
+            for source in list(self._streams):
+                await source.delete()
         client, self._client = self._client, None
         embedded, self._embedded = self._embedded, None
         with anyio.CancelScope(shield=True):
@@ -116,9 +127,19 @@ class DaskPool(DaskCalls):
             if embedded is not None:
                 await embedded.stop()
 
+    async def _open_stream(self, call: Call, buffer: int) -> StreamSource:
+        return await open_stream(self, call, buffer)
+
     def _abort(self) -> None:
         self._forced = True
         self._end_calls(None)
+        for entry in list(self._calls):
+            if entry.stream is not None:
+                # Its queue deleted, the generator is closed at its next put; the
+                # stream is over for the drain now: its consumer may never ask for
+                # an item again (and gets PoolClosed if it does).
+                entry.stream.finish()
+                self.end_stream(entry.stream, self._closed_error())
 
     def _occupancy(self) -> tuple[int, int, int]:
         workers = self.max_workers

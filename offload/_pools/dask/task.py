@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 import traceback
+from types import GeneratorType
 from typing import Any
 
 import cloudpickle
@@ -27,6 +28,8 @@ from ..._context import enter, run_traced
 from ..._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
+    "END",
+    "ITEM",
     "Aborted",
     "CannotLoad",
     "CannotReportStart",
@@ -36,7 +39,14 @@ __all__ = (
     "invoke",
     "kill_this_process",
     "report_start",
+    "stream",
 )
+
+#: the records of a stream's queue: ``[ITEM, pickled item]``, then ``[END, None]``
+ITEM, END = 0, 1
+#: seconds a generator waits at a ``yield`` (its queue full) before it looks again
+#: (the consumer rings when it takes the items, or when it leaves): a safety net
+PUT_WAIT = 5.0
 
 
 class CannotLoad(Exception):
@@ -110,22 +120,7 @@ def invoke(
         _keep_records_sendable()
         labelled = _labels.set(labels)
     try:
-        try:
-            report_start(topic, key)
-        except Exception as exc:
-            raise CannotReportStart(f"{type(exc).__name__}: {exc}") from None
-        try:
-            fn, npos, names, values, holes, carried = cloudpickle.loads(blob)
-            # A context of its own, as a process worker's call has: Dask runs tasks
-            # in a copy of its worker's, and other tasks in the same thread.
-            ctx = enter(carried, contextvars.copy_context())
-        except Exception as exc:
-            raise CannotLoad(f"{type(exc).__name__}: {exc}") from None
-        for i, value in zip(holes, large, strict=True):
-            values[i] = value
-        if getattr(type(fn), "__offload_function__", False):
-            fn = getattr(fn, "__wrapped__")  # noqa: B009
-        args, kwargs = tuple(values[:npos]), dict(zip(names, values[npos:], strict=True))
+        fn, args, kwargs, ctx, carried = _load(topic, key, blob, large)
         begun = time.perf_counter()
         try:
             if carried is None or carried[1] is None:
@@ -136,23 +131,206 @@ def invoke(
             return (*_pickled(result), ran)
         except CannotSendResult:
             raise
-        except Exception as exc:
-            if _travels(exc):
-                raise
-            kind = type(exc)
-            stand_in: Exception = CannotSendException(
-                f"{kind.__module__}.{kind.__qualname__}", _str(exc), _format(exc)
-            )
         except BaseException as exc:
-            # SystemExit and its kin, raised by the function: as themselves they
-            # would end the worker process, and every task running in it.
-            stand_in = _aborted(exc)
+            stand_in = _stand_in(exc)
+            if stand_in is None:
+                raise
         # Raised outside the handler: Dask pickles an exception with its __context__.
         raise stand_in
     finally:
         if labelled is not None:
             _labels.reset(labelled)
         unmark_worker_thread()
+
+
+def stream(
+    topic: str,
+    key: str,
+    names: tuple[str, int],
+    blob: bytes,
+    *large: Any,
+    labels: tuple[str, str] | None = None,
+) -> tuple[bytes, list[memoryview], float]:
+    """Run on a worker: as :func:`invoke`, for a generator function, whose items
+    this puts, pickled, in the stream's queue on the scheduler (``names``: its name
+    and the stream's buffer), then an end marker once the generator is over and
+    closed. The generator's exception is then raised, as :func:`invoke` raises the
+    function's. The pool's ``streams.py`` draws the exchange.
+
+    A consumer that left sets the stream's stop flag, seen before each item: the
+    generator is closed here, its ``finally`` run in this thread, and the task
+    ends, freeing the thread, after deleting what the stream had on the scheduler.
+    """
+    mark_worker_thread()
+    labelled = None
+    if labels is not None:
+        _label_records()
+        _keep_records_sendable()
+        labelled = _labels.set(labels)
+    try:
+        fn, args, kwargs, ctx, _ = _load(topic, key, blob, large)
+        channel = _Channel(get_worker(), *names)
+        begun = time.perf_counter()
+        try:
+            _run_generator(channel, ctx, fn, args, kwargs)
+        except BaseException as exc:
+            channel.end()
+            stand_in = _stand_in(exc) if not isinstance(exc, CannotSendResult) else None
+            if stand_in is None:
+                raise
+        else:
+            channel.end()
+            return (*_pickled(None), time.perf_counter() - begun)
+        raise stand_in
+    finally:
+        if labelled is not None:
+            _labels.reset(labelled)
+        unmark_worker_thread()
+
+
+def _run_generator(
+    channel: _Channel,
+    ctx: contextvars.Context,
+    fn: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> None:
+    """Put each item of ``fn(*args, **kwargs)`` in the queue, until its end or until
+    its consumer left; close it here, where it ran (a no-op once it has finished)."""
+    iterator: Any = None
+    try:
+        result = ctx.run(fn, *args, **kwargs)
+        iterator = result if type(result) is GeneratorType else ctx.run(iter, result)
+        del result
+        while True:
+            try:
+                item = ctx.run(next, iterator)
+            except StopIteration:
+                return
+            data = _pickled_item(item)
+            del item
+            if not channel.put([ITEM, data]):
+                return  # its consumer left: closed below
+            del data
+    finally:
+        close = getattr(iterator, "close", None)
+        del iterator
+        if close is not None:
+            ctx.run(close)  # what closing raises fails the stream
+
+
+class _Channel:
+    """The worker's side of a stream's queue (see the pool's ``streams.py``)."""
+
+    def __init__(self, worker: Any, queue: str, buffer: int) -> None:
+        self.worker = worker
+        self.queue = queue
+        self.buffer = buffer
+        self.room = 0  # puts that cannot wait: this task is the queue's only producer
+        self.left = False  # its consumer left, or the scheduler is out of reach
+
+    def _ask(self, op: str, **kwargs: Any) -> Any:
+        return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
+
+    def put(self, record: list[Any]) -> bool:
+        """Put ``record`` in the queue, waiting while it is full; False once the
+        consumer has left."""
+        queue = self.queue
+        try:
+            while True:
+                if self._ask("event_is_set", name=f"{queue}-stop"):
+                    self.left = True
+                    return False
+                if self.room > 0:
+                    break
+                self.room = self.buffer - self._ask("queue_qsize", name=queue)
+                if self.room > 0:
+                    break
+                # Full: wait until the consumer takes what it holds (it rings when
+                # it takes a full queue), or closes the stream (it rings too).
+                self._ask("event_clear", name=f"{queue}-room")
+                self.room = self.buffer - self._ask("queue_qsize", name=queue)
+                if self.room <= 0:
+                    self._ask("event_wait", name=f"{queue}-room", timeout=PUT_WAIT)
+            self._ask("queue_put", name=queue, data=record)
+            self.room -= 1
+            self._ask("event_set", name=f"{queue}-items")
+        except Exception:
+            self.left = True  # the queue is gone, or the scheduler
+            return False
+        return True
+
+    def end(self) -> None:
+        """The generator is over and closed: the end marker for the consumer; or, if
+        it left, delete the events this task may have set on the scheduler (the
+        consumer deletes them too, and the queue, once this task is over: whichever
+        comes last finds nothing). Not the queue: a worker cannot (its stream to the
+        scheduler would pass the release a keyword it does not take, and break)."""
+        if not self.left and self.put([END, None]):
+            return
+        try:
+            for bell in ("stop", "room", "items"):
+                self._ask("event_clear", name=f"{self.queue}-{bell}")
+        except Exception:
+            pass  # the scheduler is out of reach: the consumer deletes them
+
+
+def _load(
+    topic: str, key: str, blob: bytes, large: tuple[Any, ...]
+) -> tuple[Any, tuple[Any, ...], dict[str, Any], contextvars.Context, Any]:
+    """Tell the pool the call has started, then unpickle it: its function (the
+    original of a decorated one), arguments, context, and what it carried."""
+    try:
+        report_start(topic, key)
+    except Exception as exc:
+        raise CannotReportStart(f"{type(exc).__name__}: {exc}") from None
+    try:
+        fn, npos, names, values, holes, carried = cloudpickle.loads(blob)
+        # A context of its own, as a process worker's call has: Dask runs tasks
+        # in a copy of its worker's, and other tasks in the same thread.
+        ctx = enter(carried, contextvars.copy_context())
+    except Exception as exc:
+        raise CannotLoad(f"{type(exc).__name__}: {exc}") from None
+    for i, value in zip(holes, large, strict=True):
+        values[i] = value
+    if getattr(type(fn), "__offload_function__", False):
+        fn = getattr(fn, "__wrapped__")  # noqa: B009
+    args, kwargs = tuple(values[:npos]), dict(zip(names, values[npos:], strict=True))
+    return fn, args, kwargs, ctx, carried
+
+
+def _stand_in(exc: BaseException) -> Exception | None:
+    """What is raised in place of the function's exception ``exc``, None for itself:
+    see :class:`CannotSendException` and :class:`Aborted`."""
+    if isinstance(exc, Exception):
+        if _travels(exc):
+            return None
+        kind = type(exc)
+        return CannotSendException(
+            f"{kind.__module__}.{kind.__qualname__}", _str(exc), _format(exc)
+        )
+    # SystemExit and its kin, raised by the function: as themselves they would end
+    # the worker process, and every task running in it.
+    return _aborted(exc)
+
+
+def _pickled_item(item: Any) -> bytes:
+    """A stream's item pickled, in band (it travels in a message through the
+    scheduler), with cloudpickle what plain pickle refuses.
+
+    :raises CannotSendResult: neither pickles it
+    """
+    failure = None
+    try:
+        return pickle.dumps(item, protocol=5)
+    except BaseException:
+        try:
+            data: bytes = cloudpickle.dumps(item, protocol=5)
+        except BaseException as exc:
+            failure = CannotSendResult(_describe(exc), _format(exc))
+        else:
+            return data
+    raise failure
 
 
 def _pickled(result: Any) -> tuple[bytes, list[memoryview]]:
