@@ -103,3 +103,42 @@ def chunks(size: int, progress: str, marker: str) -> Iterator[bytes]:
             yield line
     finally:
         Path(marker).write_text(str(os.getpid()))
+
+
+def waits_for(gate: str, marker: str) -> Iterator[int]:
+    """Yield 0, then 1 once the file ``gate`` exists (60 s at most); at its end
+    (``finally``) write this process's pid to ``marker``."""
+    try:
+        yield 0
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield 1
+    finally:
+        Path(marker).write_text(str(os.getpid()))
+
+
+def then(items: list[object]) -> Iterator[object]:
+    """Yield each of ``items``; an exception class among them is raised instead."""
+    for item in items:
+        if isinstance(item, type) and issubclass(item, BaseException):
+            raise item("at its position")
+        yield item
+
+
+def scheduler_streams(dask_scheduler: object) -> list[str]:
+    """Run on a Dask scheduler: the names of the queues and events of offload's
+    streams it holds."""
+    extensions = dask_scheduler.extensions  # type: ignore[attr-defined]
+    names = [*extensions["queues"].queues, *extensions["events"]._events]
+    return [str(name) for name in names if str(name).startswith("offload-stream-")]
+
+
+def hostile_at_1(kind: str) -> Iterator[object]:
+    """Yield 0, then an item that exits as it is pickled (``kind`` "pickled") or
+    unpickled ("unpickled"), then 2."""
+    from . import funcs
+
+    yield 0
+    yield funcs.ExitsWhenPickled() if kind == "pickled" else funcs.ExitsWhenUnpickled()
+    yield 2

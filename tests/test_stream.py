@@ -8,7 +8,6 @@ import logging
 import os
 import threading
 import time
-import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -241,16 +240,6 @@ def test_buffer_option_is_checked() -> None:
     with pytest.raises(TypeError, match="buffer"):
         ex.options(buffer=True)
     assert "buffer=4" in repr(ex.options(buffer=4))
-
-
-def test_dask_pools_refuse_to_stream() -> None:
-    from offload._pools.base import Pool
-    from offload._pools.dask.pool import DaskPool
-
-    assert DaskPool._open_stream is Pool._open_stream  # the refusal, not overridden
-    pool: Any = types.SimpleNamespace(name="cluster", kind="dask")
-    with pytest.raises(NotImplementedError, match="'dask'"):
-        Pool._open_stream(pool, pool, 1).send(None)  # raises at once, awaiting nothing
 
 
 async def test_shutdown_ends_a_stream_left_open() -> None:

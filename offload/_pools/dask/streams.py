@@ -119,6 +119,7 @@ class DaskStream(StreamSource):
         self.future: Any = None
         self.key = ""
         self.records: collections.deque[list[Any]] = collections.deque()
+        self.available = 0  # records in the queue, at least
         self.drained = False  # the task is over: nothing more comes than ``records``
         self.over = False  # its end reached, or closed: finish() ran
         self.waiting = False  # for an item the generator computes
@@ -166,37 +167,43 @@ class DaskStream(StreamSource):
                 await self._receive()
 
     async def _receive(self) -> None:
-        """Take the records in the queue; none there, wait ``GET_WAIT`` seconds at
-        most for the task to put one."""
+        """Take the next record from the queue; none there, wait ``GET_WAIT`` seconds
+        at most for the task to put one. One at a time, for what the consumer has
+        not taken must stay in the queue, where the task counts it."""
         entry, queue = self.entry, self.queue
         ask = self.client.scheduler
         entry.scope = scope = anyio.CancelScope()
         with scope:
             try:
-                got = await ask.queue_get(name=queue, batch=True)
-                if not got:
+                if not self.available:
+                    self.available = await ask.queue_qsize(name=queue)
+                if not self.available:
                     if self.future.done():
                         # Each of its puts was done before it ended; one may have
                         # been done since the first look.
-                        got = await ask.queue_get(name=queue, batch=True)
-                        self.drained = True
+                        self.available = await ask.queue_qsize(name=queue)
+                        self.drained = not self.available
                     else:
                         await ask.event_clear(name=f"{queue}-items")
-                        got = await ask.queue_get(name=queue, batch=True)
-                        if not got:
+                        self.available = await ask.queue_qsize(name=queue)
+                        if not self.available:
                             self.waiting = True  # left so by a cancellation: see close()
                             await ask.event_wait(name=f"{queue}-items", timeout=GET_WAIT)
                             self.waiting = False
-                elif len(got) >= self.buffer:
-                    # The queue was full: the task may wait for room.
-                    await ask.event_set(name=f"{queue}-room")
+                    if not self.available:
+                        return
+                # There: the get does not wait (the consumer is the queue's only one).
+                record = await ask.queue_get(name=queue)
+                self.available -= 1
+                # Room made: the task may wait for it. Without waiting for an answer.
+                await ask.event_set(name=f"{queue}-room", reply=False)
             except Exception as exc:
                 self.waiting = False
                 if self.future.done():
                     self.drained = True
                     return
                 raise self.pool._unavailable(self.call, exc) from exc
-            self.records.extend(record["value"] for record in got)
+            self.records.append(record["value"])
         if scope.cancelled_caught:  # by _end_calls: the pool's shutdown, or an outage
             self.waiting = False
 

@@ -202,7 +202,8 @@ def _run_generator(
         result = ctx.run(fn, *args, **kwargs)
         iterator = result if type(result) is GeneratorType else ctx.run(iter, result)
         del result
-        while True:
+        # Room first, then the item: it runs at most ``buffer`` items ahead.
+        while channel.wait_for_room():
             try:
                 item = ctx.run(next, iterator)
             except StopIteration:
@@ -210,7 +211,7 @@ def _run_generator(
             data = _pickled_item(item)
             del item
             if not channel.put([ITEM, data]):
-                return  # its consumer left: closed below
+                return
             del data
     finally:
         close = getattr(iterator, "close", None)
@@ -232,9 +233,9 @@ class _Channel:
     def _ask(self, op: str, **kwargs: Any) -> Any:
         return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
 
-    def put(self, record: list[Any]) -> bool:
-        """Put ``record`` in the queue, waiting while it is full; False once the
-        consumer has left."""
+    def wait_for_room(self) -> bool:
+        """Wait until the queue has room for a record; False once the consumer has
+        left (it set the stop event)."""
         queue = self.queue
         try:
             while True:
@@ -242,21 +243,30 @@ class _Channel:
                     self.left = True
                     return False
                 if self.room > 0:
-                    break
+                    return True
                 self.room = self.buffer - self._ask("queue_qsize", name=queue)
                 if self.room > 0:
-                    break
-                # Full: wait until the consumer takes what it holds (it rings when
-                # it takes a full queue), or closes the stream (it rings too).
+                    return True
+                # Full: wait until the consumer takes a record (it rings at each),
+                # or closes the stream (it rings too).
                 self._ask("event_clear", name=f"{queue}-room")
                 self.room = self.buffer - self._ask("queue_qsize", name=queue)
                 if self.room <= 0:
                     self._ask("event_wait", name=f"{queue}-room", timeout=PUT_WAIT)
-            self._ask("queue_put", name=queue, data=record)
-            self.room -= 1
-            self._ask("event_set", name=f"{queue}-items")
         except Exception:
             self.left = True  # the queue is gone, or the scheduler
+            return False
+
+    def put(self, record: list[Any]) -> bool:
+        """Put ``record`` in the queue, which has room (``wait_for_room``), and ring
+        the consumer's bell; False if the queue is gone."""
+        try:
+            self._ask("queue_put", name=self.queue, data=record)
+            self.room -= 1
+            # Without waiting for an answer: the consumer asks the queue's size.
+            self._ask("event_set", name=f"{self.queue}-items", reply=False)
+        except Exception:
+            self.left = True
             return False
         return True
 
@@ -266,7 +276,7 @@ class _Channel:
         consumer deletes them too, and the queue, once this task is over: whichever
         comes last finds nothing). Not the queue: a worker cannot (its stream to the
         scheduler would pass the release a keyword it does not take, and break)."""
-        if not self.left and self.put([END, None]):
+        if not self.left and self.wait_for_room() and self.put([END, None]):
             return
         try:
             for bell in ("stop", "room", "items"):

@@ -1,0 +1,241 @@
+"""``Executor.stream`` on a dask pool: one embedded cluster for the module.
+
+Dask's client runs on asyncio only, so these tests run on asyncio alone (a dask pool
+under trio fails at start: ``test_dask_embedded.py``). The generators run in the
+cluster's worker processes; what they did is seen through files they write. After
+each test, nothing of its streams may stay on the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+pytest.importorskip("distributed")
+
+from offload import (
+    CallAborted,
+    Executor,
+    Offloader,
+    OffloadTimeout,
+    PoolClosed,
+    RemoteTraceback,
+    SerializationError,
+    WorkerCrashed,
+    offload,
+)
+
+from .. import funcs, funcs_context, stream_funcs
+from ..processes import wait_until_async
+from ..test_stream import Files, wait_for
+from .test_dask import BOUND, client_of, dask_settings, healed, pool_of
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def dask_ex() -> AsyncIterator[Executor]:
+    async with Offloader(dask_settings(max_pending=2)) as ex:
+        yield ex.pool("dask")
+
+
+@pytest.fixture(autouse=True)
+async def nothing_left_on_the_scheduler(dask_ex: Executor) -> AsyncIterator[None]:
+    yield
+    await no_stream_left(dask_ex)
+
+
+async def stream_state(ex: Executor) -> list[str]:
+    names: list[str] = await client_of(ex).run_on_scheduler(stream_funcs.scheduler_streams)
+    return names
+
+
+async def no_stream_left(ex: Executor) -> None:
+    """Wait until the scheduler holds no queue or event of a stream, and the pool no
+    stream."""
+    left: list[str] = []
+
+    async def gone() -> bool:
+        left[:] = await stream_state(ex)
+        return not left and not pool_of(ex)._streams and not pool_of(ex)._calls
+
+    await wait_until_async(gone, BOUND, lambda: f"left on the scheduler: {left}")
+
+
+async def test_items_arrive_in_order_at_most_buffer_ahead(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    files = Files(tmp_path)
+    buffer = 2
+    items = dask_ex.options(buffer=buffer).stream(
+        stream_funcs.numbers, 6, files.progress, str(files.marker)
+    )
+    async with items:
+        for taken in range(6):
+            ahead = min(buffer, 6 - taken)
+            await wait_for(lambda ahead=ahead, taken=taken: files.produced() >= taken + ahead)
+            # Waiting for room, with `buffer` items in the queue: no more.
+            with anyio.fail_after(BOUND):
+                await stream_state(dask_ex)  # a round trip to the scheduler, at least
+            assert files.produced() == taken + ahead
+            assert await items.__anext__() == taken
+        with pytest.raises(StopAsyncIteration):
+            await items.__anext__()
+    # Finished, then closed in the worker, before the consumer heard of its end.
+    assert files.marker.read_text() in {str(pid) for pid in await worker_pids(dask_ex)}
+    assert [x async for x in dask_ex.stream(range, 40)] == list(range(40))
+    assert dask_ex.stats().completed >= 2
+
+
+async def worker_pids(ex: Executor) -> set[int]:
+    pids: list[int] = await client_of(ex).run_on_scheduler(funcs.scheduler_worker_pids)
+    return set(pids)
+
+
+async def test_leaving_early_closes_the_generator_in_its_worker(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    files = Files(tmp_path)
+    async with dask_ex.options(buffer=2).stream(
+        stream_funcs.numbers, 100, files.progress, str(files.marker)
+    ) as items:
+        async for item in items:
+            if item == 2:
+                await wait_for(lambda: files.produced() == 5)  # waits at a yield
+                break
+    # Closed at its yield in the worker, its finally run there, soon after.
+    await wait_for(files.marker.exists)
+    assert files.produced() == 5
+    pid = int(files.marker.read_text())
+    assert pid in await worker_pids(dask_ex)
+    # Its thread serves the next calls.
+    for _ in range(2):
+        assert await dask_ex.options(timeout=BOUND).run(funcs.add, 1, 2) == 3
+
+
+async def test_an_async_for_left_early_closes_the_generator(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    files = Files(tmp_path)
+    async for item in dask_ex.stream(
+        stream_funcs.numbers, 10_000, files.progress, str(files.marker)
+    ):
+        if item == 1:
+            break
+    await wait_for(files.marker.exists)
+    assert files.produced() < 10_000
+
+
+async def test_an_exception_reaches_the_consumer_at_its_position(dask_ex: Executor) -> None:
+    got: list[int] = []
+    with pytest.raises(ValueError, match="no item 5") as info:  # noqa: PT012 (the items before it are counted)
+        async for item in dask_ex.stream(stream_funcs.fails_at, 5):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert dask_ex.stats().failed >= 1
+
+
+async def test_system_exit_and_hostile_items_fail_only_their_stream(dask_ex: Executor) -> None:
+    got: list[Any] = []
+    with pytest.raises(CallAborted, match="SystemExit"):  # noqa: PT012 (as above)
+        async for item in dask_ex.stream(stream_funcs.then, [1, SystemExit]):
+            got.append(item)
+    assert got == [1]
+    for kind, error in (("pickled", "cannot be pickled"), ("unpickled", "cannot be unpickled")):
+        got.clear()
+        with pytest.raises(SerializationError, match=f"an item of .* {error}"):  # noqa: PT012
+            async for item in dask_ex.stream(stream_funcs.hostile_at_1, kind):
+                got.append(item)
+        assert got == [0]
+    assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_deadline_covers_the_stream_and_closes_it_after_its_item(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    gate, marker = tmp_path / "gate", tmp_path / "marker"
+    got: list[int] = []
+    with pytest.raises(OffloadTimeout):  # noqa: PT012 (as above)
+        async for item in dask_ex.options(timeout=1).stream(
+            stream_funcs.waits_for, str(gate), str(marker)
+        ):
+            got.append(item)
+    assert got == [0]
+    assert dask_ex.stats().timed_out >= 1
+    # Dask cannot interrupt the item's computation: once it is done, the generator
+    # is closed in the worker, without computing another.
+    assert not marker.exists()
+    gate.touch()
+    await wait_for(marker.exists)
+
+
+async def test_a_worker_killed_mid_stream_is_worker_crashed(dask_ex: Executor) -> None:
+    got: list[int] = []
+    crashed = dask_ex.stats().crashed
+    with pytest.raises(WorkerCrashed):  # noqa: PT012 (as above)
+        async for item in dask_ex.options(buffer=1).stream(stream_funcs.exits_at, 3):
+            got.append(item)
+    assert got == [0, 1, 2]
+    assert dask_ex.stats().crashed == crashed + 1
+    await healed(dask_ex)
+    assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_the_generator_sees_the_chosen_context(dask_ex: Executor) -> None:
+    funcs_context.request_id.set("r-7")
+    assert [x async for x in dask_ex.stream(stream_funcs.request_ids, 2)] == ["r-7", "r-7"]
+
+
+async def test_records_logged_between_items_are_forwarded(dask_ex: Executor) -> None:
+    seen: list[logging.LogRecord] = []
+    arrived = anyio.Event()
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+            if len(seen) == 3:
+                arrived.set()
+
+    app = logging.getLogger("app")
+    handler = Collect()
+    app.addHandler(handler)
+    try:
+        assert [x async for x in dask_ex.stream(stream_funcs.logs_between_items, 3)] == [0, 1, 2]
+        with anyio.fail_after(BOUND):
+            await arrived.wait()
+    finally:
+        app.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["item 0", "item 1", "item 2"]
+    assert {r.offload_call for r in seen} == {"tests.stream_funcs.logs_between_items"}  # type: ignore[attr-defined]
+
+
+@offload(kind="dask")
+def countdown(n: int) -> Iterator[int]:
+    while n > 0:
+        yield n
+        n -= 1
+
+
+async def test_decorated_generator_function_streams(dask_ex: Executor) -> None:
+    assert [x async for x in countdown(3)] == [3, 2, 1]
+
+
+async def test_shutdown_ends_a_stream_left_open(tmp_path: Path) -> None:
+    files = Files(tmp_path)
+    settings = dask_settings(max_workers=1).model_copy(update={"shutdown_timeout": 0.2})
+    async with Offloader(settings) as ex:
+        items = ex.pool("dask").stream(stream_funcs.numbers, 100, files.progress, str(files.marker))
+        assert await items.__anext__() == 0
+        pool = ex.offloader.get_pool("dask")
+    assert pool.stats().closed == 1
+    with pytest.raises(PoolClosed):
+        await items.__anext__()
