@@ -178,6 +178,67 @@ async def test_deadline_covers_the_stream_and_closes_it_after_its_item(
     await wait_for(marker.exists)
 
 
+async def test_cancelled_consumer_closes_the_generator_after_its_item(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    gate, marker = tmp_path / "gate", tmp_path / "marker"
+    got: list[int] = []
+    cancelled = dask_ex.stats().cancelled
+    with anyio.CancelScope() as scope:
+        async for item in dask_ex.stream(stream_funcs.waits_for, str(gate), str(marker)):
+            got.append(item)
+            # Cancelled while it waits for item 1, which waits for the gate.
+            scope.deadline = anyio.current_time() + 0.2
+    assert scope.cancelled_caught
+    assert got == [0]
+    assert dask_ex.stats().cancelled == cancelled + 1
+    assert not marker.exists()
+    gate.touch()
+    await wait_for(marker.exists)  # closed in its worker once the item was done
+    assert int(marker.read_text()) in await worker_pids(dask_ex)
+
+
+async def test_aclose_closes_the_generator_without_waiting(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    files = Files(tmp_path)
+    items = dask_ex.options(buffer=1).stream(
+        stream_funcs.numbers, 100, files.progress, str(files.marker)
+    )
+    assert [await items.__anext__() for _ in range(3)] == [0, 1, 2]
+    await items.aclose()
+    await wait_for(files.marker.exists)
+    assert files.produced() <= 4
+    with pytest.raises(StopAsyncIteration):
+        await items.__anext__()
+    assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_hard_cancel_restarts_the_worker_computing_an_item(
+    dask_ex: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = pool_of(dask_ex)
+    monkeypatch.setattr(pool, "settings", pool.settings.model_copy(update={"hard_cancel": True}))
+    gate, marker = tmp_path / "gate", tmp_path / "marker"
+    pids = await worker_pids(dask_ex)
+    got: list[int] = []
+    with pytest.raises(OffloadTimeout):  # noqa: PT012 (as above)
+        async for item in dask_ex.options(timeout=1).stream(
+            stream_funcs.waits_for, str(gate), str(marker)
+        ):
+            got.append(item)
+    assert got == [0]
+
+    async def replaced() -> bool:
+        now = await worker_pids(dask_ex)
+        return len(now) == len(pids) and len(now - pids) == 1
+
+    await wait_until_async(replaced, BOUND, "the worker computing the item was restarted")
+    assert not marker.exists()  # killed inside the body: its finally could not run
+    await healed(dask_ex)
+    assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
 async def test_a_worker_killed_mid_stream_is_worker_crashed(dask_ex: Executor) -> None:
     got: list[int] = []
     crashed = dask_ex.stats().crashed
