@@ -189,12 +189,14 @@ class Executor:
 
         In a process pool, a deadline or cancellation that comes while the consumer
         waits for an item kills the worker, which is inside the generator's body (its
-        ``finally`` does not run), as for :meth:`run`. Dask pools cannot stream yet.
+        ``finally`` does not run), as for :meth:`run`. In a dask pool, the items
+        travel through a queue on the scheduler; a running item cannot be
+        interrupted, so the generator is closed once it is done (with
+        ``hard_cancel``, the worker is restarted instead), and closing does not
+        wait for it (docs/dask.md, "Streams").
 
         :raises TypeError: ``genfn`` is an async function or async generator
             function, or not callable (at once)
-        :raises NotImplementedError: the pool's kind (``dask``) cannot stream (at the
-            first item)
         :raises WorkerCrashed: the worker process died during the stream
         :raises SerializationError: ``genfn``, its arguments or an item would not pickle
         :raises OffloadTimeout: the deadline passed

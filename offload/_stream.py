@@ -129,8 +129,9 @@ class Stream(AsyncIterator[Y], Generic[Y]):
         If it is suspended at a ``yield``, this waits until it is closed, within the
         stream's deadline; if it is computing an item, it is closed once that item is
         done (and :func:`~offload.check_cancelled` raises in it meanwhile), without
-        waiting. Closing a stream that has not started starts nothing; closing it
-        again does nothing.
+        waiting. A dask pool's stream is closed without waiting, at its next item
+        (docs/dask.md, "Streams"). Closing a stream that has not started starts
+        nothing; closing it again does nothing.
         """
         if self._close():
             source, call = self._source, self._call

@@ -239,7 +239,6 @@ class Pool(ABC):
         :meth:`end_stream`.
 
         :raises PoolClosed: the pool is closing
-        :raises NotImplementedError: this kind of pool cannot stream
         """
         if self._closing:
             self.counters.closed += 1
@@ -259,11 +258,9 @@ class Pool(ABC):
                 self._drained.set()
             raise
 
+    @abstractmethod
     async def _open_stream(self, call: Call, buffer: int) -> StreamSource:
-        raise NotImplementedError(
-            f"pool {self.name!r} is of kind {self.kind!r}, which cannot stream a "
-            "generator's items yet: stream from a thread or process pool"
-        )
+        """Start the stream of :meth:`open_stream` on a worker; cancellation-safe."""
 
     def end_stream(self, source: StreamSource, error: BaseException | None) -> None:
         """A stream from :meth:`open_stream` is over: ``error``, how it ended (None:

@@ -59,12 +59,13 @@ The modules, from the pool down to what runs elsewhere:
 
 - ``pool.py``: :class:`DaskPool`, its start, stop and occupancy;
 - ``calls.py``: one call's path: pickle, scatter, submit, outcome, cancel;
+- ``streams.py``: one stream's path: its queue on the scheduler, the consumer's side;
 - ``connection.py``: the client, its version check, and outages of its scheduler;
 - ``embedded.py``: the embedded cluster's host process, started and stopped, and
   the address and credentials it reports;
 - ``versions.py``: which package versions must agree across the cluster;
 - ``host.py``: what runs in the host process (the scheduler and nannies);
-- ``task.py``: what runs on a worker or on the scheduler.
+- ``task.py``: what runs on a worker or on the scheduler (a call's task, a stream's).
 
 Only ``pool.py`` and what it imports need distributed, and they are imported only
 when a pool of kind dask starts. Dask workers import ``task.py``, whose

@@ -169,7 +169,7 @@ def stream(
         labelled = _labels.set(labels)
     try:
         fn, args, kwargs, ctx, _ = _load(topic, key, blob, large)
-        channel = _Channel(get_worker(), *names)
+        channel = _Channel(get_worker(), key, *names)
         begun = time.perf_counter()
         try:
             _run_generator(channel, ctx, fn, args, kwargs)
@@ -223,8 +223,9 @@ def _run_generator(
 class _Channel:
     """The worker's side of a stream's queue (see the pool's ``streams.py``)."""
 
-    def __init__(self, worker: Any, queue: str, buffer: int) -> None:
+    def __init__(self, worker: Any, key: str, queue: str, buffer: int) -> None:
         self.worker = worker
+        self.key = key
         self.queue = queue
         self.buffer = buffer
         self.room = 0  # puts that cannot wait: this task is the queue's only producer
@@ -239,7 +240,7 @@ class _Channel:
         queue = self.queue
         try:
             while True:
-                if self._ask("event_is_set", name=f"{queue}-stop"):
+                if self._released() or self._ask("event_is_set", name=f"{queue}-stop"):
                     self.left = True
                     return False
                 if self.room > 0:
@@ -256,6 +257,13 @@ class _Channel:
         except Exception:
             self.left = True  # the queue is gone, or the scheduler
             return False
+
+    def _released(self) -> bool:
+        """Whether the scheduler released the task: its client is gone (or cancelled
+        it), and nobody will read the queue or set the stop event. Read here, in the
+        task's thread, from the worker's state: a look, not a question."""
+        task = self.worker.state.tasks.get(self.key)
+        return task is None or task.state not in ("executing", "long-running")
 
     def put(self, record: list[Any]) -> bool:
         """Put ``record`` in the queue, which has room (``wait_for_room``), and ring
