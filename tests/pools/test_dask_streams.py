@@ -8,6 +8,7 @@ each test, nothing of its streams may stay on the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from offload import (
     Offloader,
     OffloadTimeout,
     PoolClosed,
+    PoolOverloaded,
     RemoteTraceback,
     SerializationError,
     WorkerCrashed,
@@ -249,6 +251,23 @@ async def test_a_worker_killed_mid_stream_is_worker_crashed(dask_ex: Executor) -
     assert dask_ex.stats().crashed == crashed + 1
     await healed(dask_ex)
     assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_streams_count_against_the_pools_capacity(dask_ex: Executor, tmp_path: Path) -> None:
+    capacity = pool_of(dask_ex)._capacity
+    async with contextlib.AsyncExitStack() as stack:
+        for i in range(capacity):
+            files = Files(tmp_path / str(i))
+            (tmp_path / str(i)).mkdir()
+            await stack.enter_async_context(
+                dask_ex.options(buffer=1).stream(
+                    stream_funcs.numbers, 100, files.progress, str(files.marker)
+                )
+            )
+        with pytest.raises(PoolOverloaded):
+            await dask_ex.stream(range, 3).__anext__()
+    # Closed, queued ones too: the pool takes streams and calls again.
+    assert [x async for x in dask_ex.stream(range, 3)] == [0, 1, 2]
 
 
 async def test_the_generator_sees_the_chosen_context(dask_ex: Executor) -> None:
