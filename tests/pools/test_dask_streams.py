@@ -216,6 +216,24 @@ async def test_aclose_closes_the_generator_without_waiting(
     assert await dask_ex.run(funcs.add, 1, 2) == 3
 
 
+async def test_a_task_the_scheduler_released_stops_its_generator(
+    dask_ex: Executor, tmp_path: Path
+) -> None:
+    # As when the application dies with its client: nobody sets the stop event.
+    files = Files(tmp_path)
+    async with dask_ex.options(buffer=1).stream(
+        stream_funcs.numbers, 100, files.progress, str(files.marker)
+    ) as items:
+        assert await items.__anext__() == 0
+        await wait_for(lambda: files.produced() == 2)  # waits for room
+        source: Any = items._source
+        await client_of(dask_ex).cancel([source.future])
+        # What wakes it before its wait's timeout: then it reads its task's state.
+        await client_of(dask_ex).scheduler.event_set(name=f"{source.queue}-room")
+        await wait_for(files.marker.exists)
+    assert files.produced() == 2
+
+
 async def test_hard_cancel_restarts_the_worker_computing_an_item(
     dask_ex: Executor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
