@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,12 @@ async def test_system_exit_and_hostile_items_fail_only_their_stream(dask_ex: Exe
                 got.append(item)
         assert got == [0]
     assert await dask_ex.run(funcs.add, 1, 2) == 3
+
+
+async def test_arguments_that_do_not_pickle_fail_the_stream_at_once(dask_ex: Executor) -> None:
+    with pytest.raises(SerializationError, match="cannot send"):
+        await dask_ex.stream(stream_funcs.echo, threading.Lock()).__anext__()
+    assert [x async for x in dask_ex.stream(stream_funcs.echo, "ok")] == ["ok"]
 
 
 async def test_deadline_covers_the_stream_and_closes_it_after_its_item(
