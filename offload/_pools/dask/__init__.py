@@ -65,7 +65,8 @@ The modules, from the pool down to what runs elsewhere:
   the address and credentials it reports;
 - ``versions.py``: which package versions must agree across the cluster;
 - ``host.py``: what runs in the host process (the scheduler and nannies);
-- ``task.py``: what runs on a worker or on the scheduler (a call's task, a stream's).
+- ``task.py``: what runs on a worker or on the scheduler;
+- ``stream_task.py``: what a stream's task runs on a worker.
 
 Only ``pool.py`` and what it imports need distributed, and they are imported only
 when a pool of kind dask starts. Dask workers import ``task.py``, whose

@@ -1,35 +1,36 @@
-"""A dask pool's streams: a generator run by one task (``task.stream``), its items
-carried to the consumer through a queue on the scheduler (Dask's ``Queue``
-extension), with three events there as bells (Dask's ``Event`` extension)::
+"""A dask pool's streams: a generator run by one task (``stream_task.stream``), its
+items carried to the consumer through a queue on the scheduler (Dask's ``Queue``
+extension), with three events there as bells (Dask's ``Event`` extension): "items"
+(the task put one), "room" (the consumer took one) and "stop" (the consumer left)::
 
-    consumer (application's loop)         scheduler              worker: task.stream
-    queue_create(name)              ──>   queue
-    submit(stream, ...)             ──>                    ──>   per item:
-                                                                   stop set? end
-                                                                   (queue full? ask its
-                                                                   size; wait for "room")
-    queue_get(batch=True)           <──   [ITEM, b] ...    <──     queue_put, ring "items"
-      empty: wait for "items"                                    then [END, None]
-      took a full queue: ring "room"
-    [END]: await the task's future  <──   its outcome (None, or the generator's error)
+    consumer (application's loop)        scheduler           worker: stream_task
+    queue_create(name)             ──>   queue
+    submit(stream, ...)            ──>                 ──>   before each item:
+                                                               stop set? released? end
+                                                               no room? ask the size;
+                                                               still none: wait "room"
+    queue_qsize, queue_get (one)   <──   [ITEM, b] ... <──   queue_put, ring "items"
+      ring "room"                                            at the end: [END, None]
+      empty: clear "items", ask the size again, wait "items"
+    [END]: await the task's future <──   its outcome (None, or the generator's error)
 
-What is bounded: the queue holds at most ``buffer`` records; the task asks the
-queue's size before a put whenever the records it put may fill it (it is the queue's
-only producer), and waits while it is full. A generator runs at most ``buffer`` items
-ahead of its consumer, plus the one it computes.
+What is bounded: the task is the queue's only producer and counts what it put; it
+asks the generator for an item only when the queue holds fewer than ``buffer``
+records, so it runs at most ``buffer`` items ahead of its consumer, which takes one
+record at a time (what it has not taken stays in the queue, counted).
 
-No call waits on the scheduler for long: a get takes what is there (``batch=True``)
-and never waits; the waits are on events, ``GET_WAIT`` / ``task.PUT_WAIT`` seconds
-at a time (a wait that times out returns False, where a queue's get or put would
-raise, and the scheduler log it as an error), and each side rings the other's bell.
+No put or get waits on the scheduler: each is made when the queue's size says it
+will not wait. A waiting put or get would wait in its handler there, which logs its
+timeout as an error, is not cancelled when its caller leaves, and waits for ever on
+a queue deleted meanwhile. The waits are on the events instead, ``GET_WAIT`` /
+``stream_task.PUT_WAIT`` seconds at a time: a wait that times out returns False.
 Between two waits, the consumer looks at the task's future: a worker that died is
 noticed within ``GET_WAIT`` seconds.
 
-Closing early sets the stop event and rings "room": the task sees it before its next
-put, closes the generator (its ``finally`` runs in the worker) and ends. The queue
-and the events are deleted once the task is over (whichever of the task and the
-consumer comes last finds nothing left), or at the pool's stop: nothing of a stream
-stays on the scheduler.
+Closing early sets "stop" and rings "room": the task sees it before its next item,
+closes the generator (its ``finally`` runs in the worker) and ends. The queue and the
+events are deleted once the task is over (whichever of the task and the consumer
+comes last finds nothing left), or at the pool's stop.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ..._errors import PoolOverloaded, SerializationError, describe_error
 from ..base import StreamSource
 from .calls import _NEVER_STARTED, CallInFlight, _task_key
 from .connection import CANCEL_TIMEOUT
-from .task import ITEM, stream
+from .stream_task import ITEM, stream
 
 if TYPE_CHECKING:
     from ..._call import Call

@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 import traceback
-from types import GeneratorType
 from typing import Any
 
 import cloudpickle
@@ -28,25 +27,22 @@ from ..._context import enter, run_traced
 from ..._where import mark_worker_thread, unmark_worker_thread
 
 __all__ = (
-    "END",
-    "ITEM",
     "Aborted",
     "CannotLoad",
     "CannotReportStart",
     "CannotSendException",
     "CannotSendResult",
     "allowed_failures",
+    "begin_call",
+    "end_call",
     "invoke",
     "kill_this_process",
+    "load_call",
+    "pickled_item",
+    "pickled_result",
     "report_start",
-    "stream",
+    "stand_in_for",
 )
-
-#: the records of a stream's queue: ``[ITEM, pickled item]``, then ``[END, None]``
-ITEM, END = 0, 1
-#: seconds a generator waits at a ``yield`` (its queue full) before it looks again
-#: (the consumer rings when it takes the items, or when it leaves): a safety net
-PUT_WAIT = 5.0
 
 
 class CannotLoad(Exception):
@@ -111,16 +107,9 @@ def invoke(
     With ``labels``, the pool's name and the call's, each log record made while the
     call runs carries them as ``offload_pool`` and ``offload_call``.
     """
-    # A decorated function called in here runs inline; only while this task runs, for
-    # the thread is Dask's and runs other tasks too.
-    mark_worker_thread()
-    labelled = None
-    if labels is not None:
-        _label_records()
-        _keep_records_sendable()
-        labelled = _labels.set(labels)
+    labelled = begin_call(labels)
     try:
-        fn, args, kwargs, ctx, carried = _load(topic, key, blob, large)
+        fn, args, kwargs, ctx, carried = load_call(topic, key, blob, large)
         begun = time.perf_counter()
         try:
             if carried is None or carried[1] is None:
@@ -128,172 +117,40 @@ def invoke(
             else:
                 result = ctx.run(run_traced, carried[1], fn, args, kwargs)
             ran = time.perf_counter() - begun
-            return (*_pickled(result), ran)
+            return (*pickled_result(result), ran)
         except CannotSendResult:
             raise
         except BaseException as exc:
-            stand_in = _stand_in(exc)
+            stand_in = stand_in_for(exc)
             if stand_in is None:
                 raise
         # Raised outside the handler: Dask pickles an exception with its __context__.
         raise stand_in
     finally:
-        if labelled is not None:
-            _labels.reset(labelled)
-        unmark_worker_thread()
+        end_call(labelled)
 
 
-def stream(
-    topic: str,
-    key: str,
-    names: tuple[str, int],
-    blob: bytes,
-    *large: Any,
-    labels: tuple[str, str] | None = None,
-) -> tuple[bytes, list[memoryview], float]:
-    """Run on a worker: as :func:`invoke`, for a generator function, whose items
-    this puts, pickled, in the stream's queue on the scheduler (``names``: its name
-    and the stream's buffer), then an end marker once the generator is over and
-    closed. The generator's exception is then raised, as :func:`invoke` raises the
-    function's. The pool's ``streams.py`` draws the exchange.
-
-    A consumer that left sets the stream's stop flag, seen before each item: the
-    generator is closed here, its ``finally`` run in this thread, and the task
-    ends, freeing the thread, after deleting what the stream had on the scheduler.
-    """
+def begin_call(labels: tuple[str, str] | None) -> contextvars.Token[Any] | None:
+    """Before a task runs the user's code in this thread: a decorated function called
+    in there runs inline; with ``labels``, the log records made meanwhile carry them.
+    The token to give :func:`end_call`."""
+    # Only while this task runs, for the thread is Dask's and runs other tasks too.
     mark_worker_thread()
-    labelled = None
-    if labels is not None:
-        _label_records()
-        _keep_records_sendable()
-        labelled = _labels.set(labels)
-    try:
-        fn, args, kwargs, ctx, _ = _load(topic, key, blob, large)
-        channel = _Channel(get_worker(), key, *names)
-        begun = time.perf_counter()
-        try:
-            _run_generator(channel, ctx, fn, args, kwargs)
-        except BaseException as exc:
-            channel.end()
-            stand_in = _stand_in(exc) if not isinstance(exc, CannotSendResult) else None
-            if stand_in is None:
-                raise
-        else:
-            channel.end()
-            return (*_pickled(None), time.perf_counter() - begun)
-        raise stand_in
-    finally:
-        if labelled is not None:
-            _labels.reset(labelled)
-        unmark_worker_thread()
+    if labels is None:
+        return None
+    _label_records()
+    _keep_records_sendable()
+    return _labels.set(labels)
 
 
-def _run_generator(
-    channel: _Channel,
-    ctx: contextvars.Context,
-    fn: Any,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> None:
-    """Put each item of ``fn(*args, **kwargs)`` in the queue, until its end or until
-    its consumer left; close it here, where it ran (a no-op once it has finished)."""
-    iterator: Any = None
-    try:
-        result = ctx.run(fn, *args, **kwargs)
-        iterator = result if type(result) is GeneratorType else ctx.run(iter, result)
-        del result
-        # Room first, then the item: it runs at most ``buffer`` items ahead.
-        while channel.wait_for_room():
-            try:
-                item = ctx.run(next, iterator)
-            except StopIteration:
-                return
-            data = _pickled_item(item)
-            del item
-            if not channel.put([ITEM, data]):
-                return
-            del data
-    finally:
-        close = getattr(iterator, "close", None)
-        del iterator
-        if close is not None:
-            ctx.run(close)  # what closing raises fails the stream
+def end_call(labelled: contextvars.Token[Any] | None) -> None:
+    """After a task ran the user's code (``labelled``: what :func:`begin_call` gave)."""
+    if labelled is not None:
+        _labels.reset(labelled)
+    unmark_worker_thread()
 
 
-class _Channel:
-    """The worker's side of a stream's queue (see the pool's ``streams.py``)."""
-
-    def __init__(self, worker: Any, key: str, queue: str, buffer: int) -> None:
-        self.worker = worker
-        self.key = key
-        self.queue = queue
-        self.buffer = buffer
-        self.room = 0  # puts that cannot wait: this task is the queue's only producer
-        self.left = False  # its consumer left, or the scheduler is out of reach
-
-    def _ask(self, op: str, **kwargs: Any) -> Any:
-        return sync(self.worker.loop, getattr(self.worker.scheduler, op), **kwargs)
-
-    def wait_for_room(self) -> bool:
-        """Wait until the queue has room for a record; False once the consumer has
-        left (it set the stop event)."""
-        queue = self.queue
-        try:
-            while True:
-                if self._released() or self._ask("event_is_set", name=f"{queue}-stop"):
-                    self.left = True
-                    return False
-                if self.room > 0:
-                    return True
-                self.room = self.buffer - self._ask("queue_qsize", name=queue)
-                if self.room > 0:
-                    return True
-                # Full: wait until the consumer takes a record (it rings at each),
-                # or closes the stream (it rings too).
-                self._ask("event_clear", name=f"{queue}-room")
-                self.room = self.buffer - self._ask("queue_qsize", name=queue)
-                if self.room <= 0:
-                    self._ask("event_wait", name=f"{queue}-room", timeout=PUT_WAIT)
-        except Exception:
-            self.left = True  # the queue is gone, or the scheduler
-            return False
-
-    def _released(self) -> bool:
-        """Whether the scheduler released the task: its client is gone (or cancelled
-        it), and nobody will read the queue or set the stop event. Read here, in the
-        task's thread, from the worker's state: a look, not a question."""
-        task = self.worker.state.tasks.get(self.key)
-        return task is None or task.state not in ("executing", "long-running")
-
-    def put(self, record: list[Any]) -> bool:
-        """Put ``record`` in the queue, which has room (``wait_for_room``), and ring
-        the consumer's bell; False if the queue is gone."""
-        try:
-            self._ask("queue_put", name=self.queue, data=record)
-            self.room -= 1
-            # Without waiting for an answer: the consumer asks the queue's size.
-            self._ask("event_set", name=f"{self.queue}-items", reply=False)
-        except Exception:
-            self.left = True
-            return False
-        return True
-
-    def end(self) -> None:
-        """The generator is over and closed: the end marker for the consumer; or, if
-        it left, delete the events this task may have set on the scheduler (the
-        consumer deletes them too, and the queue, once this task is over: whichever
-        comes last finds nothing). Not the queue: a worker cannot (its stream to the
-        scheduler would pass the release a keyword it does not take, and break)."""
-        if not self.left and self.wait_for_room() and self.put([END, None]):
-            return
-        try:
-            for bell in ("stop", "room", "items"):
-                self._ask("event_clear", name=f"{self.queue}-{bell}")
-        except Exception:
-            pass  # the scheduler is out of reach: the consumer deletes them
-
-
-def _load(
+def load_call(
     topic: str, key: str, blob: bytes, large: tuple[Any, ...]
 ) -> tuple[Any, tuple[Any, ...], dict[str, Any], contextvars.Context, Any]:
     """Tell the pool the call has started, then unpickle it: its function (the
@@ -317,7 +174,7 @@ def _load(
     return fn, args, kwargs, ctx, carried
 
 
-def _stand_in(exc: BaseException) -> Exception | None:
+def stand_in_for(exc: BaseException) -> Exception | None:
     """What is raised in place of the function's exception ``exc``, None for itself:
     see :class:`CannotSendException` and :class:`Aborted`."""
     if isinstance(exc, Exception):
@@ -332,7 +189,7 @@ def _stand_in(exc: BaseException) -> Exception | None:
     return _aborted(exc)
 
 
-def _pickled_item(item: Any) -> bytes:
+def pickled_item(item: Any) -> bytes:
     """A stream's item pickled, in band (it travels in a message through the
     scheduler), with cloudpickle what plain pickle refuses.
 
@@ -351,7 +208,7 @@ def _pickled_item(item: Any) -> bytes:
     raise failure
 
 
-def _pickled(result: Any) -> tuple[bytes, list[memoryview]]:
+def pickled_result(result: Any) -> tuple[bytes, list[memoryview]]:
     """``result`` pickled (protocol 5), its large buffers apart for Dask to send out
     of band, or with cloudpickle what plain pickle refuses (a lambda, a class from
     ``__main__``, sent by value).
