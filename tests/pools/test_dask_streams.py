@@ -38,6 +38,10 @@ from ..processes import wait_until_async
 from ..test_stream import Files, wait_for
 from .test_dask import BOUND, client_of, dask_settings, healed, pool_of
 
+#: a deadline that lets item 0 arrive (its task starts, and reports, on busy CPUs)
+#: but not item 1, which waits for a file the test makes after the deadline
+ITEM_0 = 3.0
+
 
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
@@ -174,7 +178,7 @@ async def test_deadline_covers_the_stream_and_closes_it_after_its_item(
     gate, marker = tmp_path / "gate", tmp_path / "marker"
     got: list[int] = []
     with pytest.raises(OffloadTimeout):  # noqa: PT012 (as above)
-        async for item in dask_ex.options(timeout=1).stream(
+        async for item in dask_ex.options(timeout=ITEM_0).stream(
             stream_funcs.waits_for, str(gate), str(marker)
         ):
             got.append(item)
@@ -250,7 +254,7 @@ async def test_hard_cancel_restarts_the_worker_computing_an_item(
     pids = await worker_pids(dask_ex)
     got: list[int] = []
     with pytest.raises(OffloadTimeout):  # noqa: PT012 (as above)
-        async for item in dask_ex.options(timeout=1).stream(
+        async for item in dask_ex.options(timeout=ITEM_0).stream(
             stream_funcs.waits_for, str(gate), str(marker)
         ):
             got.append(item)
