@@ -123,7 +123,7 @@ class DaskStream(StreamSource):
         self.available = 0  # records in the queue, at least
         self.drained = False  # the task is over: nothing more comes than ``records``
         self.over = False  # its end reached, or closed: finish() ran
-        self.waiting = False  # for an item the generator computes
+        self.waiting = False  # for an item, which the generator may be computing
         self.deleted = False  # its queue and events on the scheduler
 
     async def submit(self) -> None:
@@ -169,44 +169,52 @@ class DaskStream(StreamSource):
 
     async def _receive(self) -> None:
         """Take the next record from the queue; none there, wait ``GET_WAIT`` seconds
-        at most for the task to put one. One at a time, for what the consumer has
-        not taken must stay in the queue, where the task counts it."""
-        entry, queue = self.entry, self.queue
-        ask = self.client.scheduler
+        at most for the task to put one."""
+        entry = self.entry
         entry.scope = scope = anyio.CancelScope()
+        # Until a record is taken: left so by the consumer's cancellation or its
+        # deadline, whose close() then sees that the item may be being computed.
+        self.waiting = True
         with scope:
             try:
-                if not self.available:
-                    self.available = await ask.queue_qsize(name=queue)
-                if not self.available:
-                    if self.future.done():
-                        # Each of its puts was done before it ended; one may have
-                        # been done since the first look.
-                        self.available = await ask.queue_qsize(name=queue)
-                        self.drained = not self.available
-                    else:
-                        await ask.event_clear(name=f"{queue}-items")
-                        self.available = await ask.queue_qsize(name=queue)
-                        if not self.available:
-                            self.waiting = True  # left so by a cancellation: see close()
-                            await ask.event_wait(name=f"{queue}-items", timeout=GET_WAIT)
-                            self.waiting = False
-                    if not self.available:
-                        return
-                # There: the get does not wait (the consumer is the queue's only one).
-                record = await ask.queue_get(name=queue)
-                self.available -= 1
-                # Room made: the task may wait for it. Without waiting for an answer.
-                await ask.event_set(name=f"{queue}-room", reply=False)
+                record = await self._take()
             except Exception as exc:
                 self.waiting = False
                 if self.future.done():
                     self.drained = True
                     return
                 raise self.pool._unavailable(self.call, exc) from exc
-            self.records.append(record["value"])
-        if scope.cancelled_caught:  # by _end_calls: the pool's shutdown, or an outage
-            self.waiting = False
+            if record is not None:
+                self.records.append(record["value"])
+        # Taken, or none yet; or cancelled by _end_calls (shutdown, an outage).
+        self.waiting = False
+
+    async def _take(self) -> Any:
+        """The next record, or None. One at a time, for what the consumer has not
+        taken must stay in the queue, where the task counts it."""
+        queue = self.queue
+        ask = self.client.scheduler
+        if not self.available:
+            self.available = await ask.queue_qsize(name=queue)
+        if not self.available:
+            if self.future.done():
+                # Each of its puts was done before it ended; one may have been done
+                # since the first look.
+                self.available = await ask.queue_qsize(name=queue)
+                self.drained = not self.available
+            else:
+                await ask.event_clear(name=f"{queue}-items")
+                self.available = await ask.queue_qsize(name=queue)
+                if not self.available:
+                    await ask.event_wait(name=f"{queue}-items", timeout=GET_WAIT)
+            if not self.available:
+                return None
+        # There: the get does not wait (the consumer is the queue's only one).
+        record = await ask.queue_get(name=queue)
+        self.available -= 1
+        # Room made: the task may wait for it. Without waiting for an answer.
+        await ask.event_set(name=f"{queue}-room", reply=False)
+        return record
 
     async def _settled(self) -> bool:
         """The generator is over: True once its task's outcome says it finished, its
