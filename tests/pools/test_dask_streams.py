@@ -304,6 +304,20 @@ async def test_the_generator_sees_the_chosen_context(dask_ex: Executor) -> None:
     assert [x async for x in dask_ex.stream(stream_funcs.request_ids, 2)] == ["r-7", "r-7"]
 
 
+async def test_every_item_runs_in_the_callers_trace(dask_ex: Executor) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    provider = TracerProvider()
+    with provider.get_tracer("tests").start_as_current_span("route") as span:
+        route = (span.get_span_context().trace_id, span.get_span_context().span_id)
+        items = dask_ex.options(buffer=1).stream(funcs_context.spans_per_item, 3, "item")
+        async with items:
+            seen = [outer async for _, outer in items]
+    assert seen == [route] * 3
+    # Nor does the trace outlive the stream on its worker.
+    assert await dask_ex.run(funcs_context.current_span_ids) is None
+
+
 async def test_records_logged_between_items_are_forwarded(dask_ex: Executor) -> None:
     seen: list[logging.LogRecord] = []
     arrived = anyio.Event()

@@ -14,6 +14,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.utils import sync
 
+from ..._context import enter_traced
 from .task import (
     CannotSendResult,
     begin_call,
@@ -54,7 +55,9 @@ def stream(
     """
     labelled = begin_call(labels)
     try:
-        fn, args, kwargs, ctx, _ = load_call(topic, key, blob, large)
+        fn, args, kwargs, ctx, carried = load_call(topic, key, blob, large)
+        if carried is not None and carried[1] is not None:
+            enter_traced(carried[1], ctx)  # for every item, and the close
         channel = _Channel(get_worker(), key, *names)
         begun = time.perf_counter()
         try:
