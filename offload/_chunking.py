@@ -135,6 +135,7 @@ async def run_chunk(
 def _chunk_failed(
     error: BaseException, first: int, count: int, timeout: float | None, name: str
 ) -> list[Any]:
+    error = detached(error)
     last = first + count - 1
     where = f"a chunk of {count} items ({first} to {last})"
     if isinstance(error, OffloadTimeout) and timeout is not None:
