@@ -124,9 +124,23 @@ async def run_chunk(
     nbytes = 0
     if runner.pickled:
         sent = len(payload) if type(payload) is bytes else sum(map(len, payload))
-        nbytes = sent + sum(map(len, values))
+        nbytes = sent + (len(values) if type(values) is bytes else sum(map(len, values)))
     sizer.measured(count, latency, ran, nbytes)
-    outcomes, failed = _decode(values, failures, runner.pickled, name)
+    each_pickled = runner.pickled
+    if type(values) is bytes:
+        try:
+            values = pickle.loads(values)
+        except BaseException as exc:
+            _reraise_interrupt(exc)
+            # Which result is to blame, this side cannot tell: every item fails,
+            # each with an error of its own (see _chunk_failed).
+            error = SerializationError(
+                f"the results of {name} cannot be unpickled: {describe_error(exc)}"
+            )
+            error.__cause__ = exc.with_traceback(None)
+            return _chunk_failed(error, first, count, None, name), True
+        each_pickled = False
+    outcomes, failed = _decode(values, failures, each_pickled, runner.pickled, name)
     if refused is not None:
         outcomes.append(Failed(refused))
     return outcomes, failed or refused is not None
@@ -303,13 +317,14 @@ class _Named:
 
 
 def _decode(
-    values: list[Any], failures: dict[int, Any], pickled: bool, name: str
+    values: list[Any], failures: dict[int, Any], each_pickled: bool, pickled: bool, name: str
 ) -> tuple[list[Any], bool]:
     """Each item's result from a chunk's answer (see ``ChunkRunner``), or
     :class:`Failed` with the exception :meth:`Pool.run` would have raised for it;
-    and whether any failed."""
+    and whether any failed. ``each_pickled``: each value is still a pickle;
+    ``pickled``: the chunk ran in another process (its failures are as its answers)."""
     if not failures:
-        if not pickled:
+        if not each_pickled:
             return values, False
         try:
             return list(map(pickle.loads, values)), False
@@ -324,7 +339,7 @@ def _decode(
             except BaseException as exc:
                 _reraise_interrupt(exc)
                 outcomes.append(Failed(detached(exc)))
-        elif not pickled:
+        elif not each_pickled:
             outcomes.append(value)
         else:
             try:

@@ -28,7 +28,7 @@ import operator
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import AsyncGeneratorType, GeneratorType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -52,7 +52,7 @@ T = TypeVar("T")
 _NOTHING: Any = object()
 
 #: results a consumer may take, once it checked for its cancellation, before it checks
-#: again (it always does when it waits for one)
+#: again (it always does when it waits for one): taken with the one that checked
 _UNCHECKED = 15
 
 #: items never large: not worth asking
@@ -139,7 +139,6 @@ class _Mapping:
         self.timeout = timeout  # per item, for a chunk's deadline
         self.name = describe(fn)
         self.is_async = isinstance(source, AsyncIterator)
-        self.unchecked = 0  # results the consumer may take before it checks (_UNCHECKED)
         self.outcomes: dict[int, Any] = {}  # ordered: position -> value or Failed
         self.finished: deque[Any] = deque()  # unordered: in the order they finished
         self.next_position = 0  # ordered: the next to deliver
@@ -381,6 +380,18 @@ class _Mapping:
 
     def take(self) -> Any:
         """The next outcome to deliver, or ``_NOTHING`` if it has not come yet."""
+        outcome = self._next()
+        if outcome is not _NOTHING:
+            self.delivered_one()
+        return outcome
+
+    def delivered_one(self) -> None:
+        self.delivered += 1
+        if self.room is not None:
+            self.room.set()
+            self.room = None
+
+    def _next(self) -> Any:
         if self.over:
             return _NOTHING
         if self.ordered:
@@ -392,11 +403,20 @@ class _Mapping:
             if not self.finished:
                 return _NOTHING
             outcome = self.finished.popleft()
-        self.delivered += 1
-        if self.room is not None:
-            self.room.set()
-            self.room = None
         return outcome
+
+    def take_ready(self, limit: int) -> list[Any]:
+        """Up to ``limit`` more outcomes, those ready to deliver; none after a failed
+        one. Each counts as delivered once the consumer has it (``delivered_one``)."""
+        ready: list[Any] = []
+        for _ in range(limit):
+            outcome = self._next()
+            if outcome is _NOTHING:
+                break
+            ready.append(outcome)
+            if type(outcome) is Failed:
+                break
+        return ready
 
     def cancel(self) -> None:
         """Stop every call and take no more items; the consumer gets nothing more."""
@@ -427,6 +447,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
     """
 
     __slots__ = (
+        "_ahead",
         "_chunksize",
         "_executor",
         "_fn",
@@ -458,6 +479,8 @@ class MapResults(AsyncIterator[T], Generic[T]):
         self._length = length
         self._state: _Mapping | None = None
         self._schedule: Callable[[Callable[[], object]], object] | None = None
+        #: outcomes taken with the last one that checked for cancellation (_UNCHECKED)
+        self._ahead: deque[Any] = deque()
 
     def __repr__(self) -> str:
         state = self._state
@@ -490,6 +513,19 @@ class MapResults(AsyncIterator[T], Generic[T]):
         return state
 
     async def __anext__(self) -> T:
+        if self._ahead:
+            # Taken with the last result that checked for the consumer's cancellation:
+            # that check costs more than all the rest of a result.
+            outcome = self._ahead.popleft()
+            state = self._state
+            assert state is not None
+            state.delivered_one()
+            if type(outcome) is Failed:
+                try:
+                    await self._fail(state, outcome)
+                finally:
+                    del outcome  # the error's traceback holds this frame
+            return outcome  # type: ignore[no-any-return]
         state = self._state
         if state is None:
             await anyio.lowlevel.checkpoint_if_cancelled()
@@ -501,30 +537,29 @@ class MapResults(AsyncIterator[T], Generic[T]):
                 raise
         if state.ready is not None:
             raise RuntimeError("another task is already waiting for this map's next result")
-        outcome = _NOTHING
-        if state.unchecked:
-            # A result ready, following one that checked: the check costs more than
-            # the rest of a result, and a tight loop over results ready may skip it
-            # for a few.
-            state.unchecked -= 1
-            outcome = state.take()
-        if outcome is _NOTHING:
-            outcome = await self._checked_next(state)
+        outcome = await self._checked_next(state)
         if type(outcome) is Failed:
-            state.over = True
-            state.cancel()
-            await state.wait_done()
-            error = outcome.error
             try:
-                raise error
+                await self._fail(state, outcome)
             finally:
-                del error, outcome
+                del outcome  # the error's traceback holds this frame
+        self._ahead.extend(state.take_ready(_UNCHECKED))
         return outcome  # type: ignore[no-any-return]
+
+    async def _fail(self, state: _Mapping, failed: Failed) -> NoReturn:
+        """Raise the item's error, once the rest is stopped."""
+        state.over = True
+        state.cancel()
+        await state.wait_done()
+        error = failed.error
+        try:
+            raise error
+        finally:
+            del error, failed
 
     async def _checked_next(self, state: _Mapping) -> Any:
         """The next outcome, after a check for the consumer's cancellation, waiting
         for it if it has not come."""
-        state.unchecked = _UNCHECKED
         try:
             # As every await of anyio and trio: a consumer cancelled between results
             # stops the map here, whether results are ready or not.
@@ -565,6 +600,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
             state.done.set()
             await anyio.lowlevel.checkpoint()
             return
+        self._ahead.clear()
         state.cancel()
         await state.wait_done()
 

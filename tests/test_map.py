@@ -111,7 +111,7 @@ async def test_leaving_the_block_stops_the_rest(ex: Executor, kind: str) -> None
     # Item 2 runs until stopped; 3, 4 and 5 finish and wait behind it.
     items = [(i, 2) for i in range(100)]
     got = []
-    async with ex.pool(kind).map(slow_at, items, max_in_flight=4) as results:
+    async with ex.pool(kind).map(slow_at, items, max_in_flight=4, chunksize=1) as results:
         async for r in results:
             got.append(r)
             if r == 1:

@@ -129,7 +129,6 @@ async def test_an_item_that_does_not_pickle_fails_alone(ex: Executor) -> None:
     ("fn", "at", "error", "match"),
     [
         (unpicklable_at, 3, SerializationError, "cannot be pickled"),
-        (exits_when_unpickled_at, 2, SerializationError, "cannot be unpickled"),
         (system_exit_at, 4, CallAborted, "SystemExit"),
     ],
 )
@@ -144,6 +143,22 @@ async def test_an_outcome_that_cannot_travel_fails_its_item_alone(
         assert got == list(range(at))
     # The worker was not hurt.
     assert ex.pool("process").stats().crashed == 0
+
+
+async def test_results_that_do_not_unpickle_here_fail_their_chunk(ex: Executor) -> None:
+    # The results travel pickled together: which one is to blame, the parent cannot
+    # tell: its chunk fails as a whole. This process goes on, and so does the pool.
+    got: list[Any] = []
+    with pytest.raises(SerializationError, match=r"results of .* cannot be unpickled") as caught:
+        await collect(ex.pool("process").map(exits_when_unpickled_at, range(12), chunksize=4), got)
+    # Item 2 exits when unpickled: its chunk is items 0 to 3.
+    assert got == []
+    if sys.version_info >= (3, 11):
+        assert caught.value.__notes__ == [
+            "item 0 was in a chunk of 4 items (0 to 3), which failed as a whole"
+        ]
+    assert ex.pool("process").stats().crashed == 0
+    assert [r async for r in ex.pool("process").map(abs, range(5), chunksize=4)] == list(range(5))
 
 
 async def test_large_items_go_alone(ex: Executor) -> None:
