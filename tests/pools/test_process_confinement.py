@@ -67,6 +67,16 @@ async def test_a_worker_is_ready_once_its_guard_runs() -> None:
             assert [child.cmdline()[-1] for child in below] == [GUARD_NAME] * len(below)
 
 
+@pytest.mark.parametrize("limit", [None, "256MiB"])
+async def test_a_worker_never_imports_pydantic_or_anyio(limit: str | None) -> None:
+    # The settings a worker gets at its start (sizes are pydantic's ByteSize in the
+    # parent) reach it as plain values: importing pydantic would double its start.
+    settings = OffloadSettings(process={"max_workers": 1, "hard_memory_limit": limit})
+    async with Offloader(settings) as ex:
+        heavy = ["pydantic", "pydantic_core", "pydantic_settings", "anyio"]
+        assert await ex.pool("process").run(funcs.loaded, heavy) == []
+
+
 @pytest.mark.parametrize("name", ["socket", "pickle", "threading", "offload"])
 async def test_workers_never_import_from_the_current_directory(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
