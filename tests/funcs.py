@@ -871,3 +871,8 @@ def slow_at(spec: tuple[int, int]) -> int:
 
 def identity(x: Any) -> Any:
     return x
+
+
+def loaded(names: list[str]) -> list[str]:
+    """Which of the modules ``names`` this process has imported."""
+    return [name for name in names if name in sys.modules]

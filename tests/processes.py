@@ -4,8 +4,10 @@ line, waits on conditions with deadlines, scripts run in a fresh interpreter."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -119,6 +121,49 @@ async def run_script(tmp_path: Path, source: str, *args: str, timeout: float = 3
             check=False,
         )
     pytest.fail(f"the script did not exit within {timeout} s (killed)")
+
+
+class BackgroundScript:
+    """A script in a fresh interpreter that runs while the test process does other
+    things (a script that mostly waits on timeouts, beside other tests); its outcome
+    once it exits, as ``run_script``'s. Its output goes to files: no pipe fills up
+    while nobody reads it."""
+
+    def __init__(self, tmp_path: Path, source: str, *args: str, timeout: float = 30) -> None:
+        script = tmp_path / "script.py"
+        script.write_text(textwrap.dedent(source))
+        self._stdout = tmp_path / "stdout"
+        self._stderr = tmp_path / "stderr"
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        with self._stdout.open("wb") as out, self._stderr.open("wb") as err:
+            self._proc = subprocess.Popen(
+                [sys.executable, str(script), *args],
+                cwd=tmp_path,
+                env=script_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+
+    async def result(self) -> subprocess.CompletedProcess[bytes]:
+        """Once it exits; killed, and the test failed, ``timeout`` s after its start."""
+        while self._proc.poll() is None:
+            if time.monotonic() > self._deadline:
+                self.kill()
+                pytest.fail(f"the script did not exit within {self._timeout} s (killed)")
+            await anyio.sleep(0.05)
+        return subprocess.CompletedProcess(
+            self._proc.args,
+            self._proc.returncode,
+            self._stdout.read_bytes(),
+            self._stderr.read_bytes(),
+        )
+
+    def kill(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
 
 # A script: an application that restores SIGPIPE's default, whose idle workers die

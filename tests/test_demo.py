@@ -117,6 +117,11 @@ def test_a_chart_path_in_no_directory_is_refused_before_the_run(
     assert "no such directory" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("argv", "idle"), [([], 2.0), (["--duration", "0.5"], 0.5)])
+def test_the_idle_phase_is_no_longer_than_a_mode(argv: list[str], idle: float) -> None:
+    assert command.idle_seconds(command.parser().parse_args(argv)) == idle
+
+
 # -- the end of a run: the table, then the chart -----------------------------------------------
 
 

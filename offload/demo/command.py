@@ -7,7 +7,8 @@ on a free port of 127.0.0.1, and drives it from another child process
 ``blocking`` (an ``async def`` route calling it), ``thread``
 (``anyio.to_thread.run_sync``) and ``process`` (offload's process pool). For each,
 ``--concurrency`` clients loop on it for ``--duration`` seconds while a pinger
-requests ``/ping`` every 10 ms; an idle phase first measures ``/ping`` alone.
+requests ``/ping`` every 10 ms; an idle phase first measures ``/ping`` alone (2 s, or
+``--duration`` when shorter).
 
 It prints a Markdown table: per mode, the latency of ``/ping`` (what every other
 request of the server waits), how the server's event-loop thread spent the time (on
@@ -43,7 +44,7 @@ from .work import burn, calibrate, timed
 __all__ = ("conclude", "load_records", "main", "parser", "positive", "terminated")
 
 MODES = ("blocking", "thread", "process")
-#: seconds of the idle phase, the pinger alone
+#: seconds of the idle phase, the pinger alone; no longer than a mode (``--duration``)
 IDLE_SECONDS = 2.0
 #: the packages of the ``demo`` extra the demo cannot run without
 NEEDS = ("fastapi", "uvicorn")
@@ -88,7 +89,7 @@ def drive(
             "--concurrency",
             str(args.concurrency),
             "--idle",
-            str(IDLE_SECONDS),
+            str(idle_seconds(args)),
             "--modes",
             ",".join(MODES),
         ],
@@ -164,11 +165,16 @@ def _handle(
         progress.finish_phase()
 
 
+def idle_seconds(args: argparse.Namespace) -> float:
+    """The idle phase's length: a baseline as long as a mode, up to ``IDLE_SECONDS``."""
+    return min(IDLE_SECONDS, float(args.duration))
+
+
 def run(args: argparse.Namespace) -> None:
     from loky import cpu_count
 
     cpus = int(cpu_count())
-    plan = {"idle": IDLE_SECONDS, **dict.fromkeys(MODES, args.duration)}
+    plan = {"idle": idle_seconds(args), **dict.fromkeys(MODES, args.duration)}
     progress = Progress(plan, sys.stderr)
     started = time.monotonic()
     try:

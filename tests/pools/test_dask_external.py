@@ -33,7 +33,7 @@ from offload._pools.dask.pool import DaskPool
 
 from .. import funcs
 from ..conftest import children
-from ..processes import gone, run_script
+from ..processes import BackgroundScript, gone
 from .test_dask import crash_fails_only_its_own_call
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -467,11 +467,44 @@ anyio.run(main, backend="asyncio")
 """
 
 
-async def test_an_outage_is_a_connection_error_and_the_pool_reconnects(
-    tmp_path: Path,
-) -> None:
+async def test_a_cluster_without_workers_is_unavailable(tmp_path: Path) -> None:
+    # The scheduler's operator bounds how long a task may wait for a worker; past
+    # that, Dask fails it with its own error, which is no error of the function's.
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "1s"}
+    scheduler, address = await anyio.to_thread.run_sync(start_scheduler, tmp_path, env)
+    try:
+        async with Offloader(settings(address)) as ex:
+            with anyio.fail_after(BOOT), pytest.raises(ClusterUnavailable, match="no worker"):
+                await ex.pool("remote").run(funcs.add, 1, 2)
+    finally:
+        await anyio.to_thread.run_sync(_stop, scheduler)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def outage(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundScript | None]:
+    """The outage script, started with the module when its test is to run: it spends
+    most of its 20 s waiting on Dask's timeouts (11 s of them for the frozen
+    scheduler, distributed's least TCP timeout), meanwhile the module's other tests
+    run. Its own cluster, on a port of its own, is not the module's."""
+    test = test_an_outage_is_a_connection_error_and_the_pool_reconnects
+    if not any(getattr(item, "function", None) is test for item in request.session.items):
+        yield None
+        return
     # within the suite's 120 s per test, so that a hang kills the script, not the test
-    done = await run_script(tmp_path, OUTAGE, timeout=90)
+    script = BackgroundScript(tmp_path_factory.mktemp("outage"), OUTAGE, timeout=90)
+    try:
+        yield script
+    finally:
+        script.kill()
+
+
+async def test_an_outage_is_a_connection_error_and_the_pool_reconnects(
+    outage: BackgroundScript | None,
+) -> None:
+    assert outage is not None  # started with the module (see ``outage``)
+    done = await outage.result()
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout.decode().splitlines()[-1])
     assert report["before"] == 3
@@ -488,16 +521,3 @@ async def test_an_outage_is_a_connection_error_and_the_pool_reconnects(
     assert report["after"] == 5, report
     assert report["logged before"] is True, report
     assert report["logged after"] is True, report
-
-
-async def test_a_cluster_without_workers_is_unavailable(tmp_path: Path) -> None:
-    # The scheduler's operator bounds how long a task may wait for a worker; past
-    # that, Dask fails it with its own error, which is no error of the function's.
-    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT": "1s"}
-    scheduler, address = await anyio.to_thread.run_sync(start_scheduler, tmp_path, env)
-    try:
-        async with Offloader(settings(address)) as ex:
-            with anyio.fail_after(BOOT), pytest.raises(ClusterUnavailable, match="no worker"):
-                await ex.pool("remote").run(funcs.add, 1, 2)
-    finally:
-        await anyio.to_thread.run_sync(_stop, scheduler)

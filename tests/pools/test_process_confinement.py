@@ -27,6 +27,7 @@ from offload import (
 )
 from offload._pools.process import cross_memory as _cross_memory
 from offload._pools.process import scheduling as _scheduling
+from offload._pools.process.worker_lifetime import GUARD_NAME
 from offload._settings import usable_cpus
 
 from .. import funcs
@@ -38,6 +39,7 @@ from ..processes import (
     script_env,
     wait_until,
     worker_pids,
+    worker_procs,
 )
 
 # A module named like one the worker imports at start, in the directory the
@@ -53,6 +55,26 @@ sys.path[:] = [p for p in sys.path if p not in ("", ".", os.getcwd())]
 import {name} as _real
 globals().update(vars(_real))
 """
+
+
+async def test_a_worker_is_ready_once_its_guard_runs() -> None:
+    # A worker forks its guard, which then runs /bin/sh: until that exec, the guard is
+    # a copy of the worker, which whatever counts workers by command line counts too.
+    settings = OffloadSettings(process={"max_workers": 2}, thread={"max_workers": 1})
+    for _ in range(10):
+        async with Offloader(settings):
+            below = [child for worker in worker_procs() for child in worker.children()]
+            assert [child.cmdline()[-1] for child in below] == [GUARD_NAME] * len(below)
+
+
+@pytest.mark.parametrize("limit", [None, "256MiB"])
+async def test_a_worker_never_imports_pydantic_or_anyio(limit: str | None) -> None:
+    # The settings a worker gets at its start (sizes are pydantic's ByteSize in the
+    # parent) reach it as plain values: importing pydantic would double its start.
+    settings = OffloadSettings(process={"max_workers": 1, "hard_memory_limit": limit})
+    async with Offloader(settings) as ex:
+        heavy = ["pydantic", "pydantic_core", "pydantic_settings", "anyio"]
+        assert await ex.pool("process").run(funcs.loaded, heavy) == []
 
 
 @pytest.mark.parametrize("name", ["socket", "pickle", "threading", "offload"])

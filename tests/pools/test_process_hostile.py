@@ -352,12 +352,16 @@ async def test_main_module_partials_methods_and_arguments(
 async def test_results_whose_decoding_holds_the_loop_are_counted_and_named(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The threshold is a tenth of what unpickling this very result takes here.
+    # The threshold is a tenth of what unpickling this very result takes here: the
+    # least of three, since a pause of this process (a busy machine) only lengthens one.
     count = 100_000
     blob = pickle.dumps(funcs.python_objects(count), protocol=5)
-    started = time.perf_counter()
-    pickle.loads(blob)
-    baseline = time.perf_counter() - started
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        pickle.loads(blob)
+        timings.append(time.perf_counter() - started)
+    baseline = min(timings)
     monkeypatch.setattr(_exchange, "SLOW_DECODE", baseline / 10)
     async with Offloader(one_worker()) as ex:
         pool = ex.pool("process")

@@ -26,6 +26,7 @@ from offload import (
 )
 from offload._pools.process import scheduling as _scheduling
 from offload._pools.process.scheduling import LONG_SLICE_NS, time_slice
+from offload._pools.process.supervision import FIRST_RETRY, retry_delay
 
 from .. import funcs
 from ..conftest import Backend, children, loop_name
@@ -146,6 +147,19 @@ async def test_calls_fail_with_pool_start_error_if_the_pool_does_not_recover(
                     break
                 except PoolStartError:
                     await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize(("start_timeout", "longest"), [(60, 5.0), (8, 2.0), (3, 1.0), (0.5, 1.0)])
+def test_start_retries_back_off_to_a_share_of_start_timeout(
+    start_timeout: float, longest: float
+) -> None:
+    # A pool that gave up 4 s into a start_timeout of 3 s, and healed only 3 s after
+    # its cause was gone, would say less than it does.
+    delays = [FIRST_RETRY]
+    while len(delays) < 20:
+        delays.append(retry_delay(delays[-1], start_timeout))
+    assert delays[:3] == [0.1, 0.2, 0.4]
+    assert max(delays) == delays[-1] == longest
 
 
 async def test_logs_name_the_pool_worker_and_function(

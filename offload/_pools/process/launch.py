@@ -117,10 +117,13 @@ async def boot(
         raised; it is stopped with ``kill`` first, as on any other exception
     """
     start_timeout = settings.start_timeout
+    limit = settings.hard_memory_limit
+    # Plain ints: the sizes are pydantic's ByteSize here, and unpickling one would
+    # import pydantic in the worker (a tenth of a second of CPU at every start).
     message = (
-        settings.max_payload,
+        int(settings.max_payload),
         cross_memory,
-        settings.hard_memory_limit,
+        None if limit is None else int(limit),
         settings.initializer,
         settings.initializer_args,
     )

@@ -46,12 +46,18 @@ if TYPE_CHECKING:
     from .streams import ProcessStream
     from .worker_handle import WorkerHandle
 
-__all__ = ("KILL_GRACE", "WorkerSupervisor", "report_suffix")
+__all__ = ("KILL_GRACE", "WorkerSupervisor", "report_suffix", "retry_delay")
 
 logger = logging.getLogger("offload")
 
 #: seconds between SIGTERM and SIGKILL for a worker being stopped
 KILL_GRACE = 1.0
+#: seconds before a failed start of a replacement is tried again; doubled at each failure
+FIRST_RETRY = 0.1
+#: seconds between two attempts, at most (see ``retry_delay``)
+MAX_RETRY = 5.0
+#: ...and at most a quarter of ``start_timeout``, but never below this
+MIN_RETRY_CAP = 1.0
 _live_pools: weakref.WeakSet[WorkerSupervisor] = weakref.WeakSet()
 
 
@@ -168,7 +174,7 @@ class WorkerSupervisor(Pool):
         :class:`PoolStartError` (from the start error), and new calls fail at once,
         until a start succeeds: a call without a deadline does not wait for ever.
         """
-        delay = 0.1
+        delay = FIRST_RETRY
         while not self._stopping:
             attempt = anyio.current_time()
             try:
@@ -194,7 +200,7 @@ class WorkerSupervisor(Pool):
                 self._given_up = False
                 return
             await anyio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = retry_delay(delay, self.settings.start_timeout)
 
     def _no_worker_error(self) -> PoolStartError:
         assert self._start_failure is not None
@@ -365,6 +371,15 @@ class WorkerSupervisor(Pool):
     @abstractmethod
     def _abandon_sent_call(self, worker: WorkerHandle) -> None:
         """A call sent on hand-off was cancelled before its task ran."""
+
+
+def retry_delay(previous: float, start_timeout: float) -> float:
+    """The wait before the next attempt to start a replacement, after ``previous``:
+    doubled, up to ``MAX_RETRY`` and to a quarter of ``start_timeout`` (not below
+    ``MIN_RETRY_CAP``). Bound by ``start_timeout``, the pool gives up about when it
+    says it does, and heals soon after the cause of the failures is gone, however
+    short ``start_timeout`` is; with the default (60 s), the waits reach 5 s."""
+    return min(previous * 2, MAX_RETRY, max(start_timeout / 4, MIN_RETRY_CAP))
 
 
 def report_suffix(report: str | None) -> str:

@@ -43,6 +43,8 @@ def prctl_function() -> Callable[..., int] | None:
 _GUARD = "trap 'kill -KILL 0' HUP; while read -r _; do :; done"
 #: the guard's $0, by which ``ps`` and tests tell it apart
 GUARD_NAME = "offload-guard"
+#: in the guard until its exec: the write end of the pipe its worker reads EOF from
+_EXEC_FD = 4
 
 
 def guard_group() -> None:
@@ -60,23 +62,36 @@ def guard_group() -> None:
 
     A worker that exits cleanly kills and reaps its guard first, rather than leave it
     to whoever adopts orphans (the server itself, as a container's PID 1).
+
+    Returns once the guard runs ``/bin/sh``: until then it is a copy of the worker,
+    with the worker's command line, and whatever counts workers by theirs (``ps``, a
+    monitor, the tests) would count one more, for as long as the worker's start takes.
     """
     prctl = prctl_function()
     if prctl is None or os.getpgid(0) != os.getpid() or not os.path.exists("/bin/sh"):
         return  # not a group of its own, or no way to guard it
     worker = os.getpid()
+    # Closed on exec (os.pipe's descriptors are not inheritable), or at the guard's exit.
+    exec_read, exec_write = os.pipe()
     guard = os.fork()
     if guard != 0:
+        os.close(exec_write)
+        try:
+            os.read(exec_read, 1)  # EOF once the guard has run /bin/sh, or failed to
+        finally:
+            os.close(exec_read)
         atexit.register(_end_guard, guard, worker)
         return
     try:
+        if exec_write != _EXEC_FD:
+            os.dup2(exec_write, _EXEC_FD, inheritable=False)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (1, 2):
             os.dup2(null, fd)
         read_end, write_end = os.pipe()  # never written to, never closed: no EOF
         os.dup2(read_end, 0)
         os.dup2(write_end, 3)
-        os.closerange(4, _max_fd())
+        os.closerange(_EXEC_FD + 1, _max_fd())
         if prctl(_PR_SET_PDEATHSIG, signal.SIGHUP) != 0 or os.getppid() != worker:
             os.killpg(0, signal.SIGKILL)  # dead already, or it could not be watched
         os.execv("/bin/sh", ["/bin/sh", "-c", _GUARD, GUARD_NAME])
