@@ -312,3 +312,40 @@ def test_map_benchmark_runs() -> None:
             assert re.search(
                 rf"^\| {kind} \| {loop} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", done.stdout, re.M
             ), done.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_map_peers_benchmark_runs(tmp_path: Path) -> None:
+    """``bench_map_peers.py`` measures offload's map and every peer in every round of
+    both scenarios, checks their results, and measures the machine's floor."""
+    out = tmp_path / "map_peers.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_map_peers.py", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    assert report["leftover_children"] == []
+    peers = {
+        "ProcessPoolExecutor.map",
+        "loky reusable executor map",
+        "pebble.ProcessPool.map",
+        "anyio.to_process, task per item",
+    }
+    for scenario in ("tiny", "cpu"):
+        rows = report[scenario]["rows"]
+        names = {row["contender"] for row in rows}
+        assert peers | {"offload map"} <= names, scenario
+        for row in rows:
+            assert row["rounds"] == report["rounds"] == 2, (scenario, row)
+            assert row["vs_best_peer"] is not None, (scenario, row)
+    floor = next(r for r in report["cpu"]["rows"] if r["contender"] == "bare processes (floor)")
+    assert floor["of_ideal"] > 0
+    assert all(r["vs_floor"] is not None for r in report["cpu"]["rows"] if r is not floor)
+    assert "- goal, tiny items: offload faster than the best peer" in done.stdout
+    assert "- goal, 25 ms items: offload map" in done.stdout
