@@ -17,8 +17,12 @@ on odd ones; every result is checked. The tables give medians over rounds.
   take 25 ms on one core; ``--quick``: 40 items) through the same contenders, with
   ``chunksize`` 1 and ``ceil(n / (4 * workers))``. Headline: the fraction of ideal
   scaling, ``n * 25 ms / workers`` over the wall time; "vs floor": the wall time of
-  the machine's floor in the same round over the contender's, the floor being bare
-  forked processes, one per CPU, each running its share of the items with no IPC.
+  the machine's floor in the same round over the contender's (median of the rounds'
+  ratios), the floor being bare forked processes, one per CPU, each running its
+  share of the items with no IPC; measured twice: in the caller's session, as the
+  peers' workers are, and each in a session of its own, as offload's workers are
+  (where the kernel schedules sessions as groups, that decides how much CPU a
+  process gets on a busy machine).
 
 Where offload's ``map`` takes ``chunksize`` (detected from its signature), its rows
 are the automatic choice and each peer's explicit ``chunksize``; before that, one
@@ -72,6 +76,7 @@ W = PROCESS_WORKERS
 HAS_CHUNKSIZE = "chunksize" in inspect.signature(Executor.map).parameters
 SIZES = {"quick": {"tiny": 2_000, "cpu": 40}, "full": {"tiny": 10_000, "cpu": 200}}
 FLOOR = "bare processes (floor)"
+FLOOR_SESSIONS = "bare processes, a session each"
 
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Awaitable[list[Any]]]
 
@@ -86,6 +91,7 @@ class Row:
     peer: bool = True
     seconds: list[float] = field(default_factory=list)
     vs_floor: list[float] = field(default_factory=list)
+    vs_floor_sessions: list[float] = field(default_factory=list)
     task_cpu_ms: list[float] = field(default_factory=list)
 
 
@@ -186,11 +192,14 @@ async def warm_up(rows: list[Row], n_iter: int) -> None:
 # --- the floor ---------------------------------------------------------------------
 
 
-def bare_processes(n_iter: int, items: int) -> float:
+def bare_processes(n_iter: int, items: int, own_sessions: bool = False) -> float:
     """Wall seconds of ``items`` spins split among ``W`` forked processes, no IPC.
 
     The children are forked first and wait on a pipe, so the clock covers the work
-    (and the wake-up), not the forks.
+    (and the wake-up), not the forks. ``own_sessions``: each child in a session of
+    its own, as offload's workers are: where the kernel groups processes by session
+    for scheduling (autogroups), each then weighs as much as the caller's whole
+    session, which the other pools' workers share.
     """
     r, w = os.pipe()
     pids = []
@@ -201,6 +210,8 @@ def bare_processes(n_iter: int, items: int) -> float:
             code = 1
             try:
                 os.close(w)
+                if own_sessions:
+                    os.setsid()
                 os.read(r, 1)
                 for _ in range(share):
                     spin(n_iter)
@@ -232,29 +243,33 @@ async def measure(args: argparse.Namespace, errors: list[str]) -> dict[str, Any]
         tiny, cpu = rows_for(pools, n_tiny), rows_for(pools, n_cpu)
         await warm_up(tiny, n_iter)
         floor = Row(FLOOR, "-", _unused, peer=False)
+        floor_sessions = Row(FLOOR_SESSIONS, "-", _unused, peer=False)
         expected_tiny = [abs(i) for i in range(n_tiny)]
         for r in range(args.rounds):
             t_round = time.perf_counter()
             forward = r % 2 == 0
             for row in tiny if forward else tiny[::-1]:
                 await _timed(row, abs, range(n_tiny), expected_tiny, errors)
-            cpu_order = [floor, *cpu]
+            cpu_order = [floor, floor_sessions, *cpu]
             for row in cpu_order if forward else cpu_order[::-1]:
                 gc.collect()
-                if row is floor:
-                    floor.seconds.append(await asyncio.to_thread(bare_processes, n_iter, n_cpu))
+                if row is floor or row is floor_sessions:
+                    own = row is floor_sessions
+                    wall = await asyncio.to_thread(bare_processes, n_iter, n_cpu, own)
+                    row.seconds.append(wall)
                     continue
                 spent = await _timed(row, spin, [n_iter] * n_cpu, None, errors)
                 if spent is not None:
                     row.task_cpu_ms.append(statistics.median(spent) * 1e3)
-            for row in cpu:
-                if len(row.seconds) == r + 1 and len(floor.seconds) == r + 1:
+            for row in [floor, floor_sessions, *cpu]:
+                if len(row.seconds) == r + 1:  # ratios of walls of the same round
                     row.vs_floor.append(floor.seconds[-1] / row.seconds[-1])
+                    row.vs_floor_sessions.append(floor_sessions.seconds[-1] / row.seconds[-1])
             dt = time.perf_counter() - t_round
             print(f"round {r + 1}/{args.rounds} done in {dt:.1f} s", file=sys.stderr)
     return {
         "tiny": {"items": n_tiny, "rows": tiny},
-        "cpu": {"items": n_cpu, "rows": [floor, *cpu], "iterations": n_iter},
+        "cpu": {"items": n_cpu, "rows": [floor, floor_sessions, *cpu], "iterations": n_iter},
     }
 
 
@@ -319,6 +334,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
                 entry["of_ideal"] = ideal / med if med is not None else None
                 entry["of_ideal_rounds"] = [ideal / s for s in row.seconds]
                 entry["vs_floor"] = _median(row.vs_floor)
+                entry["vs_floor_sessions"] = _median(row.vs_floor_sessions)
                 entry["task_cpu_ms"] = _median(row.task_cpu_ms)
             summary.append(entry)
         peers = [e for e in summary if e["peer"] and e["median_ms"] is not None]
@@ -363,18 +379,18 @@ def render(summary: dict[str, Any], rounds: int) -> str:
         f" {W} workers, median of {rounds} rounds",
         "",
         "| contender | chunksize | wall ms | of ideal | rounds min-max | vs floor "
-        "| vs best peer | task CPU ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| vs floor, a session each | vs best peer | task CPU ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for e in sorted(cpu["rows"], key=lambda e: -(e["of_ideal"] or 0)):
         name = e["contender"] if e["peer"] else f"**{e['contender']}**"
         spread = "-"
         if e["of_ideal_rounds"]:
             spread = f"{min(e['of_ideal_rounds']):.3f} - {max(e['of_ideal_rounds']):.3f}"
-        vs_floor = "1" if e["contender"] == FLOOR else _fmt("{:.3f}", e["vs_floor"])
         lines.append(
             f"| {name} | {e['chunksize']} | {_fmt('{:.0f}', e['median_ms'])} "
-            f"| {_fmt('{:.3f}', e['of_ideal'])} | {spread} | {vs_floor} "
+            f"| {_fmt('{:.3f}', e['of_ideal'])} | {spread} | {_fmt('{:.3f}', e['vs_floor'])} "
+            f"| {_fmt('{:.3f}', e['vs_floor_sessions'])} "
             f"| {_fmt('{:.2f}x', e['vs_best_peer'])} | {_fmt('{:.1f}', e.get('task_cpu_ms'))} |"
         )
     lines += ["", *goals(summary)]
@@ -399,7 +415,8 @@ def goals(summary: dict[str, Any]) -> list[str]:
             out.append(
                 f"- goal, 25 ms items: offload map, chunksize {e['chunksize']}: "
                 f"{e['of_ideal']:.3f} of ideal scaling (goal >= 0.93): {met}; "
-                f"{_fmt('{:.3f}', e['vs_floor'])} of the floor's speed"
+                f"{_fmt('{:.3f}', e['vs_floor'])} of the floor's speed,"
+                f" {_fmt('{:.3f}', e['vs_floor_sessions'])} of the floor's with a session each"
             )
     return out
 

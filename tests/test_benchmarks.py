@@ -344,8 +344,9 @@ def test_map_peers_benchmark_runs(tmp_path: Path) -> None:
         for row in rows:
             assert row["rounds"] == report["rounds"] == 2, (scenario, row)
             assert row["vs_best_peer"] is not None, (scenario, row)
-    floor = next(r for r in report["cpu"]["rows"] if r["contender"] == "bare processes (floor)")
-    assert floor["of_ideal"] > 0
-    assert all(r["vs_floor"] is not None for r in report["cpu"]["rows"] if r is not floor)
+    cpu = {row["contender"]: row for row in report["cpu"]["rows"]}
+    for floor in ("bare processes (floor)", "bare processes, a session each"):
+        assert cpu[floor]["of_ideal"] > 0
+    assert all(row["vs_floor_sessions"] is not None for row in cpu.values())
     assert "- goal, tiny items: offload faster than the best peer" in done.stdout
     assert "- goal, 25 ms items: offload map" in done.stdout
