@@ -18,11 +18,11 @@ on odd ones; every result is checked. The tables give medians over rounds.
   ``chunksize`` 1 and ``ceil(n / (4 * workers))``. Headline: the fraction of ideal
   scaling, ``n * 25 ms / workers`` over the wall time; "vs floor": the wall time of
   the machine's floor in the same round over the contender's (median of the rounds'
-  ratios), the floor being bare forked processes, one per CPU, each running its
-  share of the items with no IPC; measured twice: in the caller's session, as the
-  peers' workers are, and each in a session of its own, as offload's workers are
-  (where the kernel schedules sessions as groups, that decides how much CPU a
-  process gets on a busy machine).
+  ratios), the floor being plain processes, one per CPU, forked before any pool,
+  each running its share of the items with no IPC per item; measured twice: in the
+  caller's session, as the peers' workers are, and each in a session of its own, as
+  offload's workers are (where the kernel schedules sessions as groups, that
+  decides how much CPU a process gets on a busy machine).
 
 Where offload's ``map`` takes ``chunksize`` (detected from its signature), its rows
 are the automatic choice and each peer's explicit ``chunksize``; before that, one
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import inspect
 import json
@@ -192,43 +193,68 @@ async def warm_up(rows: list[Row], n_iter: int) -> None:
 # --- the floor ---------------------------------------------------------------------
 
 
-def bare_processes(n_iter: int, items: int, own_sessions: bool = False) -> float:
-    """Wall seconds of ``items`` spins split among ``W`` forked processes, no IPC.
+class BareWorkers:
+    """The floor: ``W`` plain processes forked once, before any pool starts, each
+    running its share of a batch of spins when told to: one message each way per
+    batch, no IPC per item. Long-lived, as pool workers are, so that the kernel
+    treats them alike (forked for each batch, they came out slower than every pool
+    on a busy machine).
 
-    The children are forked first and wait on a pipe, so the clock covers the work
-    (and the wake-up), not the forks. ``own_sessions``: each child in a session of
-    its own, as offload's workers are: where the kernel groups processes by session
-    for scheduling (autogroups), each then weighs as much as the caller's whole
-    session, which the other pools' workers share.
+    ``own_sessions``: each in a session of its own, as offload's workers are: where
+    the kernel groups processes by session for scheduling (autogroups), each then
+    weighs as much as the caller's whole session, which the other pools' workers
+    share.
     """
-    r, w = os.pipe()
-    pids = []
-    for k in range(W):
-        share = len(range(k, items, W))
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 1
-            try:
-                os.close(w)
-                if own_sessions:
-                    os.setsid()
-                os.read(r, 1)
-                for _ in range(share):
-                    spin(n_iter)
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    os.close(r)
-    time.sleep(0.05)  # every child has reached its read: copy-on-write faults done
-    t0 = time.perf_counter()
-    os.write(w, b"x" * W)
-    statuses = [os.waitpid(pid, 0)[1] for pid in pids]
-    wall = time.perf_counter() - t0
-    os.close(w)
-    if any(statuses):
-        raise RuntimeError(f"a bare process failed: wait statuses {statuses}")
-    return wall
+
+    def __init__(self, own_sessions: bool) -> None:
+        self.pids: list[int] = []
+        self.pipes: list[tuple[int, int]] = []  # (write the batch, read its CPU time)
+        for _ in range(W):
+            from_parent, to_child = os.pipe()
+            from_child, to_parent = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                self._serve(from_parent, to_parent, own_sessions)
+            os.close(from_parent)
+            os.close(to_parent)
+            self.pids.append(pid)
+            self.pipes.append((to_child, from_child))
+
+    @staticmethod
+    def _serve(rfd: int, wfd: int, own_sessions: bool) -> None:
+        code = 1
+        try:
+            for fd in map(int, os.listdir("/proc/self/fd")):
+                if fd > 2 and fd not in (rfd, wfd):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            if own_sessions:
+                os.setsid()
+            while msg := os.read(rfd, 16):
+                share, n_iter = (int(x) for x in msg.split())
+                cpu = sum(spin(n_iter) for _ in range(share))
+                os.write(wfd, f"{cpu:.6f}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+
+    def run(self, n_iter: int, items: int) -> tuple[float, float]:
+        """Wall seconds of ``items`` spins split among the processes; CPU s per item."""
+        t0 = time.perf_counter()
+        for k, (wfd, _) in enumerate(self.pipes):
+            os.write(wfd, f"{len(range(k, items, W))} {n_iter}".encode())
+        replies = [os.read(rfd, 32) for _, rfd in self.pipes]
+        wall = time.perf_counter() - t0
+        if not all(replies):
+            raise RuntimeError("a bare process failed")
+        return wall, sum(float(r) for r in replies) / items
+
+    def close(self) -> None:
+        for wfd, rfd in self.pipes:
+            os.close(wfd)
+            os.close(rfd)
+        for pid in self.pids:
+            os.waitpid(pid, 0)
 
 
 # --- the rounds --------------------------------------------------------------------
@@ -239,9 +265,14 @@ async def measure(args: argparse.Namespace, errors: list[str]) -> dict[str, Any]
     n_tiny, n_cpu = sizes["tiny"], sizes["cpu"]
     n_iter = iterations()  # calibrated before any pool runs
     async with AsyncExitStack() as stack:
+        bare = {own: BareWorkers(own) for own in (False, True)}
+        for b in bare.values():
+            stack.callback(b.close)
         pools = await open_pools(stack)
         tiny, cpu = rows_for(pools, n_tiny), rows_for(pools, n_cpu)
         await warm_up(tiny, n_iter)
+        for b in bare.values():
+            b.run(n_iter // 10, 2 * W)
         floor = Row(FLOOR, "-", _unused, peer=False)
         floor_sessions = Row(FLOOR_SESSIONS, "-", _unused, peer=False)
         expected_tiny = [abs(i) for i in range(n_tiny)]
@@ -254,9 +285,10 @@ async def measure(args: argparse.Namespace, errors: list[str]) -> dict[str, Any]
             for row in cpu_order if forward else cpu_order[::-1]:
                 gc.collect()
                 if row is floor or row is floor_sessions:
-                    own = row is floor_sessions
-                    wall = await asyncio.to_thread(bare_processes, n_iter, n_cpu, own)
+                    b = bare[row is floor_sessions]
+                    wall, cpu_s = await asyncio.to_thread(b.run, n_iter, n_cpu)
                     row.seconds.append(wall)
+                    row.task_cpu_ms.append(cpu_s * 1e3)
                     continue
                 spent = await _timed(row, spin, [n_iter] * n_cpu, None, errors)
                 if spent is not None:
@@ -269,7 +301,11 @@ async def measure(args: argparse.Namespace, errors: list[str]) -> dict[str, Any]
             print(f"round {r + 1}/{args.rounds} done in {dt:.1f} s", file=sys.stderr)
     return {
         "tiny": {"items": n_tiny, "rows": tiny},
-        "cpu": {"items": n_cpu, "rows": [floor, floor_sessions, *cpu], "iterations": n_iter},
+        "cpu": {
+            "items": n_cpu,
+            "rows": [floor, floor_sessions, *cpu],
+            "iterations": n_iter,
+        },
     }
 
 
