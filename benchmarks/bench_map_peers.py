@@ -32,7 +32,7 @@ Peers keep their default start method. Run from the repository root
 (``pip install -e ".[bench]"``)::
 
     python benchmarks/bench_map_peers.py --quick      # < 60 s
-    python benchmarks/bench_map_peers.py [--rounds 5] [--json [PATH]]
+    python benchmarks/bench_map_peers.py [--rounds 5] [--only tiny|cpu] [--json [PATH]]
 
 ``--json`` alone writes ``benchmarks/results/map_peers.json``. Exits 1 if a result
 was wrong, a contender failed or a process was left behind.
@@ -279,9 +279,9 @@ async def measure(args: argparse.Namespace, errors: list[str]) -> dict[str, Any]
         for r in range(args.rounds):
             t_round = time.perf_counter()
             forward = r % 2 == 0
-            for row in tiny if forward else tiny[::-1]:
+            for row in (tiny if forward else tiny[::-1]) if "tiny" in args.only else ():
                 await _timed(row, abs, range(n_tiny), expected_tiny, errors)
-            cpu_order = [floor, floor_sessions, *cpu]
+            cpu_order = [floor, floor_sessions, *cpu] if "cpu" in args.only else []
             for row in cpu_order if forward else cpu_order[::-1]:
                 gc.collect()
                 if row is floor or row is floor_sessions:
@@ -293,20 +293,19 @@ async def measure(args: argparse.Namespace, errors: list[str]) -> dict[str, Any]
                 spent = await _timed(row, spin, [n_iter] * n_cpu, None, errors)
                 if spent is not None:
                     row.task_cpu_ms.append(statistics.median(spent) * 1e3)
-            for row in [floor, floor_sessions, *cpu]:
+            for row in cpu_order:
                 if len(row.seconds) == r + 1:  # ratios of walls of the same round
                     row.vs_floor.append(floor.seconds[-1] / row.seconds[-1])
                     row.vs_floor_sessions.append(floor_sessions.seconds[-1] / row.seconds[-1])
             dt = time.perf_counter() - t_round
             print(f"round {r + 1}/{args.rounds} done in {dt:.1f} s", file=sys.stderr)
-    return {
-        "tiny": {"items": n_tiny, "rows": tiny},
-        "cpu": {
-            "items": n_cpu,
-            "rows": [floor, floor_sessions, *cpu],
-            "iterations": n_iter,
-        },
-    }
+    result: dict[str, Any] = {}
+    if "tiny" in args.only:
+        result["tiny"] = {"items": n_tiny, "rows": tiny}
+    if "cpu" in args.only:
+        result["cpu"] = {"items": n_cpu, "rows": [floor, floor_sessions, *cpu]}
+        result["cpu"]["iterations"] = n_iter
+    return result
 
 
 async def _unused(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
@@ -348,8 +347,7 @@ def _median(values: list[float]) -> float | None:
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
     """Medians and ratios per scenario, JSON-ready."""
     out: dict[str, Any] = {}
-    for key in ("tiny", "cpu"):
-        scenario = result[key]
+    for key, scenario in result.items():
         n = scenario["items"]
         rows: list[Row] = scenario["rows"]
         summary = []
@@ -394,7 +392,16 @@ def _fmt(fmt: str, value: float | None) -> str:
 
 
 def render(summary: dict[str, Any], rounds: int) -> str:
-    tiny, cpu = summary["tiny"], summary["cpu"]
+    lines = []
+    if "tiny" in summary:
+        lines += render_tiny(summary["tiny"], rounds)
+    if "cpu" in summary:
+        lines += render_cpu(summary["cpu"], rounds)
+    lines += goals(summary)
+    return "\n".join(lines)
+
+
+def render_tiny(tiny: dict[str, Any], rounds: int) -> list[str]:
     lines = [
         f"## {tiny['items']:,} tiny items (`abs`), {W} workers, median of {rounds} rounds",
         "",
@@ -409,8 +416,11 @@ def render(summary: dict[str, Any], rounds: int) -> str:
             f"| {_fmt('{:.1f}', e['us_per_item'])} | {spread if e['seconds'] else '-'} "
             f"| {_fmt('{:.2f}x', e['vs_best_peer'])} |"
         )
-    lines += [
-        "",
+    return [*lines, ""]
+
+
+def render_cpu(cpu: dict[str, Any], rounds: int) -> list[str]:
+    lines = [
         f"## {cpu['items']} items of 25 ms (`spin`, {cpu['iterations']:,} iterations),"
         f" {W} workers, median of {rounds} rounds",
         "",
@@ -429,23 +439,21 @@ def render(summary: dict[str, Any], rounds: int) -> str:
             f"| {_fmt('{:.3f}', e['vs_floor_sessions'])} "
             f"| {_fmt('{:.2f}x', e['vs_best_peer'])} | {_fmt('{:.1f}', e.get('task_cpu_ms'))} |"
         )
-    lines += ["", *goals(summary)]
-    return "\n".join(lines)
+    return [*lines, ""]
 
 
 def goals(summary: dict[str, Any]) -> list[str]:
     """The project's goals for ``map``, against these medians."""
     out = []
-    ours = [e for e in summary["tiny"]["rows"] if not e["peer"] and e["median_ms"] is not None]
-    best = min(ours, key=lambda e: e["median_ms"], default=None)
-    if best is not None and best["vs_best_peer"] is not None:
-        met = "met" if best["vs_best_peer"] < 1 else "**not met**"
-        out.append(
-            f"- goal, tiny items: offload faster than the best peer "
-            f"({summary['tiny']['best_peer']}): offload map, chunksize {best['chunksize']}, "
-            f"{best['vs_best_peer']:.2f}x its time: {met}"
-        )
-    for e in summary["cpu"]["rows"]:
+    for e in summary.get("tiny", {}).get("rows", []):
+        if e["contender"] == "offload map" and e["vs_best_peer"] is not None:
+            met = "met" if e["vs_best_peer"] < 1 else "**not met**"
+            out.append(
+                f"- goal, tiny items: offload faster than the best peer "
+                f"({summary['tiny']['best_peer']}): offload map, chunksize {e['chunksize']}, "
+                f"{e['vs_best_peer']:.2f}x its time: {met}"
+            )
+    for e in summary.get("cpu", {}).get("rows", []):
         if e["contender"] == "offload map" and e["of_ideal"] is not None:
             met = "met" if e["of_ideal"] >= 0.93 else "**not met**"
             out.append(
@@ -467,6 +475,13 @@ def main() -> None:
         nargs="?",
         const=BENCH_DIR / "results" / "map_peers.json",
         help="write the rounds and medians here (alone: benchmarks/results/map_peers.json)",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=("tiny", "cpu"),
+        default=("tiny", "cpu"),
+        help="run only these scenarios",
     )
     args = parser.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 5)
