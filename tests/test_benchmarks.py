@@ -163,6 +163,7 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
         (["slices", "--runs", "1"], ["default: lag p99", "kernel's slice: lag", "SCHED_IDLE: lag"]),
         (["probe-cost", "--runs", "1"], ["median, idle: ", "median, every CPU busy: "]),
         (["server-cost", "--seconds", "0.3"], ["h11, one every 10 ms", "httptools, back to back"]),
+        (["map-parts", "--runs", "1"], ["calls answered in the parent", "results all ready"]),
     ],
 )
 def test_diagnose_runs(args: list[str], expected: list[str]) -> None:
