@@ -25,6 +25,12 @@
     What the suite's 1 ms lag probe costs the loop's process: CPU time per wake-up,
     alternately on an idle machine and with one plain process per CPU burning CPU at
     niceness 10 (as busy workers do), in rounds of 2 s.
+``python benchmarks/diagnose.py map-parts``
+    Where a process ``map`` of 10,000 tiny items (``abs``) spends its time, wall and
+    the parent's CPU per item, alternately: one call per item, the same map with its
+    calls answered in the parent (the map's own machinery), ``await run`` in a loop,
+    a map with ``chunksize=1250`` beside ``ProcessPoolExecutor.map`` with the same,
+    and the ``async for`` over results all ready.
 ``python benchmarks/diagnose.py server-cost``
     The demo server's own CPU time per ``GET /ping``, back to back and at one every
     10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import pickle
@@ -45,7 +52,9 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's offload
 
@@ -325,6 +334,79 @@ def server_cost(seconds: float) -> None:
             conn.close()
 
 
+async def map_parts(runs: int) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    import anyio
+    import anyio.lowlevel
+
+    from offload import Executor
+
+    n, chunk = 10_000, 1250
+    expected = list(range(n))
+    ppe = ProcessPoolExecutor(WORKERS)
+    ppe_map = functools.partial(ppe.map, abs, range(n), chunksize=chunk)
+    async with Offloader(OffloadSettings(process={"max_workers": WORKERS})) as ex:
+        pool = ex.pool("process")
+
+        async def mapped(**kw: Any) -> list[int]:
+            async with pool.map(abs, range(n), **kw) as results:
+                return [r async for r in results]
+
+        async def in_parent(self: Executor, _pool: Any, call: Any) -> Any:
+            await anyio.lowlevel.checkpoint()
+            return call.fn(*call.args)
+
+        async def machinery() -> list[int]:
+            # Every call answered here, at once: what is left is the map's own work.
+            real = Executor._submit
+            Executor._submit = in_parent  # type: ignore[method-assign,assignment]
+            try:
+                return await mapped(chunksize=1)
+            finally:
+                Executor._submit = real  # type: ignore[method-assign]
+
+        async def sequential() -> list[int]:
+            return [await pool.run(abs, i) for i in range(n)]
+
+        async def ready() -> tuple[list[int], float, float]:
+            async with pool.map(abs, range(n), chunksize=chunk, max_in_flight=n) as results:
+                first = await anext(results)
+                await anyio.sleep(0.3)  # every chunk has come back
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = [first] + [r async for r in results]
+                return out, time.perf_counter() - t0, time.process_time() - c0
+
+        cases: dict[str, Callable[[], Awaitable[list[int]]]] = {
+            "map, chunksize=1": lambda: mapped(chunksize=1),
+            "the same, calls answered in the parent": machinery,
+            "await run in a loop": sequential,
+            f"map, chunksize={chunk}": lambda: mapped(chunksize=chunk),
+            f"ProcessPoolExecutor.map, chunksize={chunk}": lambda: asyncio.to_thread(
+                lambda: list(ppe_map())
+            ),
+        }
+        for case in cases.values():
+            await case()  # warm up
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in [*cases, "ready"]}
+        for run in range(runs):
+            for name in list(cases) if run % 2 == 0 else list(cases)[::-1]:
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = await cases[name]()
+                spent = (time.perf_counter() - t0, time.process_time() - c0)
+                assert out == expected, name
+                times[name].append(spent)
+            out, wall, cpu = await ready()
+            assert out == expected
+            times["ready"].append((wall, cpu))
+    ppe.shutdown()
+    times["async for over results all ready"] = times.pop("ready")
+    for name, measured in times.items():
+        wall = statistics.median(w for w, _ in measured) / n * 1e6
+        cpu = statistics.median(c for _, c in measured) / n * 1e6
+        print(f"{name}: median wall {wall:.2f} µs per item, parent CPU {cpu:.2f} µs per item")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -336,6 +418,7 @@ def main() -> None:
             "slices",
             "probe-cost",
             "server-cost",
+            "map-parts",
         ],
     )
     parser.add_argument("--runs", type=int, default=4, help="scaling runs")
@@ -351,6 +434,8 @@ def main() -> None:
         asyncio.run(slices(args.runs))
     elif args.what == "probe-cost":
         probe_cost(args.runs)
+    elif args.what == "map-parts":
+        asyncio.run(map_parts(args.runs))
     else:
         server_cost(args.seconds)
 

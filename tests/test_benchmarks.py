@@ -163,6 +163,7 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
         (["slices", "--runs", "1"], ["default: lag p99", "kernel's slice: lag", "SCHED_IDLE: lag"]),
         (["probe-cost", "--runs", "1"], ["median, idle: ", "median, every CPU busy: "]),
         (["server-cost", "--seconds", "0.3"], ["h11, one every 10 ms", "httptools, back to back"]),
+        (["map-parts", "--runs", "1"], ["calls answered in the parent", "results all ready"]),
     ],
 )
 def test_diagnose_runs(args: list[str], expected: list[str]) -> None:
@@ -312,3 +313,41 @@ def test_map_benchmark_runs() -> None:
             assert re.search(
                 rf"^\| {kind} \| {loop} \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", done.stdout, re.M
             ), done.stdout
+
+
+@pytest.mark.bench
+@pytest.mark.timeout(180)
+def test_map_peers_benchmark_runs(tmp_path: Path) -> None:
+    """``bench_map_peers.py`` measures offload's map and every peer in every round of
+    both scenarios, checks their results, and measures the machine's floor."""
+    out = tmp_path / "map_peers.json"
+    done = subprocess.run(
+        [sys.executable, "benchmarks/bench_map_peers.py", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == []
+    assert report["leftover_children"] == []
+    peers = {
+        "ProcessPoolExecutor.map",
+        "loky reusable executor map",
+        "pebble.ProcessPool.map",
+        "anyio.to_process, task per item",
+    }
+    for scenario in ("tiny", "cpu"):
+        rows = report[scenario]["rows"]
+        names = {row["contender"] for row in rows}
+        assert peers | {"offload map"} <= names, scenario
+        for row in rows:
+            assert row["rounds"] == report["rounds"] == 2, (scenario, row)
+            assert row["vs_best_peer"] is not None, (scenario, row)
+    cpu = {row["contender"]: row for row in report["cpu"]["rows"]}
+    for floor in ("bare processes (floor)", "bare processes, a session each"):
+        assert cpu[floor]["of_ideal"] > 0
+    assert all(row["vs_floor_sessions"] is not None for row in cpu.values())
+    assert "- goal, tiny items: offload faster than the best peer" in done.stdout
+    assert "- goal, 25 ms items: offload map" in done.stdout
