@@ -177,6 +177,9 @@ def _copy(error: BaseException) -> BaseException:
     except Exception:
         return error
     own.__cause__ = error.__cause__
+    # A dict of its own: copy.copy may share the original's (tblib's reducer for
+    # exceptions, which importing distributed installs, does), and notes live there.
+    own.__dict__ = dict(error.__dict__)
     notes = getattr(error, "__notes__", None)
     if isinstance(notes, list):
         own.__notes__ = list(notes)

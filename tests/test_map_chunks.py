@@ -239,8 +239,20 @@ async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
     assert got == list(range(len(got)))
 
 
-def test_each_item_of_a_failed_chunk_has_an_error_of_its_own() -> None:
+@pytest.mark.parametrize("with_tblib", [False, True])
+def test_each_item_of_a_failed_chunk_has_an_error_of_its_own(
+    with_tblib: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copyreg
+
     from offload._chunking import _chunk_failed
+
+    if with_tblib:
+        # As importing distributed does: a reducer for exceptions whose copies share
+        # the original's __dict__ (undone after the test).
+        tblib = pytest.importorskip("tblib.pickling_support")
+        for kind in (WorkerCrashed, OffloadTimeout, SerializationError):
+            monkeypatch.setitem(copyreg.dispatch_table, kind, tblib.pickle_exception)
 
     crash = WorkerCrashed("the worker process died (SIGKILL) while running abs")
     failed = _chunk_failed(crash, 10, 3, None, "abs")
@@ -253,6 +265,12 @@ def test_each_item_of_a_failed_chunk_has_an_error_of_its_own() -> None:
             [f"item {i} was in a chunk of 3 items (10 to 12), which failed as a whole"]
             for i in (10, 11, 12)
         ]
+    bad = SerializationError("the results of abs cannot be unpickled")
+    errors = [f.error for f in _chunk_failed(bad, 0, 2, None, "abs")]
+    assert errors[0] is bad
+    assert errors[1] is not bad
+    if sys.version_info >= (3, 11):
+        assert [len(e.__notes__) for e in errors] == [1, 1]
     timeouts = [f.error for f in _chunk_failed(OffloadTimeout("x"), 0, 2, 0.5, "abs")]
     assert [str(e) for e in timeouts] == [
         "abs: a chunk of 2 items (0 to 1) did not finish within 1 s (0.5 s per item)"
