@@ -18,7 +18,9 @@ def numbers(n: int, progress: str, marker: str) -> Iterator[int]:
                 file.write(f"{i}\n")
             yield i
     finally:
-        Path(marker).write_text(str(os.getpid()))
+        # Whole or not at all: a test reads it as soon as it exists.
+        Path(f"{marker}.tmp").write_text(str(os.getpid()))
+        os.replace(f"{marker}.tmp", marker)
 
 
 def produced(progress: str) -> int:
