@@ -52,7 +52,7 @@ T = TypeVar("T")
 _NOTHING: Any = object()
 
 #: results a consumer may take, once it checked for its cancellation, before it checks
-#: again (it always does when it waits for one): taken with the one that checked
+#: again (it always does when it waits for one)
 _UNCHECKED = 15
 
 #: items never large: not worth asking
@@ -139,8 +139,10 @@ class _Mapping:
         self.timeout = timeout  # per item, for a chunk's deadline
         self.name = describe(fn)
         self.is_async = isinstance(source, AsyncIterator)
-        self.outcomes: dict[int, Any] = {}  # ordered: position -> value or Failed
-        self.finished: deque[Any] = deque()  # unordered: in the order they finished
+        # Outcomes (values or Failed) in runs: a call's outcomes come together, and
+        # are stored and taken as one list, not one by one (a failed one alone).
+        self.outcomes: dict[int, list[Any]] = {}  # ordered: first position -> run
+        self.finished: deque[list[Any]] = deque()  # unordered: in the order they came
         self.next_position = 0  # ordered: the next to deliver
         self.taken = 0  # items taken from the source
         self.delivered = 0  # outcomes handed to the consumer
@@ -319,11 +321,11 @@ class _Mapping:
         if self.ordered:
             if first > self.failed_at:
                 return
-            self.outcomes.update(enumerate(outcomes, first))
-            if first <= self.next_position < first + len(outcomes):
+            self.outcomes[first] = outcomes
+            if first == self.next_position:
                 self._wake_consumer()
         else:
-            self.finished.extend(outcomes)
+            self.finished.append(outcomes)
             self._wake_consumer()
 
     def _store(self, position: int, outcome: Any) -> None:
@@ -331,7 +333,7 @@ class _Mapping:
         if self.ordered:
             if position > self.failed_at:
                 return  # after the first error: never delivered
-            self.outcomes[position] = outcome
+            self.outcomes[position] = [outcome]
             if failed:
                 # Items after it will never be delivered: stop them, take no more.
                 self.failed_at = position
@@ -341,7 +343,7 @@ class _Mapping:
         else:
             if self.stopping and failed:
                 return  # a second error, or one of a call being stopped
-            self.finished.append(outcome)
+            self.finished.append([outcome])
             if failed:
                 self._stop(lambda p: True)
             self._wake_consumer()
@@ -378,45 +380,24 @@ class _Mapping:
 
     # -- the consumer --------------------------------------------------------------
 
-    def take(self) -> Any:
-        """The next outcome to deliver, or ``_NOTHING`` if it has not come yet."""
-        outcome = self._next()
-        if outcome is not _NOTHING:
-            self.delivered_one()
-        return outcome
+    def take_run(self) -> list[Any] | None:
+        """The next outcomes to deliver, in order (a failed one alone), or None if
+        they have not come. Each counts as delivered once the consumer has it
+        (:meth:`delivered_one`)."""
+        if self.over:
+            return None
+        if self.ordered:
+            run = self.outcomes.pop(self.next_position, None)
+            if run is not None:
+                self.next_position += len(run)
+            return run
+        return self.finished.popleft() if self.finished else None
 
     def delivered_one(self) -> None:
         self.delivered += 1
         if self.room is not None:
             self.room.set()
             self.room = None
-
-    def _next(self) -> Any:
-        if self.over:
-            return _NOTHING
-        if self.ordered:
-            outcome = self.outcomes.pop(self.next_position, _NOTHING)
-            if outcome is _NOTHING:
-                return _NOTHING
-            self.next_position += 1
-        else:
-            if not self.finished:
-                return _NOTHING
-            outcome = self.finished.popleft()
-        return outcome
-
-    def take_ready(self, limit: int) -> list[Any]:
-        """Up to ``limit`` more outcomes, those ready to deliver; none after a failed
-        one. Each counts as delivered once the consumer has it (``delivered_one``)."""
-        ready: list[Any] = []
-        for _ in range(limit):
-            outcome = self._next()
-            if outcome is _NOTHING:
-                break
-            ready.append(outcome)
-            if type(outcome) is Failed:
-                break
-        return ready
 
     def cancel(self) -> None:
         """Stop every call and take no more items; the consumer gets nothing more."""
@@ -457,6 +438,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
         "_schedule",
         "_source",
         "_state",
+        "_unchecked",
     )
 
     def __init__(
@@ -479,8 +461,10 @@ class MapResults(AsyncIterator[T], Generic[T]):
         self._length = length
         self._state: _Mapping | None = None
         self._schedule: Callable[[Callable[[], object]], object] | None = None
-        #: outcomes taken with the last one that checked for cancellation (_UNCHECKED)
+        #: outcomes taken from the map's state, not yet delivered
         self._ahead: deque[Any] = deque()
+        #: of those, how many may be delivered before the next check (_UNCHECKED)
+        self._unchecked = 0
 
     def __repr__(self) -> str:
         state = self._state
@@ -513,42 +497,42 @@ class MapResults(AsyncIterator[T], Generic[T]):
         return state
 
     async def __anext__(self) -> T:
-        if self._ahead:
+        ahead = self._ahead
+        if ahead and self._unchecked:
             # Taken with the last result that checked for the consumer's cancellation:
             # that check costs more than all the rest of a result.
-            outcome = self._ahead.popleft()
+            self._unchecked -= 1
+            outcome = ahead.popleft()
             state = self._state
             assert state is not None
-            state.delivered_one()
-            if type(outcome) is Failed:
+            state.delivered += 1  # delivered_one(), inlined: this is the hot path
+            if state.room is not None:
+                state.delivered -= 1
+                state.delivered_one()
+        else:
+            state = self._state
+            if state is None:
+                await anyio.lowlevel.checkpoint_if_cancelled()
                 try:
-                    await self._fail(state, outcome)
-                finally:
-                    del outcome  # the error's traceback holds this frame
-            return outcome  # type: ignore[no-any-return]
-        state = self._state
-        if state is None:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                state = await self._start()
-            except BaseException as exc:
-                if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                    await anyio.lowlevel.checkpoint()
-                raise
-        if state.ready is not None:
-            raise RuntimeError("another task is already waiting for this map's next result")
-        outcome = await self._checked_next(state)
+                    state = await self._start()
+                except BaseException as exc:
+                    if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                        await anyio.lowlevel.checkpoint()
+                    raise
+            if state.ready is not None:
+                raise RuntimeError("another task is already waiting for this map's next result")
+            outcome = await self._checked_next(state)
         if type(outcome) is Failed:
             try:
                 await self._fail(state, outcome)
             finally:
                 del outcome  # the error's traceback holds this frame
-        self._ahead.extend(state.take_ready(_UNCHECKED))
         return outcome  # type: ignore[no-any-return]
 
     async def _fail(self, state: _Mapping, failed: Failed) -> NoReturn:
         """Raise the item's error, once the rest is stopped."""
         state.over = True
+        self._ahead.clear()
         state.cancel()
         await state.wait_done()
         error = failed.error
@@ -560,11 +544,16 @@ class MapResults(AsyncIterator[T], Generic[T]):
     async def _checked_next(self, state: _Mapping) -> Any:
         """The next outcome, after a check for the consumer's cancellation, waiting
         for it if it has not come."""
+        ahead = self._ahead
         try:
             # As every await of anyio and trio: a consumer cancelled between results
             # stops the map here, whether results are ready or not.
             await anyio.lowlevel.checkpoint_if_cancelled()
-            while (outcome := state.take()) is _NOTHING:
+            while not ahead:
+                run = state.take_run()
+                if run is not None:
+                    ahead.extend(run)
+                    break
                 if state.done.is_set():
                     if state.over or (state.exhausted and state.delivered == state.taken):
                         raise StopAsyncIteration
@@ -581,10 +570,13 @@ class MapResults(AsyncIterator[T], Generic[T]):
         except StopAsyncIteration:
             raise
         except BaseException:
+            ahead.clear()
             state.cancel()
             await state.wait_done()
             raise
-        return outcome
+        self._unchecked = _UNCHECKED
+        state.delivered_one()
+        return ahead.popleft()
 
     async def aclose(self) -> None:
         """Stop what is left: calls in flight are cancelled (as a cancelled
