@@ -18,7 +18,7 @@ The first call of a map is a chunk of one item: the first measurement. Limits: a
 does not leave the other workers idle at the end), ``MAX_BYTES`` of pickled items and
 results; and, when the number of items is known, small enough that every worker gets
 a few chunks of what is left (but never a chunk whose work is below one call's
-price). Items or results of ``LARGE`` bytes or more are not batched: each such
+price, or ``TAIL_SECONDS``). Items or results of ``LARGE`` bytes or more are not batched: each such
 item is a call of its own, which takes the pool's ways of moving large buffers
 (out of band, across memory) that a chunk's pickles would not.
 
@@ -50,6 +50,8 @@ OVERHEAD_SHARE = 0.05
 MAX_ITEMS = 1024
 MAX_SECONDS = 0.05
 MAX_BYTES = 1 << 20
+#: work a chunk is never made smaller than toward the end (when the length is known)
+TAIL_SECONDS = 0.002
 #: an item (or result) this large, pickled, goes alone
 LARGE = 1 << 16
 
@@ -227,9 +229,11 @@ class ChunkSizer:
         )
         if self.remaining is not None:
             # Toward the end, smaller chunks, so that the workers finish together;
-            # never so small that a chunk's work is below one call's price.
-            size = min(size, max(math.ceil(self.remaining / self.spread), self.price / work))
-        return max(1, int(size))
+            # never so small that a chunk's work is below one call's price, nor below
+            # TAIL_SECONDS: an imbalance that small is not worth more calls.
+            share = math.ceil(self.remaining / self.spread)
+            size = min(size, max(share, self.price / work, TAIL_SECONDS / work))
+        return max(1, round(size))
 
     def took(self, items: int) -> None:
         if self.remaining is not None:

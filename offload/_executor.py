@@ -290,10 +290,10 @@ class Executor:
         Cancellation: leaving the ``async with`` block (``break``, an exception,
         cancellation) cancels what is left before the block ends; so does a
         cancellation or an error raised while a result is awaited (the consumer's
-        cancellation is checked whenever it waits for a result, else every 16). A bare ``async for``
-        left by ``break`` cancels what is left only when the iterator is dropped
-        (at once in CPython when nothing else refers to it) or ``aclose()`` is awaited:
-        prefer ``async with``.
+        cancellation is checked whenever it waits for a result, else every 32). A
+        bare ``async for`` left by ``break`` cancels what is left only when the
+        iterator is dropped (at once in CPython when nothing else refers to it) or
+        ``aclose()`` is awaited: prefer ``async with``.
 
         Chunks: tiny items sent one call each would spend their time on the round
         trips; a chunk sends several items in one call, and brings back each item's

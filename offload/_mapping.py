@@ -53,7 +53,7 @@ _NOTHING: Any = object()
 
 #: results a consumer may take, once it checked for its cancellation, before it checks
 #: again (it always does when it waits for one)
-_UNCHECKED = 15
+_UNCHECKED = 31
 
 #: items never large: not worth asking
 _SMALL = frozenset({int, float, bool, type(None), complex})

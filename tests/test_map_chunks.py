@@ -197,12 +197,18 @@ def test_the_automatic_size() -> None:
     # 1 µs of work per item, 50 µs of price per call: 1000 items keep it at 5%.
     sizer.measured(1, latency=51e-6, ran=1e-6, nbytes=20)
     assert sizer.size() == 1000
-    # Items known: a few chunks for each worker; never below one call's worth.
+    # Items known: a few chunks for each worker; toward the end smaller, but never
+    # below 2 ms of work. 20 µs items, 500 µs a call (a Dask task, say):
+    sizer = ChunkSizer(None, workers=2, length=8000)
+    sizer.measured(1, latency=520e-6, ran=20e-6, nbytes=20)
+    assert sizer.size() == 500
+    sizer.took(7600)
+    assert sizer.size() == 100
+    # Tiny ones: never made smaller at all.
     sizer = ChunkSizer(None, workers=2, length=800)
     sizer.measured(1, latency=51e-6, ran=1e-6, nbytes=20)
-    assert sizer.size() == 100
     sizer.took(790)
-    assert sizer.size() == 50
+    assert sizer.size() == 1000
     # Slow items: one per call; large ones too.
     sizer = ChunkSizer(None, workers=2, length=None)
     sizer.measured(1, latency=0.0101, ran=0.01, nbytes=20)
