@@ -10,17 +10,17 @@ in the parent and how long it ran in the worker, and picks the next chunk's size
 that the fixed price is at most ``OVERHEAD_SHARE`` of the work::
 
     price  = the smallest (latency - ran) seen: the call's fixed cost
-    work   = ran / items, smoothed: one item's cost in the worker
+    work   = ran / items over the recent chunks: one item's cost in the worker
     size   = price / (OVERHEAD_SHARE * work), within the limits below
 
 The first call of a map is a chunk of one item: the first measurement. Limits: at most
 ``MAX_ITEMS`` items, ``MAX_SECONDS`` of work (results keep coming, and a slow chunk
 does not leave the other workers idle at the end), ``MAX_BYTES`` of pickled items and
-results; and, when the number of items is known, small enough that every worker gets
-a few chunks of what is left (but never a chunk whose work is below one call's
-price, or ``TAIL_SECONDS``). Items or results of ``LARGE`` bytes or more are not batched: each such
-item is a call of its own, which takes the pool's ways of moving large buffers
-(out of band, across memory) that a chunk's pickles would not.
+results; and, when the number of items is known, a quarter of each worker's share,
+as the standard library's documentation advises for ``chunksize``. Items or results
+of ``LARGE`` bytes or more are not batched: each such item is a call of its own,
+which takes the pool's ways of moving large buffers (out of band, across memory)
+that a chunk's pickles would not.
 
 A chunk's deadline is the per-item ``timeout`` times its number of items.
 """
@@ -47,11 +47,9 @@ __all__ = ("ChunkSizer", "Failed", "detached", "looks_large", "run_chunk")
 
 #: the fixed cost of a call may be at most this share of a chunk's work
 OVERHEAD_SHARE = 0.05
-MAX_ITEMS = 1024
+MAX_ITEMS = 4096
 MAX_SECONDS = 0.05
 MAX_BYTES = 1 << 20
-#: work a chunk is never made smaller than toward the end (when the length is known)
-TAIL_SECONDS = 0.002
 #: an item (or result) this large, pickled, goes alone
 LARGE = 1 << 16
 
@@ -191,17 +189,26 @@ def _copy(error: BaseException) -> BaseException:
 class ChunkSizer:
     """How many items the next call of a map takes."""
 
-    __slots__ = ("bytes_per_item", "fixed", "price", "remaining", "spread", "work")
+    __slots__ = (
+        "_bytes",
+        "_items",
+        "_ran",
+        "bytes_per_item",
+        "fixed",
+        "price",
+        "share",
+        "work",
+    )
 
     def __init__(self, fixed: int | None, workers: int, length: int | None) -> None:
         self.fixed = fixed
-        #: items not yet taken, when the iterable says how many it has
-        self.remaining = length
-        #: chunks each worker should get at least, when the length is known
-        self.spread = 4 * max(1, workers)
+        #: when the iterable says how many items it has: a chunk's most, so that each
+        #: worker gets a few (as the standard library's docs advise for map)
+        self.share = None if length is None else max(1, math.ceil(length / (4 * workers)))
         self.price = math.inf
-        self.work = 0.0
-        self.bytes_per_item = 0.0
+        self.work = 0.0  # seconds per item in the worker
+        self.bytes_per_item = 0.0  # pickled, items and results
+        self._items = self._ran = self._bytes = 0.0  # decayed sums behind them
 
     @property
     def auto(self) -> bool:
@@ -227,28 +234,22 @@ class ChunkSizer:
             MAX_SECONDS / work,
             MAX_BYTES / max(self.bytes_per_item, 1.0),
         )
-        if self.remaining is not None:
-            # Toward the end, smaller chunks, so that the workers finish together;
-            # never so small that a chunk's work is below one call's price, nor below
-            # TAIL_SECONDS: an imbalance that small is not worth more calls.
-            share = math.ceil(self.remaining / self.spread)
-            size = min(size, max(share, self.price / work, TAIL_SECONDS / work))
+        if self.share is not None:
+            size = min(size, self.share)
         return max(1, round(size))
-
-    def took(self, items: int) -> None:
-        if self.remaining is not None:
-            self.remaining = max(0, self.remaining - items)
 
     def measured(self, items: int, latency: float, ran: float, nbytes: int) -> None:
         """A chunk of ``items`` came back after ``latency`` seconds, having run for
         ``ran`` in its worker, its items and outcomes ``nbytes`` pickled."""
         self.price = min(self.price, max(0.0, latency - ran))
-        work, per_item = ran / items, nbytes / items
-        if self.work == 0.0:
-            self.work, self.bytes_per_item = work, per_item
-        else:
-            self.work += (work - self.work) / 4
-            self.bytes_per_item += (per_item - self.bytes_per_item) / 4
+        # Per item, over the recent chunks, each weighing as many items as it had:
+        # a chunk of a thousand outweighs the probe of one (whose time is mostly
+        # the chunk's own cost), and older chunks count for less and less.
+        self._items = self._items / 2 + items
+        self._ran = self._ran / 2 + ran
+        self._bytes = self._bytes / 2 + nbytes
+        self.work = self._ran / self._items
+        self.bytes_per_item = self._bytes / self._items
 
 
 def looks_large(item: object) -> bool:

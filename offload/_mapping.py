@@ -145,6 +145,7 @@ class _Mapping:
         self.finished: deque[list[Any]] = deque()  # unordered: in the order they came
         self.next_position = 0  # ordered: the next to deliver
         self.taken = 0  # items taken from the source
+        self.running = 0  # calls started and not yet over
         self.delivered = 0  # outcomes handed to the consumer
         self.failed_at = math.inf  # position of the first error (ordered), if any
         self.stopping = False  # take no more items
@@ -184,14 +185,17 @@ class _Mapping:
         previous: anyio.Event | None = None  # the last call's turn to enter the pool
         while not self.stopping:
             size = sizer.size()
-            # Room for a whole chunk: at most max_in_flight calls' items are out.
-            if self.taken - self.delivered + size > self.max_in_flight * size:
+            # At most max_in_flight calls running, and their worth of items out (taken,
+            # not yet delivered): a slow consumer stops the items too.
+            if (
+                self.running >= self.max_in_flight
+                or self.taken - self.delivered + size > self.max_in_flight * size
+            ):
                 self.room = room = anyio.Event()
                 await room.wait()
                 continue
             chunk, failure = await self._take(source, size)
             self.taken += len(chunk) + (failure is not None)
-            sizer.took(len(chunk))
             for first, work, alone in self._calls_for(chunk, position, size):
                 previous = self._start(tg, first, work, previous, alone)
             position += len(chunk)
@@ -273,6 +277,7 @@ class _Mapping:
         alone: bool = False,
     ) -> anyio.Event:
         turn = anyio.Event()
+        self.running += 1
         tg.start_soon(self._call, first, work, alone, previous, turn)
         return turn
 
@@ -309,6 +314,8 @@ class _Mapping:
             finally:
                 turn.set()  # cancelled while waiting: the next item's turn all the same
                 del self.calls[first]
+                self.running -= 1
+                self._free_room()
             del work
             if failed:
                 for position, outcome in enumerate(outcomes, first):
@@ -395,6 +402,9 @@ class _Mapping:
 
     def delivered_one(self) -> None:
         self.delivered += 1
+        self._free_room()
+
+    def _free_room(self) -> None:
         if self.room is not None:
             self.room.set()
             self.room = None

@@ -15,6 +15,8 @@ import pytest
 from offload import (
     CallAborted,
     Executor,
+    Offloader,
+    OffloadSettings,
     OffloadTimeout,
     SerializationError,
     WorkerCrashed,
@@ -197,18 +199,17 @@ def test_the_automatic_size() -> None:
     # 1 µs of work per item, 50 µs of price per call: 1000 items keep it at 5%.
     sizer.measured(1, latency=51e-6, ran=1e-6, nbytes=20)
     assert sizer.size() == 1000
-    # Items known: a few chunks for each worker; toward the end smaller, but never
-    # below 2 ms of work. 20 µs items, 500 µs a call (a Dask task, say):
-    sizer = ChunkSizer(None, workers=2, length=8000)
-    sizer.measured(1, latency=520e-6, ran=20e-6, nbytes=20)
-    assert sizer.size() == 500
-    sizer.took(7600)
-    assert sizer.size() == 100
-    # Tiny ones: never made smaller at all.
+    # Items known: at most a quarter of each worker's share, as the standard
+    # library advises.
     sizer = ChunkSizer(None, workers=2, length=800)
     sizer.measured(1, latency=51e-6, ran=1e-6, nbytes=20)
-    sizer.took(790)
-    assert sizer.size() == 1000
+    assert sizer.size() == 100
+    # The probe's own time does not weigh more than a chunk's: per item, the recent
+    # chunks, each by its number of items.
+    sizer = ChunkSizer(None, workers=2, length=None)
+    sizer.measured(1, latency=100e-6, ran=50e-6, nbytes=20)  # mostly the chunk's cost
+    sizer.measured(1000, latency=1.05e-3, ran=1e-3, nbytes=20_000)
+    assert sizer.work == pytest.approx((50e-6 / 2 + 1e-3) / (1 / 2 + 1000))
     # Slow items: one per call; large ones too.
     sizer = ChunkSizer(None, workers=2, length=None)
     sizer.measured(1, latency=0.0101, ran=0.01, nbytes=20)
@@ -282,3 +283,18 @@ def test_each_item_of_a_failed_chunk_has_an_error_of_its_own(
         "abs: a chunk of 2 items (0 to 1) did not finish within 1 s (0.5 s per item)"
     ] * 2
     assert timeouts[0] is not timeouts[1]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_growing_chunks_never_overload_the_pool(kind: str) -> None:
+    # The first calls carry one item each, the next a thousand: calls in flight,
+    # not items, must stay within what the pool queues.
+    settings = OffloadSettings(
+        thread={"max_workers": 1, "max_pending": 1},
+        process={"max_workers": 1, "max_pending": 1},
+    )
+    async with Offloader(settings) as ex:
+        for _ in range(3):
+            results = ex.pool(kind).map(abs, range(-20_000, 0))
+            assert [r async for r in results] == list(range(20_000, 0, -1))
+        assert ex.pool(kind).stats().rejected == 0
