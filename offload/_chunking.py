@@ -198,10 +198,12 @@ class ChunkSizer:
         "price",
         "share",
         "work",
+        "workers",
     )
 
     def __init__(self, fixed: int | None, workers: int, length: int | None) -> None:
         self.fixed = fixed
+        self.workers = max(1, workers)
         #: when the iterable says how many items it has: a chunk's most, so that each
         #: worker gets a few (as the standard library's docs advise for map)
         self.share = None if length is None else max(1, math.ceil(length / (4 * workers)))
@@ -213,6 +215,11 @@ class ChunkSizer:
     @property
     def auto(self) -> bool:
         return self.fixed is None
+
+    @property
+    def unmeasured(self) -> bool:
+        """Chosen automatically, and nothing measured yet."""
+        return self.fixed is None and self.price == math.inf
 
     @property
     def large(self) -> bool:

@@ -136,6 +136,7 @@ class _Mapping:
         self.max_in_flight = max_in_flight  # calls; a chunk is one
         self.sizer = sizer
         self.runner = ChunkRunner(fn, pickled)
+        self.probes = min(sizer.workers, max_in_flight)
         self.timeout = timeout  # per item, for a chunk's deadline
         self.name = describe(fn)
         self.is_async = isinstance(source, AsyncIterator)
@@ -187,8 +188,10 @@ class _Mapping:
             size = sizer.size()
             # At most max_in_flight calls running, and their worth of items out (taken,
             # not yet delivered): a slow consumer stops the items too.
+            # Until the first chunk is measured, a call of one item per worker: more
+            # of them would only hold slots the measured chunks could have.
             if (
-                self.running >= self.max_in_flight
+                self.running >= (self.probes if sizer.unmeasured else self.max_in_flight)
                 or self.taken - self.delivered + size > self.max_in_flight * size
             ):
                 self.room = room = anyio.Event()
