@@ -1,21 +1,23 @@
-"""``Executor.map``: one function over many items, each item a call of the pool.
+"""``Executor.map``: one function over many items, in calls of the pool.
 
 Who does what::
 
-    consumer (async for / async with)          feeder task (the Offloader's task group)
-    ─────────────────────────────────          ───────────────────────────────────────
-    __anext__: take the next outcome  <──────  takes an item when a slot is free,
-    (ordered: the item's position;             starts its call as a child task;
-    unordered: the first to finish);           each call stores its outcome
-    delivering one frees a slot ──────────>    (value or exception) by position
+    consumer (async for / async with)        feeder task (the Offloader's task group)
+    ─────────────────────────────────        ───────────────────────────────────────
+    __anext__: the next outcome  <────────   takes items while there is room, and
+    (ordered: by position; unordered:        queues a call for them (a chunk, or one
+    as the calls end), taking a call's       item alone; see _chunking.py); callers,
+    run of outcomes at once; each            tasks of its own, at most max_in_flight,
+    delivered frees room  ──────────────>    make the queued calls in order and store
+                                             each call's outcomes by position
 
-A slot is taken when an item is taken from the iterable and freed when its outcome is
-delivered, so calls in flight plus results waiting for the consumer never exceed
-``max_in_flight``: a slow consumer, or a slow item ahead of finished ones, stops the
-feeder. The feeder runs in the Offloader's task group, not the consumer's, so that a
-bare ``async for`` enters no task group in one task to leave it in another (which
-anyio and trio forbid); it owns a task group of its own, entered and left in its own
-task, holding the calls. Cancelling the map is cancelling the feeder's scope.
+Room: at most ``max_in_flight`` calls running, and their worth of items taken and not
+yet delivered, so that a slow consumer, or a slow item ahead of finished ones, stops
+the feeder. The feeder runs in the Offloader's task group, not the consumer's, so
+that a bare ``async for`` enters no task group in one task to leave it in another
+(which anyio and trio forbid); it owns a task group of its own, entered and left in
+its own task, holding the callers. Cancelling the map is cancelling the feeder's
+scope.
 """
 
 from __future__ import annotations
@@ -157,7 +159,13 @@ class _Mapping:
         self.ready: anyio.Event | None = None  # the consumer waits for an outcome
         self.room: anyio.Event | None = None  # the feeder waits for a slot
         self.scope = anyio.CancelScope()
-        self.calls: dict[int, anyio.CancelScope] = {}
+        self.calls: dict[int, anyio.CancelScope] = {}  # running, by first position
+        # Calls queued for the callers: (first position, items or item, alone).
+        self.queue: deque[tuple[int, Any, bool]] = deque()
+        self.callers = 0  # tasks making the calls (at most max_in_flight)
+        self.idle = 0  # of them, waiting for a call
+        self.work: anyio.Event | None = None  # the idle callers wait for one
+        self.fed = False  # the feeder takes no more items
 
     # -- the feeder and its calls, in the Offloader's task group -----------------
 
@@ -165,7 +173,11 @@ class _Mapping:
         try:
             with self.scope:
                 async with anyio.create_task_group() as tg:
-                    await self._take_items(tg)
+                    try:
+                        await self._take_items(tg)
+                    finally:
+                        self.fed = True  # the callers leave once the queue is empty
+                        self._wake_callers()
         except Exception as exc:
             # A fault of offload's own: it goes to the consumer, never into the
             # Offloader's task group, which it would bring down with every pool.
@@ -183,7 +195,6 @@ class _Mapping:
         sizer = self.sizer
         checked = 0  # items taken by the last checkpoint
         position = 0  # of the next item taken
-        previous: anyio.Event | None = None  # the last call's turn to enter the pool
         while not self.stopping:
             size = sizer.size()
             # At most max_in_flight calls running, and their worth of items out (taken,
@@ -200,7 +211,7 @@ class _Mapping:
             chunk, failure = await self._take(source, size)
             self.taken += len(chunk) + (failure is not None)
             for first, work, alone in self._calls_for(chunk, position, size):
-                previous = self._start(tg, first, work, previous, alone)
+                self._start(tg, first, work, alone)
             position += len(chunk)
             if failure is not None:
                 # The iterable itself failed: an error at the position it did not
@@ -271,33 +282,46 @@ class _Mapping:
         if start < len(chunk):
             yield first + start, chunk[start:] if start else chunk, False
 
-    def _start(
-        self,
-        tg: anyio.abc.TaskGroup,
-        first: int,
-        work: Any,
-        previous: anyio.Event | None,
-        alone: bool = False,
-    ) -> anyio.Event:
-        turn = anyio.Event()
+    def _start(self, tg: anyio.abc.TaskGroup, first: int, work: Any, alone: bool) -> None:
+        """Queue a call for the callers; one more caller if none is idle. Calls reach
+        the pool in the items' order: a caller takes the queue's first and puts it in
+        the pool's queue (first come, first served) before it next suspends."""
         self.running += 1
-        tg.start_soon(self._call, first, work, alone, previous, turn)
-        return turn
+        self.queue.append((first, work, alone))
+        if self.idle:
+            self._wake_callers()
+        elif self.callers < self.max_in_flight:
+            self.callers += 1
+            tg.start_soon(self._caller)
 
-    async def _call(
-        self, first: int, work: Any, alone: bool, previous: anyio.Event | None, turn: anyio.Event
-    ) -> None:
+    def _wake_callers(self) -> None:
+        if self.work is not None:
+            self.work.set()
+            self.work = None
+
+    async def _caller(self) -> None:
+        """Makes the queued calls one after the other: a task for many calls, rather
+        than one per call (a task costs more than the rest of a call's bookkeeping)."""
+        queue = self.queue
+        while True:
+            if queue:
+                await self._call(*queue.popleft())
+            elif self.fed:
+                return
+            else:
+                if self.work is None:
+                    self.work = anyio.Event()
+                work = self.work
+                self.idle += 1
+                try:
+                    await work.wait()
+                finally:
+                    self.idle -= 1
+
+    async def _call(self, first: int, work: Any, alone: bool) -> None:
         with anyio.CancelScope() as scope:
             self.calls[first] = scope
             try:
-                # Calls reach the pool in the items' order, though trio starts new
-                # tasks in an order of its own: a pool's queue is first come, first
-                # served, and an item must not wait behind those after it. The call
-                # is in the pool's queue by its first suspension, so the next item's
-                # task, woken now, runs only once it is.
-                if previous is not None and not previous.is_set():
-                    await previous.wait()
-                turn.set()
                 if alone:
                     outcomes, failed = [await self.executor.run(self.fn, work)], False
                 else:
@@ -315,7 +339,6 @@ class _Mapping:
             except BaseException as exc:
                 outcomes, failed = [Failed(detached(exc))] * (1 if alone else len(work)), True
             finally:
-                turn.set()  # cancelled while waiting: the next item's turn all the same
                 del self.calls[first]
                 self.running -= 1
                 self._free_room()
@@ -363,6 +386,11 @@ class _Mapping:
         for position, scope in list(self.calls.items()):
             if which(position):
                 scope.cancel()
+        # Queued calls of those positions never start.
+        kept = [call for call in self.queue if not which(call[0])]
+        self.running -= len(self.queue) - len(kept)
+        self.queue.clear()
+        self.queue.extend(kept)
         if self.room is not None:
             self.room.set()
 
