@@ -39,7 +39,9 @@ RAISED_HERE = -1
 class ChunkRunner:
     """Called with a chunk's items, returns ``(values, failures, seconds)``: a value
     per item, in order (``None`` where it failed), the failed items' outcomes by
-    index, and how long the chunk took in the worker.
+    index, and how long the items took to run, their pickles aside (which
+    ``ChunkSizer`` counts in the call's fixed cost: one item's run, taken with them,
+    would look as costly as a chunk's pickles).
 
     In a thread, ``items`` is the list itself, and a failure is the exception
     (``(RAISED_HERE, exc)``). Pickled, ``items`` is the list pickled whole, and a
@@ -62,7 +64,6 @@ class ChunkRunner:
         self.pickled = pickled
 
     def __call__(self, items: Any) -> tuple[Any, Any, float]:
-        begun = perf_counter()
         fn = self.__wrapped__
         if getattr(type(fn), "__offload_function__", False):
             # A decorated function travels as itself (it pickles by its name); here
@@ -70,7 +71,9 @@ class ChunkRunner:
             fn = fn.__wrapped__  # type: ignore[attr-defined]
         failures: dict[int, tuple[int, Any]] = {}
         if not self.pickled:
-            return _run_all(fn, items, failures, False), failures, perf_counter() - begun
+            begun = perf_counter()
+            values = _run_all(fn, items, failures, False)
+            return values, failures, perf_counter() - begun
         if type(items) is bytes:
             try:
                 loaded = pickle.loads(items)
@@ -78,7 +81,7 @@ class ChunkRunner:
                 _reraise_memory_error(exc)
                 from .process.worker_errors import describe, traceback_of
 
-                return None, (describe(exc), traceback_of(exc)), perf_counter() - begun
+                return None, (describe(exc), traceback_of(exc)), 0.0
         else:
             loaded = []
             for index, blob in enumerate(items):
@@ -89,15 +92,17 @@ class ChunkRunner:
                     loaded.append(None)
                     failures[index] = _failure(BAD_REQUEST, exc)
         del items
+        begun = perf_counter()
         values = _run_all(fn, loaded, failures, True)
+        ran = perf_counter() - begun
         del loaded
         try:
             # All at once: a pickle per value costs five times as much.
-            return pickle.dumps(values, protocol=5), failures, perf_counter() - begun
+            return pickle.dumps(values, protocol=5), failures, ran
         except BaseException as exc:
             _reraise_memory_error(exc)
         blobs = [_pickled_alone(index, value, failures) for index, value in enumerate(values)]
-        return blobs, failures, perf_counter() - begun
+        return blobs, failures, ran
 
 
 def _run_all(
