@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 
-from ._errors import CallAborted, OffloadTimeout, SerializationError, describe_error
+from ._errors import CallAborted, OffloadTimeout, SerializationError, describe_error, unpickle
 from ._pools.chunks import RAISED_HERE, ChunkRunner
 
 if TYPE_CHECKING:
@@ -129,16 +129,11 @@ async def run_chunk(
     each_pickled = runner.pickled
     if type(values) is bytes:
         try:
-            values = pickle.loads(values)
-        except BaseException as exc:
-            _reraise_interrupt(exc)
+            values = unpickle(values, f"the results of {name}")
+        except SerializationError as exc:
             # Which result is to blame, this side cannot tell: every item fails,
             # each with an error of its own (see _chunk_failed).
-            error = SerializationError(
-                f"the results of {name} cannot be unpickled: {describe_error(exc)}"
-            )
-            error.__cause__ = exc.with_traceback(None)
-            return _chunk_failed(error, first, count, None, name), True
+            return _chunk_failed(exc, first, count, None, name), True
         each_pickled = False
     outcomes, failed = _decode(values, failures, each_pickled, runner.pickled, name)
     if refused is not None:
@@ -358,13 +353,9 @@ def _decode(
             outcomes.append(value)
         else:
             try:
-                outcomes.append(pickle.loads(value))
-            except BaseException as exc:
-                _reraise_interrupt(exc)
-                error = SerializationError(
-                    f"the result of {name} cannot be unpickled: {describe_error(exc)}"
-                )
-                outcomes.append(Failed(_caused(error, exc.with_traceback(None))))
+                outcomes.append(unpickle(value, f"the result of {name}"))
+            except SerializationError as exc:
+                outcomes.append(Failed(exc.with_traceback(None)))
     # A thread's exceptions: the frames they came through (the worker thread's) hold
     # this dict, which must not hold them any longer (see ``detached``).
     failures.clear()

@@ -22,6 +22,7 @@ as its own type, with the worker's formatted traceback as ``__cause__``
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 __all__ = (
     "CallAborted",
@@ -173,3 +174,19 @@ def describe_error(exc: BaseException) -> str:
         message = "<str() failed>"
     name = type(exc).__qualname__
     return f"{name}: {message}" if message else name
+
+
+def unpickle(data: Any, what: str, buffers: Any = None) -> Any:
+    """``pickle.loads(data)``; whatever the user's unpickling hooks raise, down to a
+    ``SystemExit``, as a :class:`SerializationError` saying ``what`` "cannot be
+    unpickled" (but a Ctrl-C, which is meant for this process)."""
+    import pickle
+
+    try:
+        return pickle.loads(data, buffers=buffers)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        failure = SerializationError(f"{what} cannot be unpickled: {describe_error(exc)}")
+        failure.__cause__ = exc.with_traceback(None)
+    raise failure

@@ -29,6 +29,7 @@ from ..._errors import (
     WorkerCrashed,
     describe_error,
     describe_exit,
+    unpickle,
 )
 from .connection import CANCEL_TIMEOUT, DaskConnection
 from .task import (
@@ -335,16 +336,7 @@ class DaskCalls(DaskConnection):
                     f"the result of {call.name} cannot be sent back from the dask worker: {exc}"
                 ) from exc
             raise
-        try:
-            return pickle.loads(payload, buffers=buffers)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise  # meant for this process
-            failure = SerializationError(
-                f"the result of {call.name} cannot be unpickled: {describe_error(exc)}"
-            )
-            failure.__cause__ = exc
-        raise failure
+        return unpickle(payload, f"the result of {call.name}", buffers)
 
     async def _did_start(self, client: Any, key: str) -> bool:
         """Whether the task ``key`` started before its worker died: its event came

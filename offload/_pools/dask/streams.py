@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import pickle
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from distributed.client import ClosedClientError
 
-from ..._errors import PoolOverloaded, SerializationError, describe_error
+from ..._errors import PoolOverloaded, unpickle
 from ..base import StreamSource
 from .calls import _NEVER_STARTED, CallInFlight, _task_key
 from .connection import CANCEL_TIMEOUT
@@ -240,16 +239,7 @@ class DaskStream(StreamSource):
         return False
 
     def _unpickle(self, data: bytes) -> Any:
-        try:
-            return pickle.loads(data)
-        except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt):
-                raise  # meant for this process
-            failure = SerializationError(
-                f"an item of {self.call.name} cannot be unpickled: {describe_error(exc)}"
-            )
-            failure.__cause__ = exc
-        raise failure
+        return unpickle(data, f"an item of {self.call.name}")
 
     def close(self) -> bool:
         if self.over:
