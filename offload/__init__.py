@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ._errors import SerializationError as SerializationError
     from ._errors import WorkerCrashed as WorkerCrashed
     from ._executor import Executor as Executor
-    from ._mapping import MapResults as MapResults
+    from ._map_results import MapResults as MapResults
     from ._offloader import Offloader as Offloader
     from ._pools.thread import check_cancelled as check_cancelled
     from ._settings import OffloadSettings as OffloadSettings
@@ -57,7 +57,7 @@ _MODULE_OF = {
     "ClusterUnavailable": "._errors",
     "Executor": "._executor",
     "LoopStats": "._stats",
-    "MapResults": "._mapping",
+    "MapResults": "._map_results",
     "OffloadError": "._errors",
     "OffloadSettings": "._settings",
     "OffloadTimeout": "._errors",

@@ -15,7 +15,7 @@ from ._where import in_worker
 
 if TYPE_CHECKING:
     from ._executor import Executor
-    from ._mapping import MapResults
+    from ._map_results import MapResults
     from ._stream import Stream
 
 __all__ = ("OffloadedFunction", "OffloadedGenerator", "offload")
@@ -107,7 +107,8 @@ class OffloadedFunction(Generic[P, T]):
                     ...
         """
         # Imported here: a worker process imports this module, and needs neither.
-        from ._mapping import MapResults, check_count, length_of, source_of
+        from ._map_results import MapResults
+        from ._mapping import check_count, length_of, source_of
 
         check_timeout(timeout)
         check_count("max_in_flight", max_in_flight)

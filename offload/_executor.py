@@ -11,7 +11,8 @@ import anyio.lowlevel
 
 from ._call import Call
 from ._errors import OffloadTimeout
-from ._mapping import MapResults, check_count, length_of, source_of
+from ._map_results import MapResults
+from ._mapping import check_count, length_of, source_of
 from ._stream import Stream
 from ._types import check_streamable, check_sync_callable, check_timeout
 

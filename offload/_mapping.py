@@ -22,30 +22,26 @@ scope.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import math
 import operator
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from types import AsyncGeneratorType, GeneratorType, TracebackType
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, cast
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import AsyncGeneratorType, GeneratorType
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
 
 from ._call import describe
 from ._chunking import ChunkSizer, Failed, detached, looks_large, run_chunk
-from ._errors import PoolClosed
 from ._pools.chunks import ChunkRunner
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
-
     from ._executor import Executor
 
-__all__ = ("MapResults", "default_max_in_flight")
+__all__ = ("check_count", "default_max_in_flight", "length_of", "source_of")
 
 logger = logging.getLogger("offload")
 
@@ -53,9 +49,6 @@ T = TypeVar("T")
 
 _NOTHING: Any = object()
 
-#: results a consumer may take, once it checked for its cancellation, before it checks
-#: again (it always does when it waits for one)
-_UNCHECKED = 31
 
 #: items never large: not worth asking
 _SMALL = frozenset({int, float, bool, type(None), complex})
@@ -102,18 +95,6 @@ def source_of(items: object) -> Iterator[Any] | AsyncIterator[Any]:
         raise TypeError(
             f"items must be an iterable or an async iterable, not {type(items).__name__}"
         ) from None
-
-
-def _threadsafe_scheduler() -> Callable[[Callable[[], object]], object]:
-    """How to run a callback on this event loop from any thread, reentrantly: for a
-    finalizer, which may run in another thread, or in the middle of the loop's code."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        import trio
-
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    return loop.call_soon_threadsafe
 
 
 class _Mapping:
@@ -452,219 +433,3 @@ class _Mapping:
         if not self.done.is_set():
             with anyio.CancelScope(shield=True):
                 await self.done.wait()
-
-
-class MapResults(AsyncIterator[T], Generic[T]):
-    """The results of :meth:`Executor.map() <offload.Executor.map>`: an async iterator,
-    and an async context manager that stops what is left on exit.
-
-    ::
-
-        async with ex.map(fn, items) as results:
-            async for result in results:
-                ...
-
-    Nothing starts until the first ``__anext__`` (or ``async with``). See the guide,
-    "Many items", for the exact semantics.
-    """
-
-    __slots__ = (
-        "_ahead",
-        "_chunksize",
-        "_executor",
-        "_fn",
-        "_length",
-        "_max_in_flight",
-        "_ordered",
-        "_schedule",
-        "_source",
-        "_state",
-        "_unchecked",
-    )
-
-    def __init__(
-        self,
-        executor: Callable[[], Awaitable[Executor]],
-        fn: Callable[[Any], T],
-        source: Iterator[Any] | AsyncIterator[Any],
-        *,
-        ordered: bool,
-        max_in_flight: int | None,
-        chunksize: int | None = None,
-        length: int | None = None,
-    ) -> None:
-        self._executor = executor
-        self._fn = fn
-        self._source = source
-        self._ordered = ordered
-        self._max_in_flight = max_in_flight
-        self._chunksize = chunksize
-        self._length = length
-        self._state: _Mapping | None = None
-        self._schedule: Callable[[Callable[[], object]], object] | None = None
-        #: outcomes taken from the map's state, not yet delivered
-        self._ahead: deque[Any] = deque()
-        #: of those, how many may be delivered before the next check (_UNCHECKED)
-        self._unchecked = 0
-
-    def __repr__(self) -> str:
-        state = self._state
-        what = "new" if state is None else "done" if state.done.is_set() else "running"
-        return f"<MapResults {what} ordered={self._ordered}>"
-
-    async def _start(self) -> _Mapping:
-        executor = await self._executor()
-        offloader = executor.offloader
-        pool = offloader.get_pool(executor.pool_name)  # PoolClosed before anything starts
-        max_in_flight = self._max_in_flight or default_max_in_flight(
-            pool.max_workers, pool.settings.max_pending
-        )
-        timeout = pool.settings.timeout if executor._timeout is ... else executor._timeout
-        state = _Mapping(
-            executor,
-            self._fn,
-            self._source,
-            self._ordered,
-            max_in_flight,
-            ChunkSizer(self._chunksize, pool.max_workers, self._length),
-            pickled=pool.kind != "thread",
-            timeout=timeout,
-        )
-        task_group = offloader._task_group
-        assert task_group is not None
-        self._schedule = _threadsafe_scheduler()
-        self._state = state
-        task_group.start_soon(state.feed, name="offload-map")
-        return state
-
-    async def __anext__(self) -> T:
-        ahead = self._ahead
-        if ahead and self._unchecked:
-            # Taken with the last result that checked for the consumer's cancellation:
-            # that check costs more than all the rest of a result.
-            self._unchecked -= 1
-            outcome = ahead.popleft()
-            state = self._state
-            assert state is not None
-            state.delivered += 1  # delivered_one(), inlined: this is the hot path
-            if state.room is not None:
-                state.delivered -= 1
-                state.delivered_one()
-        else:
-            state = self._state
-            if state is None:
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    state = await self._start()
-                except BaseException as exc:
-                    if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                        await anyio.lowlevel.checkpoint()
-                    raise
-            if state.ready is not None:
-                raise RuntimeError("another task is already waiting for this map's next result")
-            outcome = await self._checked_next(state)
-        if type(outcome) is Failed:
-            try:
-                await self._fail(state, outcome)
-            finally:
-                del outcome  # the error's traceback holds this frame
-        return outcome  # type: ignore[no-any-return]
-
-    async def _fail(self, state: _Mapping, failed: Failed) -> NoReturn:
-        """Raise the item's error, once the rest is stopped."""
-        state.over = True
-        self._ahead.clear()
-        state.cancel()
-        await state.wait_done()
-        error = failed.error
-        try:
-            raise error
-        finally:
-            del error, failed
-
-    async def _checked_next(self, state: _Mapping) -> Any:
-        """The next outcome, after a check for the consumer's cancellation, waiting
-        for it if it has not come."""
-        ahead = self._ahead
-        try:
-            # As every await of anyio and trio: a consumer cancelled between results
-            # stops the map here, whether results are ready or not.
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            while not ahead:
-                run = state.take_run()
-                if run is not None:
-                    ahead.extend(run)
-                    break
-                if state.done.is_set():
-                    if state.over or (state.exhausted and state.delivered == state.taken):
-                        raise StopAsyncIteration
-                    state.over = True  # said once
-                    if state.broken is not None:
-                        raise state.broken
-                    # The feeder was cancelled from outside: the Offloader stopped.
-                    raise PoolClosed(
-                        f"pool {state.executor.pool_name!r}: the Offloader stopped "
-                        "before the map had its results"
-                    )
-                state.ready = ready = anyio.Event()
-                await ready.wait()
-        except StopAsyncIteration:
-            raise
-        except BaseException:
-            ahead.clear()
-            state.cancel()
-            await state.wait_done()
-            raise
-        self._unchecked = _UNCHECKED
-        state.delivered_one()
-        return ahead.popleft()
-
-    async def aclose(self) -> None:
-        """Stop what is left: calls in flight are cancelled (as a cancelled
-        :meth:`~offload.Executor.run` is), no more items are taken; returns once every
-        call has ended. Idempotent."""
-        state = self._state
-        if state is None:
-            # Never started: nothing runs, and nothing ever will.
-            self._state = state = _Mapping(
-                cast("Executor", None), self._fn, iter(()), self._ordered, 1, ChunkSizer(1, 1, 0)
-            )
-            state.over = True
-            state.done.set()
-            await anyio.lowlevel.checkpoint()
-            return
-        self._ahead.clear()
-        state.cancel()
-        await state.wait_done()
-
-    async def __aenter__(self) -> Self:
-        if self._state is None:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-            try:
-                await self._start()
-            except BaseException as exc:
-                if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                    await anyio.lowlevel.checkpoint()
-                raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __del__(self) -> None:
-        # Dropped while its calls run (a bare ``async for`` left by ``break``): stop
-        # them. A finalizer may run in any thread, or in the middle of the loop's own
-        # code: it only asks the loop to cancel, through its thread-safe entry.
-        state = getattr(self, "_state", None)
-        schedule = getattr(self, "_schedule", None)
-        if state is None or schedule is None or state.done.is_set():
-            return
-        try:
-            schedule(state.cancel)
-        except Exception:  # the loop has closed: nothing of it runs any more
-            pass

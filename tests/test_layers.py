@@ -39,8 +39,15 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the Offloader, which owns the pools, and the Executors it hands out: each names
     # the other's type (``async with Offloader() as ex`` is an Executor, and
     # ``ex.offloader`` the Offloader); only _offloader imports _executor at run time;
-    # _mapping, what Executor.map returns, runs its calls through an Executor
-    ("offload._chunking", "offload._mapping", "offload._executor", "offload._offloader"),
+    # _mapping (a map's feeder and calls) runs its calls through an Executor, and
+    # _map_results (what Executor.map returns) holds a _mapping
+    (
+        "offload._chunking",
+        "offload._mapping",
+        "offload._map_results",
+        "offload._executor",
+        "offload._offloader",
+    ),
     # views over a running Offloader: the default one, the decorator
     ("offload._default",),
     ("offload._decorator",),

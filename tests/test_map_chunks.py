@@ -232,7 +232,7 @@ async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
 ) -> None:
     # A hundred results ready at once: the consumer, cancelled by its own code after
     # the first, gets at most the few a tight loop takes between two checks.
-    from offload._mapping import _UNCHECKED
+    from offload._map_results import _UNCHECKED
 
     got: list[int] = []
     with anyio.CancelScope() as scope:
