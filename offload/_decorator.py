@@ -107,16 +107,9 @@ class OffloadedFunction(Generic[P, T]):
                     ...
         """
         # Imported here: a worker process imports this module, and needs neither.
-        from ._map_results import MapResults
-        from ._mapping import check_count, length_of, source_of
+        from ._map_results import map_results
 
         check_timeout(timeout)
-        check_count("max_in_flight", max_in_flight)
-        check_count("chunksize", chunksize)
-        if not isinstance(ordered, bool):
-            raise TypeError(f"ordered must be a bool, not {ordered!r}")
-        length = length_of(items)
-        source = source_of(items)
         chosen = timeout if timeout is not ... else self._timeout
 
         async def executor() -> Executor:
@@ -130,14 +123,8 @@ class OffloadedFunction(Generic[P, T]):
             return executor
 
         fn = cast("Callable[[Any], T]", self)  # run returns what the function returns
-        return MapResults(
-            executor,
-            fn,
-            source,
-            ordered=ordered,
-            max_in_flight=max_in_flight,
-            chunksize=chunksize,
-            length=length,
+        return map_results(
+            executor, fn, items, ordered=ordered, max_in_flight=max_in_flight, chunksize=chunksize
         )
 
     def __get__(self, instance: object, owner: type | None = None) -> Any:

@@ -11,8 +11,7 @@ import anyio.lowlevel
 
 from ._call import Call
 from ._errors import OffloadTimeout
-from ._map_results import MapResults
-from ._mapping import check_count, length_of, source_of
+from ._map_results import MapResults, map_results
 from ._stream import Stream
 from ._types import check_streamable, check_sync_callable, check_timeout
 
@@ -326,25 +325,13 @@ class Executor:
         """
         check_sync_callable(fn)
         check_timeout(timeout)
-        check_count("max_in_flight", max_in_flight)
-        check_count("chunksize", chunksize)
-        if not isinstance(ordered, bool):
-            raise TypeError(f"ordered must be a bool, not {ordered!r}")
-        length = length_of(items)
-        source = source_of(items)
         executor = self if timeout is ... else self.options(timeout=timeout)
 
         async def resolve() -> Executor:
             return executor
 
-        return MapResults(
-            resolve,
-            fn,
-            source,
-            ordered=ordered,
-            max_in_flight=max_in_flight,
-            chunksize=chunksize,
-            length=length,
+        return map_results(
+            resolve, fn, items, ordered=ordered, max_in_flight=max_in_flight, chunksize=chunksize
         )
 
     async def _submit(self, pool: Pool, call: Call) -> Any:

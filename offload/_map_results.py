@@ -18,14 +18,14 @@ import anyio.lowlevel
 
 from ._chunking import ChunkSizer, Failed
 from ._errors import PoolClosed
-from ._mapping import _Mapping, default_max_in_flight
+from ._mapping import _Mapping, check_count, default_max_in_flight, length_of, source_of
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
     from ._executor import Executor
 
-__all__ = ("MapResults",)
+__all__ = ("MapResults", "map_results")
 
 T = TypeVar("T")
 
@@ -260,3 +260,35 @@ class MapResults(AsyncIterator[T], Generic[T]):
             schedule(state.cancel)
         except Exception:  # the loop has closed: nothing of it runs any more
             pass
+
+
+def map_results(
+    executor: Callable[[], Awaitable[Executor]],
+    fn: Callable[[Any], T],
+    items: object,
+    *,
+    ordered: object,
+    max_in_flight: int | None,
+    chunksize: int | None,
+) -> MapResults[T]:
+    """What ``map`` returns, its options checked at once (``Executor.map``'s and
+    ``OffloadedFunction.map``'s raises); ``executor`` gives the executor to run
+    the calls with, on the first result.
+
+    :raises TypeError: ``items`` is not iterable; an option has the wrong type
+    :raises ValueError: ``max_in_flight`` or ``chunksize`` is below 1
+    """
+    check_count("max_in_flight", max_in_flight)
+    check_count("chunksize", chunksize)
+    if not isinstance(ordered, bool):
+        raise TypeError(f"ordered must be a bool, not {ordered!r}")
+    length = length_of(items)
+    return MapResults(
+        executor,
+        fn,
+        source_of(items),
+        ordered=ordered,
+        max_in_flight=max_in_flight,
+        chunksize=chunksize,
+        length=length,
+    )
