@@ -9,6 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def write_whole(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a test reads a marker as soon as
+    it exists."""
+    Path(f"{path}.tmp").write_text(text)
+    os.replace(f"{path}.tmp", path)
+
+
 def numbers(n: int, progress: str, marker: str) -> Iterator[int]:
     """Yield ``0..n-1``, noting each before yielding it in ``progress``; at its end
     (``finally``) write this process's pid to ``marker``."""
@@ -18,9 +25,7 @@ def numbers(n: int, progress: str, marker: str) -> Iterator[int]:
                 file.write(f"{i}\n")
             yield i
     finally:
-        # Whole or not at all: a test reads it as soon as it exists.
-        Path(f"{marker}.tmp").write_text(str(os.getpid()))
-        os.replace(f"{marker}.tmp", marker)
+        write_whole(marker, str(os.getpid()))
 
 
 def produced(progress: str) -> int:
@@ -41,7 +46,7 @@ def stuck_after_one(marker: str) -> Iterator[int]:
         time.sleep(60)
         yield 1
     finally:
-        Path(marker).write_text(str(os.getpid()))
+        write_whole(marker, str(os.getpid()))
 
 
 def exits_at(n: int) -> Iterator[int]:
@@ -90,7 +95,7 @@ def ticks(marker: str) -> Iterator[bytes]:
             n += 1
             time.sleep(0.001)
     finally:
-        Path(marker).write_text(f"{os.getpid()} {threading.current_thread().name}")
+        write_whole(marker, f"{os.getpid()} {threading.current_thread().name}")
 
 
 def chunks(size: int, progress: str, marker: str) -> Iterator[bytes]:
@@ -104,7 +109,7 @@ def chunks(size: int, progress: str, marker: str) -> Iterator[bytes]:
             Path(progress).write_text("\n" * n)
             yield line
     finally:
-        Path(marker).write_text(str(os.getpid()))
+        write_whole(marker, str(os.getpid()))
 
 
 def waits_for(gate: str, marker: str) -> Iterator[int]:
@@ -117,7 +122,7 @@ def waits_for(gate: str, marker: str) -> Iterator[int]:
             time.sleep(0.01)
         yield 1
     finally:
-        Path(marker).write_text(str(os.getpid()))
+        write_whole(marker, str(os.getpid()))
 
 
 def then(items: list[object]) -> Iterator[object]:
