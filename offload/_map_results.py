@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, cast
 
@@ -29,9 +30,13 @@ __all__ = ("MapResults", "map_results")
 
 T = TypeVar("T")
 
-#: results a consumer may take, once it checked for its cancellation, before it checks
-#: again (it always does when it waits for one)
-_UNCHECKED = 31
+# A consumer checks for its cancellation whenever it waits for a result, and between
+# ready results, about this often (seconds of its own time)...
+_CHECK_EVERY = 0.001
+# ...taking at most this many results between two checks, and this many at first,
+# before it has been timed.
+_MOST_UNCHECKED = 1024
+_FIRST_UNCHECKED = 32
 
 
 def _threadsafe_scheduler() -> Callable[[Callable[[], object]], object]:
@@ -62,9 +67,12 @@ class MapResults(AsyncIterator[T], Generic[T]):
 
     __slots__ = (
         "_ahead",
+        "_checked_at",
         "_chunksize",
         "_executor",
         "_fn",
+        "_grant",
+        "_granted",
         "_length",
         "_max_in_flight",
         "_ordered",
@@ -96,8 +104,16 @@ class MapResults(AsyncIterator[T], Generic[T]):
         self._schedule: Callable[[Callable[[], object]], object] | None = None
         #: outcomes taken from the map's state, not yet delivered
         self._ahead: deque[Any] = deque()
-        #: of those, how many may be delivered before the next check (_UNCHECKED)
+        #: of those, how many the hot path may deliver before the next check; never
+        #: a failed one
         self._unchecked = 0
+        #: how many it was given at the last check: delivered by the next one, and
+        #: counted then
+        self._granted = 0
+        #: how many results, the checked one included, a check gives at most
+        self._grant = _FIRST_UNCHECKED
+        #: when the last check gave its result (perf_counter)
+        self._checked_at: float | None = None
 
     def __repr__(self) -> str:
         state = self._state
@@ -130,42 +146,40 @@ class MapResults(AsyncIterator[T], Generic[T]):
         return state
 
     async def __anext__(self) -> T:
-        ahead = self._ahead
-        if ahead and self._unchecked:
+        if self._unchecked:
             # Taken with the last result that checked for the consumer's cancellation:
-            # that check costs more than all the rest of a result.
+            # that check, and the map's accounting, cost more than all the rest of a
+            # result; this is the hot path.
             self._unchecked -= 1
-            outcome = ahead.popleft()
-            state = self._state
-            assert state is not None
-            state.delivered += 1  # delivered_one(), inlined: this is the hot path
-            if state.room is not None:
-                state.delivered -= 1
-                state.delivered_one()
-        else:
-            state = self._state
-            if state is None:
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                try:
-                    state = await self._start()
-                except BaseException as exc:
-                    if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                        await anyio.lowlevel.checkpoint()
-                    raise
-            if state.ready is not None:
-                raise RuntimeError("another task is already waiting for this map's next result")
-            outcome = await self._checked_next(state)
-        if type(outcome) is Failed:
+            return self._ahead.popleft()  # type: ignore[no-any-return]
+        outcome = await self._next()
+        if type(outcome) is not Failed:
+            return outcome  # type: ignore[no-any-return]
+        state = self._state
+        assert state is not None
+        try:
+            await self._fail(state, outcome)
+        finally:
+            del outcome  # the error's traceback holds this frame
+
+    async def _next(self) -> Any:
+        state = self._state
+        if state is None:
+            await anyio.lowlevel.checkpoint_if_cancelled()
             try:
-                await self._fail(state, outcome)
-            finally:
-                del outcome  # the error's traceback holds this frame
-        return outcome  # type: ignore[no-any-return]
+                state = await self._start()
+            except BaseException as exc:
+                if not isinstance(exc, anyio.get_cancelled_exc_class()):
+                    await anyio.lowlevel.checkpoint()
+                raise
+        if state.ready is not None:
+            raise RuntimeError("another task is already waiting for this map's next result")
+        return await self._checked_next(state)
 
     async def _fail(self, state: _Mapping, failed: Failed) -> NoReturn:
         """Raise the item's error, once the rest is stopped."""
         state.over = True
-        self._ahead.clear()
+        self._drop_ahead()
         state.cancel()
         await state.wait_done()
         error = failed.error
@@ -178,6 +192,17 @@ class MapResults(AsyncIterator[T], Generic[T]):
         """The next outcome, after a check for the consumer's cancellation, waiting
         for it if it has not come."""
         ahead = self._ahead
+        if self._granted:
+            # The hot path delivered them: room for the feeder, before this waits.
+            state.delivered_some(self._granted)
+        if self._checked_at is not None:
+            # The consumer's time per result sets how many the next check gives: a
+            # check costs more than the rest of a result, and a consumer slow to
+            # take them should still see its cancellation within about _CHECK_EVERY.
+            each = (perf_counter() - self._checked_at) / (self._granted + 1)
+            fits = int(_CHECK_EVERY / each) if each > 0 else _MOST_UNCHECKED
+            self._grant = max(1, min(fits, 2 * self._grant, _MOST_UNCHECKED))
+        self._granted = 0
         try:
             # As every await of anyio and trio: a consumer cancelled between results
             # stops the map here, whether results are ready or not.
@@ -203,13 +228,20 @@ class MapResults(AsyncIterator[T], Generic[T]):
         except StopAsyncIteration:
             raise
         except BaseException:
-            ahead.clear()
+            self._drop_ahead()
             state.cancel()
             await state.wait_done()
             raise
-        self._unchecked = _UNCHECKED
-        state.delivered_one()
+        # A run is all values, or one failed outcome alone (see _Mapping): the
+        # hot path never meets a failure.
+        self._unchecked = self._granted = min(len(ahead), self._grant) - 1
+        state.delivered_some(1)
+        self._checked_at = perf_counter()
         return ahead.popleft()
+
+    def _drop_ahead(self) -> None:
+        self._unchecked = self._granted = 0
+        self._ahead.clear()
 
     async def aclose(self) -> None:
         """Stop what is left: calls in flight are cancelled (as a cancelled
@@ -225,7 +257,7 @@ class MapResults(AsyncIterator[T], Generic[T]):
             state.done.set()
             await anyio.lowlevel.checkpoint()
             return
-        self._ahead.clear()
+        self._drop_ahead()
         state.cancel()
         await state.wait_done()
 

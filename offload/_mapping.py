@@ -401,8 +401,8 @@ class _Mapping:
 
     def take_run(self) -> list[Any] | None:
         """The next outcomes to deliver, in order (a failed one alone), or None if
-        they have not come. Each counts as delivered once the consumer has it
-        (:meth:`delivered_one`)."""
+        they have not come. They count as delivered once the consumer has them
+        (:meth:`delivered_some`)."""
         if self.over:
             return None
         if self.ordered:
@@ -412,8 +412,8 @@ class _Mapping:
             return run
         return self.finished.popleft() if self.finished else None
 
-    def delivered_one(self) -> None:
-        self.delivered += 1
+    def delivered_some(self, count: int) -> None:
+        self.delivered += count
         self._free_room()
 
     def _free_room(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -232,7 +233,7 @@ async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
 ) -> None:
     # A hundred results ready at once: the consumer, cancelled by its own code after
     # the first, gets at most the few a tight loop takes between two checks.
-    from offload._map_results import _UNCHECKED
+    from offload._map_results import _FIRST_UNCHECKED
 
     got: list[int] = []
     with anyio.CancelScope() as scope:
@@ -242,8 +243,28 @@ async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
                 if r == 0:
                     scope.cancel()
     assert scope.cancelled_caught
-    assert 1 <= len(got) <= 1 + _UNCHECKED
+    assert 1 <= len(got) <= _FIRST_UNCHECKED
     assert got == list(range(len(got)))
+
+
+async def test_a_slow_consumer_checks_for_its_cancellation_at_every_result(
+    ex: Executor, kind: str
+) -> None:
+    # A consumer that takes longer than the time between two checks, once timed (by
+    # its first results), checks at each: cancelled by its own code, it gets no
+    # result more.
+    from offload._map_results import _CHECK_EVERY, _FIRST_UNCHECKED
+
+    got: list[int] = []
+    with anyio.CancelScope() as scope:
+        async with ex.pool(kind).map(abs, range(1000), chunksize=100) as results:
+            async for r in results:
+                got.append(r)
+                time.sleep(_CHECK_EVERY * 2)  # the consumer's own work, blocking
+                if r == _FIRST_UNCHECKED + 5:
+                    scope.cancel()
+    assert scope.cancelled_caught
+    assert got == list(range(_FIRST_UNCHECKED + 6))
 
 
 @pytest.mark.parametrize("with_tblib", [False, True])
