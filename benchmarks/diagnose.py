@@ -19,7 +19,8 @@
 ``python benchmarks/diagnose.py slices``
     How late a 1 ms sleeper on the loop wakes, and how many ~25 ms calls two busy
     workers finish a second, in rounds of 4 s, alternately: workers as by default
-    (niceness 10 and the longest time slice, see ``offload/_pools/process/scheduling.py``), at
+    (niceness 10, ``SCHED_BATCH`` and the longest time slice, see
+    ``offload/_pools/process/scheduling.py``), the same under ``SCHED_OTHER``, at
     niceness 10 with the kernel's default slice, and under ``SCHED_IDLE``.
 ``python benchmarks/diagnose.py probe-cost``
     What the suite's 1 ms lag probe costs the loop's process: CPU time per wake-up,
@@ -31,6 +32,11 @@
     calls answered in the parent (the map's own machinery), ``await run`` in a loop,
     a map with ``chunksize=1250`` beside ``ProcessPoolExecutor.map`` with the same,
     and the ``async for`` over results all ready.
+``python benchmarks/diagnose.py sends``
+    How long the loop's thread stands still in each send of a process ``map`` of
+    10,000 tiny items in chunks of 1,250 (wall against the thread's CPU: the rest is
+    time the kernel gave another task), with workers under ``SCHED_BATCH`` (the
+    default) and under ``SCHED_OTHER``, alternately, and the map's median time.
 ``python benchmarks/diagnose.py server-cost``
     The demo server's own CPU time per ``GET /ping``, back to back and at one every
     10 ms, on uvicorn with h11 on asyncio and with httptools on uvloop.
@@ -204,23 +210,26 @@ def _wall_spin(n: int) -> float:
     return time.perf_counter() - t0
 
 
-SLICE_VARIANTS = ("default", "kernel's slice", "SCHED_IDLE")
+SLICE_VARIANTS = ("default", "SCHED_OTHER", "kernel's slice", "SCHED_IDLE")
 
 
 async def slices(runs: int) -> None:
     from offload._pools.process import scheduling as _scheduling
 
-    ask = _scheduling._ask_for_slice
+    ask, batch = _scheduling._ask_for_slice, _scheduling._set_batch
     n = iterations()
     results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in SLICE_VARIANTS}
     try:
         for run in range(runs):
             order = SLICE_VARIANTS if run % 2 == 0 else SLICE_VARIANTS[::-1]
             for variant in order:
-                _scheduling._ask_for_slice = ask if variant == "default" else _no_slice
+                _scheduling._ask_for_slice = (
+                    ask if variant in ("default", "SCHED_OTHER") else _no_slice
+                )
+                _scheduling._set_batch = batch if variant == "default" else _no_batch
                 results[variant].append(await _busy_workers(variant == "SCHED_IDLE", n))
     finally:
-        _scheduling._ask_for_slice = ask
+        _scheduling._ask_for_slice, _scheduling._set_batch = ask, batch
     for variant, values in results.items():
         print(
             f"{variant}: lag p99 {statistics.median(v[0] for v in values):.2f} ms, "
@@ -232,6 +241,10 @@ async def slices(runs: int) -> None:
 
 def _no_slice(pid: int, nanoseconds: int) -> None:
     """Stands in for ``_scheduling._ask_for_slice``: workers keep the kernel's slice."""
+
+
+def _no_batch(pid: int) -> None:
+    """Stands in for ``_scheduling._set_batch``: workers stay under ``SCHED_OTHER``."""
 
 
 async def _busy_workers(idle: bool, n: int, seconds: float = 4.0) -> tuple[float, float, float]:
@@ -407,6 +420,56 @@ async def map_parts(runs: int) -> None:
         print(f"{name}: median wall {wall:.2f} µs per item, parent CPU {cpu:.2f} µs per item")
 
 
+async def sends(runs: int) -> None:
+    from offload._pools.process import scheduling as _scheduling
+    from offload._pools.process.worker_handle import WorkerHandle
+
+    n, chunk, maps = 10_000, 1250, 10
+    send_some = WorkerHandle.send_some
+    held: list[float] = []  # µs the thread stood still, per send
+
+    def timed(self: WorkerHandle, parts: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            return send_some(self, parts)
+        finally:
+            held.append(1e6 * ((time.perf_counter() - t0) - (time.thread_time() - c0)))
+
+    batch = _scheduling._set_batch
+    variants = {"SCHED_BATCH": batch, "SCHED_OTHER": _no_batch}
+    found: dict[str, list[tuple[int, int, float]]] = {v: [] for v in variants}
+    WorkerHandle.send_some = timed  # type: ignore[method-assign]
+    try:
+        for run in range(runs):
+            for name in list(variants) if run % 2 == 0 else list(variants)[::-1]:
+                _scheduling._set_batch = variants[name]
+                settings = OffloadSettings(process={"max_workers": WORKERS}, lag_probe=False)
+                async with Offloader(settings) as ex:
+                    pool = ex.pool("process")
+                    await pool.run(abs, 0)
+                    held.clear()
+                    took = []
+                    for _ in range(maps):
+                        t0 = time.perf_counter()
+                        async with pool.map(abs, range(n), chunksize=chunk) as results:
+                            async for _r in results:
+                                pass
+                        took.append(time.perf_counter() - t0)
+                    found[name].append(
+                        (sum(h > 100 for h in held), len(held), statistics.median(took))
+                    )
+    finally:
+        WorkerHandle.send_some = send_some  # type: ignore[method-assign]
+        _scheduling._set_batch = batch
+    for name, values in found.items():
+        stood = ", ".join(f"{k}/{total}" for k, total, _ in values)
+        took_ms = statistics.median(1e3 * t for _, _, t in values)
+        print(
+            f"workers under {name}: sends that held the loop's thread over 100 µs: {stood}; "
+            f"map median {took_ms:.2f} ms"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -419,6 +482,7 @@ def main() -> None:
             "probe-cost",
             "server-cost",
             "map-parts",
+            "sends",
         ],
     )
     parser.add_argument("--runs", type=int, default=4, help="scaling runs")
@@ -436,6 +500,8 @@ def main() -> None:
         probe_cost(args.runs)
     elif args.what == "map-parts":
         asyncio.run(map_parts(args.runs))
+    elif args.what == "sends":
+        asyncio.run(sends(args.runs))
     else:
         server_cost(args.seconds)
 

@@ -106,10 +106,11 @@ class PoolSettings(BaseModel):
         ge=0,
         le=19,
         description="added to worker processes' nice value, so that the event loop wins "
-        "the CPU when both want it; above 0, on Linux 6.12+, workers also ask for the "
-        "longest time slice, so that a waking event loop preempts them at once; 0 keeps "
-        "the parent's priority (no effect under idle_priority); kind dask: to an "
-        "embedded cluster's processes",
+        "the CPU when both want it; above 0, on Linux, workers also run under SCHED_BATCH "
+        "(a worker woken by a call never preempts the event loop) and, on Linux 6.12+, ask "
+        "for the longest time slice, so that a waking event loop preempts them at once; 0 "
+        "keeps the parent's priority and policy (no effect under idle_priority); kind "
+        "dask: to an embedded cluster's processes",
     )
     idle_priority: bool = Field(
         default=False,

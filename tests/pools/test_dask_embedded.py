@@ -174,6 +174,9 @@ async def test_the_host_exits_and_leaves_nothing_when_the_pool_stops() -> None:
         # the host, and all it starts, at the pool's lower priority (niceness 10)
         nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10)
         assert {p.nice() for p in tree} == {nice}
+        ours = os.sched_getscheduler(0)
+        below = os.SCHED_BATCH if ours == os.SCHED_OTHER else ours
+        assert {os.sched_getscheduler(p.pid) for p in tree} == {below}
         if time_slice(os.getpid()) is not None:  # Linux 6.12+: and the long slice
             assert {time_slice(p.pid) for p in tree} == {LONG_SLICE_NS}
     assert pool._embedded is None

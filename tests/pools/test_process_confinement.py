@@ -137,6 +137,7 @@ OPTIONAL_OS_FEATURES = [
     "sched_getscheduler",
     "sched_param",
     "SCHED_IDLE",
+    "SCHED_BATCH",
     "pidfd_open",
     "sched_getaffinity",
     "memfd_create",
@@ -154,7 +155,11 @@ async def test_pool_runs_without_optional_os_feature(
     usable_cpus.cache_clear()
     caplog.set_level(logging.DEBUG, logger="offload")
     settings = OffloadSettings(
-        process={"max_workers": 1, "idle_priority": name != "SCHED_IDLE", "cross_memory": False},
+        process={
+            "max_workers": 1,
+            "idle_priority": name not in ("SCHED_IDLE", "SCHED_BATCH"),
+            "cross_memory": False,
+        },
         shutdown_timeout=5,
     )
     try:

@@ -21,6 +21,15 @@ later (a Dask cluster's nannies and workers included).
   moment it wakes up. Shares stay as the weights say. Older kernels ignore the
   request. Measured by ``python benchmarks/diagnose.py slices`` (docs/benchmarks.md,
   "The event loop under offload's heaviest work").
+- Below the loop, a worker also runs under ``SCHED_BATCH`` (where it would run under
+  ``SCHED_OTHER``): the same weights, but a waking batch task never preempts the
+  running one. The loop's thread wakes a worker each time it sends a call to an idle
+  one; with the other CPUs busy, the kernel puts the worker on the loop's CPU, and a
+  worker under ``SCHED_OTHER`` that had slept long enough took that CPU at once, for
+  as long as its call ran: the loop's thread stood still for 130-250 µs in up to
+  one send in two of a chunked map (measured on Linux 6.18, niceness 10 and 19
+  alike; docs/benchmarks.md, "Figures behind the code"). Set once ``Popen``
+  returns, like ``SCHED_IDLE``: the interpreter's start does not wake up often.
 - ``idle_priority`` puts the worker under ``SCHED_IDLE``: any waking normal task
   preempts it at once, and it gets almost no CPU while they keep every CPU busy.
 """
@@ -95,8 +104,9 @@ def start_at_lower_priority(
       starts as ``nice -n N <args>``, which lowers itself before it execs Python. The
       ``nice`` command is POSIX; where it is missing (a distroless image), the parent
       lowers the process once ``Popen`` returns, as offload did before.
-    - ``SCHED_IDLE`` is set once ``Popen`` returns: until then the child runs at the
-      pool's niceness.
+    - ``SCHED_IDLE``, or ``SCHED_BATCH`` below the loop, is set once ``Popen``
+      returns: until then the child runs at the pool's niceness, under the
+      application's policy (the spawner thread's).
     - Otherwise the child keeps the scheduling policy of the spawner thread, which is
       the application's (``SCHED_BATCH`` under ``chrt -b``): only its slice changes.
 
@@ -113,6 +123,8 @@ def start_at_lower_priority(
             lower_priority(proc.pid, settings)
         elif settings.idle_priority:
             _set_idle(proc.pid)
+        elif long:
+            _set_batch(proc.pid)
     except BaseException:
         # Nobody else knows of the process yet: it would wait for its boot for ever.
         proc.kill()
@@ -147,6 +159,7 @@ def lower_priority(pid: int, settings: PoolSettings) -> None:
         _set_idle(pid)
     elif settings.niceness:
         _ask_for_slice(pid, LONG_SLICE_NS)
+        _set_batch(pid)
 
 
 def _set_idle(pid: int) -> None:
@@ -158,6 +171,36 @@ def _set_idle(pid: int) -> None:
         return
     with contextlib.suppress(OSError):  # the process may be gone already
         setscheduler(pid, idle, param(0))
+
+
+def _set_batch(pid: int) -> None:
+    """``SCHED_OTHER`` to ``SCHED_BATCH``, its nice value and slice kept; any other
+    policy (the application's, inherited) is left as it is."""
+    batch = getattr(os, "SCHED_BATCH", None)
+    getscheduler = _os_call("sched_getscheduler")
+    if batch is None or getscheduler is None:
+        return
+    try:
+        if getscheduler(pid) != os.SCHED_OTHER:
+            return
+    except OSError:  # the process may be gone already
+        return
+    calls = _syscalls()
+    if calls is None:
+        # sched_setscheduler keeps the nice value; a custom slice needs sched_setattr,
+        # which is not known here.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(pid, batch, os.sched_param(0))
+        return
+    attr = _SchedAttr()
+    size = ctypes.c_uint(ctypes.sizeof(attr))
+    if _syscall(calls, calls[2], pid, ctypes.byref(attr), size, ctypes.c_uint(0)) != 0:
+        return
+    # sched_setattr sets the nice value and the slice too: pass back what it has.
+    attr.size = ctypes.sizeof(_SchedAttr)
+    attr.sched_flags &= _SCHED_FLAG_RESET_ON_FORK
+    attr.sched_policy = batch
+    _syscall(calls, calls[1], pid, ctypes.byref(attr), ctypes.c_uint(0))
 
 
 def time_slice(pid: int) -> int | None:
