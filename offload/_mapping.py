@@ -425,7 +425,10 @@ class _Mapping:
         """Stop every call and take no more items; the consumer gets nothing more."""
         self.stopping = True
         self.over = True
-        self.scope.cancel()
+        if not self.done.is_set():
+            # Not once it is all over: anyio's cancel() formats the current task's
+            # repr (asyncio), most of what ending a finished map cost.
+            self.scope.cancel()
 
     async def wait_done(self) -> None:
         """Until the feeder and every call have ended, even if the caller is cancelled:

@@ -59,6 +59,13 @@ def check_sync_callable(fn: object) -> None:
         func = fn.__func__
         if type(func) is FunctionType and not func.__code__.co_flags & _REFUSED_FLAGS:
             return
+    elif (
+        type(call := getattr(type(fn), "__call__", None)) is FunctionType  # noqa: B004
+        and not call.__code__.co_flags & _REFUSED_FLAGS
+        and not _is_offloaded(fn)
+        and getattr(fn, "_is_coroutine_marker", None) is None  # inspect.markcoroutinefunction
+    ):
+        return  # an instance of a class whose __call__ is a plain function (a map's chunk)
     elif not callable(fn):
         raise TypeError(f"expected a function, got {type(fn).__name__} {fn!r}")
     target = getattr(fn, "__wrapped__", fn) if _is_offloaded(fn) else fn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 import threading
@@ -245,6 +246,32 @@ async def test_generator_function_refused(ex: Executor) -> None:
             assert "Executor.stream" in str(info.value)
     assert ran == []
     assert ex.pool("thread").stats().completed == ex.pool("process").stats().completed == 0
+
+
+class _Sync:
+    def __call__(self, x: int) -> int:
+        return x + 1
+
+
+class _Async:
+    async def __call__(self) -> None:
+        pass
+
+
+def test_callable_instances_are_told_apart_by_their_call() -> None:
+    from offload._types import check_sync_callable
+
+    check_sync_callable(_Sync())
+    with pytest.raises(TypeError, match="async"):
+        check_sync_callable(_Async())
+    with pytest.raises(TypeError, match="generator"):
+        check_sync_callable(_Numbers())
+    mark = getattr(inspect, "markcoroutinefunction", None)  # Python 3.12+
+    if mark is not None:
+        marked = _Sync()
+        mark(marked)
+        with pytest.raises(TypeError, match="async"):
+            check_sync_callable(marked)
 
 
 def _numbers_in_disguise(ran: list[int]) -> Iterator[int]:
