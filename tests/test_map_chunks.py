@@ -228,43 +228,42 @@ async def test_a_bad_chunksize_is_refused_at_once(ex: Executor, value: Any) -> N
         ex.map(abs, range(3), chunksize=value)
 
 
-async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
-    ex: Executor, kind: str
-) -> None:
-    # A hundred results ready at once: the consumer, cancelled by its own code after
-    # the first, gets at most the few a tight loop takes between two checks.
-    from offload._map_results import _FIRST_UNCHECKED
-
+async def _cancelled_at(ex: Executor, kind: str, position: int, work: float = 0.0) -> list[int]:
+    """The results a consumer got of a map with its results ready a hundred at a time,
+    cancelling itself after the one at ``position``, ``work`` seconds of its own
+    (blocking) spent on each."""
     got: list[int] = []
     with anyio.CancelScope() as scope:
         async with ex.pool(kind).map(abs, range(1000), chunksize=100) as results:
             async for r in results:
                 got.append(r)
-                if r == 0:
+                time.sleep(work)
+                if r == position:
                     scope.cancel()
     assert scope.cancelled_caught
-    assert 1 <= len(got) <= _FIRST_UNCHECKED
     assert got == list(range(len(got)))
+    return got
+
+
+async def test_a_cancelled_consumer_stops_within_a_few_ready_results(
+    ex: Executor, kind: str
+) -> None:
+    # Cancelled after the first, the consumer gets at most the few a tight loop takes
+    # between two checks.
+    from offload._map_results import _FIRST_UNCHECKED
+
+    assert 1 <= len(await _cancelled_at(ex, kind, 0)) <= _FIRST_UNCHECKED
 
 
 async def test_a_slow_consumer_checks_for_its_cancellation_at_every_result(
     ex: Executor, kind: str
 ) -> None:
     # A consumer that takes longer than the time between two checks, once timed (by
-    # its first results), checks at each: cancelled by its own code, it gets no
-    # result more.
+    # its first results), checks at each: cancelled, it gets no result more.
     from offload._map_results import _CHECK_EVERY, _FIRST_UNCHECKED
 
-    got: list[int] = []
-    with anyio.CancelScope() as scope:
-        async with ex.pool(kind).map(abs, range(1000), chunksize=100) as results:
-            async for r in results:
-                got.append(r)
-                time.sleep(_CHECK_EVERY * 2)  # the consumer's own work, blocking
-                if r == _FIRST_UNCHECKED + 5:
-                    scope.cancel()
-    assert scope.cancelled_caught
-    assert got == list(range(_FIRST_UNCHECKED + 6))
+    got = await _cancelled_at(ex, kind, _FIRST_UNCHECKED + 5, work=_CHECK_EVERY * 2)
+    assert len(got) == _FIRST_UNCHECKED + 6
 
 
 @pytest.mark.parametrize("with_tblib", [False, True])
