@@ -48,6 +48,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..._settings import PoolSettings
 
 __all__ = ("start_at_lower_priority", "time_slice")
@@ -185,22 +187,18 @@ def _set_batch(pid: int) -> None:
             return
     except OSError:  # the process may be gone already
         return
-    calls = _syscalls()
-    if calls is None:
+    if _syscalls() is None:
         # sched_setscheduler keeps the nice value; a custom slice needs sched_setattr,
         # which is not known here.
         with contextlib.suppress(OSError):
             os.sched_setscheduler(pid, batch, os.sched_param(0))
         return
-    attr = _SchedAttr()
-    size = ctypes.c_uint(ctypes.sizeof(attr))
-    if _syscall(calls, calls[2], pid, ctypes.byref(attr), size, ctypes.c_uint(0)) != 0:
-        return
-    # sched_setattr sets the nice value and the slice too: pass back what it has.
-    attr.size = ctypes.sizeof(_SchedAttr)
-    attr.sched_flags &= _SCHED_FLAG_RESET_ON_FORK
-    attr.sched_policy = batch
-    _syscall(calls, calls[1], pid, ctypes.byref(attr), ctypes.c_uint(0))
+
+    def to_batch(attr: _SchedAttr) -> bool:
+        attr.sched_policy = batch
+        return True
+
+    _change_attributes(pid, to_batch)
 
 
 def time_slice(pid: int) -> int | None:
@@ -219,6 +217,19 @@ def _ask_for_slice(pid: int, nanoseconds: int) -> None:
     """Ask for a time slice of ``nanoseconds`` (0: the kernel's) for ``pid`` (0: the
     calling thread), keeping its scheduling policy and nice value: a slice is asked
     for only under ``SCHED_OTHER`` and ``SCHED_BATCH``."""
+
+    def to_slice(attr: _SchedAttr) -> bool:
+        if attr.sched_policy not in _FAIR or attr.sched_runtime == nanoseconds:
+            return False
+        attr.sched_runtime = nanoseconds
+        return True
+
+    _change_attributes(pid, to_slice)
+
+
+def _change_attributes(pid: int, change: Callable[[_SchedAttr], bool]) -> None:
+    """Read ``pid``'s scheduling attributes, let ``change`` edit them (False: leave
+    them), and write them back; where there is no sched_setattr, nothing."""
     calls = _syscalls()
     if calls is None:
         return
@@ -226,13 +237,14 @@ def _ask_for_slice(pid: int, nanoseconds: int) -> None:
     size = ctypes.c_uint(ctypes.sizeof(attr))
     if _syscall(calls, calls[2], pid, ctypes.byref(attr), size, ctypes.c_uint(0)) != 0:
         return
-    if attr.sched_policy not in _FAIR or attr.sched_runtime == nanoseconds:
+    if not change(attr):
         return
-    # sched_setattr sets the policy and the nice value too: pass back what it has.
+    # sched_setattr sets the policy, the nice value and the slice at once: what
+    # ``change`` left alone goes back as it was.
     attr.size = ctypes.sizeof(_SchedAttr)
     attr.sched_flags &= _SCHED_FLAG_RESET_ON_FORK  # the others need a larger struct
-    attr.sched_runtime = nanoseconds
-    # Refused (an odd kernel, a security module) or ignored (before 6.12): no harm.
+    # Refused (an odd kernel, a security module) or ignored (a slice before 6.12): no
+    # harm.
     _syscall(calls, calls[1], pid, ctypes.byref(attr), ctypes.c_uint(0))
 
 
