@@ -290,7 +290,8 @@ class Executor:
         Cancellation: leaving the ``async with`` block (``break``, an exception,
         cancellation) cancels what is left before the block ends; so does a
         cancellation or an error raised while a result is awaited (the consumer's
-        cancellation is checked whenever it waits for a result, else every 32). A
+        cancellation is checked whenever it waits for a result, else about once a
+        millisecond of its own time: every 1 to 1,024 results, by its pace). A
         bare ``async for`` left by ``break`` cancels what is left only when the
         iterator is dropped (at once in CPython when nothing else refers to it) or
         ``aclose()`` is awaited: prefer ``async with``.
