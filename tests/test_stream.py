@@ -302,14 +302,17 @@ class Files:
     def produced(self) -> int:
         return stream_funcs.produced(self.progress)
 
+    def numbers(self, ex: Executor, n: int = 100) -> Stream[int]:
+        """``stream_funcs.numbers`` streamed by ``ex``, counting its items in
+        ``progress`` and writing its pid to ``marker`` once closed."""
+        return ex.stream(stream_funcs.numbers, n, self.progress, str(self.marker))
+
 
 async def test_process_items_arrive_in_order_bounded(pex: Executor, tmp_path: Path) -> None:
     files = Files(tmp_path)
     buffer = 2
     pid = await pex.run(os.getpid)
-    items = pex.options(buffer=buffer).stream(
-        stream_funcs.numbers, 8, files.progress, str(files.marker)
-    )
+    items = files.numbers(pex.options(buffer=buffer), 8)
     async with items:
         for taken in range(8):
             ahead = min(buffer, 8 - taken)
@@ -326,9 +329,7 @@ async def test_process_items_arrive_in_order_bounded(pex: Executor, tmp_path: Pa
 async def test_process_leaving_early_closes_in_the_worker(pex: Executor, tmp_path: Path) -> None:
     files = Files(tmp_path)
     pid = await pex.run(os.getpid)
-    async with pex.options(buffer=2).stream(
-        stream_funcs.numbers, 100, files.progress, str(files.marker)
-    ) as items:
+    async with files.numbers(pex.options(buffer=2)) as items:
         async for item in items:
             if item == 2:
                 await wait_for(lambda: files.produced() == 5)  # parked at a yield
@@ -345,9 +346,7 @@ async def test_process_cancelled_between_items_closes_in_the_worker(
     files = Files(tmp_path)
     pid = await pex.run(os.getpid)
     with anyio.CancelScope() as scope:
-        async with pex.options(buffer=2).stream(
-            stream_funcs.numbers, 100, files.progress, str(files.marker)
-        ) as items:
+        async with files.numbers(pex.options(buffer=2)) as items:
             assert await items.__anext__() == 0
             await wait_for(lambda: files.produced() == 3)
             scope.cancel()
@@ -454,7 +453,7 @@ async def test_process_stream_left_before_its_first_item(pex: Executor, tmp_path
     files = Files(tmp_path)
     pid = await pex.run(os.getpid)
     for _ in range(3):
-        async with pex.stream(stream_funcs.numbers, 100, files.progress, str(files.marker)):
+        async with files.numbers(pex):
             pass  # started, and closed before an item was asked for
         assert await pex.run(os.getpid) == pid
     assert files.produced() <= 3 * 16
@@ -476,9 +475,7 @@ async def test_process_shutdown_ends_a_stream_left_open(tmp_path: Path) -> None:
     settings = OffloadSettings(process={"max_workers": 1}, shutdown_timeout=0.2)
     with anyio.fail_after(WAIT / 2):  # the drain does not wait for a consumer that is gone
         async with Offloader(settings) as ex:
-            items = ex.pool("process").stream(
-                stream_funcs.numbers, 100, files.progress, str(files.marker)
-            )
+            items = files.numbers(ex.pool("process"))
             assert await items.__anext__() == 0
             pool = ex.offloader.get_pool("process")
     assert pool.stats().closed == 1

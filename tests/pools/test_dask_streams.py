@@ -82,9 +82,7 @@ async def test_items_arrive_in_order_at_most_buffer_ahead(
 ) -> None:
     files = Files(tmp_path)
     buffer = 2
-    items = dask_ex.options(buffer=buffer).stream(
-        stream_funcs.numbers, 6, files.progress, str(files.marker)
-    )
+    items = files.numbers(dask_ex.options(buffer=buffer), 6)
     async with items:
         for taken in range(6):
             ahead = min(buffer, 6 - taken)
@@ -107,13 +105,23 @@ async def worker_pids(ex: Executor) -> set[int]:
     return set(pids)
 
 
+async def items_before(
+    error: type[BaseException], items: AsyncIterator[Any], match: str | None = None
+) -> tuple[list[Any], BaseException]:
+    """The items a stream gave before it raised ``error`` (which must come), and the
+    error."""
+    got: list[Any] = []
+    with pytest.raises(error, match=match) as info:  # noqa: PT012 (the items before count)
+        async for item in items:
+            got.append(item)
+    return got, info.value
+
+
 async def test_leaving_early_closes_the_generator_in_its_worker(
     dask_ex: Executor, tmp_path: Path
 ) -> None:
     files = Files(tmp_path)
-    async with dask_ex.options(buffer=2).stream(
-        stream_funcs.numbers, 100, files.progress, str(files.marker)
-    ) as items:
+    async with files.numbers(dask_ex.options(buffer=2)) as items:
         async for item in items:
             if item == 2:
                 await wait_for(lambda: files.produced() == 5)  # waits at a yield
@@ -142,26 +150,21 @@ async def test_an_async_for_left_early_closes_the_generator(
 
 
 async def test_an_exception_reaches_the_consumer_at_its_position(dask_ex: Executor) -> None:
-    got: list[int] = []
-    with pytest.raises(ValueError, match="no item 5") as info:  # noqa: PT012 (the items before it are counted)
-        async for item in dask_ex.stream(stream_funcs.fails_at, 5):
-            got.append(item)
+    got, error = await items_before(
+        ValueError, dask_ex.stream(stream_funcs.fails_at, 5), match="no item 5"
+    )
     assert got == [0, 1, 2, 3, 4]
-    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert isinstance(error.__cause__, RemoteTraceback)
     assert dask_ex.stats().failed >= 1
 
 
 async def test_system_exit_and_hostile_items_fail_only_their_stream(dask_ex: Executor) -> None:
-    got: list[Any] = []
-    with pytest.raises(CallAborted, match="SystemExit"):  # noqa: PT012 (as above)
-        async for item in dask_ex.stream(stream_funcs.then, [1, SystemExit]):
-            got.append(item)
+    stream = dask_ex.stream(stream_funcs.then, [1, SystemExit])
+    got, _ = await items_before(CallAborted, stream, match="SystemExit")
     assert got == [1]
     for kind, error in (("pickled", "cannot be pickled"), ("unpickled", "cannot be unpickled")):
-        got.clear()
-        with pytest.raises(SerializationError, match=f"an item of .* {error}"):  # noqa: PT012
-            async for item in dask_ex.stream(stream_funcs.hostile_at_1, kind):
-                got.append(item)
+        stream = dask_ex.stream(stream_funcs.hostile_at_1, kind)
+        got, _ = await items_before(SerializationError, stream, match=f"an item of .* {error}")
         assert got == [0]
     assert await dask_ex.run(funcs.add, 1, 2) == 3
 
@@ -176,12 +179,8 @@ async def test_deadline_covers_the_stream_and_closes_it_after_its_item(
     dask_ex: Executor, tmp_path: Path
 ) -> None:
     gate, marker = tmp_path / "gate", tmp_path / "marker"
-    got: list[int] = []
-    with pytest.raises(OffloadTimeout):  # noqa: PT012 (as above)
-        async for item in dask_ex.options(timeout=ITEM_0).stream(
-            stream_funcs.waits_for, str(gate), str(marker)
-        ):
-            got.append(item)
+    stream = dask_ex.options(timeout=ITEM_0).stream(stream_funcs.waits_for, str(gate), str(marker))
+    got, _ = await items_before(OffloadTimeout, stream)
     assert got == [0]
     assert dask_ex.stats().timed_out >= 1
     # Dask cannot interrupt the item's computation: once it is done, the generator
@@ -215,9 +214,7 @@ async def test_aclose_closes_the_generator_without_waiting(
     dask_ex: Executor, tmp_path: Path
 ) -> None:
     files = Files(tmp_path)
-    items = dask_ex.options(buffer=1).stream(
-        stream_funcs.numbers, 100, files.progress, str(files.marker)
-    )
+    items = files.numbers(dask_ex.options(buffer=1))
     assert [await items.__anext__() for _ in range(3)] == [0, 1, 2]
     await items.aclose()
     await wait_for(files.marker.exists)
@@ -232,9 +229,7 @@ async def test_a_task_the_scheduler_released_stops_its_generator(
 ) -> None:
     # As when the application dies with its client: nobody sets the stop event.
     files = Files(tmp_path)
-    async with dask_ex.options(buffer=1).stream(
-        stream_funcs.numbers, 100, files.progress, str(files.marker)
-    ) as items:
+    async with files.numbers(dask_ex.options(buffer=1)) as items:
         assert await items.__anext__() == 0
         await wait_for(lambda: files.produced() == 2)  # waits for room
         source: Any = items._source
@@ -252,12 +247,8 @@ async def test_hard_cancel_restarts_the_worker_computing_an_item(
     monkeypatch.setattr(pool, "settings", pool.settings.model_copy(update={"hard_cancel": True}))
     gate, marker = tmp_path / "gate", tmp_path / "marker"
     pids = await worker_pids(dask_ex)
-    got: list[int] = []
-    with pytest.raises(OffloadTimeout):  # noqa: PT012 (as above)
-        async for item in dask_ex.options(timeout=ITEM_0).stream(
-            stream_funcs.waits_for, str(gate), str(marker)
-        ):
-            got.append(item)
+    stream = dask_ex.options(timeout=ITEM_0).stream(stream_funcs.waits_for, str(gate), str(marker))
+    got, _ = await items_before(OffloadTimeout, stream)
     assert got == [0]
 
     async def replaced() -> bool:
@@ -271,11 +262,9 @@ async def test_hard_cancel_restarts_the_worker_computing_an_item(
 
 
 async def test_a_worker_killed_mid_stream_is_worker_crashed(dask_ex: Executor) -> None:
-    got: list[int] = []
     crashed = dask_ex.stats().crashed
-    with pytest.raises(WorkerCrashed):  # noqa: PT012 (as above)
-        async for item in dask_ex.options(buffer=1).stream(stream_funcs.exits_at, 3):
-            got.append(item)
+    stream = dask_ex.options(buffer=1).stream(stream_funcs.exits_at, 3)
+    got, _ = await items_before(WorkerCrashed, stream)
     assert got == [0, 1, 2]
     assert dask_ex.stats().crashed == crashed + 1
     await healed(dask_ex)
@@ -288,11 +277,7 @@ async def test_streams_count_against_the_pools_capacity(dask_ex: Executor, tmp_p
         for i in range(capacity):
             files = Files(tmp_path / str(i))
             (tmp_path / str(i)).mkdir()
-            await stack.enter_async_context(
-                dask_ex.options(buffer=1).stream(
-                    stream_funcs.numbers, 100, files.progress, str(files.marker)
-                )
-            )
+            await stack.enter_async_context(files.numbers(dask_ex.options(buffer=1)))
         with pytest.raises(PoolOverloaded):
             await dask_ex.stream(range, 3).__anext__()
     # Closed, queued ones too: the pool takes streams and calls again.
@@ -356,7 +341,7 @@ async def test_shutdown_ends_a_stream_left_open(tmp_path: Path) -> None:
     files = Files(tmp_path)
     settings = dask_settings(max_workers=1).model_copy(update={"shutdown_timeout": 0.2})
     async with Offloader(settings) as ex:
-        items = ex.pool("dask").stream(stream_funcs.numbers, 100, files.progress, str(files.marker))
+        items = files.numbers(ex.pool("dask"))
         assert await items.__anext__() == 0
         pool = ex.offloader.get_pool("dask")
     assert pool.stats().closed == 1

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
@@ -38,13 +38,19 @@ def server() -> Iterator[Server]:
     assert_gone(pids)
 
 
+def poll(cond: Callable[[], object], what: str | Callable[[], str]) -> None:
+    """Poll ``cond`` every 10 ms (these tests block, as a client does); fail if it is
+    not true within ``WAIT`` seconds."""
+    deadline = time.monotonic() + WAIT
+    while not cond():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        time.sleep(0.01)
+
+
 def closed_by(marker: Path) -> str:
     """What the generator's ``finally`` wrote to ``marker``, once it has written it."""
-    deadline = time.monotonic() + WAIT
-    while not (marker.exists() and (text := marker.read_text())):
-        assert time.monotonic() < deadline, "the generator was not closed"
-        time.sleep(0.01)
-    return text
+    poll(lambda: marker.exists() and marker.read_text(), "the generator was not closed")
+    return marker.read_text()
 
 
 def test_client_leaving_closes_the_generator_in_its_worker(server: Server, tmp_path: Path) -> None:
@@ -68,14 +74,30 @@ def tiny(server: Server) -> dict[str, int]:
 
 
 def wait_until_idle(server: Server) -> None:
-    deadline = time.monotonic() + WAIT
-    while tiny(server) != {"workers": 1, "busy": 0}:
-        assert time.monotonic() < deadline, f"the tiny pool stays {tiny(server)}"
-        time.sleep(0.01)
+    poll(
+        lambda: tiny(server) == {"workers": 1, "busy": 0},
+        lambda: f"the tiny pool stays {tiny(server)}",
+    )
 
 
 def produced(progress: Path) -> int:
     return stream_funcs.produced(str(progress))
+
+
+def assert_closed_in_its_worker(
+    server: Server, marker: Path, progress: Path, made: int, before: set[int]
+) -> None:
+    """Once the client has hung up: the generator was closed in the tiny pool's one
+    worker after making ``made`` items, and that worker lives on, free for the next
+    call (a busy one would refuse it: 503)."""
+    pid = int(closed_by(marker))
+    assert pid in before
+    assert produced(progress) == made
+    wait_until_idle(server)
+    reply = httpx.get(f"{server.url}/tiny/pid")
+    assert reply.status_code == 200
+    assert reply.json() == {"pid": pid}
+    assert server.worker_pids() == before
 
 
 def test_client_leaving_closes_a_process_generator_in_its_worker(
@@ -91,20 +113,9 @@ def test_client_leaving_closes_a_process_generator_in_its_worker(
         assert [next(lines) for _ in range(3)] == ["0", "1", "2"]
         # The response waits: the generator runs its buffer (2) ahead, then waits
         # at a yield in the worker.
-        deadline = time.monotonic() + WAIT
-        while produced(progress) < 5:
-            assert time.monotonic() < deadline, "the generator did not run ahead"
-            time.sleep(0.01)
+        poll(lambda: produced(progress) >= 5, "the generator did not run ahead")
     # The client hung up: the generator is closed in the worker, which lives on.
-    pid = int(closed_by(marker))
-    assert pid in before
-    assert produced(progress) == 5
-    wait_until_idle(server)
-    # Free for the next call: the only worker, no queue (a busy one refuses: 503).
-    reply = httpx.get(f"{server.url}/tiny/pid")
-    assert reply.status_code == 200
-    assert reply.json() == {"pid": pid}
-    assert server.worker_pids() == before
+    assert_closed_in_its_worker(server, marker, progress, 5, before)
 
 
 def test_client_leaving_a_full_connection_closes_a_process_generator_in_its_worker(
@@ -127,19 +138,11 @@ def test_client_leaving_a_full_connection_closes_a_process_generator_in_its_work
         # server's buffers, and the second waits to be sent. The generator made a
         # third (its buffer, 2, ahead of the first), and waits at a yield while the
         # worker sends it: the parent reads no more of it.
-        deadline = time.monotonic() + WAIT
-        while produced(progress) < 3:
-            assert time.monotonic() < deadline, "the generator did not run ahead"
-            time.sleep(0.01)
+        poll(lambda: produced(progress) >= 3, "the generator did not run ahead")
     # The client hung up: the server's send, which waited, returns, and the response
     # would take the next items (uvicorn drops what is sent to a client that left):
     # the stream ends instead, its generator closed where it waits, in the worker.
-    pid = int(closed_by(marker))
-    assert pid in before
-    assert produced(progress) == 3
-    wait_until_idle(server)
-    assert httpx.get(f"{server.url}/tiny/pid").json() == {"pid": pid}
-    assert server.worker_pids() == before
+    assert_closed_in_its_worker(server, marker, progress, 3, before)
 
 
 def test_client_leaving_while_an_item_is_computed_kills_its_worker(
