@@ -422,10 +422,9 @@ def check_priority(seen: Mapping[str, Any]) -> list[str]:
             idle_priority=env.get(IDLE_PRIORITY_VAR, "false") == "true",
         )
         base = psutil.Process().nice()
-        want = (
-            f"{'idle' if settings.idle_priority else 'normal'}, "
-            f"nice {min(19, base + settings.niceness)}"
-        )
+        # Below the loop, workers run under SCHED_BATCH (offload/_pools/process/scheduling.py).
+        policy = "idle" if settings.idle_priority else "batch" if settings.niceness else "normal"
+        want = f"{policy}, nice {min(19, base + settings.niceness)}"
         if kinds["offload worker"] != [want]:
             warnings.append(
                 f"the {name} server's offload workers run at {kinds['offload worker']}, not {want}"
