@@ -103,6 +103,15 @@ def test_quick_suite(tmp_path: Path) -> None:
     assert _outputs_in_repo() == before, "--out must leave the repository alone"
 
 
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/<script> <args>`` run from the checkout's root, which must succeed
+    within ``timeout`` seconds."""
+    command = [sys.executable, f"benchmarks/{script}", *args]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-5000:]
+    return done
+
+
 def _outputs_in_repo() -> dict[str, int]:
     """What the suite writes without --out, with modification times."""
     paths = [ROOT / "benchmarks" / "results" / "suite.json", ROOT / "docs" / "benchmarks.md"]
@@ -160,22 +169,19 @@ def test_lag_probe_sees_a_blocked_loop() -> None:
         (["scaling-gaps", "--runs", "1"], ["median efficiency with the lag probe", "no-op"]),
         (["scaling-floor", "--runs", "1"], ["median efficiency, offload", "efficiency, floor"]),
         (["cpu-pairs", "--runs", "1"], ["one task alone: median", "2 at once / alone"]),
-        (["slices", "--runs", "1"], ["default: lag p99", "kernel's slice: lag", "SCHED_IDLE: lag"]),
+        (
+            ["slices", "--runs", "1"],
+            ["default: lag p99", "SCHED_OTHER: lag", "kernel's slice: lag", "SCHED_IDLE: lag"],
+        ),
         (["probe-cost", "--runs", "1"], ["median, idle: ", "median, every CPU busy: "]),
         (["server-cost", "--seconds", "0.3"], ["h11, one every 10 ms", "httptools, back to back"]),
         (["map-parts", "--runs", "1"], ["calls answered in the parent", "results all ready"]),
+        (["sends", "--runs", "1"], ["workers under SCHED_BATCH", "workers under SCHED_OTHER"]),
     ],
 )
 def test_diagnose_runs(args: list[str], expected: list[str]) -> None:
     """The diagnostics docs/benchmarks.md cites run to the end and report every case."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/diagnose.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    done = run_benchmark("diagnose.py", *args, timeout=110)
     for line in expected:
         assert line in done.stdout, done.stdout
 
@@ -186,15 +192,11 @@ def test_fastapi_benchmark_runs(tmp_path: Path) -> None:
     """``bench_fastapi.py`` measures every mode, its two references included, and says
     how each offload priority stands against the integration's goals."""
     out = tmp_path / "fastapi.json"
-    command = [sys.executable, "benchmarks/bench_fastapi.py", "--quick", "--duration", "0.4"]
-    done = subprocess.run(
-        [*command, "--seed", "3", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
+    done = run_benchmark(
+        "bench_fastapi.py",
+        *("--quick", "--duration", "0.4", "--seed", "3", "--json", str(out)),
         timeout=170,
     )
-    assert done.returncode == 0, done.stderr[-5000:]
     report = json.loads(out.read_text())
     (only_round,) = report["rounds"]
     assert set(only_round["modes"]) == set(report["modes"])
@@ -228,14 +230,7 @@ def test_loop_benchmark_runs() -> None:
         "64 MiB payloads",
         "floor: first import of distributed",
     ]
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_loop.py", "--rounds", "1", "--only", *scenarios],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    done = run_benchmark("bench_loop.py", "--rounds", "1", "--only", *scenarios, timeout=170)
     rows = {
         cells[0]: cells[1:]
         for line in done.stdout.splitlines()
@@ -258,17 +253,9 @@ def test_loop_benchmark_runs() -> None:
 @pytest.mark.timeout(120)
 def test_loop_benchmark_under_idle_priority() -> None:
     """``--idle-priority`` runs the scenarios with their workers under SCHED_IDLE."""
-    done = subprocess.run(
-        [
-            *(sys.executable, "benchmarks/bench_loop.py", "--rounds", "1"),
-            *("--only", "start and stop", "--idle-priority"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
+    done = run_benchmark(
+        "bench_loop.py", "--rounds", "1", "--only", "start and stop", "--idle-priority", timeout=110
     )
-    assert done.returncode == 0, done.stderr[-5000:]
     assert "workers under SCHED_IDLE" in done.stdout.splitlines()[0]
     assert re.search(r"^\| start and stop \| \d", done.stdout, re.M), done.stdout
 
@@ -279,14 +266,7 @@ def test_logs_benchmark_runs(tmp_path: Path) -> None:
     """``bench_logs.py`` measures both pools in every round and accounts for every
     record of the burst."""
     out = tmp_path / "logs.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_logs.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    done = run_benchmark("bench_logs.py", "--quick", "--json", str(out), timeout=110)
     report = json.loads(out.read_text())
     results = report["results"]
     assert len(results["on_us"]) == len(results["off_us"]) == report["rounds"] == 3
@@ -300,14 +280,7 @@ def test_logs_benchmark_runs(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_map_benchmark_runs() -> None:
     """``bench_map.py`` measures each mode on each kind and loop."""
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_map.py", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=110,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    done = run_benchmark("bench_map.py", "--quick", timeout=110)
     for kind in ("thread", "process"):
         for loop in ("asyncio", "trio"):
             assert re.search(
@@ -321,14 +294,7 @@ def test_map_peers_benchmark_runs(tmp_path: Path) -> None:
     """``bench_map_peers.py`` measures offload's map and every peer in every round of
     both scenarios, checks their results, and measures the machine's floor."""
     out = tmp_path / "map_peers.json"
-    done = subprocess.run(
-        [sys.executable, "benchmarks/bench_map_peers.py", "--quick", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert done.returncode == 0, done.stderr[-5000:]
+    done = run_benchmark("bench_map_peers.py", "--quick", "--json", str(out), timeout=170)
     report = json.loads(out.read_text())
     assert report["errors"] == []
     assert report["leftover_children"] == []
