@@ -33,6 +33,16 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Tracer
 
 
+def tracing_to(spans: Path) -> dict[str, Any]:
+    """Settings of a process pool of one worker that writes the spans it ends to
+    ``spans``, a JSON object a line (see ``worker_spans``)."""
+    return {
+        "max_workers": 1,
+        "initializer": "tests.funcs_context:trace_to_file",
+        "initializer_args": (str(spans),),
+    }
+
+
 def context_settings(**overrides: Any) -> OffloadSettings:
     """One thread and one worker process, so that consecutive calls share them."""
     values: dict[str, Any] = {
@@ -289,11 +299,7 @@ async def test_a_span_in_a_worker_process_is_a_child_of_the_callers(
     tmp_path: Path, tracer: tuple[Tracer, InMemorySpanExporter]
 ) -> None:
     spans = tmp_path / "spans.jsonl"
-    process = {
-        "max_workers": 1,
-        "initializer": "tests.funcs_context:trace_to_file",
-        "initializer_args": (str(spans),),
-    }
+    process = tracing_to(spans)
     async with Offloader(context_settings(process=process)) as ex:
         with tracer[0].start_as_current_span("route"):
             request_id.set("traced")
@@ -313,11 +319,7 @@ async def test_propagate_trace_off_sends_no_trace_context(
     tmp_path: Path, tracer: tuple[Tracer, InMemorySpanExporter]
 ) -> None:
     spans = tmp_path / "spans.jsonl"
-    process = {
-        "max_workers": 1,
-        "initializer": "tests.funcs_context:trace_to_file",
-        "initializer_args": (str(spans),),
-    }
+    process = tracing_to(spans)
     settings = context_settings(process=process, propagate_trace=False)
     async with Offloader(settings) as ex:
         with tracer[0].start_as_current_span("route"):
@@ -402,11 +404,7 @@ async def test_a_span_made_for_each_item_of_a_process_stream_is_a_child_of_the_c
     tmp_path: Path, tracer: tuple[Tracer, InMemorySpanExporter]
 ) -> None:
     spans = tmp_path / "spans.jsonl"
-    process = {
-        "max_workers": 1,
-        "initializer": "tests.funcs_context:trace_to_file",
-        "initializer_args": (str(spans),),
-    }
+    process = tracing_to(spans)
     async with Offloader(context_settings(process=process)) as ex:
         with tracer[0].start_as_current_span("route"):
             request_id.set("traced")

@@ -133,19 +133,29 @@ async def test_an_exception_arrives_formatted(pex: Executor, collected: Collect)
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
+class Stamp(logging.Filter):
+    """Stamps each record with the request's id (``record.request``), as an
+    application's filter does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request = request_id.get()
+        return True
+
+
+def stamped(logger: logging.Logger) -> Collect:
+    """A handler added to ``logger`` that collects its records, stamped."""
+    handler = Collect()
+    handler.addFilter(Stamp())
+    logger.addHandler(handler)
+    return handler
+
+
 async def test_records_are_handled_in_the_callers_context(
     pex: Executor, app_logger: logging.Logger
 ) -> None:
     # A filter that stamps records with the request's id, from a context variable, as
     # an application does: a worker's records get the id of the call's caller.
-    class Stamp(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.request = request_id.get()
-            return True
-
-    handler = Collect()
-    handler.addFilter(Stamp())
-    app_logger.addHandler(handler)
+    handler = stamped(app_logger)
 
     async def request(rid: str) -> None:
         request_id.set(rid)
@@ -489,14 +499,7 @@ async def test_a_level_changed_at_a_stream_s_end_holds_for_the_next_call(
 async def test_a_stream_s_records_are_handled_in_the_consumers_context(
     pex: Executor, app_logger: logging.Logger
 ) -> None:
-    class Stamp(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            record.request = request_id.get()
-            return True
-
-    handler = Collect()
-    handler.addFilter(Stamp())
-    app_logger.addHandler(handler)
+    handler = stamped(app_logger)
     request_id.set("r-s")
     try:
         with anyio.fail_after(CALL_BOUND):
