@@ -7,8 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from offload import check_cancelled
-
 #: a bound on every wait here: a test that goes wrong fails rather than hangs
 SAFETY_TIMEOUT = 30.0
 
@@ -31,17 +29,6 @@ def crash_in_chunk(spec: tuple[int, str]) -> int:
         deadline = time.monotonic() + SAFETY_TIMEOUT
         while not marker.exists() and time.monotonic() < deadline:
             time.sleep(0.002)
-    return i
-
-
-def hang_at(spec: tuple[int, int]) -> int:
-    """``(i, at)``: item ``at`` runs until stopped (a thread's by ``check_cancelled``)."""
-    i, at = spec
-    if i == at:
-        deadline = time.monotonic() + SAFETY_TIMEOUT
-        while time.monotonic() < deadline:
-            check_cancelled()
-            time.sleep(0.005)
     return i
 
 

@@ -27,14 +27,13 @@ from offload._chunking import LARGE, ChunkSizer
 from .chunk_funcs import (
     crash_in_chunk,
     exits_when_unpickled_at,
-    hang_at,
     large_result,
     nbytes,
     raise_at_13,
     system_exit_at,
     unpicklable_at,
 )
-from .funcs import identity
+from .funcs import identity, slow_at
 from .processes import wait_until
 
 KINDS = ["thread", "process"]
@@ -114,7 +113,7 @@ async def test_a_deadline_fails_only_its_chunk(ex: Executor, kind: str) -> None:
     items = [(i, 5) for i in range(12)]
     got: list[int] = []
     with pytest.raises(OffloadTimeout, match=r"a chunk of 4 items \(4 to 7\)") as caught:
-        await collect(ex.pool(kind).map(hang_at, items, chunksize=4, timeout=0.5), got)
+        await collect(ex.pool(kind).map(slow_at, items, chunksize=4, timeout=0.5), got)
     assert "did not finish within 2 s (0.5 s per item)" in str(caught.value)
     assert got == [0, 1, 2, 3]
     assert ex.pool(kind).stats().timed_out == 1
